@@ -1,0 +1,228 @@
+//! Conversions between the wire types and the domain, in one place.
+//!
+//! Inbound conversions collect every field violation of a request before
+//! failing, so a client fixes all of its mistakes in one round trip.
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+
+use crate::{
+    domain::{ConsecutiveThresholds, Evaluation, FieldViolation, Mode, Rule, Status, Thresholds, WindowThresholds},
+    proto,
+    store::{CheckRecord, Run, SystemRecord, Transition},
+};
+
+/// Collects violations while a request is parsed.
+#[derive(Debug, Default)]
+pub(crate) struct Violations(pub(crate) Vec<FieldViolation>);
+
+impl Violations {
+    /// Keeps the value, or records the violation and yields `None`.
+    pub(crate) fn take<T>(&mut self, result: Result<T, FieldViolation>) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(v) => {
+                self.0.push(v);
+                None
+            }
+        }
+    }
+
+    /// Like [`Violations::take`] for results that carry several violations.
+    pub(crate) fn take_all<T>(&mut self, result: Result<T, Vec<FieldViolation>>) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(v) => {
+                self.0.extend(v);
+                None
+            }
+        }
+    }
+
+    /// Records one violation.
+    pub(crate) fn push(&mut self, field: &str, description: impl Into<String>) {
+        self.0.push(FieldViolation::new(field, description));
+    }
+
+    /// `Ok(value)` when nothing was recorded (`value` is then always `Some`).
+    pub(crate) fn finish<T>(self, value: impl FnOnce() -> Option<T>) -> crate::error::Result<T> {
+        if !self.0.is_empty() {
+            return Err(crate::error::Error::InvalidArgument(self.0));
+        }
+        value().ok_or_else(|| crate::error::Error::Internal("parsed request incomplete".into()))
+    }
+}
+
+/// A required status.
+pub(crate) fn status_in(field: &str, raw: i32) -> Result<Status, FieldViolation> {
+    match proto::HealthStatus::try_from(raw) {
+        Ok(proto::HealthStatus::Healthy) => Ok(Status::Healthy),
+        Ok(proto::HealthStatus::Degraded) => Ok(Status::Degraded),
+        Ok(proto::HealthStatus::Unhealthy) => Ok(Status::Unhealthy),
+        Ok(proto::HealthStatus::Unspecified) => Err(FieldViolation::new(field, "must be specified")),
+        Err(_) => Err(FieldViolation::new(field, format!("unknown status value {raw}"))),
+    }
+}
+
+pub(crate) fn status_out(status: Status) -> proto::HealthStatus {
+    match status {
+        Status::Healthy => proto::HealthStatus::Healthy,
+        Status::Degraded => proto::HealthStatus::Degraded,
+        Status::Unhealthy => proto::HealthStatus::Unhealthy,
+    }
+}
+
+/// Optional thresholds: an unset message is `None`; a message without a mode
+/// is a violation (a client that meant the defaults leaves it unset).
+pub(crate) fn thresholds_in(
+    field: &str,
+    raw: Option<proto::Thresholds>,
+) -> Result<Option<Thresholds>, Vec<FieldViolation>> {
+    let Some(raw) = raw else { return Ok(None) };
+    let thresholds = match raw.mode {
+        None => {
+            return Err(vec![FieldViolation::new(
+                format!("{field}.mode"),
+                "set consecutive or window",
+            )]);
+        }
+        Some(proto::thresholds::Mode::Consecutive(c)) => Thresholds::Consecutive(ConsecutiveThresholds {
+            healthy_min_success_count: c.healthy_min_success_count,
+            degraded_min_failure_count: c.degraded_min_failure_count,
+            unhealthy_min_failure_count: c.unhealthy_min_failure_count,
+        }),
+        Some(proto::thresholds::Mode::Window(w)) => Thresholds::Window(WindowThresholds {
+            window_size: w.window_size,
+            degraded_min_failure_count: w.degraded_min_failure_count,
+            unhealthy_min_failure_count: w.unhealthy_min_failure_count,
+        }),
+    };
+    thresholds.validate(field)?;
+    Ok(Some(thresholds))
+}
+
+pub(crate) fn thresholds_out(t: &Thresholds) -> proto::Thresholds {
+    let mode = match t {
+        Thresholds::Consecutive(c) => proto::thresholds::Mode::Consecutive(proto::ConsecutiveThresholds {
+            healthy_min_success_count: c.healthy_min_success_count,
+            degraded_min_failure_count: c.degraded_min_failure_count,
+            unhealthy_min_failure_count: c.unhealthy_min_failure_count,
+        }),
+        Thresholds::Window(w) => proto::thresholds::Mode::Window(proto::WindowThresholds {
+            window_size: w.window_size,
+            degraded_min_failure_count: w.degraded_min_failure_count,
+            unhealthy_min_failure_count: w.unhealthy_min_failure_count,
+        }),
+    };
+    proto::Thresholds { mode: Some(mode) }
+}
+
+fn rule_out(rule: Rule) -> proto::EvaluationRule {
+    match rule {
+        Rule::NoRuns => proto::EvaluationRule::NoRuns,
+        Rule::UnhealthyThresholdReached => proto::EvaluationRule::UnhealthyThresholdReached,
+        Rule::DegradedThresholdReached => proto::EvaluationRule::DegradedThresholdReached,
+        Rule::BelowDegradedThreshold => proto::EvaluationRule::BelowDegradedThreshold,
+        Rule::RecoveryConfirmed => proto::EvaluationRule::RecoveryConfirmed,
+        Rule::RecoveryNotConfirmed => proto::EvaluationRule::RecoveryNotConfirmed,
+    }
+}
+
+pub(crate) fn evaluation_out(e: &Evaluation) -> proto::Evaluation {
+    proto::Evaluation {
+        mode: match e.mode {
+            Mode::Consecutive => proto::EvaluationMode::Consecutive,
+            Mode::Window => proto::EvaluationMode::Window,
+        } as i32,
+        runs_considered: e.runs_considered,
+        leading_failure_streak: e.leading_failure_streak,
+        leading_success_streak: e.leading_success_streak,
+        failures_in_window: e.failures_in_window,
+        rule: rule_out(e.rule) as i32,
+        thresholds: Some(thresholds_out(&e.thresholds)),
+    }
+}
+
+/// Wire timestamp from a database time.
+pub(crate) fn timestamp_out(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A wire timestamp, truncated to microseconds (the database's precision).
+pub(crate) fn timestamp_in(field: &str, t: &prost_types::Timestamp) -> Result<DateTime<Utc>, FieldViolation> {
+    let invalid = || FieldViolation::new(field, "must be a valid timestamp");
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(invalid());
+    }
+    let micros = t.nanos / 1000;
+    let nanos = u32::try_from(micros * 1000).map_err(|_| invalid())?;
+    Utc.timestamp_opt(t.seconds, nanos).single().ok_or_else(invalid)
+}
+
+pub(crate) fn duration_out(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A non-negative wire duration.
+pub(crate) fn duration_in(field: &str, d: &prost_types::Duration) -> Result<Duration, FieldViolation> {
+    let invalid = || FieldViolation::new(field, "must be a non-negative duration");
+    let seconds = u64::try_from(d.seconds).map_err(|_| invalid())?;
+    let nanos = u32::try_from(d.nanos).map_err(|_| invalid())?;
+    if nanos >= 1_000_000_000 {
+        return Err(invalid());
+    }
+    Ok(Duration::new(seconds, nanos))
+}
+
+pub(crate) fn run_out(r: &Run) -> proto::Run {
+    proto::Run {
+        run_id: r.run_id.clone(),
+        system_id: r.system_id.clone(),
+        check_id: r.check_id.clone(),
+        status: status_out(r.status) as i32,
+        observed_at: Some(timestamp_out(r.observed_at)),
+        latency: r.latency.map(duration_out),
+        message: r.message.clone(),
+        recorded_at: Some(timestamp_out(r.recorded_at)),
+    }
+}
+
+pub(crate) fn check_out(c: &CheckRecord) -> proto::CheckHealth {
+    proto::CheckHealth {
+        check_id: c.check_id.clone(),
+        status: status_out(c.evaluation.status) as i32,
+        evaluation: Some(evaluation_out(&c.evaluation)),
+        runs_considered: c.runs_considered,
+        last_run_at: c.last_run_at.map(timestamp_out),
+        thresholds: Some(thresholds_out(&c.thresholds)),
+        enabled: c.enabled,
+    }
+}
+
+pub(crate) fn system_out(s: &SystemRecord) -> proto::SystemHealth {
+    proto::SystemHealth {
+        system_id: s.system_id.clone(),
+        status: status_out(s.status) as i32,
+        checks: s.checks.iter().map(check_out).collect(),
+        evaluated_at: s.evaluated_at.map(timestamp_out),
+    }
+}
+
+pub(crate) fn transition_out(t: &Transition) -> proto::HealthTransition {
+    proto::HealthTransition {
+        sequence: t.sequence,
+        system_id: t.system_id.clone(),
+        check_id: t.check_id.clone(),
+        from_status: status_out(t.from) as i32,
+        to_status: status_out(t.to) as i32,
+        transitioned_at: Some(timestamp_out(t.transitioned_at)),
+        evaluation: Some(evaluation_out(&t.evaluation)),
+    }
+}

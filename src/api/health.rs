@@ -1,0 +1,343 @@
+//! `vitals.v1.HealthCheckService`: parse, call the store under the system's
+//! lock, convert back. No rules live here.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{
+    convert::{
+        Violations, check_out, duration_in, evaluation_out, run_out, status_in, status_out, system_out, thresholds_in,
+        timestamp_in, transition_out,
+    },
+    page_token::{self, Kind},
+};
+use crate::{
+    domain::{CheckId, MAX_RUNS_CONSIDERED, RunId, RunMessage, SystemId, evaluate},
+    error::Error,
+    lock::Locks,
+    proto::{self, health_check_service_server::HealthCheckService},
+    store::{CheckUpdate, NewRun, PgStore, RunCursor, TransitionFeed, system_lock_key},
+};
+
+/// Runs may be observed at most this far in the future (clock skew allowance).
+const MAX_FUTURE_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+/// Page size when the client gives none.
+const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Largest page.
+const MAX_PAGE_SIZE: u32 = 1000;
+/// Transitions read per query while replaying to a watcher.
+const WATCH_BATCH: u32 = 256;
+
+/// The handler state.
+#[derive(Debug, Clone)]
+pub struct HealthApi {
+    store: PgStore,
+    locks: Locks,
+    feed: TransitionFeed,
+}
+
+impl HealthApi {
+    /// Handlers over `store`, serialised per system by `locks`.
+    pub fn new(store: PgStore, locks: Locks, feed: TransitionFeed) -> Self {
+        HealthApi { store, locks, feed }
+    }
+}
+
+fn page_size(v: &mut Violations, field: &str, raw: i32) -> u32 {
+    match u32::try_from(raw) {
+        Ok(0) => DEFAULT_PAGE_SIZE,
+        Ok(n) if n <= MAX_PAGE_SIZE => n,
+        _ => {
+            v.push(field, format!("must be between 0 and {MAX_PAGE_SIZE}"));
+            DEFAULT_PAGE_SIZE
+        }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchTransitionsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl HealthCheckService for HealthApi {
+    async fn evaluate_health(
+        &self,
+        request: Request<proto::EvaluateHealthRequest>,
+    ) -> Result<Response<proto::EvaluateHealthResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        if req.statuses.len() > MAX_RUNS_CONSIDERED {
+            v.push(
+                "statuses",
+                format!("at most {MAX_RUNS_CONSIDERED} statuses are evaluated"),
+            );
+        }
+        let mut statuses = Vec::with_capacity(req.statuses.len().min(MAX_RUNS_CONSIDERED));
+        for (i, raw) in req.statuses.iter().take(MAX_RUNS_CONSIDERED + 1).enumerate() {
+            if let Some(s) = v.take(status_in(&format!("statuses[{i}]"), *raw)) {
+                statuses.push(s);
+            }
+        }
+        let thresholds = v.take_all(thresholds_in("thresholds", req.thresholds));
+        let thresholds = v.finish(|| thresholds)?.unwrap_or_default();
+        let evaluation = evaluate(&statuses, &thresholds);
+        Ok(Response::new(proto::EvaluateHealthResponse {
+            status: status_out(evaluation.status) as i32,
+            evaluation: Some(evaluation_out(&evaluation)),
+        }))
+    }
+
+    async fn submit_run(
+        &self,
+        request: Request<proto::SubmitRunRequest>,
+    ) -> Result<Response<proto::SubmitRunResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let run_id = if req.run_id.is_empty() {
+            RunId::parse("run_id", uuid::Uuid::now_v7().to_string()).ok()
+        } else {
+            v.take(RunId::parse("run_id", req.run_id))
+        };
+        let system_id = v.take(SystemId::parse("system_id", req.system_id));
+        let check_id = v.take(CheckId::parse("check_id", req.check_id));
+        let status = v.take(status_in("status", req.status));
+        let now = chrono::Utc::now();
+        let observed_at = match &req.observed_at {
+            None => Some(timestamp_in("observed_at", &crate::api::convert::timestamp_out(now)).unwrap_or(now)),
+            Some(ts) => v.take(timestamp_in("observed_at", ts).and_then(|t| {
+                if t > now + MAX_FUTURE_SKEW {
+                    Err(crate::domain::FieldViolation::new(
+                        "observed_at",
+                        "must not be more than 5 minutes in the future",
+                    ))
+                } else {
+                    Ok(t)
+                }
+            })),
+        };
+        let latency = match &req.latency {
+            None => Some(None),
+            Some(d) => v.take(duration_in("latency", d)).map(Some),
+        };
+        let message = v.take(RunMessage::parse("message", req.message));
+        let new = v.finish(|| {
+            Some(NewRun {
+                run_id: run_id?,
+                system_id: system_id?,
+                check_id: check_id?,
+                status: status?,
+                observed_at: observed_at?,
+                observed_at_given: req.observed_at.is_some(),
+                latency: latency?,
+                message: message?,
+            })
+        })?;
+
+        let outcome = self
+            .locks
+            .with_xact_lock(&system_lock_key(&new.system_id), || self.store.submit_run(&new))
+            .await?;
+        if let Some(t) = &outcome.transition {
+            tracing::info!(system_id = %t.system_id, from = t.from.as_str(), to = t.to.as_str(), sequence = t.sequence, "system status changed");
+        }
+        Ok(Response::new(proto::SubmitRunResponse {
+            system_health: Some(system_out(&outcome.health)),
+            transition: outcome.transition.as_ref().map(transition_out),
+            duplicate: outcome.duplicate,
+            run: Some(run_out(&outcome.run)),
+        }))
+    }
+
+    async fn get_system_health(
+        &self,
+        request: Request<proto::GetSystemHealthRequest>,
+    ) -> Result<Response<proto::GetSystemHealthResponse>, Status> {
+        let req = request.into_inner();
+        let system_id = SystemId::parse("system_id", req.system_id).map_err(|v| Error::InvalidArgument(vec![v]))?;
+        let health = self
+            .store
+            .system(&system_id)
+            .await?
+            .ok_or_else(|| Error::SystemNotFound {
+                system_id: system_id.into_inner(),
+            })?;
+        Ok(Response::new(proto::GetSystemHealthResponse {
+            system_health: Some(system_out(&health)),
+        }))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<proto::ListRunsRequest>,
+    ) -> Result<Response<proto::ListRunsResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let filter = format!("{}\u{0}{}", req.system_id, req.check_id);
+        let system_id = v.take(SystemId::parse("system_id", req.system_id));
+        let check_id = if req.check_id.is_empty() {
+            Some(None)
+        } else {
+            v.take(CheckId::parse("check_id", req.check_id)).map(Some)
+        };
+        let limit = page_size(&mut v, "page_size", req.page_size);
+        let cursor = if req.page_token.is_empty() {
+            Some(None)
+        } else {
+            v.take(
+                page_token::decode("page_token", Kind::Runs, &filter, &req.page_token).and_then(|body| {
+                    page_token::parse_run_cursor(&body)
+                        .map(|(observed_at, run_id)| Some(RunCursor { observed_at, run_id }))
+                        .ok_or_else(|| crate::domain::FieldViolation::new("page_token", "is not a valid page token"))
+                }),
+            )
+        };
+        let (system_id, check_id, cursor) = v.finish(|| Some((system_id?, check_id?, cursor?)))?;
+        let mut runs = self
+            .store
+            .list_runs(&system_id, check_id.as_ref(), cursor.as_ref(), limit + 1)
+            .await?;
+        let next_page_token = if runs.len() > limit as usize {
+            runs.truncate(limit as usize);
+            runs.last()
+                .map(|r| {
+                    page_token::encode(
+                        Kind::Runs,
+                        &filter,
+                        &page_token::run_cursor_body(r.observed_at, &r.run_id),
+                    )
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListRunsResponse {
+            runs: runs.iter().map(run_out).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn list_transitions(
+        &self,
+        request: Request<proto::ListTransitionsRequest>,
+    ) -> Result<Response<proto::ListTransitionsResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let filter = req.system_id.clone();
+        let system_id = if req.system_id.is_empty() {
+            Some(None)
+        } else {
+            v.take(SystemId::parse("system_id", req.system_id)).map(Some)
+        };
+        let limit = page_size(&mut v, "page_size", req.page_size);
+        let before = if req.page_token.is_empty() {
+            Some(None)
+        } else {
+            v.take(
+                page_token::decode("page_token", Kind::Transitions, &filter, &req.page_token).and_then(|body| {
+                    <[u8; 8]>::try_from(body.as_slice())
+                        .map(|b| Some(u64::from_be_bytes(b)))
+                        .map_err(|_| crate::domain::FieldViolation::new("page_token", "is not a valid page token"))
+                }),
+            )
+        };
+        let (system_id, before) = v.finish(|| Some((system_id?, before?)))?;
+        let mut transitions = self
+            .store
+            .list_transitions(system_id.as_ref(), before, limit + 1)
+            .await?;
+        let next_page_token = if transitions.len() > limit as usize {
+            transitions.truncate(limit as usize);
+            transitions
+                .last()
+                .map(|t| page_token::encode(Kind::Transitions, &filter, &t.sequence.to_be_bytes()))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListTransitionsResponse {
+            transitions: transitions.iter().map(transition_out).collect(),
+            next_page_token,
+        }))
+    }
+
+    type WatchTransitionsStream = WatchStream;
+
+    async fn watch_transitions(
+        &self,
+        request: Request<proto::WatchTransitionsRequest>,
+    ) -> Result<Response<Self::WatchTransitionsStream>, Status> {
+        let req = request.into_inner();
+        let system_id = if req.system_id.is_empty() {
+            None
+        } else {
+            Some(SystemId::parse("system_id", req.system_id).map_err(|v| Error::InvalidArgument(vec![v]))?)
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let store = self.store.clone();
+        let mut feed = self.feed.clone();
+        let mut last = req.after_sequence;
+        tokio::spawn(async move {
+            loop {
+                // Marked before reading, so a notification that lands during
+                // the read wakes the next wait instead of being lost.
+                feed.mark_seen();
+                let batch = match store.transitions_after(system_id.as_ref(), last, WATCH_BATCH).await {
+                    Ok(batch) => batch,
+                    Err(err) => {
+                        let _ = tx.send(Err(Status::from(err))).await;
+                        return;
+                    }
+                };
+                let full = batch.len() == WATCH_BATCH as usize;
+                for t in &batch {
+                    last = t.sequence;
+                    let item = proto::WatchTransitionsResponse {
+                        transition: Some(transition_out(t)),
+                    };
+                    if tx.send(Ok(item)).await.is_err() {
+                        return; // the watcher went away
+                    }
+                }
+                if !full {
+                    tokio::select! {
+                        () = feed.wait() => {}
+                        () = tx.closed() => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn configure_check(
+        &self,
+        request: Request<proto::ConfigureCheckRequest>,
+    ) -> Result<Response<proto::ConfigureCheckResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let system_id = v.take(SystemId::parse("system_id", req.system_id));
+        let check_id = v.take(CheckId::parse("check_id", req.check_id));
+        let thresholds = v.take_all(thresholds_in("thresholds", req.thresholds));
+        let update = v.finish(|| {
+            Some(CheckUpdate {
+                system_id: system_id?,
+                check_id: check_id?,
+                thresholds: thresholds?,
+                enabled: req.enabled,
+            })
+        })?;
+        let outcome = self
+            .locks
+            .with_xact_lock(&system_lock_key(&update.system_id), || {
+                self.store.configure_check(&update)
+            })
+            .await?;
+        Ok(Response::new(proto::ConfigureCheckResponse {
+            check: Some(check_out(&outcome.check)),
+            system_health: Some(system_out(&outcome.health)),
+            transition: outcome.transition.as_ref().map(transition_out),
+        }))
+    }
+}

@@ -1,0 +1,11 @@
+//! The gRPC handlers: convert wire types to domain types, call the store or
+//! the lock service, convert back. Errors are mapped once, by
+//! `From<Error> for Status` in [`crate::error`].
+
+mod convert;
+mod health;
+mod lock;
+mod page_token;
+
+pub use health::HealthApi;
+pub use lock::LockApi;

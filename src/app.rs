@@ -1,0 +1,285 @@
+//! The server as a library value: [`Application::build`] binds its port and
+//! wires the parts; [`Application::run_until_stopped`] serves until the given
+//! future resolves, then shuts down in order.
+//!
+//! Shutdown is a sequence: health NOT_SERVING and new business RPCs refused,
+//! stop accepting, drain in-flight RPCs for up to `VITALS_SHUTDOWN_GRACE_MS`,
+//! end what is left (open lock streams lose their locks), close both pools.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    api::{HealthApi, LockApi},
+    config::{Config, DatabaseTarget},
+    db::Pools,
+    lock::Locks,
+    middleware::{Edge, EdgeLayer},
+    proto::{self, health_check_service_server::HealthCheckServiceServer, lock_service_server::LockServiceServer},
+    store::{PgStore, TransitionFeed},
+};
+
+/// Errors that stop the server from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration cannot be used.
+    #[error("{0}")]
+    Config(String),
+    /// The gRPC server failed.
+    #[error("server error: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Names under which health is reported.
+const HEALTH_SERVICES: [&str; 3] = ["", "vitals.v1.HealthCheckService", "vitals.v1.LockService"];
+
+/// Runs per retention batch; small enough to never hold locks for long.
+const RETENTION_BATCH: u32 = 1000;
+
+/// A built, bound, not yet serving vitals.
+pub struct Application {
+    config: Config,
+    listener: TcpListener,
+    addr: SocketAddr,
+    pools: Pools,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    for name in HEALTH_SERVICES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+impl Application {
+    /// Binds the listen address (port 0 picks a free port) and prepares the
+    /// pools. Does not wait for the database: until it answers, health says
+    /// NOT_SERVING and business RPCs answer UNAVAILABLE.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        if let DatabaseTarget::Embedded(dir) = config.database_target() {
+            return Err(StartError::Config(format!(
+                "no PostgreSQL configured: set DATABASE_URL or PGHOST (embedded store at {} is not available in this build)",
+                dir.display()
+            )));
+        }
+        let pools = Pools::connect_lazy(&config).map_err(|e| StartError::Config(e.to_string()))?;
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen_addr,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen_addr,
+            source,
+        })?;
+        Ok(Application {
+            config,
+            listener,
+            addr,
+            pools,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down in order.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let Application {
+            config,
+            listener,
+            addr,
+            pools,
+        } = self;
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        set_health(&health_reporter, ServingStatus::NotServing).await;
+
+        let edge = Edge::new(config.max_concurrent_requests);
+        // `stopping` tells background tasks to end; `abort` ends open streams
+        // once the drain grace is over.
+        let (stopping_tx, stopping_rx) = watch::channel(false);
+
+        let readiness = tokio::spawn(readiness_loop(
+            pools.clone(),
+            config.clone(),
+            edge.clone(),
+            health_reporter.clone(),
+            stopping_rx.clone(),
+        ));
+        let retention = tokio::spawn(retention_loop(
+            PgStore::new(pools.work.clone()),
+            config.run_retention,
+            stopping_rx.clone(),
+        ));
+        let feed = TransitionFeed::start(pools.listen.clone(), stopping_rx.clone());
+
+        let store = PgStore::new(pools.work.clone());
+        let locks = Locks::new(
+            pools.lock.clone(),
+            config.client_lock_budget(),
+            config.pool_connection_timeout(),
+            config.lock_lease(),
+            config.lock_timeout(),
+        );
+        let max_bytes = usize::try_from(config.max_request_bytes).unwrap_or(4 << 20);
+        let health_api = HealthCheckServiceServer::new(HealthApi::new(store, locks.clone(), feed))
+            .max_decoding_message_size(max_bytes);
+        let lock_api = LockServiceServer::new(LockApi::new(locks)).max_decoding_message_size(max_bytes);
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
+
+        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown_edge = edge.clone();
+        let shutdown_reporter = health_reporter.clone();
+        let stop_accepting = async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight requests");
+            shutdown_edge.start_draining();
+            set_health(&shutdown_reporter, ServingStatus::NotServing).await;
+            let _ = drained_tx.send(());
+        };
+
+        tracing::info!(%addr, "vitals listening");
+        let server = Server::builder()
+            .tcp_nodelay(true)
+            .timeout(config.request_timeout())
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(EdgeLayer::new(edge))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(health_api)
+            .add_service(lock_api)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_accepting);
+        let mut server = tokio::spawn(server);
+
+        let result = tokio::select! {
+            result = &mut server => result,
+            _ = drained_rx => {
+                let grace = Duration::from_millis(config.shutdown_grace_ms);
+                match tokio::time::timeout(grace, &mut server).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!(?grace, "drain grace over: ending the remaining requests");
+                        server.abort();
+                        let _ = (&mut server).await;
+                        Ok(Ok(()))
+                    }
+                }
+            }
+        };
+        let _ = stopping_tx.send(true);
+        let _ = tokio::join!(readiness, retention);
+        pools.close().await;
+        tracing::info!("vitals stopped");
+        match result {
+            Ok(inner) => inner.map_err(StartError::from),
+            Err(join) => Err(StartError::Config(format!("server task failed: {join}"))),
+        }
+    }
+}
+
+/// Keeps health and the readiness gate in step with the database. Runs the
+/// migrations the first time the database answers.
+async fn readiness_loop(
+    pools: Pools,
+    config: Config,
+    edge: Arc<Edge>,
+    reporter: HealthReporter,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let interval = Duration::from_millis(config.readiness_interval_ms);
+    let mut migrated = false;
+    loop {
+        let mut up = pools.ping(interval.max(Duration::from_millis(500))).await;
+        if up && !migrated {
+            match pools.migrate().await {
+                Ok(()) => {
+                    migrated = true;
+                    if let Err(err) = pools.check_sizing(&config).await {
+                        tracing::warn!(error = %err, "could not read max_connections");
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "migrations failed; will retry");
+                    up = false;
+                }
+            }
+        }
+        if up != edge.is_ready() && !*stopping.borrow() {
+            edge.set_ready(up);
+            if up {
+                tracing::info!("database reachable: serving");
+                set_health(&reporter, ServingStatus::Serving).await;
+            } else {
+                tracing::warn!("database unreachable: not serving");
+                set_health(&reporter, ServingStatus::NotServing).await;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = stopping.changed() => return,
+        }
+    }
+}
+
+/// Deletes old runs and transitions in bounded batches.
+async fn retention_loop(store: PgStore, retention: Duration, mut stopping: watch::Receiver<bool>) {
+    const EVERY: Duration = Duration::from_secs(300);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(EVERY) => {}
+            _ = stopping.changed() => return,
+        }
+        loop {
+            match store.prune(retention, RETENTION_BATCH).await {
+                Ok(deleted) if deleted >= u64::from(RETENTION_BATCH) => continue,
+                Ok(deleted) => {
+                    if deleted > 0 {
+                        tracing::info!(deleted, "retention pruned old rows");
+                    }
+                    break;
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "retention pass failed; will retry");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Every setting vitals reads, its default and its validation, in one typed struct.
+//!
+//! Each setting is an environment variable with a matching command-line flag. A
+//! malformed value stops start-up with a message naming the variable and the
+//! accepted range: upstream silently replaced bad values with defaults, which
+//! hid misconfigured pools until they deadlocked.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, ValueEnum};
+
+/// Where the data lives, resolved from `DATABASE_URL`, the `PG*` variables or
+/// the embedded default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    /// A PostgreSQL URL given explicitly.
+    PostgresUrl(String),
+    /// No URL, but `PGHOST` is set: libpq's `PG*` variables describe the server.
+    PostgresFromEnv,
+    /// No PostgreSQL configured: the embedded single-replica store.
+    Embedded(PathBuf),
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The service's configuration. Field docs are the `--help` text.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// gRPC listen address.
+    #[arg(
+        long = "listen-addr",
+        env = "VITALS_LISTEN_ADDR",
+        value_name = "VITALS_LISTEN_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub listen_addr: SocketAddr,
+
+    /// PostgreSQL URL. Unset: the PG* variables when PGHOST is set, else the embedded store.
+    #[arg(
+        long = "database-url",
+        env = "DATABASE_URL",
+        value_name = "DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+
+    /// Directory of the embedded store (used when no PostgreSQL is configured).
+    #[arg(
+        long = "data-dir",
+        env = "VITALS_DATA_DIR",
+        value_name = "VITALS_DATA_DIR",
+        default_value = "./vitals-data"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Work pool size (connections for reads and writes).
+    #[arg(long = "database-pool-max", env = "DATABASE_POOL_MAX", value_name = "DATABASE_POOL_MAX", default_value_t = 20, value_parser = count_in(1, 10_000))]
+    pub pool_max: u32,
+
+    /// Lock pool size (connections that hold advisory locks).
+    #[arg(long = "database-lock-pool-max", env = "DATABASE_LOCK_POOL_MAX", value_name = "DATABASE_LOCK_POOL_MAX", default_value_t = 10, value_parser = count_in(1, 10_000))]
+    pub lock_pool_max: u32,
+
+    /// Lock connections kept back from clients' WithLock for vitals' own serialisation.
+    #[arg(long = "lock-reserve", env = "VITALS_LOCK_RESERVE", value_name = "VITALS_LOCK_RESERVE", default_value_t = 2, value_parser = count_in(0, 10_000))]
+    pub lock_reserve: u32,
+
+    /// Longest wait for a connection from either pool before failing with UNAVAILABLE.
+    #[arg(long = "database-pool-connection-timeout-ms", env = "DATABASE_POOL_CONNECTION_TIMEOUT_MS", value_name = "DATABASE_POOL_CONNECTION_TIMEOUT_MS", default_value_t = 10_000, value_parser = millis_in(1, 3_600_000))]
+    pub pool_connection_timeout_ms: u64,
+
+    /// Idle pooled connections are closed after this long.
+    #[arg(long = "database-pool-idle-timeout-ms", env = "DATABASE_POOL_IDLE_TIMEOUT_MS", value_name = "DATABASE_POOL_IDLE_TIMEOUT_MS", default_value_t = 30_000, value_parser = millis_in(1, 86_400_000))]
+    pub pool_idle_timeout_ms: u64,
+
+    /// Lock pool `idle_in_transaction_session_timeout`; also the WithLock lease.
+    #[arg(long = "database-lock-idle-tx-timeout-ms", env = "DATABASE_LOCK_IDLE_TX_TIMEOUT_MS", value_name = "DATABASE_LOCK_IDLE_TX_TIMEOUT_MS", default_value_t = 30_000, value_parser = millis_in(100, 86_400_000))]
+    pub lock_idle_tx_timeout_ms: u64,
+
+    /// Lock pool `lock_timeout`; also WithLock's default wait.
+    #[arg(long = "database-lock-timeout-ms", env = "DATABASE_LOCK_TIMEOUT_MS", value_name = "DATABASE_LOCK_TIMEOUT_MS", default_value_t = 30_000, value_parser = millis_in(1, 86_400_000))]
+    pub lock_timeout_ms: u64,
+
+    /// Deadline of unary RPCs whose client sent no `grpc-timeout`.
+    #[arg(long = "request-timeout-ms", env = "VITALS_REQUEST_TIMEOUT_MS", value_name = "VITALS_REQUEST_TIMEOUT_MS", default_value_t = 15_000, value_parser = millis_in(1, 3_600_000))]
+    pub request_timeout_ms: u64,
+
+    /// Business RPCs in flight at once; past it requests are shed with RESOURCE_EXHAUSTED.
+    #[arg(long = "max-concurrent-requests", env = "VITALS_MAX_CONCURRENT_REQUESTS", value_name = "VITALS_MAX_CONCURRENT_REQUESTS", default_value_t = 1024, value_parser = count_in(1, 1_000_000))]
+    pub max_concurrent_requests: u32,
+
+    /// Largest accepted request message in bytes.
+    #[arg(long = "max-request-bytes", env = "VITALS_MAX_REQUEST_BYTES", value_name = "VITALS_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = count_in(1024, 256 * 1024 * 1024))]
+    pub max_request_bytes: u32,
+
+    /// Runs older than this are deleted (never a check's newest 100): a number with s, m, h or d.
+    #[arg(long = "run-retention", env = "VITALS_RUN_RETENTION", value_name = "VITALS_RUN_RETENTION", default_value = "7d", value_parser = parse_retention)]
+    pub run_retention: Duration,
+
+    /// How long shutdown waits for in-flight RPCs before closing them.
+    #[arg(long = "shutdown-grace-ms", env = "VITALS_SHUTDOWN_GRACE_MS", value_name = "VITALS_SHUTDOWN_GRACE_MS", default_value_t = 10_000, value_parser = millis_in(0, 600_000))]
+    pub shutdown_grace_ms: u64,
+
+    /// Interval of the background database readiness check.
+    #[arg(long = "readiness-interval-ms", env = "VITALS_READINESS_INTERVAL_MS", value_name = "VITALS_READINESS_INTERVAL_MS", default_value_t = 500, value_parser = millis_in(10, 60_000))]
+    pub readiness_interval_ms: u64,
+
+    /// Log format: text or json.
+    #[arg(long = "log-format", env = "VITALS_LOG_FORMAT", value_name = "VITALS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Parser for a count in `min..=max`; the message names the accepted range.
+fn count_in(min: u32, max: u32) -> impl Fn(&str) -> Result<u32, String> + Clone + Send + Sync + 'static {
+    move |raw| {
+        raw.trim()
+            .parse::<i64>()
+            .ok()
+            .and_then(|v| u32::try_from(v).ok())
+            .filter(|v| (min..=max).contains(v))
+            .ok_or_else(|| format!("must be an integer between {min} and {max}"))
+    }
+}
+
+/// Parser for milliseconds in `min..=max`.
+fn millis_in(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+    move |raw| {
+        raw.trim()
+            .parse::<i64>()
+            .ok()
+            .and_then(|v| u64::try_from(v).ok())
+            .filter(|v| (min..=max).contains(v))
+            .ok_or_else(|| format!("must be an integer number of milliseconds between {min} and {max}"))
+    }
+}
+
+/// Parses a retention such as `7d`, `36h`, `90m` or `3600s`, at least one minute.
+fn parse_retention(raw: &str) -> Result<Duration, String> {
+    const MESSAGE: &str = "must be a whole number followed by s, m, h or d (for example 7d), at least 1m";
+    let raw = raw.trim();
+    let split = raw.len().saturating_sub(1);
+    let (number, unit) = (raw.get(..split).unwrap_or(""), raw.get(split..).unwrap_or(""));
+    let number: u64 = number.parse().map_err(|_| MESSAGE.to_owned())?;
+    let seconds = match unit {
+        "s" => Some(number),
+        "m" => number.checked_mul(60),
+        "h" => number.checked_mul(3600),
+        "d" => number.checked_mul(86_400),
+        _ => None,
+    };
+    seconds
+        .filter(|s| (60..=10 * 365 * 86_400).contains(s))
+        .map(Duration::from_secs)
+        .ok_or_else(|| MESSAGE.to_owned())
+}
+
+/// A parser that holds only `Config`, so tests can build one from flags alone.
+#[derive(Debug, clap::Parser)]
+#[command(name = "vitals")]
+struct ConfigOnly {
+    #[command(flatten)]
+    config: Config,
+}
+
+impl Config {
+    /// Builds a configuration from flags only, ignoring the process environment
+    /// except for variables the flags leave unset. Tests pass every value they
+    /// care about as a flag so parallel tests never depend on one another.
+    pub fn from_flags<I, S>(flags: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::Parser;
+        let args = std::iter::once(std::ffi::OsString::from("vitals")).chain(flags.into_iter().map(Into::into));
+        ConfigOnly::try_parse_from(args).map(|c| c.config)
+    }
+
+    /// Resolves which store to use.
+    pub fn database_target(&self) -> DatabaseTarget {
+        match self.database_url.as_deref().map(str::trim) {
+            Some(url) if !url.is_empty() => DatabaseTarget::PostgresUrl(url.to_owned()),
+            _ if std::env::var_os("PGHOST").is_some_and(|h| !h.is_empty()) => DatabaseTarget::PostgresFromEnv,
+            _ => DatabaseTarget::Embedded(self.data_dir.clone()),
+        }
+    }
+
+    /// Longest wait for a pooled connection.
+    pub fn pool_connection_timeout(&self) -> Duration {
+        Duration::from_millis(self.pool_connection_timeout_ms)
+    }
+
+    /// Idle time after which pooled connections close.
+    pub fn pool_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.pool_idle_timeout_ms)
+    }
+
+    /// The WithLock lease, equal to the lock pool's idle-in-transaction timeout.
+    pub fn lock_lease(&self) -> Duration {
+        Duration::from_millis(self.lock_idle_tx_timeout_ms)
+    }
+
+    /// Default wait for a lock.
+    pub fn lock_timeout(&self) -> Duration {
+        Duration::from_millis(self.lock_timeout_ms)
+    }
+
+    /// Default deadline of unary RPCs.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Lock connections clients may occupy: the pool minus the reserve, at least one.
+    pub fn client_lock_budget(&self) -> u32 {
+        self.lock_pool_max.saturating_sub(self.lock_reserve).max(1)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_table() {
+        let c = Config::from_flags(["--database-url", "postgres://x/y", "--database-pool-max", "20"]).unwrap();
+        assert_eq!(c.pool_max, 20);
+        assert_eq!(c.lock_pool_max, 10);
+        assert_eq!(c.pool_connection_timeout_ms, 10_000);
+        assert_eq!(c.pool_idle_timeout_ms, 30_000);
+        assert_eq!(c.lock_idle_tx_timeout_ms, 30_000);
+        assert_eq!(c.lock_timeout_ms, 30_000);
+        assert_eq!(c.client_lock_budget(), 8);
+    }
+
+    #[test]
+    fn a_malformed_pool_size_is_refused_with_the_variable_name_and_range() {
+        for bad in ["abc", "0", "-3", "1.5", ""] {
+            let err = Config::from_flags(["--database-pool-max", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("DATABASE_POOL_MAX"), "{bad:?}: {err}");
+            assert!(err.contains("between 1 and 10000"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn retention_accepts_units_and_refuses_garbage() {
+        assert_eq!(parse_retention("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_retention("90m"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "7", "d", "7w", "-1d", "10s", "1.5h"] {
+            assert!(parse_retention(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_client_lock_budget_leaves_at_least_one_connection() {
+        let c = Config::from_flags(["--database-lock-pool-max", "2", "--lock-reserve", "5"]).unwrap();
+        assert_eq!(c.client_lock_budget(), 1);
+    }
+}

@@ -1,0 +1,184 @@
+//! The two PostgreSQL pools and how their sessions are configured.
+//!
+//! Upstream deadlocked because lock holders and their work drew from one pool:
+//! at concurrency >= pool size every connection held a lock and waited for a
+//! work connection. vitals keeps locks on a [`LockPool`] and work on a
+//! [`WorkPool`], two distinct types so they cannot be swapped by mistake, and
+//! only ever takes a lock connection first. Both pools fail fast after
+//! `DATABASE_POOL_CONNECTION_TIMEOUT_MS` instead of waiting forever.
+
+use std::time::Duration;
+
+use sqlx::{
+    Executor, PgPool, Postgres,
+    pool::PoolConnection,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use crate::{
+    config::{Config, DatabaseTarget},
+    error::{Error, PoolKind, Result},
+};
+
+/// TCP keepalive settings asked of the server for every session, so that
+/// PostgreSQL notices a vanished vitals replica and ends its sessions (and so
+/// releases its advisory locks) within `idle + interval * count` seconds.
+pub const TCP_KEEPALIVES_IDLE_S: u64 = 10;
+/// Seconds between keepalive probes.
+pub const TCP_KEEPALIVES_INTERVAL_S: u64 = 5;
+/// Unanswered probes before the server drops the session.
+pub const TCP_KEEPALIVES_COUNT: u64 = 3;
+
+/// Pool of connections for reads and writes. Never holds advisory locks.
+#[derive(Debug, Clone)]
+pub struct WorkPool(PgPool);
+
+/// Pool of connections that hold advisory locks, each in its own transaction.
+#[derive(Debug, Clone)]
+pub struct LockPool(PgPool);
+
+impl WorkPool {
+    /// A work connection, or `WORK_POOL_EXHAUSTED` after the acquire timeout.
+    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>> {
+        self.0.acquire().await.map_err(|e| Error::acquire(PoolKind::Work, e))
+    }
+
+    /// The underlying pool, for queries that need no explicit connection.
+    pub fn pool(&self) -> &PgPool {
+        &self.0
+    }
+}
+
+impl LockPool {
+    /// A lock connection, or `LOCK_POOL_EXHAUSTED` after the acquire timeout.
+    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>> {
+        self.0.acquire().await.map_err(|e| Error::acquire(PoolKind::Lock, e))
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.0
+    }
+}
+
+/// Both pools of one vitals process.
+#[derive(Debug, Clone)]
+pub struct Pools {
+    /// Reads and writes.
+    pub work: WorkPool,
+    /// Advisory lock holders.
+    pub lock: LockPool,
+    /// One connection for LISTEN, so the long-lived listening session never
+    /// occupies a work or lock connection.
+    pub listen: PgPool,
+}
+
+fn base_options(config: &Config) -> Result<PgConnectOptions> {
+    let options = match config.database_target() {
+        DatabaseTarget::PostgresUrl(url) => url
+            .parse::<PgConnectOptions>()
+            .map_err(|e| Error::Internal(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}")))?,
+        DatabaseTarget::PostgresFromEnv => PgConnectOptions::new(),
+        DatabaseTarget::Embedded(_) => {
+            return Err(Error::Internal("no PostgreSQL configured".into()));
+        }
+    };
+    let keepalives = [
+        ("tcp_keepalives_idle", TCP_KEEPALIVES_IDLE_S.to_string()),
+        ("tcp_keepalives_interval", TCP_KEEPALIVES_INTERVAL_S.to_string()),
+        ("tcp_keepalives_count", TCP_KEEPALIVES_COUNT.to_string()),
+    ];
+    Ok(options.options(keepalives))
+}
+
+impl Pools {
+    /// Builds both pools without connecting: the server starts and reports
+    /// NOT_SERVING until the database answers, instead of failing to start.
+    pub fn connect_lazy(config: &Config) -> Result<Self> {
+        let base = base_options(config)?;
+        let work_options = base.clone().application_name("vitals-work");
+        let listen_options = base.clone().application_name("vitals-listen");
+        let lock_options = base.application_name("vitals-lock").options([
+            (
+                "idle_in_transaction_session_timeout",
+                config.lock_idle_tx_timeout_ms.to_string(),
+            ),
+            ("lock_timeout", config.lock_timeout_ms.to_string()),
+            // A session waiting for a lock notices within a second that
+            // vitals closed its socket (a cancelled acquire), instead of
+            // being granted the lock for nobody.
+            ("client_connection_check_interval", "1000".to_owned()),
+        ]);
+        let pool = |max: u32| {
+            PgPoolOptions::new()
+                .max_connections(max)
+                .min_connections(0)
+                .acquire_timeout(config.pool_connection_timeout())
+                .idle_timeout(Some(config.pool_idle_timeout()))
+                // A connection whose backend died while idle is found here
+                // and replaced instead of failing the request that drew it.
+                .test_before_acquire(true)
+        };
+        Ok(Pools {
+            work: WorkPool(pool(config.pool_max).connect_lazy_with(work_options)),
+            lock: LockPool(pool(config.lock_pool_max).connect_lazy_with(lock_options)),
+            listen: pool(1).connect_lazy_with(listen_options),
+        })
+    }
+
+    /// True when both pools can run a query now, within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let ping = |pool: PgPool| async move {
+            matches!(tokio::time::timeout(timeout, pool.execute("SELECT 1")).await, Ok(Ok(_)))
+        };
+        let (work, lock) = tokio::join!(ping(self.work.0.clone()), ping(self.lock.0.clone()));
+        work && lock
+    }
+
+    /// Applies the migrations. sqlx serialises concurrent migrators with an
+    /// advisory lock, so replicas starting together do not race.
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations")
+            .run(self.work.pool())
+            .await
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(inner) => Error::from(inner),
+                other => Error::Internal(format!("migration failed: {other}")),
+            })
+    }
+
+    /// Logs the pool sizes and warns when they exceed what the server accepts.
+    pub async fn check_sizing(&self, config: &Config) -> Result<()> {
+        let row: (i32, i32, i32) = sqlx::query_as(
+            "SELECT current_setting('max_connections')::int, \
+                    current_setting('superuser_reserved_connections')::int, \
+                    coalesce(nullif(current_setting('reserved_connections', true), ''), '0')::int",
+        )
+        .fetch_one(self.work.pool())
+        .await?;
+        let (max_connections, superuser_reserved, reserved) = row;
+        let available = i64::from(max_connections) - i64::from(superuser_reserved) - i64::from(reserved);
+        let wanted = i64::from(config.pool_max) + i64::from(config.lock_pool_max);
+        tracing::info!(
+            work_pool_max = config.pool_max,
+            lock_pool_max = config.lock_pool_max,
+            client_lock_budget = config.client_lock_budget(),
+            max_connections,
+            "database pools configured"
+        );
+        if wanted > available {
+            tracing::warn!(
+                wanted,
+                available,
+                "DATABASE_POOL_MAX + DATABASE_LOCK_POOL_MAX exceeds the server's max_connections minus reserved connections; \
+                 size pools so that replicas * (DATABASE_POOL_MAX + DATABASE_LOCK_POOL_MAX) <= max_connections - headroom"
+            );
+        }
+        Ok(())
+    }
+
+    /// Closes both pools, waiting for checked-out connections to return.
+    pub async fn close(&self) {
+        tokio::join!(self.lock.0.close(), self.work.0.close(), self.listen.close());
+    }
+}

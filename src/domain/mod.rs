@@ -1,0 +1,28 @@
+//! The rules of the service, with no I/O.
+//!
+//! Everything that decides an outcome lives here as plain data and pure functions: what a status
+//! is, which thresholds are acceptable, how runs become a status, and what a valid id looks like.
+//! Keeping it free of the database, the wire format and the runtime means the rules can be tested
+//! exhaustively (tables and properties), and the same rules serve every caller: the gRPC handlers,
+//! the store and the configuration convert their own types into these and back.
+//!
+//! Dependencies point inward: other modules use `domain`; `domain` uses nothing else of ours.
+//!
+//! # Layout
+//! - `status`: [`Status`], ordered by severity, and [`worst`].
+//! - `thresholds`: [`Thresholds`] in their two modes, their defaults and their validation.
+//! - `evaluation`: [`evaluate`], which turns the newest runs of a check into an [`Evaluation`].
+//! - `ids`: validated newtypes ([`SystemId`], [`LockKey`], ...) parsed where input enters.
+//! - `violation`: [`FieldViolation`], one reason an input was rejected.
+
+mod evaluation;
+mod ids;
+mod status;
+mod thresholds;
+mod violation;
+
+pub use evaluation::{Evaluation, MAX_RUNS_CONSIDERED, Rule, evaluate, system_status};
+pub use ids::{CheckId, LockKey, Owner, RunId, RunMessage, SystemId};
+pub use status::{Status, worst};
+pub use thresholds::{ConsecutiveThresholds, MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, Mode, Thresholds, WindowThresholds};
+pub use violation::FieldViolation;

@@ -1,0 +1,292 @@
+//! The one error type of vitals and its one mapping to a gRPC status.
+//!
+//! Every failure a client can see is a variant here; each variant documents
+//! the code and `ErrorInfo.reason` it produces. Database and internal errors
+//! are logged where they are mapped and never sent: the client gets the
+//! reason, not our SQL.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::domain::FieldViolation;
+
+/// `ErrorInfo.domain` of every vitals error.
+pub const ERROR_DOMAIN: &str = "vitals.dev";
+
+/// Which pool a connection was wanted from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKind {
+    /// The work pool: reads and writes.
+    Work,
+    /// The lock pool: advisory lock holders.
+    Lock,
+}
+
+/// Everything that can go wrong in a request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// INVALID_ARGUMENT, reason `INVALID_ARGUMENT`, with a `BadRequest` listing every violation.
+    #[error("invalid argument")]
+    InvalidArgument(Vec<FieldViolation>),
+
+    /// FAILED_PRECONDITION, reason `LOCK_PROTOCOL_VIOLATION`: a WithLock message out of order.
+    #[error("lock protocol violation: {0}")]
+    LockProtocol(FieldViolation),
+
+    /// NOT_FOUND, reason `SYSTEM_NOT_FOUND`.
+    #[error("system not found")]
+    SystemNotFound {
+        /// The system asked for.
+        system_id: String,
+    },
+
+    /// ALREADY_EXISTS, reason `RUN_ID_CONFLICT`: the run_id is stored with other content.
+    #[error("run id conflict")]
+    RunConflict {
+        /// The reused run id.
+        run_id: String,
+    },
+
+    /// ABORTED, reason `LOCK_NOT_AVAILABLE`: the lock was not granted within the wait.
+    #[error("lock not available")]
+    LockNotAvailable {
+        /// The client's key.
+        key: String,
+    },
+
+    /// ABORTED, reason `LOCK_LOST`: the lease ran out or the lock connection died.
+    #[error("lock lost")]
+    LockLost {
+        /// The client's key.
+        key: String,
+        /// Why, for the client.
+        why: &'static str,
+    },
+
+    /// UNAVAILABLE, reason `WORK_POOL_EXHAUSTED` or `LOCK_POOL_EXHAUSTED`.
+    #[error("{0:?} pool exhausted")]
+    PoolExhausted(PoolKind),
+
+    /// UNAVAILABLE, reason `SYSTEM_BUSY`: a system's serialisation lock was not granted in time.
+    #[error("system busy")]
+    SystemBusy {
+        /// The system whose lock timed out.
+        system_id: String,
+    },
+
+    /// UNAVAILABLE, reason `DATABASE_UNAVAILABLE`: the database cannot be reached or is not ready.
+    #[error("database unavailable")]
+    DatabaseUnavailable(#[source] Option<sqlx::Error>),
+
+    /// UNAVAILABLE, reason `SHUTTING_DOWN`.
+    #[error("shutting down")]
+    ShuttingDown,
+
+    /// INTERNAL, reason `INTERNAL`: a bug or an unexpected database error. Logged, never sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Shorthand for results of vitals operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// One invalid field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Error::InvalidArgument(vec![FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }])
+    }
+
+    /// Classifies an error from acquiring a connection of `pool`.
+    pub fn acquire(pool: PoolKind, err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::PoolTimedOut => Error::PoolExhausted(pool),
+            other => Error::from(other),
+        }
+    }
+
+    /// The `ErrorInfo.reason` of this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Error::LockProtocol(_) => "LOCK_PROTOCOL_VIOLATION",
+            Error::SystemNotFound { .. } => "SYSTEM_NOT_FOUND",
+            Error::RunConflict { .. } => "RUN_ID_CONFLICT",
+            Error::LockNotAvailable { .. } => "LOCK_NOT_AVAILABLE",
+            Error::LockLost { .. } => "LOCK_LOST",
+            Error::PoolExhausted(PoolKind::Work) => "WORK_POOL_EXHAUSTED",
+            Error::PoolExhausted(PoolKind::Lock) => "LOCK_POOL_EXHAUSTED",
+            Error::SystemBusy { .. } => "SYSTEM_BUSY",
+            Error::DatabaseUnavailable(_) => "DATABASE_UNAVAILABLE",
+            Error::ShuttingDown => "SHUTTING_DOWN",
+            Error::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// The gRPC code of this error.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::LockProtocol(_) => Code::FailedPrecondition,
+            Error::SystemNotFound { .. } => Code::NotFound,
+            Error::RunConflict { .. } => Code::AlreadyExists,
+            Error::LockNotAvailable { .. } | Error::LockLost { .. } => Code::Aborted,
+            Error::PoolExhausted(_)
+            | Error::SystemBusy { .. }
+            | Error::DatabaseUnavailable(_)
+            | Error::ShuttingDown => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The client-facing message: fixed text, never an internal error's.
+    fn public_message(&self) -> String {
+        match self {
+            Error::InvalidArgument(v) => {
+                let fields: Vec<&str> = v.iter().map(|f| f.field.as_str()).collect();
+                format!("invalid argument: {}", fields.join(", "))
+            }
+            Error::LockProtocol(v) => format!("{}: {}", v.field, v.description),
+            Error::SystemNotFound { system_id } => format!("system {system_id:?} not found"),
+            Error::RunConflict { run_id } => {
+                format!("run {run_id:?} already exists with different content")
+            }
+            Error::LockNotAvailable { key } => format!("lock {key:?} not available"),
+            Error::LockLost { key, why } => format!("lock {key:?} lost: {why}"),
+            Error::PoolExhausted(PoolKind::Work) => "no database connection available, retry".into(),
+            Error::PoolExhausted(PoolKind::Lock) => "no lock connection available, retry".into(),
+            Error::SystemBusy { system_id } => format!("system {system_id:?} is busy, retry"),
+            Error::DatabaseUnavailable(_) => "database unavailable, retry".into(),
+            Error::ShuttingDown => "server shutting down, retry elsewhere".into(),
+            Error::Internal(_) => "internal error".into(),
+        }
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        match self {
+            Error::SystemNotFound { system_id } | Error::SystemBusy { system_id } => {
+                m.insert("system_id".into(), system_id.clone());
+            }
+            Error::RunConflict { run_id } => {
+                m.insert("run_id".into(), run_id.clone());
+            }
+            Error::LockNotAvailable { key } | Error::LockLost { key, .. } => {
+                m.insert("key".into(), key.clone());
+            }
+            _ => {}
+        }
+        m
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        if is_unavailable(&err) {
+            return Error::DatabaseUnavailable(Some(err));
+        }
+        Error::Internal(format!("database: {err}"))
+    }
+}
+
+/// True when a database error means "cannot reach or use the server now",
+/// which a client should retry, rather than a bug.
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exceptions; 57P0x: admin shutdown, crash
+            // shutdown, cannot connect now; 53300: too many connections.
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }),
+        _ => false,
+    }
+}
+
+/// The SQLSTATE of a database error, if it is one.
+pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
+    match err {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match &err {
+            Error::Internal(_) => tracing::error!(error = %err, "internal error"),
+            Error::DatabaseUnavailable(Some(source)) => {
+                tracing::warn!(error = %source, "database unavailable");
+            }
+            _ => tracing::debug!(reason = err.reason(), "request failed"),
+        }
+        let mut details = ErrorDetails::with_error_info(err.reason(), ERROR_DOMAIN, err.metadata());
+        match &err {
+            Error::InvalidArgument(violations) => {
+                for v in violations {
+                    details.add_bad_request_violation(v.field.clone(), v.description.clone());
+                }
+            }
+            Error::LockProtocol(v) => {
+                details.add_precondition_failure_violation("LOCK_PROTOCOL", v.field.clone(), v.description.clone());
+            }
+            Error::PoolExhausted(_) | Error::DatabaseUnavailable(_) | Error::SystemBusy { .. } => {
+                details.set_retry_info(Some(std::time::Duration::from_millis(100)));
+            }
+            _ => {}
+        }
+        Status::with_error_details(err.code(), err.public_message(), details)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_error_text_never_reaches_the_client() {
+        let status = Status::from(Error::Internal("relation \"runs\" does not exist".into()));
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("runs"));
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "INTERNAL");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+    }
+
+    #[test]
+    fn invalid_argument_lists_every_violation() {
+        let status = Status::from(Error::InvalidArgument(vec![
+            FieldViolation {
+                field: "a".into(),
+                description: "x".into(),
+            },
+            FieldViolation {
+                field: "b".into(),
+                description: "y".into(),
+            },
+        ]));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let bad = status.get_details_bad_request().unwrap();
+        let fields: Vec<_> = bad.field_violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["a", "b"]);
+    }
+
+    #[test]
+    fn pool_timeouts_become_unavailable_with_the_pool_named() {
+        let s = Status::from(Error::acquire(PoolKind::Lock, sqlx::Error::PoolTimedOut));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.get_details_error_info().unwrap().reason, "LOCK_POOL_EXHAUSTED");
+        let s = Status::from(Error::acquire(PoolKind::Work, sqlx::Error::PoolTimedOut));
+        assert_eq!(s.get_details_error_info().unwrap().reason, "WORK_POOL_EXHAUSTED");
+    }
+}

@@ -1,0 +1,163 @@
+//! Persistence of runs, checks, system health and transitions.
+//!
+//! The records here are what the API layer converts to and from the wire; the
+//! SQL lives in [`postgres`]. Every write that can change a system's status
+//! runs inside that system's advisory lock, taken by the caller through
+//! [`crate::lock`] on the lock pool before the store takes a work connection.
+
+mod codec;
+mod feed;
+pub mod postgres;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{CheckId, Evaluation, RunId, RunMessage, Status, SystemId, Thresholds};
+
+pub use feed::TransitionFeed;
+pub use postgres::PgStore;
+
+/// A run as submitted, validated.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// The idempotency key.
+    pub run_id: RunId,
+    /// The system.
+    pub system_id: SystemId,
+    /// The check.
+    pub check_id: CheckId,
+    /// Outcome.
+    pub status: Status,
+    /// When it ran, truncated to microseconds (the database's precision).
+    pub observed_at: DateTime<Utc>,
+    /// False when the server filled in `observed_at`: a retry of such a request
+    /// carries another "now" and must still count as the same run.
+    pub observed_at_given: bool,
+    /// How long it took.
+    pub latency: Option<Duration>,
+    /// Free text.
+    pub message: RunMessage,
+}
+
+/// A stored run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// Unique id.
+    pub run_id: String,
+    /// The system.
+    pub system_id: String,
+    /// The check.
+    pub check_id: String,
+    /// Outcome.
+    pub status: Status,
+    /// When it ran.
+    pub observed_at: DateTime<Utc>,
+    /// How long it took.
+    pub latency: Option<Duration>,
+    /// Free text.
+    pub message: String,
+    /// When it was stored.
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// The stored state of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckRecord {
+    /// The check.
+    pub check_id: String,
+    /// Its thresholds.
+    pub thresholds: Thresholds,
+    /// Whether it counts towards the system's status.
+    pub enabled: bool,
+    /// Its last evaluation.
+    pub evaluation: Evaluation,
+    /// Stored runs the evaluation was given (at most 100).
+    pub runs_considered: u32,
+    /// observed_at of its newest run.
+    pub last_run_at: Option<DateTime<Utc>>,
+}
+
+/// The stored health of a system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemRecord {
+    /// The system.
+    pub system_id: String,
+    /// Worst status of its enabled checks.
+    pub status: Status,
+    /// All its checks, ordered by check_id.
+    pub checks: Vec<CheckRecord>,
+    /// When it was last evaluated.
+    pub evaluated_at: Option<DateTime<Utc>>,
+}
+
+/// A stored change of a system's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// Global, strictly increasing position.
+    pub sequence: u64,
+    /// The system.
+    pub system_id: String,
+    /// The check that caused it.
+    pub check_id: String,
+    /// Status before.
+    pub from: Status,
+    /// Status after.
+    pub to: Status,
+    /// When it was recorded.
+    pub transitioned_at: DateTime<Utc>,
+    /// The causing check's evaluation.
+    pub evaluation: Evaluation,
+}
+
+/// What SubmitRun did.
+#[derive(Debug, Clone)]
+pub struct SubmitOutcome {
+    /// The stored run.
+    pub run: Run,
+    /// The system's health after the run.
+    pub health: SystemRecord,
+    /// Set when the system's status changed.
+    pub transition: Option<Transition>,
+    /// True when the run was already stored; nothing was written.
+    pub duplicate: bool,
+}
+
+/// A change to a check's configuration.
+#[derive(Debug, Clone)]
+pub struct CheckUpdate {
+    /// The system.
+    pub system_id: SystemId,
+    /// The check.
+    pub check_id: CheckId,
+    /// New thresholds, or keep.
+    pub thresholds: Option<Thresholds>,
+    /// New enabled flag, or keep.
+    pub enabled: Option<bool>,
+}
+
+/// What ConfigureCheck did.
+#[derive(Debug, Clone)]
+pub struct ConfigureOutcome {
+    /// The check after the change.
+    pub check: CheckRecord,
+    /// The system after the change.
+    pub health: SystemRecord,
+    /// Set when the system's status changed.
+    pub transition: Option<Transition>,
+}
+
+/// Position after the last run of a page: runs are ordered newest first by
+/// (observed_at, run_id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunCursor {
+    /// observed_at of the last run returned.
+    pub observed_at: DateTime<Utc>,
+    /// run_id of the last run returned.
+    pub run_id: String,
+}
+
+/// The key of a system's serialisation lock: upstream's `health:<systemId>`.
+pub fn system_lock_key(system_id: &SystemId) -> String {
+    format!("health:{}", system_id.as_str())
+}

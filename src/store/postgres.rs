@@ -1,0 +1,472 @@
+//! The PostgreSQL store: every statement vitals runs on the work pool.
+//!
+//! Methods that change a system's health expect the caller to hold that
+//! system's advisory lock (see [`super::system_lock_key`]); they then read the
+//! previous status inside that lock, which is what makes each transition
+//! appear exactly once however many replicas evaluate the same system.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Row, postgres::PgRow};
+
+use super::{
+    CheckRecord, CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, SubmitOutcome, SystemRecord, Transition,
+    codec::{decode_evaluation, decode_thresholds, encode_evaluation, encode_thresholds},
+};
+use crate::{
+    db::WorkPool,
+    domain::{CheckId, MAX_RUNS_CONSIDERED, Status, SystemId, Thresholds, evaluate},
+    error::{Error, Result},
+};
+
+/// The channel on which committed transitions are announced (payload: sequence).
+pub const TRANSITIONS_CHANNEL: &str = "vitals_transitions";
+
+/// Advisory lock serialising the assignment of transition sequences, so that
+/// sequences commit in order. Held only for the tail of a transaction that
+/// already changed a status, which is rare.
+const TRANSITION_SEQUENCE_LOCK: &str = "vitals:transition-sequence";
+
+/// Transitions are kept this long, except each system's newest.
+const TRANSITION_RETENTION_DAYS: i32 = 90;
+
+/// The PostgreSQL implementation of the store.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    work: WorkPool,
+}
+
+fn status_of(raw: i16) -> Result<Status> {
+    Status::from_i16(raw).ok_or_else(|| Error::Internal(format!("stored status {raw} is not a status")))
+}
+
+fn u32_of(raw: i32) -> u32 {
+    u32::try_from(raw).unwrap_or(0)
+}
+
+fn run_from_row(row: &PgRow) -> Result<Run> {
+    let latency_us: Option<i64> = row.try_get("latency_us")?;
+    Ok(Run {
+        run_id: row.try_get("run_id")?,
+        system_id: row.try_get("system_id")?,
+        check_id: row.try_get("check_id")?,
+        status: status_of(row.try_get("status")?)?,
+        observed_at: row.try_get("observed_at")?,
+        latency: latency_us
+            .and_then(|us| u64::try_from(us).ok())
+            .map(Duration::from_micros),
+        message: row.try_get("message")?,
+        recorded_at: row.try_get("recorded_at")?,
+    })
+}
+
+fn check_from_row(row: &PgRow) -> Result<CheckRecord> {
+    let thresholds_text: String = row.try_get("thresholds")?;
+    let thresholds = decode_thresholds(&thresholds_text)
+        .ok_or_else(|| Error::Internal(format!("stored thresholds {thresholds_text:?} do not decode")))?;
+    let evaluation_text: String = row.try_get("evaluation")?;
+    // A check created by ConfigureCheck before any run has no stored
+    // evaluation yet; evaluating no runs is cheap and exact.
+    let evaluation = decode_evaluation(&evaluation_text).unwrap_or_else(|| evaluate(&[], &thresholds));
+    Ok(CheckRecord {
+        check_id: row.try_get("check_id")?,
+        thresholds,
+        enabled: row.try_get("enabled")?,
+        evaluation,
+        runs_considered: u32_of(row.try_get("runs_considered")?),
+        last_run_at: row.try_get("last_run_at")?,
+    })
+}
+
+fn transition_from_row(row: &PgRow) -> Result<Transition> {
+    let evaluation_text: String = row.try_get("evaluation")?;
+    let sequence: i64 = row.try_get("sequence")?;
+    Ok(Transition {
+        sequence: u64::try_from(sequence).unwrap_or(0),
+        system_id: row.try_get("system_id")?,
+        check_id: row.try_get("check_id")?,
+        from: status_of(row.try_get("from_status")?)?,
+        to: status_of(row.try_get("to_status")?)?,
+        transitioned_at: row.try_get("transitioned_at")?,
+        evaluation: decode_evaluation(&evaluation_text)
+            .ok_or_else(|| Error::Internal(format!("stored evaluation {evaluation_text:?} does not decode")))?,
+    })
+}
+
+fn latency_us(latency: Option<Duration>) -> Option<i64> {
+    latency.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// True when a stored run has the content of a resubmitted one.
+fn same_run(stored: &Run, new: &NewRun) -> bool {
+    stored.system_id == new.system_id.as_str()
+        && stored.check_id == new.check_id.as_str()
+        && stored.status == new.status
+        && (!new.observed_at_given || stored.observed_at == new.observed_at)
+        && stored.latency.map(|d| d.as_micros()) == new.latency.map(|d| d.as_micros())
+        && stored.message == new.message.as_str()
+}
+
+const RUN_COLUMNS: &str = "run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at";
+const CHECK_COLUMNS: &str = "check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at";
+const TRANSITION_COLUMNS: &str = "sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation";
+
+impl PgStore {
+    /// A store on the work pool.
+    pub fn new(work: WorkPool) -> Self {
+        PgStore { work }
+    }
+
+    /// Records a run and re-evaluates its check and system. The caller holds
+    /// the system's lock.
+    pub async fn submit_run(&self, new: &NewRun) -> Result<SubmitOutcome> {
+        let mut conn = self.work.acquire().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+
+        let inserted = sqlx::query(
+            "INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (run_id) DO NOTHING RETURNING recorded_at",
+        )
+        .bind(new.run_id.as_str())
+        .bind(new.system_id.as_str())
+        .bind(new.check_id.as_str())
+        .bind(new.status.as_i16())
+        .bind(new.observed_at)
+        .bind(latency_us(new.latency))
+        .bind(new.message.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+
+        let Some(inserted) = inserted else {
+            let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = $1"))
+                .bind(new.run_id.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+            let stored = run_from_row(&row)?;
+            if !same_run(&stored, new) {
+                return Err(Error::RunConflict {
+                    run_id: new.run_id.as_str().to_owned(),
+                });
+            }
+            let health = system_in(&mut tx, stored.system_id.as_str()).await?;
+            tx.rollback().await?;
+            return Ok(SubmitOutcome {
+                run: stored,
+                health: health.unwrap_or_else(|| unknown_system(new.system_id.as_str())),
+                transition: None,
+                duplicate: true,
+            });
+        };
+        let run = Run {
+            run_id: new.run_id.as_str().to_owned(),
+            system_id: new.system_id.as_str().to_owned(),
+            check_id: new.check_id.as_str().to_owned(),
+            status: new.status,
+            observed_at: new.observed_at,
+            latency: new
+                .latency
+                .map(|d| Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))),
+            message: new.message.as_str().to_owned(),
+            recorded_at: inserted.try_get("recorded_at")?,
+        };
+
+        // The check exists from its first run on, with default thresholds.
+        let row = sqlx::query(
+            "WITH created AS ( \
+                 INSERT INTO checks (system_id, check_id, thresholds) VALUES ($1, $2, $3) \
+                 ON CONFLICT (system_id, check_id) DO NOTHING RETURNING thresholds, enabled) \
+             SELECT thresholds, enabled FROM created \
+             UNION ALL SELECT thresholds, enabled FROM checks WHERE system_id = $1 AND check_id = $2 \
+             LIMIT 1",
+        )
+        .bind(new.system_id.as_str())
+        .bind(new.check_id.as_str())
+        .bind(encode_thresholds(&Thresholds::default()))
+        .fetch_one(&mut *tx)
+        .await?;
+        let thresholds_text: String = row.try_get("thresholds")?;
+        let thresholds = decode_thresholds(&thresholds_text)
+            .ok_or_else(|| Error::Internal(format!("stored thresholds {thresholds_text:?} do not decode")))?;
+
+        let (health, transition) = reevaluate(&mut tx, &new.system_id, &new.check_id, &thresholds).await?;
+        tx.commit().await?;
+        Ok(SubmitOutcome {
+            run,
+            health,
+            transition,
+            duplicate: false,
+        })
+    }
+
+    /// Creates or updates a check and re-evaluates its system. The caller
+    /// holds the system's lock.
+    pub async fn configure_check(&self, update: &CheckUpdate) -> Result<ConfigureOutcome> {
+        let mut conn = self.work.acquire().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let row = sqlx::query(
+            "INSERT INTO checks (system_id, check_id, thresholds, enabled) \
+             VALUES ($1, $2, coalesce($3, $4), coalesce($5, true)) \
+             ON CONFLICT (system_id, check_id) DO UPDATE SET \
+                 thresholds = coalesce($3, checks.thresholds), \
+                 enabled = coalesce($5, checks.enabled), \
+                 updated_at = now() \
+             RETURNING thresholds",
+        )
+        .bind(update.system_id.as_str())
+        .bind(update.check_id.as_str())
+        .bind(update.thresholds.as_ref().map(encode_thresholds))
+        .bind(encode_thresholds(&Thresholds::default()))
+        .bind(update.enabled)
+        .fetch_one(&mut *tx)
+        .await?;
+        let thresholds_text: String = row.try_get("thresholds")?;
+        let thresholds = decode_thresholds(&thresholds_text)
+            .ok_or_else(|| Error::Internal(format!("stored thresholds {thresholds_text:?} do not decode")))?;
+        let (health, transition) = reevaluate(&mut tx, &update.system_id, &update.check_id, &thresholds).await?;
+        tx.commit().await?;
+        let check = health
+            .checks
+            .iter()
+            .find(|c| c.check_id == update.check_id.as_str())
+            .cloned()
+            .ok_or_else(|| Error::Internal("configured check vanished".into()))?;
+        Ok(ConfigureOutcome {
+            check,
+            health,
+            transition,
+        })
+    }
+
+    /// The stored health of a system, or `None` if it has never been seen.
+    pub async fn system(&self, system_id: &SystemId) -> Result<Option<SystemRecord>> {
+        let mut conn = self.work.acquire().await?;
+        system_in(&mut conn, system_id.as_str()).await
+    }
+
+    /// One page of a system's runs, newest first, after `cursor`.
+    pub async fn list_runs(
+        &self,
+        system_id: &SystemId,
+        check_id: Option<&CheckId>,
+        after: Option<&RunCursor>,
+        limit: u32,
+    ) -> Result<Vec<Run>> {
+        let mut conn = self.work.acquire().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs \
+             WHERE system_id = $1 AND ($2::text IS NULL OR check_id = $2) \
+               AND ($3::timestamptz IS NULL OR (observed_at, run_id) < ($3, $4)) \
+             ORDER BY observed_at DESC, run_id DESC LIMIT $5"
+        ))
+        .bind(system_id.as_str())
+        .bind(check_id.map(CheckId::as_str))
+        .bind(after.map(|c| c.observed_at))
+        .bind(after.map(|c| c.run_id.as_str()))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    /// One page of transitions, highest sequence first, below `before`.
+    pub async fn list_transitions(
+        &self,
+        system_id: Option<&SystemId>,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<Transition>> {
+        let mut conn = self.work.acquire().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {TRANSITION_COLUMNS} FROM transitions \
+             WHERE ($1::text IS NULL OR system_id = $1) AND ($2::bigint IS NULL OR sequence < $2) \
+             ORDER BY sequence DESC LIMIT $3"
+        ))
+        .bind(system_id.map(SystemId::as_str))
+        .bind(before.map(|s| i64::try_from(s).unwrap_or(i64::MAX)))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter().map(transition_from_row).collect()
+    }
+
+    /// Transitions with a sequence above `after`, in sequence order.
+    pub async fn transitions_after(
+        &self,
+        system_id: Option<&SystemId>,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Transition>> {
+        let mut conn = self.work.acquire().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {TRANSITION_COLUMNS} FROM transitions \
+             WHERE ($1::text IS NULL OR system_id = $1) AND sequence > $2 \
+             ORDER BY sequence LIMIT $3"
+        ))
+        .bind(system_id.map(SystemId::as_str))
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter().map(transition_from_row).collect()
+    }
+
+    /// Deletes up to `batch` runs older than `retention` (never a check's
+    /// newest 100) and old transitions (never a system's newest). Returns
+    /// how many rows went.
+    pub async fn prune(&self, retention: Duration, batch: u32) -> Result<u64> {
+        let mut conn = self.work.acquire().await?;
+        let runs = sqlx::query(
+            "DELETE FROM runs WHERE run_id IN ( \
+                 SELECT r.run_id FROM runs r \
+                 WHERE r.observed_at < now() - make_interval(secs => $1) \
+                   AND (r.observed_at, r.run_id) < ( \
+                       SELECT k.observed_at, k.run_id FROM runs k \
+                       WHERE k.system_id = r.system_id AND k.check_id = r.check_id \
+                       ORDER BY k.observed_at DESC, k.run_id DESC OFFSET $2 - 1 LIMIT 1) \
+                 LIMIT $3)",
+        )
+        .bind(retention.as_secs_f64())
+        .bind(i64::try_from(MAX_RUNS_CONSIDERED).unwrap_or(100))
+        .bind(i64::from(batch))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        let transitions = sqlx::query(
+            "DELETE FROM transitions WHERE sequence IN ( \
+                 SELECT t.sequence FROM transitions t \
+                 WHERE t.transitioned_at < now() - make_interval(days => $1) \
+                   AND t.sequence < (SELECT max(n.sequence) FROM transitions n WHERE n.system_id = t.system_id) \
+                 LIMIT $2)",
+        )
+        .bind(TRANSITION_RETENTION_DAYS)
+        .bind(i64::from(batch))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        Ok(runs + transitions)
+    }
+}
+
+fn unknown_system(system_id: &str) -> SystemRecord {
+    SystemRecord {
+        system_id: system_id.to_owned(),
+        status: Status::Healthy,
+        checks: Vec::new(),
+        evaluated_at: None,
+    }
+}
+
+/// Reads a system and its checks on `conn`.
+async fn system_in(conn: &mut PgConnection, system_id: &str) -> Result<Option<SystemRecord>> {
+    let system = sqlx::query("SELECT status, evaluated_at FROM systems WHERE system_id = $1")
+        .bind(system_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(system) = system else { return Ok(None) };
+    let checks = sqlx::query(&format!(
+        "SELECT {CHECK_COLUMNS} FROM checks WHERE system_id = $1 ORDER BY check_id"
+    ))
+    .bind(system_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Some(SystemRecord {
+        system_id: system_id.to_owned(),
+        status: status_of(system.try_get("status")?)?,
+        checks: checks.iter().map(check_from_row).collect::<Result<_>>()?,
+        evaluated_at: system.try_get::<Option<DateTime<Utc>>, _>("evaluated_at")?,
+    }))
+}
+
+/// Re-evaluates one check from its newest runs, then its system; writes the
+/// transition when the system's status changed. Runs inside the caller's
+/// transaction, under the system's lock.
+async fn reevaluate(
+    tx: &mut PgConnection,
+    system_id: &SystemId,
+    check_id: &CheckId,
+    thresholds: &Thresholds,
+) -> Result<(SystemRecord, Option<Transition>)> {
+    // Ordered by observed_at, so a late run slots into its place in history.
+    let rows = sqlx::query(
+        "SELECT status, observed_at FROM runs WHERE system_id = $1 AND check_id = $2 \
+         ORDER BY observed_at DESC, run_id DESC LIMIT $3",
+    )
+    .bind(system_id.as_str())
+    .bind(check_id.as_str())
+    .bind(i64::try_from(MAX_RUNS_CONSIDERED).unwrap_or(100))
+    .fetch_all(&mut *tx)
+    .await?;
+    let statuses = rows
+        .iter()
+        .map(|r| status_of(r.try_get("status")?))
+        .collect::<Result<Vec<_>>>()?;
+    let last_run_at: Option<DateTime<Utc>> = rows.first().map(|r| r.try_get("observed_at")).transpose()?;
+    let evaluation = evaluate(&statuses, thresholds);
+
+    let row = sqlx::query(
+        "WITH updated AS ( \
+             UPDATE checks SET status = $3, evaluation = $4, runs_considered = $5, last_run_at = $6, updated_at = now() \
+             WHERE system_id = $1 AND check_id = $2) \
+         SELECT (SELECT status FROM systems WHERE system_id = $1) AS previous, \
+                (SELECT max(status) FROM checks WHERE system_id = $1 AND enabled AND check_id <> $2) AS others, \
+                (SELECT enabled FROM checks WHERE system_id = $1 AND check_id = $2) AS enabled",
+    )
+    .bind(system_id.as_str())
+    .bind(check_id.as_str())
+    .bind(evaluation.status.as_i16())
+    .bind(encode_evaluation(&evaluation))
+    .bind(i32::try_from(statuses.len()).unwrap_or(i32::MAX))
+    .bind(last_run_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    // The UPDATE above is invisible to this statement's own snapshot, so the
+    // re-evaluated check's new status is folded in here rather than re-read.
+    let previous = row.try_get::<Option<i16>, _>("previous")?.map(status_of).transpose()?;
+    let others = row.try_get::<Option<i16>, _>("others")?.map(status_of).transpose()?;
+    let enabled: bool = row.try_get::<Option<bool>, _>("enabled")?.unwrap_or(true);
+    let mut current = others.unwrap_or(Status::Healthy);
+    if enabled {
+        current = current.max(evaluation.status);
+    }
+
+    sqlx::query(
+        "INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, $2, now()) \
+         ON CONFLICT (system_id) DO UPDATE SET status = excluded.status, evaluated_at = excluded.evaluated_at",
+    )
+    .bind(system_id.as_str())
+    .bind(current.as_i16())
+    .execute(&mut *tx)
+    .await?;
+
+    // A new system's baseline is healthy.
+    let from = previous.unwrap_or(Status::Healthy);
+    let transition = if from == current {
+        None
+    } else {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(TRANSITION_SEQUENCE_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(&format!(
+            "WITH t AS ( \
+                 INSERT INTO transitions (sequence, system_id, check_id, from_status, to_status, evaluation) \
+                 SELECT coalesce(max(sequence), 0) + 1, $1, $2, $3, $4, $5 FROM transitions \
+                 RETURNING {TRANSITION_COLUMNS}) \
+             SELECT t.*, pg_notify('{TRANSITIONS_CHANNEL}', t.sequence::text) FROM t"
+        ))
+        .bind(system_id.as_str())
+        .bind(check_id.as_str())
+        .bind(from.as_i16())
+        .bind(current.as_i16())
+        .bind(encode_evaluation(&evaluation))
+        .fetch_one(&mut *tx)
+        .await?;
+        Some(transition_from_row(&row)?)
+    };
+
+    let health = system_in(tx, system_id.as_str())
+        .await?
+        .ok_or_else(|| Error::Internal("system vanished inside its own transaction".into()))?;
+    Ok((health, transition))
+}
