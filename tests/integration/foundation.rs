@@ -1,0 +1,218 @@
+//! Issue 2: health, reflection, configuration, the two pools, shutdown.
+
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, Executor, Row};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_reflection::pb::v1::{
+    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+};
+use tonic_types::StatusExt;
+use vitals::{Config, db::Pools, proto};
+
+use crate::harness::{TestApp, TestDb};
+
+#[tokio::test]
+async fn health_reports_serving_for_every_vitals_service_once_the_database_answers() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    for service in ["", "vitals.v1.HealthCheckService", "vitals.v1.LockService"] {
+        assert_eq!(app.serving_status(service).await, ServingStatus::Serving, "{service:?}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn before_the_database_is_reachable_health_says_not_serving_and_rpcs_fail_fast() {
+    // Port 1 on loopback refuses connections: a database that is down.
+    let app = TestApp::start_unready("postgres://vitals:vitals@127.0.0.1:1/vitals", &[]).await;
+    assert_eq!(
+        app.serving_status("vitals.v1.LockService").await,
+        ServingStatus::NotServing
+    );
+    let mut client = app.health_client().await;
+    let started = Instant::now();
+    let err = client
+        .get_system_health(proto::GetSystemHealthRequest { system_id: "a".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(err.get_details_error_info().unwrap().reason, "DATABASE_UNAVAILABLE");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn health_turns_not_serving_when_shutdown_begins() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut health = app.grpc_health().await;
+    let mut stream = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "vitals.v1.HealthCheckService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stream.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+    let stopping = tokio::spawn(app.stop());
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an update arrives");
+    assert_eq!(next.unwrap().unwrap().status(), ServingStatus::NotServing);
+    stopping.await.unwrap();
+}
+
+async fn reflection_services(app: &TestApp) -> Vec<String> {
+    let mut client = ServerReflectionClient::new(app.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    match reply.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("unexpected reflection reply {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reflection_lists_both_vitals_services_and_grpc_health() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let services = reflection_services(&app).await;
+    for want in [
+        "vitals.v1.HealthCheckService",
+        "vitals.v1.LockService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.iter().any(|s| s == want), "{want} missing from {services:?}");
+    }
+    // v1alpha answers too (grpcurl speaks only v1alpha).
+    let mut alpha =
+        tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(app.channel().await);
+    let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut replies = alpha
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    assert!(format!("{reply:?}").contains("vitals.v1.LockService"));
+    app.stop().await;
+}
+
+#[test]
+fn a_malformed_environment_variable_stops_start_up_naming_the_variable() {
+    for (var, value) in [
+        ("DATABASE_POOL_MAX", "abc"),
+        ("DATABASE_LOCK_POOL_MAX", "0"),
+        ("DATABASE_POOL_CONNECTION_TIMEOUT_MS", "-5"),
+        ("DATABASE_LOCK_TIMEOUT_MS", "1.5"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_vitals"))
+            .env(var, value)
+            .env("DATABASE_URL", "postgres://127.0.0.1:1/none")
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{var}={value} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(var), "{var}: {stderr}");
+        assert!(
+            stderr.contains("between"),
+            "{var}: the accepted range is missing from {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_two_pools_carry_their_own_application_name_and_session_settings() {
+    let db = TestDb::create().await;
+    let config = Config::from_flags([
+        "--database-url",
+        db.url.as_str(),
+        "--database-lock-idle-tx-timeout-ms",
+        "4321",
+        "--database-lock-timeout-ms",
+        "1234",
+    ])
+    .unwrap();
+    let pools = Pools::connect_lazy(&config).unwrap();
+    let mut lock = pools.lock.acquire().await.unwrap();
+    let mut work = pools.work.acquire().await.unwrap();
+    let show = |name: &'static str| format!("SHOW {name}");
+    for (name, lock_want, work_want) in [
+        ("application_name", "vitals-lock", "vitals-work"),
+        ("idle_in_transaction_session_timeout", "4321ms", "0"),
+        ("lock_timeout", "1234ms", "0"),
+        ("tcp_keepalives_idle", "10", "10"),
+    ] {
+        let l: String = sqlx::query_scalar(&show(name)).fetch_one(&mut *lock).await.unwrap();
+        let w: String = sqlx::query_scalar(&show(name)).fetch_one(&mut *work).await.unwrap();
+        assert_eq!((name, l.as_str(), w.as_str()), (name, lock_want, work_want));
+    }
+    // The server sees both sessions by name.
+    let mut admin = db.connect().await;
+    let names: Vec<String> = sqlx::query(
+        "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name LIKE 'vitals-%' ORDER BY 1",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    assert_eq!(names, ["vitals-lock", "vitals-work"]);
+    drop((lock, work));
+    pools.close().await;
+    admin.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_broken_idle_connection_is_replaced_without_failing_requests() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let submit = |run: &str| proto::SubmitRunRequest {
+        run_id: run.into(),
+        system_id: "sys".into(),
+        check_id: "c".into(),
+        status: proto::HealthStatus::Healthy as i32,
+        ..Default::default()
+    };
+    client.submit_run(submit("r1")).await.unwrap();
+    // Kill every vitals backend: the pooled idle connections are now dead.
+    let mut admin = db.connect().await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name IN ('vitals-work', 'vitals-lock')",
+        )
+        .await
+        .unwrap();
+    client
+        .submit_run(submit("r2"))
+        .await
+        .expect("a dead idle connection is replaced");
+    app.stop().await;
+}
