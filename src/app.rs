@@ -119,7 +119,7 @@ impl Application {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         set_health(&health_reporter, ServingStatus::NotServing).await;
 
-        let edge = Edge::new(config.max_concurrent_requests);
+        let edge = Edge::new(config.max_concurrent_requests, config.request_timeout());
         // `stopping` tells background tasks to end; `abort` ends open streams
         // once the drain grace is over.
         let (stopping_tx, stopping_rx) = watch::channel(false);
@@ -176,7 +176,6 @@ impl Application {
         tracing::info!(%addr, "vitals listening");
         let server = Server::builder()
             .tcp_nodelay(true)
-            .timeout(config.request_timeout())
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(EdgeLayer::new(edge))

@@ -71,6 +71,9 @@ pub struct Pools {
     /// One connection for LISTEN, so the long-lived listening session never
     /// occupies a work or lock connection.
     pub listen: PgPool,
+    /// One connection for the readiness probe: it asks "is the database
+    /// there", which a busy work pool must not answer with "no".
+    probe: PgPool,
 }
 
 fn base_options(config: &Config) -> Result<PgConnectOptions> {
@@ -98,6 +101,7 @@ impl Pools {
         let base = base_options(config)?;
         let work_options = base.clone().application_name("vitals-work");
         let listen_options = base.clone().application_name("vitals-listen");
+        let probe_options = base.clone().application_name("vitals-probe");
         let lock_options = base.application_name("vitals-lock").options([
             (
                 "idle_in_transaction_session_timeout",
@@ -123,16 +127,17 @@ impl Pools {
             work: WorkPool(pool(config.pool_max).connect_lazy_with(work_options)),
             lock: LockPool(pool(config.lock_pool_max).connect_lazy_with(lock_options)),
             listen: pool(1).connect_lazy_with(listen_options),
+            probe: pool(1).connect_lazy_with(probe_options),
         })
     }
 
-    /// True when both pools can run a query now, within `timeout`.
+    /// True when the database answers a query within `timeout`, on a
+    /// connection of its own (a saturated pool is busy, not down).
     pub async fn ping(&self, timeout: Duration) -> bool {
-        let ping = |pool: PgPool| async move {
-            matches!(tokio::time::timeout(timeout, pool.execute("SELECT 1")).await, Ok(Ok(_)))
-        };
-        let (work, lock) = tokio::join!(ping(self.work.0.clone()), ping(self.lock.0.clone()));
-        work && lock
+        matches!(
+            tokio::time::timeout(timeout, self.probe.execute("SELECT 1")).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Applies the migrations. sqlx serialises concurrent migrators with an
@@ -179,6 +184,11 @@ impl Pools {
 
     /// Closes both pools, waiting for checked-out connections to return.
     pub async fn close(&self) {
-        tokio::join!(self.lock.0.close(), self.work.0.close(), self.listen.close());
+        tokio::join!(
+            self.lock.0.close(),
+            self.work.0.close(),
+            self.listen.close(),
+            self.probe.close()
+        );
     }
 }

@@ -5,11 +5,11 @@
 //! | request id | first, so every later log line of the request carries it, and the reply echoes it |
 //! | readiness gate | business RPCs fail fast with UNAVAILABLE while the database is unreachable or the server drains, instead of waiting on dead connections; health and reflection pass |
 //! | load shedding | at most `VITALS_MAX_CONCURRENT_REQUESTS` business RPCs in flight; past that RESOURCE_EXHAUSTED at once rather than a queue that hides overload |
+//! | deadline | unary business RPCs end with DEADLINE_EXCEEDED at the client's `grpc-timeout` or `VITALS_REQUEST_TIMEOUT_MS`, whichever is sooner; inside the shedding so a timed-out request frees its slot |
 //! | status normalisation | tonic reports an oversized message as OUT_OF_RANGE and an undecodable one as INTERNAL; clients get RESOURCE_EXHAUSTED and INVALID_ARGUMENT, the codes of their mistake |
 //!
-//! Deadlines are tonic's own `timeout` (it honours `grpc-timeout` and caps it
-//! with `VITALS_REQUEST_TIMEOUT_MS`); it bounds the handler, so streams are
-//! bounded by their own rules once they are open.
+//! Streaming RPCs (WatchTransitions, WithLock) are bounded by their own rules
+//! (watch keep-alives, the lock lease and wait), not by the unary deadline.
 
 use std::{
     sync::{
@@ -17,6 +17,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use futures::future::BoxFuture;
@@ -40,15 +41,18 @@ pub struct Edge {
     ready: AtomicBool,
     draining: AtomicBool,
     in_flight: Arc<Semaphore>,
+    default_deadline: Duration,
 }
 
 impl Edge {
-    /// An edge admitting `max_concurrent` business RPCs, not yet ready.
-    pub fn new(max_concurrent: u32) -> Arc<Self> {
+    /// An edge admitting `max_concurrent` business RPCs, each unary one
+    /// bounded by `default_deadline` at most; not yet ready.
+    pub fn new(max_concurrent: u32, default_deadline: Duration) -> Arc<Self> {
         Arc::new(Edge {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             in_flight: Arc::new(Semaphore::new(usize::try_from(max_concurrent).unwrap_or(1024))),
+            default_deadline,
         })
     }
 
@@ -79,6 +83,40 @@ impl Edge {
             Err(_) => Err(overloaded()),
         }
     }
+}
+
+/// Paths of streaming RPCs, which the unary deadline does not bound.
+const STREAMING_PATHS: [&str; 2] = [
+    "/vitals.v1.HealthCheckService/WatchTransitions",
+    "/vitals.v1.LockService/WithLock",
+];
+
+/// Parses a `grpc-timeout` header value: up to 8 digits and a unit.
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn deadline_exceeded(after: Duration) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let details = ErrorDetails::with_error_info(
+        "DEADLINE_EXCEEDED",
+        crate::error::ERROR_DOMAIN,
+        std::collections::HashMap::from([("deadline_ms".to_owned(), after.as_millis().to_string())]),
+    );
+    Status::with_error_details(Code::DeadlineExceeded, "deadline exceeded", details)
 }
 
 fn overloaded() -> Status {
@@ -140,7 +178,12 @@ fn normalise(headers: &mut http::HeaderMap) {
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok());
-    let message = headers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("");
+    // grpc-message is percent-encoded on the wire.
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .replace("%20", " ");
     let replacement = match code.map(Code::from) {
         Some(Code::OutOfRange) if message.contains("message length too large") => Some((
             Code::ResourceExhausted,
@@ -156,6 +199,44 @@ fn normalise(headers: &mut http::HeaderMap) {
         headers.insert("grpc-status", HeaderValue::from(code as i32));
         headers.insert("grpc-message", HeaderValue::from_static(message));
         headers.remove("grpc-status-details-bin");
+    }
+}
+
+/// A response body whose trailers pass through [`normalise`].
+struct NormaliseTrailers {
+    inner: Body,
+}
+
+impl http_body::Body for NormaliseTrailers {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        normalise(&mut trailers);
+                        http_body::Frame::trailers(trailers)
+                    }
+                    Err(frame) => frame,
+                };
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -182,6 +263,14 @@ where
         let span = tracing::info_span!("rpc", request_id = %id, path = %path);
         let header = HeaderValue::from_str(&id).ok();
         let business = path.starts_with(BUSINESS_PREFIX);
+        let deadline = (business && !STREAMING_PATHS.contains(&path.as_str())).then(|| {
+            let asked = req
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_grpc_timeout);
+            asked.map_or(self.edge.default_deadline, |d| d.min(self.edge.default_deadline))
+        });
         let permit = if business {
             match self.edge.admit() {
                 Ok(permit) => permit,
@@ -200,9 +289,22 @@ where
         };
         Box::pin(
             async move {
-                let mut response = inner.call(req).await?;
+                let call = inner.call(req);
+                let mut response = match deadline {
+                    None => call.await?,
+                    Some(after) => match tokio::time::timeout(after, call).await {
+                        Ok(response) => response?,
+                        Err(_) => {
+                            tracing::debug!(?after, "deadline exceeded");
+                            deadline_exceeded(after).into_http()
+                        }
+                    },
+                };
                 drop(permit);
                 normalise(response.headers_mut());
+                // Errors raised while the request streams in (an oversized
+                // message) arrive in the trailers, so those are normalised too.
+                let mut response = response.map(|body| Body::new(NormaliseTrailers { inner: body }));
                 if let Some(h) = header {
                     response.headers_mut().insert(REQUEST_ID_HEADER, h);
                 }
@@ -210,5 +312,23 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_garbage_is_ignored() {
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
     }
 }

@@ -116,10 +116,7 @@ mod tests {
             unhealthy_min_failure_count: 9,
         });
         for thresholds in [Thresholds::default(), window] {
-            assert_eq!(
-                decode_thresholds(&encode_thresholds(&thresholds)),
-                Some(thresholds.clone())
-            );
+            assert_eq!(decode_thresholds(&encode_thresholds(&thresholds)), Some(thresholds));
             let statuses = [Status::Unhealthy, Status::Degraded, Status::Healthy, Status::Unhealthy];
             let e = evaluate(&statuses, &thresholds);
             assert_eq!(decode_evaluation(&encode_evaluation(&e)).unwrap(), e);

@@ -3,7 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub, dead_code)]
 
+mod edge;
 mod foundation;
 mod harness;
 mod health_service;
 mod lock_service;
+mod proxy;

@@ -1,0 +1,340 @@
+//! Issue 5: fail fast at the edge, readiness under database loss.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_types::StatusExt;
+use vitals::proto::{self, with_lock_request::Action};
+
+use crate::{
+    harness::{TestApp, TestDb},
+    proxy::{Proxy, url_addr, url_via},
+};
+
+fn acquire(key: &str, wait: Option<Duration>) -> proto::WithLockRequest {
+    proto::WithLockRequest {
+        action: Some(Action::Acquire(proto::Acquire {
+            key: key.into(),
+            wait_timeout: wait.map(|d| prost_types::Duration {
+                seconds: d.as_secs() as i64,
+                nanos: d.subsec_nanos() as i32,
+            }),
+            owner: "test".into(),
+        })),
+    }
+}
+
+#[tokio::test]
+async fn past_the_concurrency_limit_business_rpcs_are_shed_while_health_and_reflection_answer() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &["--max-concurrent-requests", "2"]).await;
+    // The holder's handler has returned, so it does not count; its two
+    // waiters are in flight until the holder lets go.
+    let (holder_tx, holder_rx) = mpsc::channel(4);
+    holder_tx.send(acquire("k", None)).await.unwrap();
+    let mut holder = app
+        .lock_client()
+        .await
+        .with_lock(ReceiverStream::new(holder_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    holder.message().await.unwrap().unwrap();
+    let mut waiters = Vec::new();
+    for _ in 0..2 {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(acquire("k", Some(Duration::from_secs(30)))).await.unwrap();
+        let mut client = app.lock_client().await;
+        waiters.push((
+            tx,
+            tokio::spawn(async move { client.with_lock(ReceiverStream::new(rx)).await.map(|_| ()) }),
+        ));
+    }
+    // Wait until both waiters are inside PostgreSQL's lock queue.
+    let mut conn = db.connect().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if waiting == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "waiters never queued");
+        tokio::task::yield_now().await;
+    }
+    let started = Instant::now();
+    let err = app
+        .health_client()
+        .await
+        .evaluate_health(proto::EvaluateHealthRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(err.get_details_error_info().unwrap().reason, "OVERLOADED");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(
+        app.serving_status("vitals.v1.HealthCheckService").await,
+        ServingStatus::Serving
+    );
+    drop(holder_tx);
+    while holder.message().await.transpose().is_some() {}
+    for (tx, task) in waiters {
+        drop(tx);
+        let _ = task.await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_refused_with_resource_exhausted() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &["--max-request-bytes", "1024"]).await;
+    let mut client = app.health_client().await;
+    let err = client
+        .evaluate_health(proto::EvaluateHealthRequest {
+            statuses: vec![1; 2000],
+            thresholds: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // A request under the limit still works.
+    client
+        .evaluate_health(proto::EvaluateHealthRequest {
+            statuses: vec![1; 10],
+            thresholds: None,
+        })
+        .await
+        .unwrap();
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_request_id_is_echoed_or_generated() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let mut request = Request::new(proto::EvaluateHealthRequest::default());
+    request
+        .metadata_mut()
+        .insert("x-request-id", "req-123".parse().unwrap());
+    let reply = client.evaluate_health(request).await.unwrap();
+    assert_eq!(reply.metadata().get("x-request-id").unwrap(), "req-123");
+    let reply = client
+        .evaluate_health(proto::EvaluateHealthRequest::default())
+        .await
+        .unwrap();
+    let generated = reply
+        .metadata()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(generated.len(), 36, "{generated}");
+    // Errors carry it too.
+    let mut request = Request::new(proto::GetSystemHealthRequest {
+        system_id: String::new(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "req-err".parse().unwrap());
+    let err = client.get_system_health(request).await.unwrap_err();
+    assert_eq!(err.metadata().get("x-request-id").unwrap(), "req-err");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_unary_rpc_stuck_on_the_database_ends_at_the_server_deadline() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &["--request-timeout-ms", "300"]).await;
+    // Hold the system's serialisation lock from outside, so SubmitRun waits.
+    let mut conn = db.connect().await;
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended('health:stuck', 0))")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut client = app.health_client().await;
+    let started = Instant::now();
+    let err = client
+        .submit_run(proto::SubmitRunRequest {
+            system_id: "stuck".into(),
+            check_id: "c".into(),
+            status: proto::HealthStatus::Healthy as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "took {took:?}"
+    );
+    // The client's own shorter deadline wins too.
+    let mut request = Request::new(proto::SubmitRunRequest {
+        system_id: "stuck".into(),
+        check_id: "c".into(),
+        status: proto::HealthStatus::Healthy as i32,
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(100));
+    let started = Instant::now();
+    let err = client.submit_run(request).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(280),
+        "took {:?}",
+        started.elapsed()
+    );
+    // Once the lock is gone the system works, and nothing stayed locked.
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    client
+        .submit_run(proto::SubmitRunRequest {
+            system_id: "stuck".into(),
+            check_id: "c".into(),
+            status: proto::HealthStatus::Healthy as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn health_follows_the_database_down_and_up_again_within_two_seconds() {
+    let db = TestDb::create().await;
+    let proxy = Proxy::start(url_addr(&db.url)).await;
+    let app = TestApp::start_unready(&url_via(&db.url, proxy.addr), &[]).await;
+    app.wait_serving("vitals.v1.HealthCheckService").await;
+    let mut client = app.health_client().await;
+    let run = |id: &str| proto::SubmitRunRequest {
+        run_id: id.into(),
+        system_id: "s".into(),
+        check_id: "c".into(),
+        status: proto::HealthStatus::Unhealthy as i32,
+        ..Default::default()
+    };
+    client.submit_run(run("before")).await.unwrap();
+
+    proxy.cut();
+    let cut_at = Instant::now();
+    app.wait_status("vitals.v1.HealthCheckService", ServingStatus::NotServing)
+        .await;
+    assert!(
+        cut_at.elapsed() < Duration::from_secs(2),
+        "NOT_SERVING after {:?}",
+        cut_at.elapsed()
+    );
+    let started = Instant::now();
+    let err = client.submit_run(run("during")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    proxy.restore();
+    let restored_at = Instant::now();
+    app.wait_serving("vitals.v1.HealthCheckService").await;
+    assert!(
+        restored_at.elapsed() < Duration::from_secs(2),
+        "SERVING after {:?}",
+        restored_at.elapsed()
+    );
+    client.submit_run(run("after")).await.unwrap();
+    let mut conn = db.connect().await;
+    let stored: Vec<String> = sqlx::query_scalar("SELECT run_id FROM runs ORDER BY run_id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(stored, ["after", "before"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_starved_work_pool_answers_unavailable_after_the_connection_timeout() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(
+        &db,
+        &[
+            "--database-pool-max",
+            "1",
+            "--database-pool-connection-timeout-ms",
+            "300",
+        ],
+    )
+    .await;
+    let mut client = app.health_client().await;
+    client
+        .submit_run(proto::SubmitRunRequest {
+            system_id: "s".into(),
+            check_id: "c".into(),
+            status: proto::HealthStatus::Healthy as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Block reads of `runs`: the first ListRuns holds the only work connection.
+    let mut conn = db.connect().await;
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    sqlx::query("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut first_client = app.health_client().await;
+    let first = tokio::spawn(async move {
+        first_client
+            .list_runs(proto::ListRunsRequest {
+                system_id: "s".into(),
+                ..Default::default()
+            })
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut probe = db.connect().await;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'vitals-work' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut probe)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first ListRuns never blocked");
+        tokio::task::yield_now().await;
+    }
+    let started = Instant::now();
+    let err = client
+        .get_system_health(proto::GetSystemHealthRequest { system_id: "s".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.get_details_error_info().unwrap().reason, "WORK_POOL_EXHAUSTED");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "took {took:?}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+    first.await.unwrap().unwrap();
+    app.stop().await;
+}
