@@ -16,6 +16,7 @@
 //! - [`api`]: the tonic handlers, thin.
 //! - [`middleware`]: the one tower stack in front of the services.
 //! - [`error`]: the one error enum and its mapping to gRPC statuses.
+//! - [`probe`]: `vitals probe`, a one-shot grpc.health.v1 check.
 //! - [`app`]: the server as a value tests start on port 0.
 //!
 //! Dependencies point inward: `api` uses `domain`, `store` and `lock`;
@@ -30,6 +31,7 @@ pub mod domain;
 pub mod error;
 pub mod lock;
 pub mod middleware;
+pub mod probe;
 pub mod store;
 pub mod telemetry;
 

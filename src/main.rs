@@ -23,6 +23,9 @@ struct Cli {
 enum Command {
     /// Serve gRPC (the default).
     Serve,
+    /// Ask a running vitals whether it is SERVING (grpc.health.v1); exits 0
+    /// only then. For Kubernetes exec probes and container HEALTHCHECKs.
+    Probe(vitals::probe::ProbeArgs),
 }
 
 #[tokio::main]
@@ -30,6 +33,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cli.config).await,
+        Command::Probe(args) => vitals::probe::run(&args).await,
     }
 }
 

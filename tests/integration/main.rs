@@ -8,4 +8,5 @@ mod foundation;
 mod harness;
 mod health_service;
 mod lock_service;
+mod probe;
 mod proxy;
