@@ -244,7 +244,7 @@ mod tests {
     #[test]
     fn a_malformed_pool_size_is_refused_with_the_variable_name_and_range() {
         for bad in ["abc", "0", "-3", "1.5", ""] {
-            let err = Config::from_flags(["--database-pool-max", bad])
+            let err = Config::from_flags([format!("--database-pool-max={bad}")])
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("DATABASE_POOL_MAX"), "{bad:?}: {err}");
