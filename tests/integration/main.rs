@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub, dead_code)]
 
 mod edge;
+mod faults;
 mod foundation;
 mod harness;
 mod health_service;

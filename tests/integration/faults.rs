@@ -1,0 +1,203 @@
+//! Issue 5: database loss mid-load and stalled critical sections.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tonic::Code;
+use vitals::proto;
+
+use crate::{
+    harness::{TestApp, TestDb},
+    proxy::{Proxy, url_addr, url_via},
+};
+
+fn run(system: usize, i: usize) -> proto::SubmitRunRequest {
+    proto::SubmitRunRequest {
+        run_id: format!("s{system}-r{i}"),
+        system_id: format!("sys-{system}"),
+        check_id: "c".into(),
+        status: if i % 3 == 0 {
+            proto::HealthStatus::Unhealthy
+        } else {
+            proto::HealthStatus::Healthy
+        } as i32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_mid_load_loses_no_acknowledged_run_and_the_service_recovers() {
+    let db = TestDb::create().await;
+    let proxy = Arc::new(Proxy::start(url_addr(&db.url)).await);
+    let app = TestApp::start_unready(
+        &url_via(&db.url, proxy.addr),
+        &[
+            "--database-pool-connection-timeout-ms",
+            "500",
+            "--request-timeout-ms",
+            "2000",
+        ],
+    )
+    .await;
+    app.wait_serving("").await;
+
+    let acknowledged = Arc::new(Mutex::new(BTreeSet::new()));
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(0u8);
+    let mut workers = Vec::new();
+    for system in 0..8 {
+        let mut client = app.health_client().await;
+        let acknowledged = acknowledged.clone();
+        let mut phase = cut_rx.clone();
+        workers.push(tokio::spawn(async move {
+            let mut codes = Vec::new();
+            let mut i = 0;
+            // Submit until the outage has come and gone and a few more runs landed.
+            while *phase.borrow_and_update() < 2 || i < 400 {
+                let started = Instant::now();
+                let result = client.submit_run(run(system, i)).await;
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "a request hung for {:?}",
+                    started.elapsed()
+                );
+                match result {
+                    Ok(_) => {
+                        acknowledged.lock().unwrap().insert(format!("s{system}-r{i}"));
+                    }
+                    Err(status) => codes.push(status.code()),
+                }
+                i += 1;
+                if i > 5000 {
+                    break;
+                }
+            }
+            codes
+        }));
+    }
+    // Let load build up, cut the database, then restore it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acknowledged.lock().unwrap().len() < 100 {
+        assert!(Instant::now() < deadline, "no progress before the outage");
+        tokio::task::yield_now().await;
+    }
+    proxy.cut();
+    app.wait_status("", tonic_health::pb::health_check_response::ServingStatus::NotServing)
+        .await;
+    let during = acknowledged.lock().unwrap().len();
+    cut_tx.send_replace(1);
+    proxy.restore();
+    app.wait_serving("").await;
+    cut_tx.send_replace(2);
+
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.unwrap());
+    }
+    for code in &failures {
+        assert!(
+            matches!(code, Code::Unavailable | Code::DeadlineExceeded),
+            "a failure during the outage was {code:?}, not a retryable code"
+        );
+    }
+    let acked = acknowledged.lock().unwrap().clone();
+    assert!(acked.len() > during, "no run was acknowledged after recovery");
+    let mut conn = db.connect().await;
+    let stored: BTreeSet<String> = sqlx::query_scalar("SELECT run_id FROM runs")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let lost: Vec<_> = acked.difference(&stored).collect();
+    assert!(lost.is_empty(), "acknowledged runs missing from the database: {lost:?}");
+    // No lock is left behind by the sessions the outage killed.
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+         WHERE l.locktype = 'advisory' AND a.datname = current_database()",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(held, 0, "advisory locks leaked");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_critical_section_is_reaped_by_the_lock_session_timeout_and_waiters_proceed() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(
+        &db,
+        &[
+            "--database-lock-idle-tx-timeout-ms",
+            "500",
+            "--request-timeout-ms",
+            "20000",
+        ],
+    )
+    .await;
+    // Hold a conflicting uncommitted insert so the first SubmitRun stalls
+    // inside its critical section, holding `health:sys`.
+    let mut blocker = db.connect().await;
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query(
+        "INSERT INTO runs (run_id, system_id, check_id, status, observed_at) VALUES ('stall', 'sys', 'c', 1, now())",
+    )
+    .execute(&mut blocker)
+    .await
+    .unwrap();
+    let mut stalled_client = app.health_client().await;
+    let stalled = tokio::spawn(async move {
+        stalled_client
+            .submit_run(proto::SubmitRunRequest {
+                run_id: "stall".into(),
+                system_id: "sys".into(),
+                check_id: "c".into(),
+                status: proto::HealthStatus::Healthy as i32,
+                ..Default::default()
+            })
+            .await
+    });
+    // Wait until the stalled request is inside its critical section.
+    let mut probe = db.connect().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'vitals-work' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut probe)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first SubmitRun never stalled");
+        tokio::task::yield_now().await;
+    }
+    // A second run of the same system waits for `health:sys` and gets it once
+    // PostgreSQL reaps the stalled lock session.
+    let started = Instant::now();
+    let mut client = app.health_client().await;
+    client
+        .submit_run(proto::SubmitRunRequest {
+            run_id: "waiter".into(),
+            system_id: "sys".into(),
+            check_id: "c".into(),
+            status: proto::HealthStatus::Healthy as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("the waiter proceeds");
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    // The stalled request finishes one way or the other; it never hangs.
+    let outcome = tokio::time::timeout(Duration::from_secs(10), stalled)
+        .await
+        .expect("the stalled request ends");
+    let _ = outcome.unwrap();
+    app.stop().await;
+}
