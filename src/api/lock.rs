@@ -1,8 +1,10 @@
 //! `vitals.v1.LockService`: one WithLock stream is one critical section.
 //!
 //! The stream's task owns the held lock. Whatever ends the stream (release,
-//! half-close, the client vanishing, a lapsed lease) drops or releases the
-//! lock right there, so a lock never outlives the client that holds it.
+//! half-close, the client vanishing, a lapsed lease, a protocol error)
+//! releases the lock right there, before the client is told, so a lock never
+//! outlives the client that holds it and a client that retries at once finds
+//! it free.
 
 use std::{pin::Pin, time::Duration};
 
@@ -102,12 +104,12 @@ async fn hold(
         let next = tokio::select! {
             next = tokio::time::timeout(lease, inbound.next()) => next,
             // The client reset the stream: nobody is listening, let go now.
-            () = tx.closed() => return,
+            () = tx.closed() => return let_go(held).await,
         };
         match next {
             Err(_elapsed) => {
                 let lost = held.lost("no keep_alive or release within the lease");
-                drop(held);
+                let_go(held).await;
                 let _ = tx.send(Err(lost.into())).await;
                 return;
             }
@@ -140,14 +142,14 @@ async fn hold(
             Ok(Some(Ok(proto::WithLockRequest {
                 action: Some(Action::Acquire(_)),
             }))) => {
-                drop(held);
+                let_go(held).await;
                 let _ = tx
                     .send(Err(protocol("action", "acquire was already sent on this stream")))
                     .await;
                 return;
             }
             Ok(Some(Ok(proto::WithLockRequest { action: None }))) => {
-                drop(held);
+                let_go(held).await;
                 let _ = tx
                     .send(Err(
                         Error::invalid("action", "set acquire, keep_alive or release").into()
@@ -155,8 +157,17 @@ async fn hold(
                     .await;
                 return;
             }
-            // The client's stream broke (cancel, disconnect): drop rolls back.
-            Ok(Some(Err(_))) => return,
+            // The client's stream broke (cancel, disconnect).
+            Ok(Some(Err(_))) => return let_go(held).await,
         }
+    }
+}
+
+/// Releases a lock the stream is ending without a `released` reply, before
+/// the client hears why: a client that retries at once finds it free. If the
+/// rollback fails the session is closed, which frees the lock as well.
+async fn let_go(held: HeldLock) {
+    if let Err(err) = held.release().await {
+        tracing::debug!(error = %err, "lock session already gone when letting go");
     }
 }

@@ -170,12 +170,23 @@ impl Locks {
 
     /// Takes a client's lock `key`, waiting at most `wait` (`None`: the
     /// server's default; zero: try once).
+    ///
+    /// A place in the client budget and then a lock connection are waited
+    /// for together, within one `DATABASE_POOL_CONNECTION_TIMEOUT_MS`: a
+    /// client that waited most of it for the budget does not wait that long
+    /// again for the pool (SubmitRun may hold every connection the budget
+    /// leaves free).
     pub async fn acquire(&self, key: LockKey, wait: Option<Duration>) -> Result<HeldLock> {
-        let permit = tokio::time::timeout(self.budget_wait, self.client_budget.clone().acquire_owned())
+        let exhausted = |_| Error::PoolExhausted(PoolKind::Lock);
+        let deadline = tokio::time::Instant::now() + self.budget_wait;
+        let permit = tokio::time::timeout_at(deadline, self.client_budget.clone().acquire_owned())
             .await
-            .map_err(|_| Error::PoolExhausted(PoolKind::Lock))?
+            .map_err(exhausted)?
             .map_err(|_| Error::ShuttingDown)?;
-        let mut conn = LockConn::new(self.pool.acquire().await?);
+        let conn = tokio::time::timeout_at(deadline, self.pool.acquire())
+            .await
+            .map_err(exhausted)??;
+        let mut conn = LockConn::new(conn);
         let wait = wait.unwrap_or(self.default_wait);
         let full_key = format!("{CLIENT_KEY_PREFIX}{}", key.as_str());
 

@@ -1,9 +1,11 @@
 //! The PostgreSQL store: every statement vitals runs on the work pool.
 //!
 //! Methods that change a system's health expect the caller to hold that
-//! system's advisory lock (see [`super::system_lock_key`]); they then read the
-//! previous status inside that lock, which is what makes each transition
-//! appear exactly once however many replicas evaluate the same system.
+//! system's advisory lock (see [`super::system_lock_key`]); they then lock the
+//! system's row and read the previous status under both locks, which is what
+//! makes each transition appear exactly once however many replicas evaluate
+//! the same system (the row lock covers the moments the advisory lock does
+//! not, see [`lock_system`]).
 
 use std::time::Duration;
 
@@ -171,6 +173,8 @@ impl PgStore {
             recorded_at: inserted.try_get("recorded_at")?,
         };
 
+        let previous = lock_system(&mut tx, new.system_id.as_str()).await?;
+
         // The check exists from its first run on, with default thresholds.
         let row = sqlx::query(
             "WITH created AS ( \
@@ -189,7 +193,7 @@ impl PgStore {
         let thresholds = decode_thresholds(&thresholds_text)
             .ok_or_else(|| Error::Internal(format!("stored thresholds {thresholds_text:?} do not decode")))?;
 
-        let (health, transition) = reevaluate(&mut tx, &new.system_id, &new.check_id, &thresholds).await?;
+        let (health, transition) = reevaluate(&mut tx, &new.system_id, &new.check_id, &thresholds, previous).await?;
         tx.commit().await?;
         Ok(SubmitOutcome {
             run,
@@ -204,6 +208,7 @@ impl PgStore {
     pub async fn configure_check(&self, update: &CheckUpdate) -> Result<ConfigureOutcome> {
         let mut conn = self.work.acquire().await?;
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let previous = lock_system(&mut tx, update.system_id.as_str()).await?;
         let row = sqlx::query(
             "INSERT INTO checks (system_id, check_id, thresholds, enabled) \
              VALUES ($1, $2, coalesce($3, $4), coalesce($5, true)) \
@@ -223,7 +228,8 @@ impl PgStore {
         let thresholds_text: String = row.try_get("thresholds")?;
         let thresholds = decode_thresholds(&thresholds_text)
             .ok_or_else(|| Error::Internal(format!("stored thresholds {thresholds_text:?} do not decode")))?;
-        let (health, transition) = reevaluate(&mut tx, &update.system_id, &update.check_id, &thresholds).await?;
+        let (health, transition) =
+            reevaluate(&mut tx, &update.system_id, &update.check_id, &thresholds, previous).await?;
         tx.commit().await?;
         let check = health
             .checks
@@ -378,14 +384,50 @@ async fn system_in(conn: &mut PgConnection, system_id: &str) -> Result<Option<Sy
     }))
 }
 
+/// Locks the system's row until the end of the transaction and returns its
+/// status: the status the next transition starts from. A new system gets its
+/// row here, with the baseline `healthy`.
+///
+/// The advisory lock `health:<system_id>` already serialises writers; this row
+/// lock makes that serialisation hold even when the advisory lock is released
+/// before this transaction has finished committing (a request cancelled during
+/// its COMMIT drops its lock connection, and with it the advisory lock, while
+/// the server completes the commit). A writer that gets the advisory lock then
+/// waits here for the commit, and every statement after this one sees it.
+/// Callers take it before any other lock of the system's rows.
+async fn lock_system(tx: &mut PgConnection, system_id: &str) -> Result<Status> {
+    let locked = sqlx::query("SELECT status FROM systems WHERE system_id = $1 FOR UPDATE")
+        .bind(system_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let row = match locked {
+        Some(row) => row,
+        // ON CONFLICT DO UPDATE locks a row another writer created meanwhile
+        // and returns its newest version.
+        None => {
+            sqlx::query(
+                "INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, $2, now()) \
+                 ON CONFLICT (system_id) DO UPDATE SET status = systems.status RETURNING status",
+            )
+            .bind(system_id)
+            .bind(Status::Healthy.as_i16())
+            .fetch_one(&mut *tx)
+            .await?
+        }
+    };
+    status_of(row.try_get("status")?)
+}
+
 /// Re-evaluates one check from its newest runs, then its system; writes the
-/// transition when the system's status changed. Runs inside the caller's
-/// transaction, under the system's lock.
+/// transition when the system's status changed from `previous`. Runs inside
+/// the caller's transaction, under the system's lock and after
+/// [`lock_system`], which read `previous`.
 async fn reevaluate(
     tx: &mut PgConnection,
     system_id: &SystemId,
     check_id: &CheckId,
     thresholds: &Thresholds,
+    previous: Status,
 ) -> Result<(SystemRecord, Option<Transition>)> {
     // Ordered by observed_at, so a late run slots into its place in history.
     let rows = sqlx::query(
@@ -408,8 +450,7 @@ async fn reevaluate(
         "WITH updated AS ( \
              UPDATE checks SET status = $3, evaluation = $4, runs_considered = $5, last_run_at = $6, updated_at = now() \
              WHERE system_id = $1 AND check_id = $2) \
-         SELECT (SELECT status FROM systems WHERE system_id = $1) AS previous, \
-                (SELECT max(status) FROM checks WHERE system_id = $1 AND enabled AND check_id <> $2) AS others, \
+         SELECT (SELECT max(status) FROM checks WHERE system_id = $1 AND enabled AND check_id <> $2) AS others, \
                 (SELECT enabled FROM checks WHERE system_id = $1 AND check_id = $2) AS enabled",
     )
     .bind(system_id.as_str())
@@ -422,7 +463,6 @@ async fn reevaluate(
     .await?;
     // The UPDATE above is invisible to this statement's own snapshot, so the
     // re-evaluated check's new status is folded in here rather than re-read.
-    let previous = row.try_get::<Option<i16>, _>("previous")?.map(status_of).transpose()?;
     let others = row.try_get::<Option<i16>, _>("others")?.map(status_of).transpose()?;
     let enabled: bool = row.try_get::<Option<bool>, _>("enabled")?.unwrap_or(true);
     let mut current = others.unwrap_or(Status::Healthy);
@@ -439,8 +479,7 @@ async fn reevaluate(
     .execute(&mut *tx)
     .await?;
 
-    // A new system's baseline is healthy.
-    let from = previous.unwrap_or(Status::Healthy);
+    let from = previous;
     let transition = if from == current {
         None
     } else {

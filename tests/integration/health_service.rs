@@ -1,1 +1,1406 @@
+//! Issue 3: HealthCheckService against the real server and database —
+//! ingestion, idempotency, thresholds, pagination, transitions across
+//! replicas and resumable watches.
 
+use std::{collections::HashSet, time::Duration};
+
+use futures::{StreamExt, stream};
+use prost_types::Timestamp;
+use tonic::{Code, Status, Streaming, transport::Channel};
+use tonic_types::StatusExt;
+use vitals::proto::{
+    self, ConfigureCheckRequest, ConfigureCheckResponse, EvaluateHealthRequest, EvaluationMode, EvaluationRule,
+    GetSystemHealthRequest, HealthStatus, HealthTransition, ListRunsRequest, ListRunsResponse, ListTransitionsRequest,
+    Run, SubmitRunRequest, SubmitRunResponse, SystemHealth, Thresholds, WatchTransitionsRequest,
+    WatchTransitionsResponse, health_check_service_client::HealthCheckServiceClient, thresholds::Mode,
+};
+
+use HealthStatus::{Degraded, Healthy, Unhealthy};
+
+use crate::harness::{TestApp, TestDb};
+
+type Client = HealthCheckServiceClient<Channel>;
+
+/// How long a test waits for something that should happen at once.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+// ---- helpers ----
+
+/// Whole seconds an hour ago: a base for `observed_at` that offsets never push
+/// past the 5-minute future limit.
+fn base_time() -> i64 {
+    chrono::Utc::now().timestamp() - 3600
+}
+
+fn at(seconds: i64) -> Timestamp {
+    Timestamp { seconds, nanos: 0 }
+}
+
+fn run(
+    system: &str,
+    check: &str,
+    run_id: &str,
+    status: HealthStatus,
+    observed_at: Option<Timestamp>,
+) -> SubmitRunRequest {
+    SubmitRunRequest {
+        run_id: run_id.to_owned(),
+        system_id: system.to_owned(),
+        check_id: check.to_owned(),
+        status: status as i32,
+        observed_at,
+        latency: None,
+        message: String::new(),
+    }
+}
+
+fn failing(i: usize) -> HealthStatus {
+    if i % 2 == 0 { Degraded } else { Unhealthy }
+}
+
+async fn submit(client: &mut Client, req: SubmitRunRequest) -> SubmitRunResponse {
+    client
+        .submit_run(req)
+        .await
+        .unwrap_or_else(|e| panic!("SubmitRun failed: {e:?}"))
+        .into_inner()
+}
+
+/// Submits, retrying what the server marks retryable (UNAVAILABLE). Returns
+/// the reply and the reasons of the refused attempts.
+async fn submit_retrying(client: &mut Client, req: SubmitRunRequest) -> (SubmitRunResponse, Vec<String>) {
+    let mut refused = Vec::new();
+    loop {
+        match client.submit_run(req.clone()).await {
+            Ok(reply) => return (reply.into_inner(), refused),
+            Err(err) if err.code() == Code::Unavailable && refused.len() < 500 => {
+                refused.push(err.get_details_error_info().map(|i| i.reason).unwrap_or_default());
+                // Back off as the server's RetryInfo asks; not a synchronisation.
+                let delay = err
+                    .get_details_retry_info()
+                    .and_then(|r| r.retry_delay)
+                    .unwrap_or(Duration::from_millis(100));
+                tokio::time::sleep(delay).await;
+            }
+            Err(err) => panic!("SubmitRun failed: {err:?}"),
+        }
+    }
+}
+
+async fn configure(client: &mut Client, req: ConfigureCheckRequest) -> ConfigureCheckResponse {
+    client
+        .configure_check(req)
+        .await
+        .unwrap_or_else(|e| panic!("ConfigureCheck failed: {e:?}"))
+        .into_inner()
+}
+
+async fn system_health(client: &mut Client, system: &str) -> SystemHealth {
+    client
+        .get_system_health(GetSystemHealthRequest {
+            system_id: system.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("GetSystemHealth failed: {e:?}"))
+        .into_inner()
+        .system_health
+        .expect("system_health is set")
+}
+
+fn status_of(reply: &SubmitRunResponse) -> HealthStatus {
+    reply.system_health.as_ref().expect("system_health is set").status()
+}
+
+fn window(window_size: u32, degraded: u32, unhealthy: u32) -> Thresholds {
+    Thresholds {
+        mode: Some(Mode::Window(proto::WindowThresholds {
+            window_size,
+            degraded_min_failure_count: degraded,
+            unhealthy_min_failure_count: unhealthy,
+        })),
+    }
+}
+
+fn consecutive(healthy: u32, degraded: u32, unhealthy: u32) -> Thresholds {
+    Thresholds {
+        mode: Some(Mode::Consecutive(proto::ConsecutiveThresholds {
+            healthy_min_success_count: healthy,
+            degraded_min_failure_count: degraded,
+            unhealthy_min_failure_count: unhealthy,
+        })),
+    }
+}
+
+fn assert_refused(err: &Status, code: Code, reason: &str) {
+    assert_eq!(err.code(), code, "{err:?}");
+    let info = err.get_details_error_info().expect("every error carries ErrorInfo");
+    assert_eq!(info.reason, reason, "{err:?}");
+}
+
+/// The fields of the BadRequest of an INVALID_ARGUMENT, sorted.
+fn violated_fields(err: &Status) -> Vec<String> {
+    assert_refused(err, Code::InvalidArgument, "INVALID_ARGUMENT");
+    let mut fields: Vec<String> = err
+        .get_details_bad_request()
+        .expect("INVALID_ARGUMENT carries a BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    fields.sort();
+    fields
+}
+
+async fn count_rows(db: &TestDb, sql: &str, system: &str) -> i64 {
+    let mut conn = db.connect().await;
+    sqlx::query_scalar(sql).bind(system).fetch_one(&mut conn).await.unwrap()
+}
+
+/// Stored transitions (sequence, system, check, from, to), in sequence order.
+async fn stored_transitions(db: &TestDb) -> Vec<(i64, String, String, i16, i16)> {
+    let mut conn = db.connect().await;
+    sqlx::query_as("SELECT sequence, system_id, check_id, from_status, to_status FROM transitions ORDER BY sequence")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+}
+
+fn from_to(t: &HealthTransition) -> (HealthStatus, HealthStatus) {
+    (t.from_status(), t.to_status())
+}
+
+async fn watch(client: &mut Client, system: &str, after_sequence: u64) -> Streaming<WatchTransitionsResponse> {
+    client
+        .watch_transitions(WatchTransitionsRequest {
+            system_id: system.to_owned(),
+            after_sequence,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("WatchTransitions failed: {e:?}"))
+        .into_inner()
+}
+
+/// The next transition of a watch, failing after [`PATIENCE`].
+async fn next_transition(stream: &mut Streaming<WatchTransitionsResponse>) -> HealthTransition {
+    tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("a transition arrives in time")
+        .expect("the watch stream does not fail")
+        .expect("the watch stream stays open")
+        .transition
+        .expect("transition is set")
+}
+
+/// Reads a watch until it delivered `last_sequence`; everything it delivered.
+async fn transitions_until(stream: &mut Streaming<WatchTransitionsResponse>, last_sequence: u64) -> Vec<u64> {
+    let mut seen = Vec::new();
+    while seen.last().is_none_or(|s| *s < last_sequence) {
+        seen.push(next_transition(stream).await.sequence);
+    }
+    seen
+}
+
+async fn list_runs(client: &mut Client, req: ListRunsRequest) -> Result<ListRunsResponse, Status> {
+    client.list_runs(req).await.map(tonic::Response::into_inner)
+}
+
+/// Walks ListRuns page by page; returns the runs and the size of each page.
+async fn all_runs(client: &mut Client, system: &str, check: &str, page_size: i32) -> (Vec<Run>, Vec<usize>) {
+    let (mut runs, mut pages) = (Vec::new(), Vec::new());
+    let mut page_token = String::new();
+    loop {
+        let page = list_runs(
+            client,
+            ListRunsRequest {
+                system_id: system.to_owned(),
+                check_id: check.to_owned(),
+                page_size,
+                page_token,
+            },
+        )
+        .await
+        .unwrap();
+        pages.push(page.runs.len());
+        runs.extend(page.runs);
+        if page.next_page_token.is_empty() {
+            return (runs, pages);
+        }
+        assert!(pages.len() < 100, "ListRuns never ends");
+        page_token = page.next_page_token;
+    }
+}
+
+/// Walks ListTransitions page by page; returns the transitions and page sizes.
+async fn all_transitions(client: &mut Client, system: &str, page_size: i32) -> (Vec<HealthTransition>, Vec<usize>) {
+    let (mut transitions, mut pages) = (Vec::new(), Vec::new());
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_transitions(ListTransitionsRequest {
+                system_id: system.to_owned(),
+                page_size,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(page.transitions.len());
+        transitions.extend(page.transitions);
+        if page.next_page_token.is_empty() {
+            return (transitions, pages);
+        }
+        assert!(pages.len() < 100, "ListTransitions never ends");
+        page_token = page.next_page_token;
+    }
+}
+
+/// Drives `system` through `cycles` rounds of degraded and back (two failures,
+/// one success): two transitions per round. Runs are observed one second
+/// apart from `t0`, so they evaluate in submission order.
+async fn flap(mut client: Client, system: String, cycles: usize, t0: i64) {
+    for cycle in 0..cycles {
+        for (step, status) in [Degraded, Unhealthy, Healthy].into_iter().enumerate() {
+            let i = cycle * 3 + step;
+            let seconds = t0 + i64::try_from(i).unwrap();
+            let req = run(
+                &system,
+                "probe",
+                &format!("{system}-{seconds}"),
+                status,
+                Some(at(seconds)),
+            );
+            let (reply, _) = submit_retrying(&mut client, req).await;
+            assert_eq!(reply.transition.is_some(), step != 0, "{system} run {i}");
+        }
+    }
+}
+
+// ---- SubmitRun and GetSystemHealth ----
+
+#[tokio::test]
+async fn failing_runs_take_a_new_system_through_degraded_to_unhealthy_and_a_success_brings_it_back() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let t0 = base_time();
+
+    // The run's status, then the system's status the reply must report.
+    let script = [
+        (Degraded, Healthy), // one failure: a blip below the degraded threshold
+        (Unhealthy, Degraded),
+        (Degraded, Degraded),
+        (Unhealthy, Degraded),
+        (Degraded, Unhealthy), // the fifth failure in a row
+        (Unhealthy, Unhealthy),
+        (Healthy, Healthy),
+    ];
+    let mut previous = Healthy;
+    let mut transitions = Vec::new();
+    for (i, (status, want)) in script.into_iter().enumerate() {
+        let seconds = t0 + i64::try_from(i).unwrap();
+        let reply = submit(
+            &mut client,
+            run("checkout", "http", &format!("run-{i}"), status, Some(at(seconds))),
+        )
+        .await;
+        assert!(!reply.duplicate, "run {i}");
+        assert_eq!(status_of(&reply), want, "system status after run {i}");
+        assert_eq!(reply.run.as_ref().unwrap().run_id, format!("run-{i}"));
+        match &reply.transition {
+            Some(t) => {
+                assert_ne!(previous, want, "run {i} reported a transition without a change");
+                assert_eq!(from_to(t), (previous, want), "run {i}");
+                assert_eq!((t.system_id.as_str(), t.check_id.as_str()), ("checkout", "http"));
+                transitions.push(t.clone());
+            }
+            None => assert_eq!(previous, want, "run {i} changed the status without a transition"),
+        }
+        previous = want;
+    }
+
+    let changes: Vec<_> = transitions.iter().map(from_to).collect();
+    assert_eq!(
+        changes,
+        [(Healthy, Degraded), (Degraded, Unhealthy), (Unhealthy, Healthy)]
+    );
+    assert!(transitions.windows(2).all(|w| w[0].sequence < w[1].sequence));
+    let explained: Vec<_> = transitions
+        .iter()
+        .map(|t| {
+            let e = t.evaluation.as_ref().unwrap();
+            (e.rule(), e.leading_failure_streak, e.leading_success_streak)
+        })
+        .collect();
+    assert_eq!(
+        explained,
+        [
+            (EvaluationRule::DegradedThresholdReached, 2, 0),
+            (EvaluationRule::UnhealthyThresholdReached, 5, 0),
+            (EvaluationRule::RecoveryConfirmed, 0, 1),
+        ]
+    );
+
+    let health = system_health(&mut client, "checkout").await;
+    assert_eq!(health.status(), Healthy);
+    assert!(health.evaluated_at.is_some());
+    let [check] = health.checks.as_slice() else {
+        panic!("one check expected: {:?}", health.checks)
+    };
+    assert_eq!(check.check_id, "http");
+    assert_eq!(check.status(), Healthy);
+    assert!(check.enabled);
+    assert_eq!(check.runs_considered, 7);
+    assert_eq!(check.last_run_at, Some(at(t0 + 6)));
+    assert_eq!(
+        check.thresholds,
+        Some(consecutive(1, 2, 5)),
+        "a new check gets the defaults"
+    );
+    assert_eq!(
+        check.evaluation.as_ref().unwrap().rule(),
+        EvaluationRule::RecoveryConfirmed
+    );
+
+    let stored = count_rows(&db, "SELECT count(*) FROM transitions WHERE system_id = $1", "checkout").await;
+    assert_eq!(stored, 3);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_health_of_a_system_never_seen_is_not_found_with_reason_system_not_found() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    submit(&mut client, run("known", "http", "r1", Healthy, None)).await;
+
+    let err = client
+        .get_system_health(GetSystemHealthRequest {
+            system_id: "unknown".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_refused(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
+    assert_eq!(
+        err.get_details_error_info()
+            .unwrap()
+            .metadata
+            .get("system_id")
+            .map(String::as_str),
+        Some("unknown")
+    );
+    assert_eq!(system_health(&mut client, "known").await.status(), Healthy);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_with_missing_fields_or_observed_too_far_in_the_future_is_refused_naming_every_field() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let future = at(chrono::Utc::now().timestamp() + 600);
+    let mut req = run("", "http", "r1", HealthStatus::Unspecified, Some(future));
+    req.latency = Some(prost_types::Duration { seconds: -1, nanos: 0 });
+    let err = client.submit_run(req).await.unwrap_err();
+    assert_eq!(violated_fields(&err), ["latency", "observed_at", "status", "system_id"]);
+
+    let err = client
+        .submit_run(run("sys", "", &"x".repeat(257), Healthy, None))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["check_id", "run_id"]);
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id <> $1", "").await,
+        0
+    );
+    app.stop().await;
+}
+
+// ---- duplicate delivery ----
+
+#[tokio::test]
+async fn every_run_delivered_twice_is_stored_once_and_the_second_reply_is_a_duplicate_without_a_transition() {
+    let db = TestDb::create().await;
+    // The retry lands on another replica, as it would behind a load balancer.
+    let first_replica = TestApp::start(&db, &[]).await;
+    let second_replica = TestApp::start(&db, &[]).await;
+    let mut first_client = first_replica.health_client().await;
+    let mut second_client = second_replica.health_client().await;
+    let t0 = base_time();
+
+    let mut transitions = 0;
+    for i in 0..6 {
+        let status = if i < 5 { failing(i) } else { Healthy };
+        let mut req = run(
+            "billing",
+            "db",
+            &format!("delivery-{i}"),
+            status,
+            Some(at(t0 + i64::try_from(i).unwrap())),
+        );
+        req.latency = Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 1_500_000,
+        });
+        req.message = format!("attempt {i}");
+        let first = submit(&mut first_client, req.clone()).await;
+        let second = submit(&mut second_client, req).await;
+        assert!(!first.duplicate, "run {i}");
+        assert!(second.duplicate, "run {i}");
+        assert!(
+            second.transition.is_none(),
+            "a duplicate reported a transition (run {i})"
+        );
+        assert_eq!(status_of(&second), status_of(&first), "run {i}");
+        assert_eq!(
+            second.run, first.run,
+            "the duplicate reply carries the stored run (run {i})"
+        );
+        transitions += usize::from(first.transition.is_some());
+    }
+    assert_eq!(transitions, 3, "healthy -> degraded -> unhealthy -> healthy");
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "billing").await,
+        6
+    );
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM transitions WHERE system_id = $1", "billing").await,
+        3
+    );
+    first_replica.stop().await;
+    second_replica.stop().await;
+}
+
+#[tokio::test]
+async fn reusing_a_run_id_with_different_content_is_already_exists_with_reason_run_id_conflict() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let t0 = base_time();
+    let mut original = run("search", "query", "r1", Healthy, Some(at(t0)));
+    original.message = "fine".into();
+    submit(&mut client, original.clone()).await;
+
+    type Change = fn(&mut SubmitRunRequest);
+    let variants: [(&str, Change); 6] = [
+        ("status", |r| r.status = Degraded as i32),
+        ("message", |r| r.message = "not fine".into()),
+        ("observed_at", |r| {
+            r.observed_at = Some(at(r.observed_at.unwrap().seconds + 1))
+        }),
+        ("latency", |r| {
+            r.latency = Some(prost_types::Duration { seconds: 1, nanos: 0 })
+        }),
+        ("check_id", |r| r.check_id = "index".into()),
+        ("system_id", |r| r.system_id = "elsewhere".into()),
+    ];
+    for (what, change) in variants {
+        let mut req = original.clone();
+        change(&mut req);
+        let err = client.submit_run(req).await.unwrap_err();
+        assert_refused(&err, Code::AlreadyExists, "RUN_ID_CONFLICT");
+        assert_eq!(
+            err.get_details_error_info()
+                .unwrap()
+                .metadata
+                .get("run_id")
+                .map(String::as_str),
+            Some("r1"),
+            "{what}"
+        );
+    }
+
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE run_id = $1", "r1").await,
+        1
+    );
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE run_id = $1 AND status = 1", "r1").await,
+        1,
+        "the stored run is unchanged"
+    );
+    let err = client
+        .get_system_health(GetSystemHealthRequest {
+            system_id: "elsewhere".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_refused(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
+    // The original content is still a plain duplicate.
+    assert!(submit(&mut client, original).await.duplicate);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_retry_of_a_request_without_observed_at_is_still_a_duplicate() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let mut req = run("mail", "smtp", "no-clock", Degraded, None);
+    req.message = "timeout".into();
+
+    let first = submit(&mut client, req.clone()).await;
+    let retry = submit(&mut client, req).await;
+    assert!(!first.duplicate);
+    assert!(retry.duplicate);
+    assert!(retry.transition.is_none());
+    assert_eq!(
+        retry.run.as_ref().unwrap().observed_at,
+        first.run.as_ref().unwrap().observed_at,
+        "the stored observed_at is kept, not the retry's now"
+    );
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "mail").await,
+        1
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_without_a_run_id_gets_a_generated_one_and_is_never_taken_for_a_duplicate() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let req = run("cron", "job", "", Healthy, Some(at(base_time())));
+    let first = submit(&mut client, req.clone()).await;
+    let second = submit(&mut client, req).await;
+    assert!(!first.duplicate && !second.duplicate);
+    let (first_id, second_id) = (
+        &first.run.as_ref().unwrap().run_id,
+        &second.run.as_ref().unwrap().run_id,
+    );
+    assert!(!first_id.is_empty());
+    assert_ne!(first_id, second_id);
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "cron").await,
+        2
+    );
+    app.stop().await;
+}
+
+// ---- late runs ----
+
+#[tokio::test]
+async fn a_late_run_slots_into_place_by_observed_at_and_can_cause_the_transition() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let t0 = base_time();
+
+    // Newest first by observed_at: F(30) H(10) -> a one-failure blip over a success: healthy.
+    let r = submit(&mut client, run("cdn", "edge", "t10", Healthy, Some(at(t0 + 10)))).await;
+    assert_eq!(status_of(&r), Healthy);
+    let r = submit(&mut client, run("cdn", "edge", "t30", Degraded, Some(at(t0 + 30)))).await;
+    assert_eq!(status_of(&r), Healthy);
+    assert!(r.transition.is_none());
+
+    // The late failure lands between them: F(30) F(20) H(10) is a streak of two.
+    // Taken in arrival order (F(20) H(10) F(30)) it would be a blip.
+    let r = submit(&mut client, run("cdn", "edge", "t20", Unhealthy, Some(at(t0 + 20)))).await;
+    assert_eq!(status_of(&r), Degraded);
+    let t = r.transition.expect("the late run crossed the degraded threshold");
+    assert_eq!(from_to(&t), (Healthy, Degraded));
+    let e = t.evaluation.unwrap();
+    assert_eq!(
+        (e.rule(), e.leading_failure_streak),
+        (EvaluationRule::DegradedThresholdReached, 2)
+    );
+
+    // A run older than all of them changes nothing at the newest end.
+    let r = submit(&mut client, run("cdn", "edge", "t5", Healthy, Some(at(t0 + 5)))).await;
+    assert_eq!(status_of(&r), Degraded);
+    assert!(r.transition.is_none());
+
+    let health = system_health(&mut client, "cdn").await;
+    assert_eq!(
+        health.checks[0].last_run_at,
+        Some(at(t0 + 30)),
+        "the newest by observed_at"
+    );
+    let (runs, _) = all_runs(&mut client, "cdn", "", 10).await;
+    let order: Vec<_> = runs.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(order, ["t30", "t20", "t10", "t5"]);
+    app.stop().await;
+}
+
+// ---- ConfigureCheck ----
+
+#[tokio::test]
+async fn switching_a_check_to_window_thresholds_re_evaluates_it_and_reports_the_transition() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let t0 = base_time();
+
+    // Alternating failures never make a streak: healthy in consecutive mode.
+    for (i, status) in [Degraded, Healthy, Unhealthy, Healthy, Degraded]
+        .into_iter()
+        .enumerate()
+    {
+        let seconds = t0 + i64::try_from(i).unwrap();
+        let r = submit(
+            &mut client,
+            run("api", "ping", &format!("p{i}"), status, Some(at(seconds))),
+        )
+        .await;
+        assert_eq!(status_of(&r), Healthy);
+        assert!(r.transition.is_none());
+    }
+
+    let reply = configure(
+        &mut client,
+        ConfigureCheckRequest {
+            system_id: "api".into(),
+            check_id: "ping".into(),
+            thresholds: Some(window(5, 3, 4)),
+            enabled: None,
+        },
+    )
+    .await;
+    let check = reply.check.unwrap();
+    assert_eq!(check.thresholds, Some(window(5, 3, 4)));
+    assert_eq!(check.status(), Degraded);
+    let e = check.evaluation.unwrap();
+    assert_eq!(e.mode(), EvaluationMode::Window);
+    assert_eq!((e.failures_in_window, e.runs_considered), (3, 5));
+    assert_eq!(e.rule(), EvaluationRule::DegradedThresholdReached);
+    assert_eq!(reply.system_health.unwrap().status(), Degraded);
+    let t = reply.transition.expect("the new thresholds changed the status");
+    assert_eq!(from_to(&t), (Healthy, Degraded));
+    assert_eq!(t.check_id, "ping");
+
+    // The window now holds H D H U H... newest first: H(5) D(4) H(3) U(2) H(1): two failures.
+    let r = submit(&mut client, run("api", "ping", "p5", Healthy, Some(at(t0 + 5)))).await;
+    assert_eq!(from_to(r.transition.as_ref().unwrap()), (Degraded, Healthy));
+
+    // Configuring what is already configured changes nothing.
+    let reply = configure(
+        &mut client,
+        ConfigureCheckRequest {
+            system_id: "api".into(),
+            check_id: "ping".into(),
+            thresholds: Some(window(5, 3, 4)),
+            enabled: Some(true),
+        },
+    )
+    .await;
+    assert!(reply.transition.is_none());
+    let health = system_health(&mut client, "api").await;
+    assert_eq!(health.checks[0].thresholds, Some(window(5, 3, 4)));
+    assert_eq!(health.status(), Healthy);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_disabled_check_stops_counting_towards_its_system_until_it_is_enabled_again() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let t0 = base_time();
+    let toggle = |enabled: bool| ConfigureCheckRequest {
+        system_id: "shop".into(),
+        check_id: "db".into(),
+        thresholds: None,
+        enabled: Some(enabled),
+    };
+
+    submit(&mut client, run("shop", "web", "w0", Healthy, Some(at(t0)))).await;
+    submit(&mut client, run("shop", "db", "d0", Degraded, Some(at(t0)))).await;
+    let r = submit(&mut client, run("shop", "db", "d1", Degraded, Some(at(t0 + 1)))).await;
+    assert_eq!(status_of(&r), Degraded);
+
+    let reply = configure(&mut client, toggle(false)).await;
+    let t = reply.transition.expect("disabling the failing check heals the system");
+    assert_eq!(from_to(&t), (Degraded, Healthy));
+    assert_eq!(t.check_id, "db");
+    let check = reply.check.unwrap();
+    assert!(!check.enabled);
+    assert_eq!(check.status(), Degraded, "the check keeps its own status");
+    assert_eq!(check.thresholds, Some(consecutive(1, 2, 5)));
+    assert_eq!(reply.system_health.unwrap().status(), Healthy);
+
+    // Runs of a paused check are recorded and evaluated but do not count.
+    for i in 2..5 {
+        let r = submit(
+            &mut client,
+            run("shop", "db", &format!("d{i}"), Unhealthy, Some(at(t0 + i))),
+        )
+        .await;
+        assert_eq!(status_of(&r), Healthy);
+        assert!(r.transition.is_none());
+    }
+    let health = system_health(&mut client, "shop").await;
+    assert_eq!(health.status(), Healthy);
+    let db_check = health.checks.iter().find(|c| c.check_id == "db").unwrap();
+    assert_eq!((db_check.status(), db_check.enabled), (Unhealthy, false));
+
+    let reply = configure(&mut client, toggle(true)).await;
+    let t = reply.transition.expect("enabling the failing check counts it again");
+    assert_eq!(from_to(&t), (Healthy, Unhealthy));
+    assert_eq!(t.check_id, "db");
+    assert_eq!(
+        reply.check.unwrap().thresholds,
+        Some(consecutive(1, 2, 5)),
+        "unset thresholds are kept"
+    );
+
+    let stored = stored_transitions(&db).await;
+    let checks: Vec<_> = stored.iter().map(|t| (t.2.as_str(), t.3, t.4)).collect();
+    assert_eq!(checks, [("db", 1, 2), ("db", 2, 1), ("db", 1, 3)]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_thresholds_are_refused_with_a_field_violation_for_each_offending_field() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let cases: [(&str, Thresholds, &[&str]); 6] = [
+        (
+            "ping",
+            consecutive(0, 3, 2),
+            &[
+                "thresholds.consecutive.degraded_min_failure_count",
+                "thresholds.consecutive.healthy_min_success_count",
+            ],
+        ),
+        (
+            "ping",
+            consecutive(1, 0, 0),
+            &[
+                "thresholds.consecutive.degraded_min_failure_count",
+                "thresholds.consecutive.unhealthy_min_failure_count",
+            ],
+        ),
+        (
+            "ping",
+            window(2, 0, 5),
+            &[
+                "thresholds.window.degraded_min_failure_count",
+                "thresholds.window.window_size",
+            ],
+        ),
+        (
+            "ping",
+            window(10, 3, 11),
+            &["thresholds.window.unhealthy_min_failure_count"],
+        ),
+        ("ping", Thresholds { mode: None }, &["thresholds.mode"]),
+        ("", window(101, 3, 7), &["check_id", "thresholds.window.window_size"]),
+    ];
+    for (check, thresholds, want) in cases {
+        let err = client
+            .configure_check(ConfigureCheckRequest {
+                system_id: "strict".into(),
+                check_id: check.into(),
+                thresholds: Some(thresholds),
+                enabled: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&err), want, "{thresholds:?}");
+    }
+    let err = client
+        .get_system_health(GetSystemHealthRequest {
+            system_id: "strict".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_refused(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
+    app.stop().await;
+}
+
+// ---- EvaluateHealth ----
+
+#[tokio::test]
+async fn evaluate_health_returns_the_verdict_with_the_rule_and_streaks_that_decided_it() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let evaluate = |statuses: &[HealthStatus], thresholds: Option<Thresholds>| EvaluateHealthRequest {
+        statuses: statuses.iter().map(|s| *s as i32).collect(),
+        thresholds,
+    };
+
+    let reply = client
+        .evaluate_health(evaluate(&[Unhealthy, Degraded, Healthy], None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.status(), Degraded);
+    let e = reply.evaluation.unwrap();
+    assert_eq!(e.mode(), EvaluationMode::Consecutive);
+    assert_eq!(e.rule(), EvaluationRule::DegradedThresholdReached);
+    assert_eq!(
+        (e.leading_failure_streak, e.leading_success_streak, e.runs_considered),
+        (2, 0, 2)
+    );
+    assert_eq!(e.thresholds, Some(consecutive(1, 2, 5)), "defaults are filled in");
+
+    // Two successes do not confirm recovery when three are required: the
+    // five failures before them decide.
+    let statuses = [
+        Healthy, Healthy, Degraded, Degraded, Unhealthy, Degraded, Degraded, Healthy,
+    ];
+    let reply = client
+        .evaluate_health(evaluate(&statuses, Some(consecutive(3, 2, 5))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.status(), Unhealthy);
+    let e = reply.evaluation.unwrap();
+    assert_eq!(e.rule(), EvaluationRule::RecoveryNotConfirmed);
+    assert_eq!(
+        (e.leading_failure_streak, e.leading_success_streak, e.runs_considered),
+        (0, 2, 7)
+    );
+
+    // A single failure under the default thresholds is a blip.
+    let reply = client
+        .evaluate_health(evaluate(&[Degraded, Healthy], None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.status(), Healthy);
+    assert_eq!(reply.evaluation.unwrap().rule(), EvaluationRule::BelowDegradedThreshold);
+
+    // Window mode counts failures among the newest window_size runs only.
+    let statuses = [
+        Healthy, Degraded, Healthy, Unhealthy, Healthy, Degraded, Degraded, Degraded,
+    ];
+    let reply = client
+        .evaluate_health(evaluate(&statuses, Some(window(5, 2, 3))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.status(), Degraded);
+    let e = reply.evaluation.unwrap();
+    assert_eq!(e.mode(), EvaluationMode::Window);
+    assert_eq!((e.failures_in_window, e.runs_considered), (2, 5));
+
+    let reply = client.evaluate_health(evaluate(&[], None)).await.unwrap().into_inner();
+    assert_eq!(reply.status(), Healthy);
+    assert_eq!(reply.evaluation.unwrap().rule(), EvaluationRule::NoRuns);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn evaluate_health_refuses_more_than_100_statuses_and_unspecified_ones() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+
+    let hundred = vec![Degraded as i32; 100];
+    let reply = client
+        .evaluate_health(EvaluateHealthRequest {
+            statuses: hundred.clone(),
+            thresholds: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.status(), Unhealthy);
+    assert_eq!(reply.evaluation.unwrap().leading_failure_streak, 100);
+
+    let mut too_many = hundred;
+    too_many.push(Healthy as i32);
+    let err = client
+        .evaluate_health(EvaluateHealthRequest {
+            statuses: too_many,
+            thresholds: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["statuses"]);
+
+    let err = client
+        .evaluate_health(EvaluateHealthRequest {
+            statuses: vec![Healthy as i32, HealthStatus::Unspecified as i32, 7],
+            thresholds: Some(window(3, 4, 3)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&err),
+        [
+            "statuses[1]",
+            "statuses[2]",
+            "thresholds.window.degraded_min_failure_count"
+        ]
+    );
+    app.stop().await;
+}
+
+// ---- pagination ----
+
+#[tokio::test]
+async fn list_runs_walks_every_run_exactly_once_newest_first_across_pages() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let client = app.health_client().await;
+    let t0 = base_time();
+
+    // 237 runs over two checks; four at a time share an observed_at, and
+    // run ids are shuffled against time, so ties are broken by run_id.
+    let submitted: Vec<SubmitRunRequest> = (0..237usize)
+        .map(|i| {
+            let check = if i % 3 == 0 { "b" } else { "a" };
+            let seconds = t0 + i64::try_from(i / 4).unwrap();
+            run(
+                "paged",
+                check,
+                &format!("r{:03}", (i * 89) % 237),
+                failing(i),
+                Some(at(seconds)),
+            )
+        })
+        .collect();
+    stream::iter(submitted.clone())
+        .for_each_concurrent(8, |req| {
+            let mut client = client.clone();
+            async move {
+                submit_retrying(&mut client, req).await;
+            }
+        })
+        .await;
+    let newest_first = |check: &str| {
+        let mut want: Vec<(i64, String)> = submitted
+            .iter()
+            .filter(|r| check.is_empty() || r.check_id == check)
+            .map(|r| (r.observed_at.unwrap().seconds, r.run_id.clone()))
+            .collect();
+        want.sort_unstable_by(|a, b| b.cmp(a));
+        want
+    };
+    let key = |r: &Run| (r.observed_at.unwrap().seconds, r.run_id.clone());
+
+    let mut client = client;
+    let (runs, pages) = all_runs(&mut client, "paged", "", 50).await;
+    assert_eq!(pages, [50, 50, 50, 50, 37]);
+    assert_eq!(runs.iter().map(key).collect::<Vec<_>>(), newest_first(""));
+    let ids: HashSet<_> = runs.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(ids.len(), 237, "every run exactly once");
+
+    let (runs, pages) = all_runs(&mut client, "paged", "b", 30).await;
+    assert_eq!(pages, [30, 30, 19]);
+    assert!(runs.iter().all(|r| r.check_id == "b"));
+    assert_eq!(runs.iter().map(key).collect::<Vec<_>>(), newest_first("b"));
+
+    // A page that ends exactly at the last run has no next page.
+    let (_, pages) = all_runs(&mut client, "paged", "b", 79).await;
+    assert_eq!(pages, [79]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_tampered_page_token_or_one_replayed_against_another_listing_is_invalid_argument() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let t0 = base_time();
+    for system in ["alpha", "beta"] {
+        for (i, status) in [Degraded, Degraded, Healthy, Degraded, Degraded]
+            .into_iter()
+            .enumerate()
+        {
+            let seconds = t0 + i64::try_from(i).unwrap();
+            submit(
+                &mut client,
+                run(system, "c", &format!("{system}-{i}"), status, Some(at(seconds))),
+            )
+            .await;
+        }
+    }
+    let runs_page = |system: &str, check: &str, page_token: &str| ListRunsRequest {
+        system_id: system.into(),
+        check_id: check.into(),
+        page_size: 2,
+        page_token: page_token.into(),
+    };
+    let token = list_runs(&mut client, runs_page("alpha", "", ""))
+        .await
+        .unwrap()
+        .next_page_token;
+    assert!(!token.is_empty());
+
+    let mut tampered = token.clone().into_bytes();
+    let middle = tampered.len() / 2;
+    tampered[middle] = if tampered[middle] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    for (what, req) in [
+        ("tampered", runs_page("alpha", "", &tampered)),
+        ("truncated", runs_page("alpha", "", &token[..token.len() - 2])),
+        ("another system", runs_page("beta", "", &token)),
+        ("another check filter", runs_page("alpha", "c", &token)),
+    ] {
+        let err = list_runs(&mut client, req).await.unwrap_err();
+        assert_eq!(violated_fields(&err), ["page_token"], "{what}");
+    }
+    let err = client
+        .list_transitions(ListTransitionsRequest {
+            system_id: "alpha".into(),
+            page_size: 2,
+            page_token: token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["page_token"], "a runs token for transitions");
+    // The untouched token still works.
+    let next = list_runs(&mut client, runs_page("alpha", "", &token)).await.unwrap();
+    let ids: Vec<_> = next.runs.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(ids, ["alpha-2", "alpha-1"]);
+
+    let first = client
+        .list_transitions(ListTransitionsRequest {
+            system_id: "alpha".into(),
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.next_page_token.is_empty());
+    for other in ["beta", ""] {
+        let err = client
+            .list_transitions(ListTransitionsRequest {
+                system_id: other.into(),
+                page_size: 1,
+                page_token: first.next_page_token.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            violated_fields(&err),
+            ["page_token"],
+            "transitions token reused for {other:?}"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn list_transitions_pages_newest_first_through_gap_free_sequences_that_follow_commit_order() {
+    let db = TestDb::create().await;
+    let first_replica = TestApp::start(&db, &[]).await;
+    let second_replica = TestApp::start(&db, &[]).await;
+    let t0 = base_time();
+
+    // Three systems flap concurrently on two replicas: 3 x 4 x 2 = 24 transitions.
+    let mut producers = Vec::new();
+    for (n, system) in ["red", "green", "blue"].into_iter().enumerate() {
+        let replica = if n % 2 == 0 { &first_replica } else { &second_replica };
+        producers.push(tokio::spawn(flap(replica.health_client().await, system.into(), 4, t0)));
+    }
+    for producer in producers {
+        producer.await.unwrap();
+    }
+
+    let mut client = first_replica.health_client().await;
+    let (all, pages) = all_transitions(&mut client, "", 5).await;
+    assert_eq!(pages, [5, 5, 5, 5, 4]);
+    let sequences: Vec<u64> = all.iter().map(|t| t.sequence).collect();
+    assert_eq!(
+        sequences,
+        (1..=24).rev().collect::<Vec<u64>>(),
+        "gap-free, newest first"
+    );
+
+    for system in ["red", "green", "blue"] {
+        let (mine, pages) = all_transitions(&mut client, system, 3).await;
+        assert_eq!(pages, [3, 3, 2], "{system}");
+        assert!(mine.iter().all(|t| t.system_id == system));
+        assert!(mine.windows(2).all(|w| w[0].sequence > w[1].sequence), "{system}");
+        // Oldest first, each transition starts where the one before ended:
+        // sequence order is the order in which the system's changes committed.
+        let mut expected_from = Healthy;
+        for t in mine.iter().rev() {
+            assert_eq!(t.from_status(), expected_from, "{system} at sequence {}", t.sequence);
+            expected_from = t.to_status();
+        }
+        assert_eq!(expected_from, Healthy, "{system} ends healthy");
+    }
+    first_replica.stop().await;
+    second_replica.stop().await;
+}
+
+// ---- concurrency across replicas ----
+
+/// Sends 200 concurrent failing runs for one system, alternating between two
+/// replicas started with `flags`, while two watchers (one per replica, one
+/// filtered to the system) follow. Asserts that each status change is stored,
+/// replied and streamed exactly once; returns the reasons of the attempts the
+/// replicas refused (and the client retried).
+async fn storm_of_200_failures(flags: &[&str]) -> Vec<String> {
+    let db = TestDb::create().await;
+    let replicas = [TestApp::start(&db, flags).await, TestApp::start(&db, flags).await];
+    let clients = [replicas[0].health_client().await, replicas[1].health_client().await];
+    let mut watcher_client = replicas[0].health_client().await;
+    let mut watcher = watch(&mut watcher_client, "storm", 0).await;
+    let mut other_watcher_client = replicas[1].health_client().await;
+    let mut unfiltered_watcher = watch(&mut other_watcher_client, "", 0).await;
+
+    let started = std::time::Instant::now();
+    let burst = (0..200usize).map(|i| {
+        let mut client = clients[i % 2].clone();
+        let req = run("storm", "probe", &format!("storm-{i}"), failing(i), None);
+        tokio::spawn(async move { submit_retrying(&mut client, req).await })
+    });
+    let replies = futures::future::join_all(burst).await;
+    let elapsed = started.elapsed();
+    let mut reported = Vec::new();
+    let mut refused = Vec::new();
+    for reply in replies {
+        let (reply, reasons) = reply.unwrap();
+        assert!(!reply.duplicate);
+        refused.extend(reasons);
+        reported.extend(reply.transition);
+    }
+    let mut by_reason = std::collections::BTreeMap::<&str, usize>::new();
+    for reason in &refused {
+        *by_reason.entry(reason.as_str()).or_default() += 1;
+    }
+    eprintln!("200-run burst with {flags:?}: {elapsed:?}, attempts refused and retried: {by_reason:?}");
+
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "storm").await,
+        200
+    );
+    let stored = stored_transitions(&db).await;
+    let changes: Vec<_> = stored.iter().map(|t| (t.3, t.4)).collect();
+    assert_eq!(changes, [(1, 2), (2, 3)], "one row per status change: {stored:?}");
+    reported.sort_by_key(|t| t.sequence);
+    assert_eq!(
+        reported.iter().map(from_to).collect::<Vec<_>>(),
+        [(Healthy, Degraded), (Degraded, Unhealthy)],
+        "exactly one reply reports each change"
+    );
+
+    for stream in [&mut watcher, &mut unfiltered_watcher] {
+        let first = next_transition(stream).await;
+        let second = next_transition(stream).await;
+        assert_eq!(
+            [(first.sequence, from_to(&first)), (second.sequence, from_to(&second))],
+            [
+                (reported[0].sequence, (Healthy, Degraded)),
+                (reported[1].sequence, (Degraded, Unhealthy))
+            ]
+        );
+    }
+    // The next thing each watcher sees is a new change, not a repeat.
+    let mut client = clients[1].clone();
+    let (recovery, _) = submit_retrying(&mut client, run("storm", "probe", "storm-ok", Healthy, None)).await;
+    let recovery = recovery.transition.expect("a success heals the system");
+    for stream in [&mut watcher, &mut unfiltered_watcher] {
+        let next = next_transition(stream).await;
+        assert_eq!(
+            (next.sequence, from_to(&next)),
+            (recovery.sequence, (Unhealthy, Healthy))
+        );
+    }
+    let [first_replica, second_replica] = replicas;
+    first_replica.stop().await;
+    second_replica.stop().await;
+    refused
+}
+
+#[tokio::test]
+async fn two_replicas_taking_200_concurrent_failing_runs_emit_each_status_change_exactly_once() {
+    let refused = storm_of_200_failures(&[]).await;
+    // With the default pools nothing needs refusing at this size; if the
+    // machine is slow enough that something is, it is a retryable overload.
+    assert!(
+        refused.iter().all(|r| r == "LOCK_POOL_EXHAUSTED" || r == "SYSTEM_BUSY"),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn runs_refused_by_an_exhausted_lock_pool_and_retried_still_emit_each_status_change_exactly_once() {
+    // One lock connection per replica and a 50 ms wait for it: most of the
+    // burst is refused with LOCK_POOL_EXHAUSTED at first and retried.
+    let refused = storm_of_200_failures(&[
+        "--database-lock-pool-max",
+        "1",
+        "--database-pool-connection-timeout-ms",
+        "50",
+    ])
+    .await;
+    assert!(
+        refused.iter().any(|r| r == "LOCK_POOL_EXHAUSTED"),
+        "the tiny lock pool refused nothing: {refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_watcher_that_resumes_from_its_last_sequence_receives_exactly_the_transitions_it_missed() {
+    const SYSTEMS: usize = 8;
+    const CYCLES: usize = 4;
+    let total = u64::try_from(SYSTEMS * CYCLES * 2).unwrap();
+    let db = TestDb::create().await;
+    let replicas = [TestApp::start(&db, &[]).await, TestApp::start(&db, &[]).await];
+    let mut watcher_client = replicas[0].health_client().await;
+    let mut live = watch(&mut watcher_client, "", 0).await;
+    let mut one_system = watch(&mut watcher_client, "fleet-3", 0).await;
+    let mut interrupted = watch(&mut watcher_client, "", 0).await;
+    let t0 = base_time();
+
+    // Producers flap half their cycles, wait for the gate, then flap the
+    // rest, so transitions commit both while the watcher is away and while
+    // it resumes.
+    let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+    let mut producers = Vec::new();
+    for n in 0..SYSTEMS {
+        let client = replicas[n % 2].health_client().await;
+        let mut gate = gate_rx.clone();
+        producers.push(tokio::spawn(async move {
+            let system = format!("fleet-{n}");
+            flap(client.clone(), system.clone(), CYCLES / 2, t0).await;
+            gate.wait_for(|open| *open).await.unwrap();
+            let later = t0 + i64::try_from(CYCLES * 3).unwrap();
+            flap(client, system, CYCLES / 2, later).await;
+        }));
+    }
+
+    let mut before = Vec::new();
+    for _ in 0..10 {
+        before.push(next_transition(&mut interrupted).await.sequence);
+    }
+    assert_eq!(before, (1..=10).collect::<Vec<u64>>());
+    drop(interrupted);
+    gate_tx.send(true).unwrap();
+
+    // Resume on the other replica while the second half commits.
+    let mut resume_client = replicas[1].health_client().await;
+    let mut resumed = watch(&mut resume_client, "", 10).await;
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    let stored = stored_transitions(&db).await;
+    assert_eq!(u64::try_from(stored.len()).unwrap(), total);
+
+    let after = transitions_until(&mut resumed, total).await;
+    assert_eq!(after, (11..=total).collect::<Vec<u64>>(), "none missing, none twice");
+    let everything = transitions_until(&mut live, total).await;
+    assert_eq!(
+        everything,
+        (1..=total).collect::<Vec<u64>>(),
+        "a live watcher sees every sequence in order"
+    );
+
+    let mut expected_from = Healthy;
+    let mut previous_sequence = 0;
+    for _ in 0..CYCLES * 2 {
+        let t = next_transition(&mut one_system).await;
+        assert_eq!(t.system_id, "fleet-3");
+        assert!(t.sequence > previous_sequence);
+        assert_eq!(t.from_status(), expected_from, "at sequence {}", t.sequence);
+        (previous_sequence, expected_from) = (t.sequence, t.to_status());
+    }
+
+    // Nothing else was pending: the next delivery is a new transition.
+    let mut client = replicas[0].health_client().await;
+    let t1 = t0 + 1000;
+    submit(&mut client, run("late", "probe", "late-1", Degraded, Some(at(t1)))).await;
+    let r = submit(&mut client, run("late", "probe", "late-2", Degraded, Some(at(t1 + 1)))).await;
+    let sentinel = r.transition.expect("two failures degrade").sequence;
+    assert_eq!(sentinel, total + 1);
+    assert_eq!(next_transition(&mut resumed).await.sequence, sentinel);
+    assert_eq!(next_transition(&mut live).await.sequence, sentinel);
+    let [first_replica, second_replica] = replicas;
+    first_replica.stop().await;
+    second_replica.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_giving_up_while_its_run_commits_never_lets_another_submission_see_the_old_status() {
+    let db = TestDb::create().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let t0 = base_time();
+    // One failure on each of two checks: a blip each, the system is healthy.
+    submit(&mut client, run("slow", "probe", "p0", Degraded, Some(at(t0)))).await;
+    submit(&mut client, run("slow", "other", "o0", Degraded, Some(at(t0)))).await;
+
+    // Make every commit that wrote a transition take two seconds, as a busy
+    // disk or a synchronous standby might.
+    let mut conn = db.connect().await;
+    for sql in [
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$",
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON transitions \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+
+    // The second failure of `probe` degrades the system, but its client stops
+    // waiting while the commit is still in progress.
+    let mut impatient = tonic::Request::new(run("slow", "probe", "p1", Unhealthy, Some(at(t0 + 1))));
+    impatient.set_timeout(Duration::from_millis(700));
+    let err = client.submit_run(impatient).await.unwrap_err();
+    // The client's own timer usually fires first (CANCELLED), else the server's deadline.
+    assert!(
+        matches!(err.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{err:?}"
+    );
+
+    // The second failure of `other` must be evaluated after that commit: the
+    // system is already degraded, so nothing changes.
+    let r = submit(&mut client, run("slow", "other", "o1", Degraded, Some(at(t0 + 1)))).await;
+    assert_eq!(status_of(&r), Degraded);
+    assert!(r.transition.is_none(), "repeated transition {:?}", r.transition);
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE run_id = $1", "p1").await,
+        1,
+        "the abandoned run was committed (else this test exercised nothing)"
+    );
+    let stored = stored_transitions(&db).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_watcher_on_one_replica_is_woken_at_once_by_a_transition_committed_on_another() {
+    let db = TestDb::create().await;
+    let watched = TestApp::start(&db, &[]).await;
+    let writer = TestApp::start(&db, &[]).await;
+    let mut writer_client = writer.health_client().await;
+    let t0 = base_time();
+    // A single failure degrades, a single success heals: every run flips.
+    configure(
+        &mut writer_client,
+        ConfigureCheckRequest {
+            system_id: "pager".into(),
+            check_id: "probe".into(),
+            thresholds: Some(consecutive(1, 1, 5)),
+            enabled: None,
+        },
+    )
+    .await;
+    submit(
+        &mut writer_client,
+        run("pager", "probe", "w1", Degraded, Some(at(t0 + 1))),
+    )
+    .await;
+
+    let mut watcher_client = watched.health_client().await;
+    let mut stream = watch(&mut watcher_client, "pager", 0).await;
+    assert_eq!(next_transition(&mut stream).await.sequence, 1);
+    // Each delivery restarts the watcher's fallback poll (2 s), so a
+    // transition committed right after one arrives that fast only if the
+    // other replica's NOTIFY woke it.
+    for i in 2..5 {
+        let status = if i % 2 == 0 { Healthy } else { Degraded };
+        let started = std::time::Instant::now();
+        let req = run("pager", "probe", &format!("w{i}"), status, Some(at(t0 + i)));
+        let reply = submit(&mut writer_client, req).await;
+        let sequence = reply.transition.expect("the run changes the status").sequence;
+        assert_eq!(next_transition(&mut stream).await.sequence, sequence);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "transition {sequence} took {:?} to reach the watcher",
+            started.elapsed()
+        );
+    }
+    watched.stop().await;
+    writer.stop().await;
+}

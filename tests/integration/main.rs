@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub, dead_code)]
 
+mod bad_input;
 mod edge;
 mod faults;
 mod foundation;

@@ -1,0 +1,377 @@
+// VitalsClient: SubmitRun, EvaluateHealth, GetSystemHealth and WithLock over
+// @grpc/grpc-js, with the .proto files of the checkout loaded at run time.
+//
+// Values cross the edge converted once: statuses are 'HEALTHY' | 'DEGRADED' |
+// 'UNHEALTHY', timestamps Date, durations milliseconds, uint64 (sequences,
+// fencing tokens) BigInt, errors VitalsError subclasses.
+//
+// TCP_NODELAY: grpc-js sets it on every connection it opens (socket.setNoDelay),
+// so lock keep-alives are never delayed by Nagle's algorithm.
+
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+import grpc from '@grpc/grpc-js';
+import protoLoader from '@grpc/proto-loader';
+
+import { fromServiceError, LockLost, VitalsError } from './errors.js';
+
+/** proto/ of the checkout; VITALS_PROTO_DIR overrides. */
+export const PROTO_DIR =
+  process.env.VITALS_PROTO_DIR ?? path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../proto');
+
+const DEFAULT_TIMEOUT_MS = 10_000;
+/** Keep-alives go out every lease * this, leaving two thirds as slack. */
+export const KEEPALIVE_FRACTION = 1 / 3;
+const RELEASE_TIMEOUT_MS = 10_000;
+
+let services;
+function loadServices() {
+  // google/protobuf/{duration,timestamp}.proto come with protobufjs.
+  services ??= grpc.loadPackageDefinition(
+    protoLoader.loadSync(['vitals/v1/health.proto', 'vitals/v1/lock.proto'], {
+      includeDirs: [PROTO_DIR],
+      longs: String, // uint64 as decimal strings, made BigInt below: no precision loss
+      enums: String,
+      defaults: true,
+      oneofs: true,
+    }),
+  ).vitals.v1;
+  return services;
+}
+
+// ------------------------------------------------------------- conversions
+
+const STATUS_PREFIX = 'HEALTH_STATUS_';
+const STATUSES = new Set(['HEALTHY', 'DEGRADED', 'UNHEALTHY']);
+
+function statusIn(value) {
+  const name = String(value).trim().toUpperCase().replace(STATUS_PREFIX, '');
+  if (!STATUSES.has(name)) throw new TypeError(`unknown health status ${JSON.stringify(value)}`);
+  return STATUS_PREFIX + name;
+}
+
+const strip = (prefix) => (value) => (value ?? '').replace(prefix, '');
+const statusOut = strip(STATUS_PREFIX);
+const modeOut = strip('EVALUATION_MODE_');
+const ruleOut = strip('EVALUATION_RULE_');
+
+function timestampIn(date) {
+  if (!(date instanceof Date) || Number.isNaN(date.getTime())) throw new TypeError('observedAt must be a valid Date');
+  const ms = date.getTime();
+  return { seconds: String(Math.floor(ms / 1000)), nanos: (((ms % 1000) + 1000) % 1000) * 1e6 };
+}
+
+const timestampOut = (t) => (t ? new Date(Number(t.seconds) * 1000 + Math.floor(t.nanos / 1e6)) : null);
+
+function durationIn(ms, what) {
+  if (!Number.isFinite(ms) || ms < 0) throw new TypeError(`${what} must be a non-negative number of milliseconds`);
+  const whole = Math.floor(ms);
+  return { seconds: String(Math.floor(whole / 1000)), nanos: (whole % 1000) * 1e6 + Math.round((ms - whole) * 1e6) };
+}
+
+const durationOut = (d) => (d ? Number(d.seconds) * 1000 + d.nanos / 1e6 : null);
+
+function thresholdsOut(t) {
+  if (!t?.mode) return null;
+  return { [t.mode]: { ...t[t.mode] } };
+}
+
+function evaluationOut(e) {
+  if (!e) return null;
+  return {
+    mode: modeOut(e.mode),
+    runsConsidered: e.runsConsidered,
+    leadingFailureStreak: e.leadingFailureStreak,
+    leadingSuccessStreak: e.leadingSuccessStreak,
+    failuresInWindow: e.failuresInWindow,
+    rule: ruleOut(e.rule),
+    thresholds: thresholdsOut(e.thresholds),
+  };
+}
+
+function runOut(r) {
+  return {
+    runId: r.runId,
+    systemId: r.systemId,
+    checkId: r.checkId,
+    status: statusOut(r.status),
+    observedAt: timestampOut(r.observedAt),
+    latencyMs: durationOut(r.latency),
+    message: r.message,
+    recordedAt: timestampOut(r.recordedAt),
+  };
+}
+
+function systemOut(s) {
+  return {
+    systemId: s.systemId,
+    status: statusOut(s.status),
+    checks: s.checks.map((c) => ({
+      checkId: c.checkId,
+      status: statusOut(c.status),
+      evaluation: evaluationOut(c.evaluation),
+      runsConsidered: c.runsConsidered,
+      lastRunAt: timestampOut(c.lastRunAt),
+      thresholds: thresholdsOut(c.thresholds),
+      enabled: c.enabled,
+    })),
+    evaluatedAt: timestampOut(s.evaluatedAt),
+  };
+}
+
+function transitionOut(t) {
+  if (!t) return null;
+  return {
+    sequence: BigInt(t.sequence),
+    systemId: t.systemId,
+    checkId: t.checkId,
+    fromStatus: statusOut(t.fromStatus),
+    toStatus: statusOut(t.toStatus),
+    transitionedAt: timestampOut(t.transitionedAt),
+    evaluation: evaluationOut(t.evaluation),
+  };
+}
+
+// ------------------------------------------------------------------ client
+
+/**
+ * A connection to one vitals server.
+ *
+ *   const vitals = new VitalsClient('127.0.0.1:50051');
+ *   await vitals.submitRun({ systemId: 'checkout', checkId: 'http', status: 'healthy' });
+ *   await vitals.withLock('nightly-report', async (grant) => writeReport(grant.fencingToken));
+ *   vitals.close();
+ */
+export class VitalsClient {
+  #health;
+  #locks;
+  #timeoutMs;
+
+  /**
+   * @param {string} target host:port or any gRPC target
+   * @param {object} [options]
+   * @param {import('@grpc/grpc-js').ChannelCredentials} [options.credentials] default: insecure
+   * @param {object} [options.channelOptions] grpc-js channel options
+   * @param {number} [options.timeoutMs] deadline of unary calls (default 10 s)
+   */
+  constructor(target, { credentials = grpc.credentials.createInsecure(), channelOptions = {}, timeoutMs } = {}) {
+    const { HealthCheckService, LockService } = loadServices();
+    this.#health = new HealthCheckService(target, credentials, channelOptions);
+    // One channel for both services.
+    this.#locks = new LockService(target, credentials, { ...channelOptions, channelOverride: this.#health.getChannel() });
+    this.#timeoutMs = timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  }
+
+  close() {
+    this.#health.close();
+  }
+
+  #unary(method, request, timeoutMs) {
+    const deadline = new Date(Date.now() + (timeoutMs ?? this.#timeoutMs));
+    return new Promise((resolve, reject) => {
+      this.#health[method](request, { deadline }, (err, response) =>
+        err ? reject(fromServiceError(err)) : resolve(response),
+      );
+    });
+  }
+
+  /**
+   * Evaluates run statuses (newest first) without storing anything.
+   * @param {string[]} statuses e.g. ['unhealthy', 'healthy']
+   * @param {{consecutive?: object, window?: object}} [thresholds] unset: consecutive defaults
+   * @returns {Promise<{status: string, evaluation: object}>}
+   */
+  async evaluateHealth(statuses, thresholds, { timeoutMs } = {}) {
+    const request = { statuses: statuses.map(statusIn) };
+    if (thresholds) request.thresholds = thresholds;
+    const r = await this.#unary('EvaluateHealth', request, timeoutMs);
+    return { status: statusOut(r.status), evaluation: evaluationOut(r.evaluation) };
+  }
+
+  /**
+   * Records one run; idempotent when runId is given (a retry reports duplicate: true).
+   * @param {object} run
+   * @param {string} run.systemId
+   * @param {string} run.checkId
+   * @param {string} run.status 'healthy' | 'degraded' | 'unhealthy'
+   * @param {string} [run.runId]
+   * @param {Date} [run.observedAt] default: now, on the server
+   * @param {number} [run.latencyMs]
+   * @param {string} [run.message]
+   */
+  async submitRun({ systemId, checkId, status, runId = '', observedAt, latencyMs, message = '' }, { timeoutMs } = {}) {
+    const request = { runId, systemId, checkId, status: statusIn(status), message };
+    if (observedAt !== undefined) request.observedAt = timestampIn(observedAt);
+    if (latencyMs !== undefined) request.latency = durationIn(latencyMs, 'latencyMs');
+    const r = await this.#unary('SubmitRun', request, timeoutMs);
+    return {
+      run: runOut(r.run),
+      systemHealth: systemOut(r.systemHealth),
+      transition: transitionOut(r.transition),
+      duplicate: r.duplicate,
+    };
+  }
+
+  /** The stored health of a system; rejects with SystemNotFound for an unknown one. */
+  async getSystemHealth(systemId, { timeoutMs } = {}) {
+    const r = await this.#unary('GetSystemHealth', { systemId }, timeoutMs);
+    return systemOut(r.systemHealth);
+  }
+
+  /**
+   * Runs fn(grant) while holding the distributed lock `key`, and returns its
+   * result. Keep-alives go out every third of the lease while fn runs; the
+   * lock is released when fn settles.
+   *
+   * grant: { key, owner, fencingToken (BigInt), acquiredAt, leaseMs, signal,
+   * lost, ensureHeld() }. `signal` aborts, with a LockLost as its reason, the
+   * moment the lock is lost: pass it to work that should stop then. If the
+   * lock was lost while fn ran, withLock rejects with LockLost even when fn
+   * succeeded: part of fn ran unprotected.
+   *
+   * @template T
+   * @param {string} key
+   * @param {(grant: object) => Promise<T> | T} fn
+   * @param {object} [options]
+   * @param {number} [options.waitTimeoutMs] unset: the server's default wait; 0: try once
+   * @param {string} [options.owner] who holds the lock, for humans
+   * @param {number} [options.keepAliveIntervalMs] default lease/3; 0 disables keep-alives
+   * @returns {Promise<T>}
+   */
+  async withLock(key, fn, { waitTimeoutMs, owner = '', keepAliveIntervalMs } = {}) {
+    const call = this.#locks.WithLock();
+    const inbox = new Inbox(call);
+    const acquire = { key, owner };
+    if (waitTimeoutMs !== undefined) acquire.waitTimeout = durationIn(waitTimeoutMs, 'waitTimeoutMs');
+    call.write({ acquire });
+
+    let first;
+    try {
+      first = await inbox.next();
+    } catch (err) {
+      call.end();
+      throw fromServiceError(err);
+    }
+    if (first?.event !== 'acquired') {
+      call.cancel();
+      throw new VitalsError({ code: grpc.status.INTERNAL, message: 'lock stream ended before acquired' });
+    }
+
+    const controller = new AbortController();
+    const grant = {
+      key,
+      owner,
+      fencingToken: BigInt(first.acquired.fencingToken),
+      acquiredAt: timestampOut(first.acquired.acquiredAt),
+      leaseMs: durationOut(first.acquired.lease),
+      signal: controller.signal,
+      heldForMs: null,
+      get lost() {
+        return controller.signal.aborted;
+      },
+      ensureHeld() {
+        controller.signal.throwIfAborted();
+      },
+    };
+
+    let releasing = false;
+    const interval = keepAliveIntervalMs ?? Math.max(grant.leaseMs * KEEPALIVE_FRACTION, 10);
+    const timer = interval > 0 ? setInterval(() => call.write({ keepAlive: {} }), interval) : null;
+    // While held, the stream only ends in an error if the lock is lost.
+    inbox.onError = (err) => {
+      clearInterval(timer);
+      if (releasing) return;
+      const lost = fromServiceError(err);
+      controller.abort(lost instanceof LockLost ? lost : new LockLost({ ...lost, message: lost.details, cause: err }));
+    };
+
+    let outcome;
+    try {
+      outcome = { value: await fn(grant) };
+    } catch (error) {
+      outcome = { error };
+    }
+
+    clearInterval(timer);
+    let releaseError = null;
+    if (grant.lost) {
+      call.end();
+      releaseError = controller.signal.reason;
+    } else {
+      releasing = true;
+      call.write({ release: {} });
+      call.end();
+      try {
+        const released = await withTimeout(inbox.next(), RELEASE_TIMEOUT_MS, () => call.cancel());
+        if (released?.event !== 'released') throw new Error('lock stream ended before released');
+        grant.heldForMs = durationOut(released.released.heldFor);
+      } catch (err) {
+        releaseError = fromServiceError(err);
+        if (releaseError instanceof LockLost) controller.abort(releaseError);
+      }
+    }
+    if ('error' in outcome) throw outcome.error; // fn's own failure comes first
+    if (releaseError) throw releaseError;
+    return outcome.value;
+  }
+}
+
+/** Messages of a stream as promises, in order, with its error kept. */
+class Inbox {
+  #queue = [];
+  #waiter = null;
+  #done = false;
+  #error = null;
+  /** Called once with the stream's error, if it ends with one. */
+  onError = null;
+
+  constructor(call) {
+    call.on('data', (message) => this.#settle({ message }));
+    call.on('error', (error) => {
+      this.#error ??= error;
+      this.#done = true;
+      this.#settle(null);
+      this.onError?.(error);
+    });
+    call.on('end', () => {
+      this.#done = true;
+      this.#settle(null);
+    });
+  }
+
+  #settle(item) {
+    if (item) this.#queue.push(item);
+    if (!this.#waiter) return;
+    const { resolve, reject } = this.#waiter;
+    if (this.#queue.length) {
+      this.#waiter = null;
+      resolve(this.#queue.shift().message);
+    } else if (this.#error) {
+      this.#waiter = null;
+      reject(this.#error);
+    } else if (this.#done) {
+      this.#waiter = null;
+      resolve(null);
+    }
+  }
+
+  /** The next message; null when the stream ended; rejects with its error. */
+  next() {
+    return new Promise((resolve, reject) => {
+      this.#waiter = { resolve, reject };
+      this.#settle(null);
+    });
+  }
+}
+
+function withTimeout(promise, ms, onTimeout) {
+  let timer;
+  const expired = new Promise((_, reject) => {
+    timer = setTimeout(() => {
+      onTimeout();
+      reject(new VitalsError({ code: grpc.status.DEADLINE_EXCEEDED, message: `no answer within ${ms} ms` }));
+    }, ms);
+  });
+  return Promise.race([promise, expired]).finally(() => clearTimeout(timer));
+}

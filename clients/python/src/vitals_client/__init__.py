@@ -1,0 +1,75 @@
+"""Python client for vitals (`vitals.v1`): health-check evaluation and
+distributed advisory locks over gRPC.
+
+Layout:
+- `client`: `Client`, the typed helpers, one per RPC, and `TransitionWatch`.
+- `lock`: `Lock` and `LockGrant`, WithLock as a context manager with
+  background keep-alives.
+- `types`: the plain values (enums, dataclasses) requests take and
+  responses become.
+- `errors`: `VitalsError` and its subclasses, built from the ErrorInfo in
+  the status details.
+- `_gen`: code generated from proto/ when the package is built; not in git.
+"""
+
+from .client import Client, TransitionWatch
+from .errors import (
+    ERROR_DOMAIN,
+    FieldViolation,
+    InvalidArgument,
+    LockError,
+    LockLost,
+    LockNotAvailable,
+    LockProtocolViolation,
+    RunIdConflict,
+    SystemNotFound,
+    Unavailable,
+    VitalsError,
+)
+from .lock import Lock, LockGrant
+from .types import (
+    CheckHealth,
+    ConfigureCheckResult,
+    Consecutive,
+    Evaluation,
+    EvaluationMode,
+    EvaluationResult,
+    EvaluationRule,
+    HealthStatus,
+    Run,
+    SubmitRunResult,
+    SystemHealth,
+    Transition,
+    Window,
+)
+
+__all__ = [
+    "ERROR_DOMAIN",
+    "CheckHealth",
+    "Client",
+    "ConfigureCheckResult",
+    "Consecutive",
+    "Evaluation",
+    "EvaluationMode",
+    "EvaluationResult",
+    "EvaluationRule",
+    "FieldViolation",
+    "HealthStatus",
+    "InvalidArgument",
+    "Lock",
+    "LockError",
+    "LockGrant",
+    "LockLost",
+    "LockNotAvailable",
+    "LockProtocolViolation",
+    "Run",
+    "RunIdConflict",
+    "SubmitRunResult",
+    "SystemHealth",
+    "SystemNotFound",
+    "Transition",
+    "TransitionWatch",
+    "Unavailable",
+    "VitalsError",
+    "Window",
+]

@@ -1,0 +1,279 @@
+"""`Client`: typed helpers over the generated stubs.
+
+Each helper builds its request from plain Python values, calls the stub with
+a deadline, turns `grpc.RpcError` into a `VitalsError` subclass and the
+response into the dataclasses of `vitals_client.types`.
+
+Transport notes:
+- TCP_NODELAY: grpcio's core sets it on every TCP socket it opens (Linux and
+  macOS), so small messages such as lock keep-alives are not held back by
+  Nagle's algorithm; there is no option to set.
+- Deadlines: unary helpers use `timeout` (seconds, default 10) unless a call
+  passes its own. The streams (WatchTransitions, WithLock) have none by
+  default: they live as long as their consumer wants them.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+from typing import Iterable, Iterator, Optional, Sequence
+
+import grpc
+
+from ._gen.vitals.v1 import health_pb2 as pb
+from ._gen.vitals.v1 import health_pb2_grpc, lock_pb2_grpc
+from .errors import VitalsError, from_rpc_error
+from .lock import Lock
+from .types import (
+    ConfigureCheckResult,
+    EvaluationResult,
+    Evaluation,
+    HealthStatus,
+    Run,
+    StatusLike,
+    SubmitRunResult,
+    SystemHealth,
+    CheckHealth,
+    Thresholds,
+    Transition,
+    _enum,
+    duration_to_proto,
+    thresholds_to_proto,
+    timestamp_to_proto,
+)
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class Client:
+    """A connection to one vitals server.
+
+    >>> with Client("127.0.0.1:50051") as vitals:
+    ...     vitals.submit_run("checkout", "http", "healthy")
+    ...     with vitals.lock("nightly-report") as grant:
+    ...         write_report(fencing_token=grant.fencing_token)
+
+    `target` is a gRPC target (`host:port`, `dns:///host:port`, ...). Pass
+    `channel` to use a channel you built yourself (TLS, interceptors); the
+    client then does not close it.
+    """
+
+    def __init__(
+        self,
+        target: Optional[str] = None,
+        *,
+        channel: Optional[grpc.Channel] = None,
+        timeout: Optional[float] = DEFAULT_TIMEOUT,
+        options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        if (target is None) == (channel is None):
+            raise ValueError("pass either target or channel")
+        self._owns_channel = channel is None
+        self._channel = channel if channel is not None else grpc.insecure_channel(target, options=list(options))
+        self._health = health_pb2_grpc.HealthCheckServiceStub(self._channel)
+        self._locks = lock_pb2_grpc.LockServiceStub(self._channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _unary(self, method, request, timeout: Optional[float]):
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    # ------------------------------------------------------------- health
+
+    def evaluate_health(
+        self,
+        statuses: Iterable[StatusLike],
+        thresholds: Optional[Thresholds] = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> EvaluationResult:
+        """Evaluates run statuses (newest first) without storing anything."""
+        request = pb.EvaluateHealthRequest(statuses=[HealthStatus.parse(s) for s in statuses])
+        if thresholds is not None:
+            request.thresholds.CopyFrom(thresholds_to_proto(thresholds))
+        response = self._unary(self._health.EvaluateHealth, request, timeout)
+        return EvaluationResult(_enum(HealthStatus, response.status), Evaluation.from_proto(response.evaluation))
+
+    def submit_run(
+        self,
+        system_id: str,
+        check_id: str,
+        status: StatusLike,
+        run_id: Optional[str] = None,
+        observed_at: Optional[datetime] = None,
+        latency: Optional[timedelta | float] = None,
+        message: str = "",
+        *,
+        timeout: Optional[float] = None,
+    ) -> SubmitRunResult:
+        """Records one run. With a `run_id` the call is idempotent: a retry
+        stores nothing and reports `duplicate=True`."""
+        request = pb.SubmitRunRequest(
+            run_id=run_id or "",
+            system_id=system_id,
+            check_id=check_id,
+            status=HealthStatus.parse(status),
+            message=message,
+        )
+        if observed_at is not None:
+            request.observed_at.CopyFrom(timestamp_to_proto(observed_at))
+        if latency is not None:
+            request.latency.CopyFrom(duration_to_proto(latency))
+        r = self._unary(self._health.SubmitRun, request, timeout)
+        return SubmitRunResult(
+            run=Run.from_proto(r.run),
+            system_health=SystemHealth.from_proto(r.system_health),
+            transition=Transition.from_proto(r.transition) if r.HasField("transition") else None,
+            duplicate=r.duplicate,
+        )
+
+    def get_system_health(self, system_id: str, *, timeout: Optional[float] = None) -> SystemHealth:
+        """The stored health of a system; raises SystemNotFound for an unknown one."""
+        r = self._unary(self._health.GetSystemHealth, pb.GetSystemHealthRequest(system_id=system_id), timeout)
+        return SystemHealth.from_proto(r.system_health)
+
+    def configure_check(
+        self,
+        system_id: str,
+        check_id: str,
+        thresholds: Optional[Thresholds] = None,
+        enabled: Optional[bool] = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> ConfigureCheckResult:
+        """Creates or updates a check. None leaves a setting as it is (the
+        defaults for a new check)."""
+        request = pb.ConfigureCheckRequest(system_id=system_id, check_id=check_id)
+        if thresholds is not None:
+            request.thresholds.CopyFrom(thresholds_to_proto(thresholds))
+        if enabled is not None:
+            request.enabled = enabled
+        r = self._unary(self._health.ConfigureCheck, request, timeout)
+        return ConfigureCheckResult(
+            check=CheckHealth.from_proto(r.check),
+            system_health=SystemHealth.from_proto(r.system_health),
+            transition=Transition.from_proto(r.transition) if r.HasField("transition") else None,
+        )
+
+    def list_runs(
+        self,
+        system_id: str,
+        check_id: Optional[str] = None,
+        *,
+        page_size: int = 0,
+        timeout: Optional[float] = None,
+    ) -> Iterator[Run]:
+        """Every run of a system (or of one check), newest first, fetching
+        pages of `page_size` (0: the server's default) as it goes."""
+        token = ""
+        while True:
+            request = pb.ListRunsRequest(
+                system_id=system_id, check_id=check_id or "", page_size=page_size, page_token=token
+            )
+            r = self._unary(self._health.ListRuns, request, timeout)
+            yield from (Run.from_proto(m) for m in r.runs)
+            token = r.next_page_token
+            if not token:
+                return
+
+    def list_transitions(
+        self,
+        system_id: Optional[str] = None,
+        *,
+        page_size: int = 0,
+        timeout: Optional[float] = None,
+    ) -> Iterator[Transition]:
+        """Every stored transition (of one system, when given), highest
+        sequence first, fetching pages as it goes."""
+        token = ""
+        while True:
+            request = pb.ListTransitionsRequest(system_id=system_id or "", page_size=page_size, page_token=token)
+            r = self._unary(self._health.ListTransitions, request, timeout)
+            yield from (Transition.from_proto(m) for m in r.transitions)
+            token = r.next_page_token
+            if not token:
+                return
+
+    def watch_transitions(
+        self,
+        system_id: Optional[str] = None,
+        after_sequence: int = 0,
+        *,
+        timeout: Optional[float] = None,
+    ) -> TransitionWatch:
+        """Follows transitions (of one system, when given): first the stored
+        ones after `after_sequence`, then new ones as they commit, in sequence
+        order. Iterate it; `cancel()` (from any thread) or leaving its `with`
+        block ends it. `timeout` is a deadline for the whole stream."""
+        request = pb.WatchTransitionsRequest(system_id=system_id or "", after_sequence=after_sequence)
+        return TransitionWatch(self._health.WatchTransitions(request, timeout=timeout))
+
+    # -------------------------------------------------------------- locks
+
+    def lock(
+        self,
+        key: str,
+        wait_timeout: Optional[timedelta | float] = None,
+        owner: str = "",
+        *,
+        keepalive_interval: Optional[timedelta | float] = None,
+    ) -> Lock:
+        """A distributed lock, held for the duration of a `with` block:
+
+        >>> with client.lock("reindex", wait_timeout=5) as grant:
+        ...     reindex(fencing_token=grant.fencing_token)
+
+        `wait_timeout`: None waits up to the server's default, 0 tries once,
+        otherwise seconds or a timedelta; LockNotAvailable when not granted.
+        Keep-alives go out in the background every third of the lease
+        (`keepalive_interval` overrides; 0 disables them). Leaving the block
+        releases the lock; LockLost is raised there if it was lost meanwhile.
+        """
+        return Lock(self._locks, key, wait_timeout, owner, keepalive_interval)
+
+
+class TransitionWatch:
+    """An iterator of transitions over one WatchTransitions stream."""
+
+    def __init__(self, call) -> None:
+        self._call = call
+        self._cancelled = threading.Event()
+
+    def __iter__(self) -> TransitionWatch:
+        return self
+
+    def __next__(self) -> Transition:
+        try:
+            response = next(self._call)
+        except grpc.RpcError as err:
+            if self._cancelled.is_set() and err.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise from_rpc_error(err) from None
+        return Transition.from_proto(response.transition)
+
+    def cancel(self) -> None:
+        """Ends the stream; a blocked `next()` then stops the iteration."""
+        self._cancelled.set()
+        self._call.cancel()
+
+    def __enter__(self) -> TransitionWatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+
+__all__ = ["Client", "TransitionWatch", "VitalsError"]
