@@ -81,7 +81,13 @@ impl Application {
                 dir.display()
             )));
         }
-        let pools = Pools::connect_lazy(&config).map_err(|e| StartError::Config(e.to_string()))?;
+        let pools = Pools::connect_lazy(&config).map_err(StartError::Config)?;
+        if config.request_timeout_ms >= config.lock_idle_tx_timeout_ms {
+            tracing::warn!(
+                "VITALS_REQUEST_TIMEOUT_MS is not below DATABASE_LOCK_IDLE_TX_TIMEOUT_MS: a slow request can outlive its \
+                 system lock (its writes stay correct, but serialisation falls back to row locks)"
+            );
+        }
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .map_err(|source| StartError::Bind {

@@ -29,6 +29,10 @@ pub const TCP_KEEPALIVES_INTERVAL_S: u64 = 5;
 /// Unanswered probes before the server drops the session.
 pub const TCP_KEEPALIVES_COUNT: u64 = 3;
 
+/// How much longer than the lease PostgreSQL lets a lock session idle in its
+/// transaction before ending it (and with it the lock).
+pub const LEASE_BACKSTOP_MARGIN_MS: u64 = 1000;
+
 /// Pool of connections for reads and writes. Never holds advisory locks.
 #[derive(Debug, Clone)]
 pub struct WorkPool(PgPool);
@@ -76,14 +80,14 @@ pub struct Pools {
     probe: PgPool,
 }
 
-fn base_options(config: &Config) -> Result<PgConnectOptions> {
+fn base_options(config: &Config) -> std::result::Result<PgConnectOptions, String> {
     let options = match config.database_target() {
         DatabaseTarget::PostgresUrl(url) => url
             .parse::<PgConnectOptions>()
-            .map_err(|e| Error::Internal(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}")))?,
+            .map_err(|e| format!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))?,
         DatabaseTarget::PostgresFromEnv => PgConnectOptions::new(),
         DatabaseTarget::Embedded(_) => {
-            return Err(Error::Internal("no PostgreSQL configured".into()));
+            return Err("no PostgreSQL configured: set DATABASE_URL or PGHOST".into());
         }
     };
     let keepalives = [
@@ -97,15 +101,17 @@ fn base_options(config: &Config) -> Result<PgConnectOptions> {
 impl Pools {
     /// Builds both pools without connecting: the server starts and reports
     /// NOT_SERVING until the database answers, instead of failing to start.
-    pub fn connect_lazy(config: &Config) -> Result<Self> {
+    pub fn connect_lazy(config: &Config) -> std::result::Result<Self, String> {
         let base = base_options(config)?;
         let work_options = base.clone().application_name("vitals-work");
         let listen_options = base.clone().application_name("vitals-listen");
         let probe_options = base.clone().application_name("vitals-probe");
         let lock_options = base.application_name("vitals-lock").options([
+            // vitals ends a lapsed lease itself; PostgreSQL's own timer is
+            // the backstop, so it runs a little longer.
             (
                 "idle_in_transaction_session_timeout",
-                config.lock_idle_tx_timeout_ms.to_string(),
+                (config.lock_idle_tx_timeout_ms + LEASE_BACKSTOP_MARGIN_MS).to_string(),
             ),
             ("lock_timeout", config.lock_timeout_ms.to_string()),
             // A session waiting for a lock notices within a second that

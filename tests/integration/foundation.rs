@@ -162,7 +162,7 @@ async fn the_two_pools_carry_their_own_application_name_and_session_settings() {
     let show = |name: &'static str| format!("SHOW {name}");
     for (name, lock_want, work_want) in [
         ("application_name", "vitals-lock", "vitals-work"),
-        ("idle_in_transaction_session_timeout", "4321ms", "0"),
+        ("idle_in_transaction_session_timeout", "5321ms", "0"),
         ("lock_timeout", "1234ms", "0"),
         ("tcp_keepalives_idle", "10", "10"),
     ] {
