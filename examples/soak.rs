@@ -1,0 +1,381 @@
+//! Soak test: mixed load at the concurrency limit while PostgreSQL is
+//! restarted twice; reports requests per status code, latency, and verifies
+//! that no acknowledged run was lost.
+//!
+//! Run with `scripts/soak.sh` (builds the release binary first). It starts its
+//! own throw-away PostgreSQL cluster (so it can restart it) and its own vitals
+//! on loopback, and stops both at the end. Bounded in time; loopback only.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use vitals::proto::{
+    self, health_check_service_client::HealthCheckServiceClient, lock_service_client::LockServiceClient,
+    with_lock_request::Action,
+};
+
+struct Args {
+    minutes: f64,
+    concurrency: usize,
+    vitals_bin: PathBuf,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        minutes: 10.0,
+        concurrency: 64,
+        vitals_bin: PathBuf::from("target/release/vitals"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--minutes" => args.minutes = value.parse().expect("--minutes is a number"),
+            "--concurrency" => args.concurrency = value.parse().expect("--concurrency is a count"),
+            "--vitals-bin" => args.vitals_bin = PathBuf::from(value),
+            other => panic!("unknown flag {other} (known: --minutes, --concurrency, --vitals-bin)"),
+        }
+    }
+    args
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A throw-away cluster owned by the `postgres` user (initdb refuses root).
+struct Cluster {
+    dir: PathBuf,
+    port: u16,
+    bin: PathBuf,
+}
+
+fn pg_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server binaries (apt-get install postgresql)")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("an initdb under /usr/lib/postgresql/*/bin")
+}
+
+fn as_postgres(cmd: &Path, args: &[&str]) -> Command {
+    let mut c = if nix_is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(cmd);
+        c
+    } else {
+        Command::new(cmd)
+    };
+    c.args(args);
+    c
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
+}
+
+impl Cluster {
+    fn create() -> Cluster {
+        let dir = std::env::temp_dir().join(format!("vitals-soak-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = Command::new("chown").args(["postgres", dir.to_str().unwrap()]).status();
+        let bin = pg_bin();
+        let data = dir.join("data");
+        let ok = as_postgres(
+            &bin.join("initdb"),
+            &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust"],
+        )
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+        assert!(ok, "initdb failed");
+        let cluster = Cluster {
+            dir,
+            port: free_port(),
+            bin,
+        };
+        cluster.start();
+        cluster
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> bool {
+        let data = self.dir.join("data");
+        let mut all = vec!["-D", data.to_str().unwrap()];
+        all.extend_from_slice(args);
+        as_postgres(&self.bin.join("pg_ctl"), &all)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    fn start(&self) {
+        let opts = format!(
+            "-p {} -k {} -c max_connections=200 -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log");
+        assert!(
+            self.pg_ctl(&["-w", "-l", log.to_str().unwrap(), "-o", &opts, "start"]),
+            "pg_ctl start failed"
+        );
+    }
+
+    fn stop(&self) {
+        self.pg_ctl(&["-w", "-m", "fast", "stop"]);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.pg_ctl(&["-m", "immediate", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Vitals(Child);
+
+impl Drop for Vitals {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    /// (operation, code) -> count
+    codes: BTreeMap<(&'static str, String), u64>,
+    latencies: BTreeMap<&'static str, Vec<u32>>,
+}
+
+impl Stats {
+    fn record(&mut self, op: &'static str, code: &str, took: Duration) {
+        *self.codes.entry((op, code.to_owned())).or_default() += 1;
+        self.latencies
+            .entry(op)
+            .or_default()
+            .push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
+    }
+}
+
+async fn lock_once(client: &mut LockServiceClient<Channel>, key: String) -> Result<(), tonic::Status> {
+    let (tx, rx) = mpsc::channel(2);
+    let acquire = proto::WithLockRequest {
+        action: Some(Action::Acquire(proto::Acquire {
+            key,
+            wait_timeout: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+            owner: "soak".into(),
+        })),
+    };
+    tx.send(acquire).await.map_err(|_| tonic::Status::internal("send"))?;
+    let mut replies = client.with_lock(ReceiverStream::new(rx)).await?.into_inner();
+    replies.message().await?;
+    tx.send(proto::WithLockRequest {
+        action: Some(Action::Release(proto::Release {})),
+    })
+    .await
+    .map_err(|_| tonic::Status::internal("send"))?;
+    while replies.message().await?.is_some() {}
+    Ok(())
+}
+
+fn code_name(result: &Result<(), tonic::Status>) -> String {
+    match result {
+        Ok(()) => "OK".into(),
+        Err(s) => format!("{:?}", s.code()),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args();
+    assert!(
+        args.vitals_bin.exists(),
+        "{} missing: cargo build --release",
+        args.vitals_bin.display()
+    );
+    let cluster = Cluster::create();
+    let port = free_port();
+    let vitals = Vitals(
+        Command::new(&args.vitals_bin)
+            .env("DATABASE_URL", cluster.url())
+            .env("VITALS_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("VITALS_MAX_CONCURRENT_REQUESTS", args.concurrency.to_string())
+            .env("DATABASE_POOL_CONNECTION_TIMEOUT_MS", "2000")
+            .env("VITALS_REQUEST_TIMEOUT_MS", "5000")
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vitals"),
+    );
+    let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .tcp_nodelay(true);
+    let channel = loop {
+        if let Ok(c) = endpoint.connect().await {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Wait for SERVING before the clock starts.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    loop {
+        let serving = health
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .map(|r| r.into_inner().status() == tonic_health::pb::health_check_response::ServingStatus::Serving)
+            .unwrap_or(false);
+        if serving {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let total = Duration::from_secs_f64(args.minutes * 60.0);
+    let started = Instant::now();
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut workers = Vec::new();
+    for worker in 0..args.concurrency {
+        let channel = channel.clone();
+        let stats = stats.clone();
+        let acked = acked.clone();
+        workers.push(tokio::spawn(async move {
+            let mut health = HealthCheckServiceClient::new(channel.clone());
+            let mut locks = LockServiceClient::new(channel);
+            let mut i: u64 = 0;
+            while started.elapsed() < total {
+                i += 1;
+                let pick = (i * 7 + worker as u64) % 10;
+                let t = Instant::now();
+                if pick < 7 {
+                    let run_id = format!("w{worker}-{i}");
+                    let result = health
+                        .submit_run(proto::SubmitRunRequest {
+                            run_id: run_id.clone(),
+                            system_id: format!("sys-{}", (i + worker as u64) % 500),
+                            check_id: format!("c{}", i % 3),
+                            status: [1, 1, 1, 2, 3][(i % 5) as usize],
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ());
+                    if result.is_ok() {
+                        acked.lock().unwrap().push(run_id);
+                    }
+                    stats.lock().unwrap().record("submit", &code_name(&result), t.elapsed());
+                } else if pick < 8 {
+                    let result = health
+                        .get_system_health(proto::GetSystemHealthRequest {
+                            system_id: format!("sys-{}", i % 500),
+                        })
+                        .await
+                        .map(|_| ());
+                    let code = match &result {
+                        Err(s) if s.code() == tonic::Code::NotFound => "OK".to_owned(),
+                        other => code_name(other),
+                    };
+                    stats.lock().unwrap().record("get", &code, t.elapsed());
+                } else {
+                    let result = lock_once(&mut locks, format!("key-{}", i % 50)).await;
+                    stats.lock().unwrap().record("lock", &code_name(&result), t.elapsed());
+                }
+                if started.elapsed() > total {
+                    break;
+                }
+            }
+        }));
+    }
+
+    // Restart the database twice, at a third and two thirds of the run.
+    let mut restarts = Vec::new();
+    for n in 1..=2u32 {
+        let at = total.mul_f64(f64::from(n) / 3.0);
+        tokio::time::sleep(at.saturating_sub(started.elapsed())).await;
+        let t = Instant::now();
+        cluster.stop();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.start();
+        restarts.push(format!(
+            "restart {n} at {:.0?}: down for {:.1?}",
+            started.elapsed(),
+            t.elapsed()
+        ));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    drop(vitals);
+
+    // Verify: every acknowledged run is stored.
+    let acked = acked.lock().unwrap().clone();
+    let pool = sqlx::PgPool::connect(&cluster.url()).await.unwrap();
+    let stored: HashSet<String> = sqlx::query_scalar("SELECT run_id FROM runs")
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let lost = acked.iter().filter(|r| !stored.contains(*r)).count();
+    pool.close().await;
+
+    let stats = stats.lock().unwrap();
+    println!(
+        "# vitals soak: {:.1} min, concurrency {}",
+        elapsed.as_secs_f64() / 60.0,
+        args.concurrency
+    );
+    for r in &restarts {
+        println!("- {r}");
+    }
+    println!("\n| operation | code | count |\n|---|---|---|");
+    for ((op, code), n) in &stats.codes {
+        println!("| {op} | {code} | {n} |");
+    }
+    println!("\n| operation | requests | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|");
+    for (op, lat) in &stats.latencies {
+        let mut lat = lat.clone();
+        lat.sort_unstable();
+        let pct = |p: f64| f64::from(lat[((lat.len() as f64 - 1.0) * p) as usize]) / 1000.0;
+        println!(
+            "| {op} | {} | {:.2} | {:.2} | {:.1} |",
+            lat.len(),
+            pct(0.5),
+            pct(0.99),
+            pct(1.0)
+        );
+    }
+    println!(
+        "\nacknowledged runs: {}, stored: {}, lost: {lost}",
+        acked.len(),
+        stored.len()
+    );
+    if lost > 0 {
+        std::process::exit(1);
+    }
+}

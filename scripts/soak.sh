@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Soak test (issue 5): mixed load at the concurrency limit for 10 minutes while
+# PostgreSQL is restarted twice; prints requests per status code, latency, and
+# whether any acknowledged run was lost. Not part of scripts/test.sh.
+#
+# Usage: scripts/soak.sh [--minutes N] [--concurrency N]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cargo build --release --locked --bin vitals --example soak
+target_dir=${CARGO_TARGET_DIR:-target}
+exec "$target_dir/release/examples/soak" --vitals-bin "$target_dir/release/vitals" "$@"
