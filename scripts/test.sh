@@ -14,11 +14,15 @@
 #   test     cargo test --locked                               (needs the database)
 #   clients  clients/python/run_tests.sh, clients/node/run_tests.sh, when they
 #            exist, with DATABASE_URL and VITALS_BIN set        (needs the database)
+#   walkthrough  scripts/walkthrough.sh: every grpcurl / buf curl command of
+#            README.md's walkthrough against a live vitals, outputs compared
+#            with the README; every RPC listed and called through reflection
+#            (grpcurl v1alpha, buf curl v1)                     (needs the database)
 #   db       debugging: start the database, print DATABASE_URL and
 #            max_connections, stop it                          (needs the database)
 #
 # Environment:
-#   VITALS_TEST_STEPS     the steps to run (default: "fmt clippy buf test clients")
+#   VITALS_TEST_STEPS     the steps to run (default: "fmt clippy buf test clients walkthrough")
 #   DATABASE_URL          an admin URL whose user may CREATE DATABASE; each test
 #                         creates its own database from it. Unset: a throw-away
 #                         PostgreSQL cluster is started and removed on exit.
@@ -45,8 +49,8 @@ BUF="$TOOLS_DIR/node_modules/.bin/buf"
 PG_SETTINGS=(max_connections=300 fsync=off synchronous_commit=off full_page_writes=off)
 PG_MIN_CONNECTIONS=200
 
-ALL_STEPS="fmt clippy buf test clients db"
-read -r -a STEPS <<<"${VITALS_TEST_STEPS:-fmt clippy buf test clients}"
+ALL_STEPS="fmt clippy buf test clients walkthrough db"
+read -r -a STEPS <<<"${VITALS_TEST_STEPS:-fmt clippy buf test clients walkthrough}"
 
 say() { printf 'test.sh: %s\n' "$*"; }
 die() {
@@ -365,10 +369,17 @@ step_clients() {
     done
 }
 
+# grpcurl goes into .tools/venv, buf (this script's pin) into .tools/.
+step_walkthrough() {
+    run cargo build --locked --bin vitals
+    VITALS_BIN="$(target_dir)/debug/vitals" BUF_VERSION=$BUF_VERSION run bash scripts/walkthrough.sh
+}
+
 run_db_steps() {
     check_database
     if has_step test; then step_test "$@"; fi
     if has_step clients; then step_clients; fi
+    if has_step walkthrough; then step_walkthrough; fi
     if has_step db; then step_db; fi
 }
 
@@ -379,7 +390,7 @@ if has_step clippy; then step_clippy; fi
 if has_step buf; then step_buf; fi
 
 db_steps=()
-for s in test clients db; do
+for s in test clients walkthrough db; do
     if has_step "$s"; then db_steps+=("$s"); fi
 done
 ((${#db_steps[@]})) || exit 0
