@@ -6,6 +6,8 @@ use std::{env, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["proto/vitals/v1/health.proto", "proto/vitals/v1/lock.proto"];
     println!("cargo:rerun-if-changed=proto");
+    // sqlx::migrate! embeds the migrations at compile time.
+    println!("cargo:rerun-if-changed=migrations");
 
     // Imports and source info are kept so reflection clients (grpcurl,
     // buf curl) see the well-known types and our doc comments.

@@ -4,23 +4,23 @@
 //!
 //! Shutdown is a sequence: health NOT_SERVING and new business RPCs refused,
 //! stop accepting, drain in-flight RPCs for up to `VITALS_SHUTDOWN_GRACE_MS`,
-//! end what is left (open lock streams lose their locks), close both pools.
+//! end what is left (open lock streams lose their locks), close both pools
+//! (embedded: the SQLite connections, then the data directory's lock).
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     api::{HealthApi, LockApi},
-    config::{Config, DatabaseTarget},
-    db::Pools,
+    config::Config,
+    db::Database,
     lock::Locks,
     middleware::{Edge, EdgeLayer},
     proto::{self, health_check_service_server::HealthCheckServiceServer, lock_service_server::LockServiceServer},
-    store::{PgStore, TransitionFeed},
+    store::Store,
 };
 
 /// Errors that stop the server from starting or running.
@@ -53,7 +53,8 @@ pub struct Application {
     config: Config,
     listener: TcpListener,
     addr: SocketAddr,
-    pools: Pools,
+    database: Database,
+    locks: Locks,
 }
 
 impl std::fmt::Debug for Application {
@@ -72,22 +73,11 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 
 impl Application {
     /// Binds the listen address (port 0 picks a free port) and prepares the
-    /// pools. Does not wait for the database: until it answers, health says
-    /// NOT_SERVING and business RPCs answer UNAVAILABLE.
+    /// database. Does not wait for PostgreSQL: until it answers, health says
+    /// NOT_SERVING and business RPCs answer UNAVAILABLE. The embedded store is
+    /// local: it is opened, locked against other processes and migrated here,
+    /// and start-up fails with a message if that is not possible.
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        if let DatabaseTarget::Embedded(dir) = config.database_target() {
-            return Err(StartError::Config(format!(
-                "no PostgreSQL configured: set DATABASE_URL or PGHOST (embedded store at {} is not available in this build)",
-                dir.display()
-            )));
-        }
-        let pools = Pools::connect_lazy(&config).map_err(StartError::Config)?;
-        if config.request_timeout_ms >= config.lock_idle_tx_timeout_ms {
-            tracing::warn!(
-                "VITALS_REQUEST_TIMEOUT_MS is not below DATABASE_LOCK_IDLE_TX_TIMEOUT_MS: a slow request can outlive its \
-                 system lock (its writes stay correct, but serialisation falls back to row locks)"
-            );
-        }
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .map_err(|source| StartError::Bind {
@@ -98,17 +88,32 @@ impl Application {
             addr: config.listen_addr,
             source,
         })?;
+        let database = Database::open(&config).await.map_err(StartError::Config)?;
+        if matches!(database, Database::Postgres(_)) && config.request_timeout_ms >= config.lock_idle_tx_timeout_ms {
+            tracing::warn!(
+                "VITALS_REQUEST_TIMEOUT_MS is not below DATABASE_LOCK_IDLE_TX_TIMEOUT_MS: a slow request can outlive its \
+                 system lock (its writes stay correct, but serialisation falls back to row locks)"
+            );
+        }
+        let locks = Locks::for_database(&database, &config);
         Ok(Application {
             config,
             listener,
             addr,
-            pools,
+            database,
+            locks,
         })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The lock service, for introspection (for example
+    /// [`Locks::local_stats`] of the embedded store).
+    pub fn locks(&self) -> &Locks {
+        &self.locks
     }
 
     /// Serves until `shutdown` resolves, then shuts down in order.
@@ -120,7 +125,8 @@ impl Application {
             config,
             listener,
             addr,
-            pools,
+            database,
+            locks,
         } = self;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         set_health(&health_reporter, ServingStatus::NotServing).await;
@@ -131,27 +137,14 @@ impl Application {
         let (stopping_tx, stopping_rx) = watch::channel(false);
 
         let readiness = tokio::spawn(readiness_loop(
-            pools.clone(),
+            database.clone(),
             config.clone(),
             edge.clone(),
             health_reporter.clone(),
             stopping_rx.clone(),
         ));
-        let retention = tokio::spawn(retention_loop(
-            PgStore::new(pools.work.clone()),
-            config.run_retention,
-            stopping_rx.clone(),
-        ));
-        let feed = TransitionFeed::start(pools.listen.clone(), stopping_rx.clone());
-
-        let store = PgStore::new(pools.work.clone());
-        let locks = Locks::new(
-            pools.lock.clone(),
-            config.client_lock_budget(),
-            config.pool_connection_timeout(),
-            config.lock_lease(),
-            config.lock_timeout(),
-        );
+        let (store, feed) = Store::open(&database, stopping_rx.clone());
+        let retention = tokio::spawn(retention_loop(store.clone(), config.run_retention, stopping_rx.clone()));
         let max_bytes = usize::try_from(config.max_request_bytes).unwrap_or(4 << 20);
         let health_api = HealthCheckServiceServer::new(HealthApi::new(store, locks.clone(), feed))
             .max_decoding_message_size(max_bytes);
@@ -190,7 +183,13 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(health_api)
             .add_service(lock_api)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_accepting);
+            // The builder's tcp_nodelay applies only to listeners tonic binds
+            // itself; without it on our own listener every reply waits for the
+            // client's delayed ACK (~40 ms on loopback).
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stop_accepting,
+            );
         let mut server = tokio::spawn(server);
 
         let result = tokio::select! {
@@ -210,7 +209,7 @@ impl Application {
         };
         let _ = stopping_tx.send(true);
         let _ = tokio::join!(readiness, retention);
-        pools.close().await;
+        database.close().await;
         tracing::info!("vitals stopped");
         match result {
             Ok(inner) => inner.map_err(StartError::from),
@@ -222,7 +221,7 @@ impl Application {
 /// Keeps health and the readiness gate in step with the database. Runs the
 /// migrations the first time the database answers.
 async fn readiness_loop(
-    pools: Pools,
+    database: Database,
     config: Config,
     edge: Arc<Edge>,
     reporter: HealthReporter,
@@ -231,12 +230,12 @@ async fn readiness_loop(
     let interval = Duration::from_millis(config.readiness_interval_ms);
     let mut migrated = false;
     loop {
-        let mut up = pools.ping(interval.max(Duration::from_millis(500))).await;
+        let mut up = database.ping(interval.max(Duration::from_millis(500))).await;
         if up && !migrated {
-            match pools.migrate().await {
+            match database.migrate().await {
                 Ok(()) => {
                     migrated = true;
-                    if let Err(err) = pools.check_sizing(&config).await {
+                    if let Err(err) = database.check_sizing(&config).await {
                         tracing::warn!(error = %err, "could not read max_connections");
                     }
                 }
@@ -264,7 +263,7 @@ async fn readiness_loop(
 }
 
 /// Deletes old runs and transitions in bounded batches.
-async fn retention_loop(store: PgStore, retention: Duration, mut stopping: watch::Receiver<bool>) {
+async fn retention_loop(store: Store, retention: Duration, mut stopping: watch::Receiver<bool>) {
     const EVERY: Duration = Duration::from_secs(300);
     loop {
         tokio::select! {

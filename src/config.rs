@@ -17,8 +17,11 @@ pub enum DatabaseTarget {
     PostgresUrl(String),
     /// No URL, but `PGHOST` is set: libpq's `PG*` variables describe the server.
     PostgresFromEnv,
-    /// No PostgreSQL configured: the embedded single-replica store.
+    /// No PostgreSQL configured: the embedded single-replica store in this
+    /// data directory (the SQLite file `vitals.db` inside).
     Embedded(PathBuf),
+    /// `DATABASE_URL=sqlite://PATH`: the embedded store in the SQLite file PATH.
+    EmbeddedUrl(String),
 }
 
 /// Log line format.
@@ -43,7 +46,7 @@ pub struct Config {
     )]
     pub listen_addr: SocketAddr,
 
-    /// PostgreSQL URL. Unset: the PG* variables when PGHOST is set, else the embedded store.
+    /// PostgreSQL URL (or sqlite://PATH for the embedded store). Unset: the PG* variables when PGHOST is set, else the embedded store.
     #[arg(
         long = "database-url",
         env = "DATABASE_URL",
@@ -52,7 +55,7 @@ pub struct Config {
     )]
     pub database_url: Option<String>,
 
-    /// Directory of the embedded store (used when no PostgreSQL is configured).
+    /// Directory of the embedded store: vitals.db and its lock file (used when no PostgreSQL is configured).
     #[arg(
         long = "data-dir",
         env = "VITALS_DATA_DIR",
@@ -187,6 +190,7 @@ impl Config {
     /// Resolves which store to use.
     pub fn database_target(&self) -> DatabaseTarget {
         match self.database_url.as_deref().map(str::trim) {
+            Some(url) if url.starts_with("sqlite:") => DatabaseTarget::EmbeddedUrl(url.to_owned()),
             Some(url) if !url.is_empty() => DatabaseTarget::PostgresUrl(url.to_owned()),
             _ if std::env::var_os("PGHOST").is_some_and(|h| !h.is_empty()) => DatabaseTarget::PostgresFromEnv,
             _ => DatabaseTarget::Embedded(self.data_dir.clone()),
@@ -259,6 +263,20 @@ mod tests {
         for bad in ["", "7", "d", "7w", "-1d", "10s", "1.5h"] {
             assert!(parse_retention(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_sqlite_url_selects_the_embedded_store_and_a_postgres_url_postgres() {
+        let c = Config::from_flags(["--database-url", "sqlite://some/dir/v.db"]).unwrap();
+        assert_eq!(
+            c.database_target(),
+            DatabaseTarget::EmbeddedUrl("sqlite://some/dir/v.db".into())
+        );
+        let c = Config::from_flags(["--database-url", "postgres://x/y"]).unwrap();
+        assert_eq!(
+            c.database_target(),
+            DatabaseTarget::PostgresUrl("postgres://x/y".into())
+        );
     }
 
     #[test]

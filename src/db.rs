@@ -1,4 +1,5 @@
-//! The two PostgreSQL pools and how their sessions are configured.
+//! The database of a vitals process: PostgreSQL's two pools and how their
+//! sessions are configured, or the embedded store ([`embedded`]).
 //!
 //! Upstream deadlocked because lock holders and their work drew from one pool:
 //! at concurrency >= pool size every connection held a lock and waited for a
@@ -6,6 +7,11 @@
 //! [`WorkPool`], two distinct types so they cannot be swapped by mistake, and
 //! only ever takes a lock connection first. Both pools fail fast after
 //! `DATABASE_POOL_CONNECTION_TIMEOUT_MS` instead of waiting forever.
+//!
+//! [`Database`] is the one value the application holds: either backend, with
+//! the same readiness, migration and shutdown operations.
+
+pub mod embedded;
 
 use std::time::Duration;
 
@@ -15,6 +21,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
+pub use self::embedded::EmbeddedDb;
 use crate::{
     config::{Config, DatabaseTarget},
     error::{Error, PoolKind, Result},
@@ -86,7 +93,7 @@ fn base_options(config: &Config) -> std::result::Result<PgConnectOptions, String
             .parse::<PgConnectOptions>()
             .map_err(|e| format!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))?,
         DatabaseTarget::PostgresFromEnv => PgConnectOptions::new(),
-        DatabaseTarget::Embedded(_) => {
+        DatabaseTarget::Embedded(_) | DatabaseTarget::EmbeddedUrl(_) => {
             return Err("no PostgreSQL configured: set DATABASE_URL or PGHOST".into());
         }
     };
@@ -149,7 +156,7 @@ impl Pools {
     /// Applies the migrations. sqlx serialises concurrent migrators with an
     /// advisory lock, so replicas starting together do not race.
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("./migrations")
+        sqlx::migrate!("./migrations/postgres")
             .run(self.work.pool())
             .await
             .map_err(|e| match e {
@@ -196,5 +203,74 @@ impl Pools {
             self.listen.close(),
             self.probe.close()
         );
+    }
+}
+
+/// The database of one vitals process: PostgreSQL or the embedded store.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// PostgreSQL through the work, lock, listen and probe pools; any number
+    /// of replicas.
+    Postgres(Pools),
+    /// The embedded SQLite store of a single replica.
+    Embedded(EmbeddedDb),
+}
+
+impl Database {
+    /// Opens the configured database. PostgreSQL is connected lazily (the
+    /// server starts NOT_SERVING until it answers); the embedded store is
+    /// local, so it is opened, locked and migrated here, and any problem with
+    /// it stops start-up with a message.
+    pub async fn open(config: &Config) -> std::result::Result<Self, String> {
+        match config.database_target() {
+            DatabaseTarget::Embedded(_) | DatabaseTarget::EmbeddedUrl(_) => {
+                EmbeddedDb::open(config).await.map(Database::Embedded)
+            }
+            DatabaseTarget::PostgresUrl(_) | DatabaseTarget::PostgresFromEnv => {
+                Pools::connect_lazy(config).map(Database::Postgres)
+            }
+        }
+    }
+
+    /// True when the database answers within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        match self {
+            Database::Postgres(pools) => pools.ping(timeout).await,
+            Database::Embedded(db) => db.ping(timeout).await,
+        }
+    }
+
+    /// Applies the migrations of the backend.
+    pub async fn migrate(&self) -> Result<()> {
+        match self {
+            Database::Postgres(pools) => pools.migrate().await,
+            Database::Embedded(db) => db.migrate().await,
+        }
+    }
+
+    /// Logs the pool sizes; with PostgreSQL, warns when they exceed what the
+    /// server accepts.
+    pub async fn check_sizing(&self, config: &Config) -> Result<()> {
+        match self {
+            Database::Postgres(pools) => pools.check_sizing(config).await,
+            Database::Embedded(_) => {
+                tracing::info!(
+                    readers = config.pool_max,
+                    writers = 1,
+                    lock_slots = config.lock_pool_max,
+                    client_lock_budget = config.client_lock_budget(),
+                    "embedded store configured"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes every connection (and, embedded, gives up the data-dir lock).
+    pub async fn close(&self) {
+        match self {
+            Database::Postgres(pools) => pools.close().await,
+            Database::Embedded(db) => db.close().await,
+        }
     }
 }

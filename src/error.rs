@@ -203,6 +203,14 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() => {
+            // The embedded store's (extended) result codes; the primary code
+            // is the low byte. BUSY and LOCKED: another program holds the
+            // file; IOERR, FULL, CANTOPEN: the disk.
+            db.code()
+                .and_then(|code| code.parse::<i32>().ok())
+                .is_some_and(|code| matches!(code & 0xff, 5 | 6 | 10 | 13 | 14))
+        }
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exceptions; 57P0x: admin shutdown, crash
             // shutdown, cannot connect now; 53300: too many connections.

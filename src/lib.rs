@@ -10,9 +10,12 @@
 //! - [`proto`]: the generated contract (`proto/vitals/v1/*.proto`).
 //! - [`config`]: every setting, its default and validation.
 //! - [`domain`]: pure rules: statuses, thresholds, evaluation, validated ids.
-//! - [`db`]: the two pools (work, lock) and their session settings.
-//! - [`store`]: persistence of runs, checks, health and transitions.
-//! - [`lock`]: advisory locks on the lock pool; fencing tokens.
+//! - [`db`]: the database: PostgreSQL's two pools (work, lock) and their
+//!   session settings, or the embedded SQLite store of a single replica.
+//! - [`store`]: persistence of runs, checks, health and transitions, one
+//!   interface over a PostgreSQL and an embedded implementation.
+//! - [`lock`]: locks with fencing tokens, one interface over PostgreSQL
+//!   advisory locks on the lock pool and the embedded store's in-process locks.
 //! - [`api`]: the tonic handlers, thin.
 //! - [`middleware`]: the one tower stack in front of the services.
 //! - [`error`]: the one error enum and its mapping to gRPC statuses.
@@ -21,7 +24,9 @@
 //!
 //! Dependencies point inward: `api` uses `domain`, `store` and `lock`;
 //! `store` and `lock` use `domain`; `domain` uses nothing of ours. A request
-//! takes a lock connection before a work connection, never the reverse.
+//! takes its lock (a lock connection) before a work connection, never the
+//! reverse. Only [`db`], [`store`] and [`lock`] know which backend runs
+//! ([`app`] opens it).
 
 pub mod api;
 pub mod app;

@@ -20,7 +20,7 @@ use crate::{
     error::Error,
     lock::Locks,
     proto::{self, health_check_service_server::HealthCheckService},
-    store::{CheckUpdate, NewRun, PgStore, RunCursor, TransitionFeed, system_lock_key},
+    store::{CheckUpdate, NewRun, RunCursor, Store, TransitionFeed, system_lock_key},
 };
 
 /// Runs may be observed at most this far in the future (clock skew allowance).
@@ -35,14 +35,14 @@ const WATCH_BATCH: u32 = 256;
 /// The handler state.
 #[derive(Debug, Clone)]
 pub struct HealthApi {
-    store: PgStore,
+    store: Store,
     locks: Locks,
     feed: TransitionFeed,
 }
 
 impl HealthApi {
     /// Handlers over `store`, serialised per system by `locks`.
-    pub fn new(store: PgStore, locks: Locks, feed: TransitionFeed) -> Self {
+    pub fn new(store: Store, locks: Locks, feed: TransitionFeed) -> Self {
         HealthApi { store, locks, feed }
     }
 }

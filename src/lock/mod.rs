@@ -1,16 +1,20 @@
-//! Advisory locks on the dedicated lock pool, with fencing tokens.
+//! Locks with fencing tokens: PostgreSQL advisory locks on the dedicated lock
+//! pool, or, with the embedded store, locks held in process.
 //!
 //! Two users share one mechanism: vitals' own per-system serialisation
 //! ([`Locks::with_xact_lock`], upstream's `withXactLock`) and clients'
-//! `WithLock` streams ([`Locks::acquire`]). Both take a transaction-level
-//! advisory lock on a lock-pool connection and only then, if at all, a work
-//! connection: the acquisition order is always lock pool, then work pool, so
-//! the upstream pool-starvation deadlock cannot form.
+//! `WithLock` streams ([`Locks::acquire`]). Both take the lock first and only
+//! then, if at all, a work connection: the acquisition order is always lock
+//! (pool), then work pool, so the upstream pool-starvation deadlock cannot
+//! form.
 //!
-//! A lock connection whose state is unknown (a statement was in flight when
-//! its future was dropped, or an error left the transaction in doubt) is
-//! closed, never returned to the pool: closing the session is what releases
-//! any lock it may hold.
+//! [`Locks`] and [`HeldLock`] are the one interface; which backend runs is an
+//! enum inside them (`postgres`: transaction-level advisory locks, a lock
+//! connection per lock; [`embedded`]: a fair in-process queue per key, a slot
+//! per lock). The client budget, the lease and the defaults are shared.
+
+pub mod embedded;
+mod postgres;
 
 use std::{
     future::Future,
@@ -19,72 +23,26 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use sqlx::{Executor, PgConnection, Postgres, Row, pool::PoolConnection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use self::{embedded::LocalLocks, postgres::LockConn};
 use crate::{
-    db::LockPool,
+    config::Config,
+    db::{Database, EmbeddedDb, LockPool},
     domain::LockKey,
-    error::{Error, PoolKind, Result, sqlstate},
+    error::{Error, PoolKind, Result},
 };
 
 /// Prefix of client keys, so they never collide with vitals' internal keys
 /// such as `health:<system_id>`.
 pub const CLIENT_KEY_PREFIX: &str = "lock:";
 
-/// SQLSTATE `lock_not_available`: `lock_timeout` expired.
-const LOCK_NOT_AVAILABLE: &str = "55P03";
-
-/// A lock-pool connection that is closed instead of returned unless the code
-/// that used it declared it clean (no transaction open, nothing in flight).
-struct LockConn {
-    conn: Option<PoolConnection<Postgres>>,
-    clean: bool,
-}
-
-impl LockConn {
-    fn new(conn: PoolConnection<Postgres>) -> Self {
-        LockConn {
-            conn: Some(conn),
-            clean: true,
-        }
-    }
-
-    fn conn(&mut self) -> Result<&mut PgConnection> {
-        self.clean = false;
-        self.conn
-            .as_deref_mut()
-            .ok_or_else(|| Error::Internal("lock connection already released".into()))
-    }
-
-    /// Ends the transaction and marks the connection fit for reuse.
-    async fn finish(&mut self, commit: bool) -> Result<()> {
-        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
-        self.conn()?.execute(sql).await?;
-        self.clean = true;
-        Ok(())
-    }
-}
-
-impl Drop for LockConn {
-    fn drop(&mut self) {
-        if !self.clean {
-            if let Some(conn) = self.conn.take() {
-                // Dropping the detached connection closes its socket; the
-                // server then ends the session and with it any lock.
-                tracing::debug!("closing a lock connection in an unknown state");
-                drop(conn.detach());
-            }
-        }
-    }
-}
-
 /// The lock service of one vitals process.
 #[derive(Debug, Clone)]
 pub struct Locks {
-    pool: LockPool,
-    /// Lock connections clients may occupy (held or waiting), so that clients
-    /// can never starve vitals' own serialisation of SubmitRun.
+    backend: Backend,
+    /// Locks clients may occupy (held or waiting), so that clients can never
+    /// starve vitals' own serialisation of SubmitRun.
     client_budget: Arc<Semaphore>,
     /// How long a client waits for a place in the budget.
     budget_wait: Duration,
@@ -94,10 +52,29 @@ pub struct Locks {
     default_wait: Duration,
 }
 
-/// A client's granted lock. Dropping it without [`HeldLock::release`] rolls
-/// the lock's transaction back in the background.
+/// Where locks are held.
+#[derive(Debug, Clone)]
+enum Backend {
+    /// Advisory locks on lock-pool connections.
+    Postgres(LockPool),
+    /// In-process locks of the embedded store.
+    Embedded(LocalLocks),
+}
+
+/// What in-process locks are in use right now (embedded store only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalLockStats {
+    /// Keys held or waited for: the lock table's size.
+    pub keys: usize,
+    /// Acquirers queued for a held key.
+    pub waiting: usize,
+}
+
+/// A client's granted lock. Dropping it without [`HeldLock::release`]
+/// releases it at once (with PostgreSQL: rolls the lock's transaction back
+/// in the background).
 pub struct HeldLock {
-    conn: LockConn,
+    hold: Hold,
     key: LockKey,
     /// Strictly increasing across all grants.
     pub fencing_token: u64,
@@ -105,6 +82,16 @@ pub struct HeldLock {
     pub acquired_at: DateTime<Utc>,
     started: Instant,
     _permit: OwnedSemaphorePermit,
+}
+
+/// What keeps a granted lock held.
+enum Hold {
+    /// The lock connection with its open transaction.
+    Postgres(LockConn),
+    /// The key's in-process guard and the lock's slot, released by their drop.
+    Embedded { _hold: embedded::LocalHold },
+    /// Released (embedded): nothing is held any more.
+    Released,
 }
 
 impl std::fmt::Debug for HeldLock {
@@ -116,9 +103,14 @@ impl std::fmt::Debug for HeldLock {
     }
 }
 
+fn semaphore(permits: u32) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(usize::try_from(permits).unwrap_or(1).max(1)))
+}
+
 impl Locks {
-    /// Locks on `pool`. `client_budget` lock connections at most go to clients.
-    pub fn new(
+    /// Advisory locks on `pool`. `client_budget` lock connections at most go
+    /// to clients.
+    pub fn postgres(
         pool: LockPool,
         client_budget: u32,
         budget_wait: Duration,
@@ -126,11 +118,43 @@ impl Locks {
         default_wait: Duration,
     ) -> Self {
         Locks {
-            pool,
-            client_budget: Arc::new(Semaphore::new(usize::try_from(client_budget).unwrap_or(1).max(1))),
+            backend: Backend::Postgres(pool),
+            client_budget: semaphore(client_budget),
             budget_wait,
             lease,
             default_wait,
+        }
+    }
+
+    /// In-process locks for the embedded store `db`, sized and timed by
+    /// `config` as the lock pool would be: `DATABASE_LOCK_POOL_MAX` locks held
+    /// or awaited at once, of which the client budget goes to clients.
+    pub fn embedded(db: EmbeddedDb, config: &Config) -> Self {
+        Locks {
+            backend: Backend::Embedded(LocalLocks::new(
+                db,
+                config.lock_pool_max,
+                config.pool_connection_timeout(),
+                config.lock_timeout(),
+            )),
+            client_budget: semaphore(config.client_lock_budget()),
+            budget_wait: config.pool_connection_timeout(),
+            lease: config.lock_lease(),
+            default_wait: config.lock_timeout(),
+        }
+    }
+
+    /// The locks of `database`, configured by `config`.
+    pub fn for_database(database: &Database, config: &Config) -> Self {
+        match database {
+            Database::Postgres(pools) => Locks::postgres(
+                pools.lock.clone(),
+                config.client_lock_budget(),
+                config.pool_connection_timeout(),
+                config.lock_lease(),
+                config.lock_timeout(),
+            ),
+            Database::Embedded(db) => Locks::embedded(db.clone(), config),
         }
     }
 
@@ -139,43 +163,42 @@ impl Locks {
         self.lease
     }
 
-    /// Runs `work` under the transaction-level advisory lock `key`, held on a
-    /// lock-pool connection. `work` takes its own work-pool connection: the
-    /// lock connection comes first, never the other way round. The lock is
-    /// released when this returns, or when the future is dropped.
+    /// The in-process lock table's use, for the embedded store; `None` with
+    /// PostgreSQL, whose `pg_locks` shows the same.
+    pub fn local_stats(&self) -> Option<LocalLockStats> {
+        match &self.backend {
+            Backend::Postgres(_) => None,
+            Backend::Embedded(local) => Some(LocalLockStats {
+                keys: local.keys().keys_in_use(),
+                waiting: local.keys().waiting(),
+            }),
+        }
+    }
+
+    /// Runs `work` under the lock `key` (with PostgreSQL, a transaction-level
+    /// advisory lock held on a lock-pool connection). `work` takes its own
+    /// work connection: the lock comes first, never the other way round. The
+    /// lock is released when this returns, or when the future is dropped.
+    /// Not granted within `DATABASE_LOCK_TIMEOUT_MS`: `SYSTEM_BUSY`.
     pub async fn with_xact_lock<T, F, Fut>(&self, key: &str, work: F) -> Result<T>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let mut conn = LockConn::new(self.pool.acquire().await?);
-        conn.conn()?.execute("BEGIN").await?;
-        let locked = sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(key)
-            .execute(conn.conn()?)
-            .await;
-        if let Err(err) = locked {
-            let timed_out = sqlstate(&err).as_deref() == Some(LOCK_NOT_AVAILABLE);
-            conn.finish(false).await?;
-            if timed_out {
-                let system_id = key.strip_prefix("health:").unwrap_or(key).to_owned();
-                return Err(Error::SystemBusy { system_id });
-            }
-            return Err(err.into());
+        match &self.backend {
+            Backend::Postgres(pool) => postgres::with_xact_lock(pool, key, work).await,
+            Backend::Embedded(local) => local.with_xact_lock(key, work).await,
         }
-        let result = work().await;
-        conn.finish(result.is_ok()).await?;
-        result
     }
 
     /// Takes a client's lock `key`, waiting at most `wait` (`None`: the
     /// server's default; zero: try once).
     ///
-    /// A place in the client budget and then a lock connection are waited
-    /// for together, within one `DATABASE_POOL_CONNECTION_TIMEOUT_MS`: a
-    /// client that waited most of it for the budget does not wait that long
-    /// again for the pool (SubmitRun may hold every connection the budget
-    /// leaves free).
+    /// A place in the client budget and then a lock connection (embedded: a
+    /// lock slot) are waited for together, within one
+    /// `DATABASE_POOL_CONNECTION_TIMEOUT_MS`: a client that waited most of it
+    /// for the budget does not wait that long again for the pool (SubmitRun
+    /// may hold every connection the budget leaves free).
     pub async fn acquire(&self, key: LockKey, wait: Option<Duration>) -> Result<HeldLock> {
         let exhausted = |_| Error::PoolExhausted(PoolKind::Lock);
         let deadline = tokio::time::Instant::now() + self.budget_wait;
@@ -183,48 +206,24 @@ impl Locks {
             .await
             .map_err(exhausted)?
             .map_err(|_| Error::ShuttingDown)?;
-        let conn = tokio::time::timeout_at(deadline, self.pool.acquire())
-            .await
-            .map_err(exhausted)??;
-        let mut conn = LockConn::new(conn);
         let wait = wait.unwrap_or(self.default_wait);
         let full_key = format!("{CLIENT_KEY_PREFIX}{}", key.as_str());
-
-        conn.conn()?.execute("BEGIN").await?;
-        let granted = if wait.is_zero() {
-            sqlx::query(
-                "WITH l AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS got) \
-                 SELECT CASE WHEN got THEN nextval('lock_fencing_tokens') END AS token FROM l",
-            )
-            .bind(&full_key)
-            .fetch_one(conn.conn()?)
-            .await
-        } else {
-            // lock_timeout is read when the wait begins, after set_config ran.
-            let millis = wait.as_millis().clamp(1, i32::MAX as u128);
-            sqlx::query(
-                "SELECT set_config('lock_timeout', $2, true), \
-                        pg_advisory_xact_lock(hashtextextended($1, 0)), \
-                        nextval('lock_fencing_tokens') AS token",
-            )
-            .bind(&full_key)
-            .bind(format!("{millis}ms"))
-            .fetch_one(conn.conn()?)
-            .await
+        let granted = match &self.backend {
+            Backend::Postgres(pool) => postgres::acquire(pool, deadline, &full_key, wait)
+                .await?
+                .map(|(conn, token)| (Hold::Postgres(conn), token)),
+            Backend::Embedded(local) => local
+                .acquire(deadline, &full_key, wait)
+                .await?
+                .map(|(hold, token)| (Hold::Embedded { _hold: hold }, token)),
         };
-        let token = match granted {
-            Ok(row) => row.try_get::<Option<i64>, _>("token")?,
-            Err(err) if sqlstate(&err).as_deref() == Some(LOCK_NOT_AVAILABLE) => None,
-            Err(err) => return Err(err.into()),
-        };
-        let Some(token) = token else {
-            conn.finish(false).await?;
+        let Some((hold, fencing_token)) = granted else {
             return Err(Error::LockNotAvailable { key: key.into_inner() });
         };
         Ok(HeldLock {
-            conn,
+            hold,
             key,
-            fencing_token: u64::try_from(token).unwrap_or(0),
+            fencing_token,
             acquired_at: Utc::now(),
             started: Instant::now(),
             _permit: permit,
@@ -238,12 +237,13 @@ impl HeldLock {
         &self.key
     }
 
-    /// Proves the lock is still held and restarts the server's idle timer
-    /// (`idle_in_transaction_session_timeout`).
+    /// Proves the lock is still held (with PostgreSQL, restarts the server's
+    /// idle timer, `idle_in_transaction_session_timeout`).
     pub async fn keep_alive(&mut self) -> Result<()> {
-        let alive = match self.conn.conn() {
-            Ok(conn) => conn.execute("SELECT 1").await.is_ok(),
-            Err(_) => false,
+        let alive = match &mut self.hold {
+            Hold::Postgres(conn) => conn.keep_alive().await,
+            Hold::Embedded { .. } => true,
+            Hold::Released => false,
         };
         if alive {
             Ok(())
@@ -255,9 +255,18 @@ impl HeldLock {
     /// Releases the lock; returns how long it was held.
     pub async fn release(mut self) -> Result<Duration> {
         let held_for = self.started.elapsed();
-        match self.conn.finish(false).await {
-            Ok(()) => Ok(held_for),
-            Err(_) => Err(self.lost("the lock's database session ended before release")),
+        let released = match &mut self.hold {
+            Hold::Postgres(conn) => conn.release().await.is_ok(),
+            Hold::Embedded { .. } => {
+                self.hold = Hold::Released;
+                true
+            }
+            Hold::Released => false,
+        };
+        if released {
+            Ok(held_for)
+        } else {
+            Err(self.lost("the lock's database session ended before release"))
         }
     }
 
@@ -272,23 +281,12 @@ impl HeldLock {
 
 impl Drop for HeldLock {
     fn drop(&mut self) {
-        if self.conn.clean {
-            return;
-        }
-        // The client went away without releasing: roll back now rather than
-        // wait for a timeout, so the next waiter gets the lock within one
-        // round trip. If the runtime is gone, LockConn's drop closes the
-        // session, which releases the lock too.
-        let mut conn = LockConn {
-            conn: self.conn.conn.take(),
-            clean: false,
-        };
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(err) = conn.finish(false).await {
-                    tracing::debug!(error = %err, "rollback of an abandoned lock failed; closing its session");
-                }
-            });
+        // The client went away without releasing. In process the guard's
+        // own drop releases the key; a PostgreSQL lock is rolled back now
+        // rather than after a timeout, so the next waiter gets the lock
+        // within one round trip.
+        if let Hold::Postgres(conn) = &mut self.hold {
+            conn.abandon();
         }
     }
 }

@@ -1,4 +1,6 @@
-//! Wakes WatchTransitions subscribers when any replica commits a transition.
+//! Wakes WatchTransitions subscribers when any replica commits a transition:
+//! through PostgreSQL's `LISTEN/NOTIFY`, or, for the embedded store (one
+//! replica), through a [`TransitionNotifier`] the store bumps after a commit.
 //!
 //! The feed carries no transitions itself, only "something may have changed":
 //! subscribers then read `transitions` after their last sequence. Sequences
@@ -6,7 +8,7 @@
 //! makes a resumed watcher miss none and see none twice; a lost notification
 //! only delays a subscriber until the next poll.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use sqlx::postgres::{PgListener, PgPool};
 use tokio::sync::watch;
@@ -33,6 +35,13 @@ impl TransitionFeed {
         TransitionFeed { epoch }
     }
 
+    /// A feed woken in process: the embedded store calls
+    /// [`TransitionNotifier::notify`] after each commit that wrote a transition.
+    pub fn in_process() -> (Self, TransitionNotifier) {
+        let (tx, epoch) = watch::channel(0u64);
+        (TransitionFeed { epoch }, TransitionNotifier(Arc::new(tx)))
+    }
+
     /// A feed that is never woken (subscribers rely on polling).
     pub fn idle() -> Self {
         let (_tx, epoch) = watch::channel(0u64);
@@ -48,6 +57,17 @@ impl TransitionFeed {
     /// news after this point.
     pub fn mark_seen(&mut self) {
         self.epoch.borrow_and_update();
+    }
+}
+
+/// The sending side of an in-process [`TransitionFeed`].
+#[derive(Debug, Clone)]
+pub struct TransitionNotifier(Arc<watch::Sender<u64>>);
+
+impl TransitionNotifier {
+    /// Wakes every subscriber: something may have been committed.
+    pub fn notify(&self) {
+        self.0.send_modify(|e| *e = e.wrapping_add(1));
     }
 }
 

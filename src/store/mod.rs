@@ -1,22 +1,133 @@
 //! Persistence of runs, checks, system health and transitions.
 //!
-//! The records here are what the API layer converts to and from the wire; the
-//! SQL lives in [`postgres`]. Every write that can change a system's status
-//! runs inside that system's advisory lock, taken by the caller through
-//! [`crate::lock`] on the lock pool before the store takes a work connection.
+//! The records here are what the API layer converts to and from the wire.
+//! [`Store`] is the one interface the API uses; the SQL lives in its two
+//! implementations, [`postgres`] and the embedded [`sqlite`]. Every write that
+//! can change a system's status runs inside that system's lock, taken by the
+//! caller through [`crate::lock`] before the store takes a work connection.
 
 mod codec;
 mod feed;
 pub mod postgres;
+pub mod sqlite;
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::watch;
 
-use crate::domain::{CheckId, Evaluation, RunId, RunMessage, Status, SystemId, Thresholds};
+use crate::{
+    db::Database,
+    domain::{CheckId, Evaluation, RunId, RunMessage, Status, SystemId, Thresholds},
+    error::Result,
+};
 
-pub use feed::TransitionFeed;
+pub use feed::{TransitionFeed, TransitionNotifier};
 pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// The store of one vitals process: the same operations on either backend.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// PostgreSQL, on the work pool.
+    Postgres(PgStore),
+    /// The embedded SQLite store.
+    Embedded(SqliteStore),
+}
+
+impl Store {
+    /// The store of `database` and the feed that wakes its watchers: PostgreSQL's
+    /// `LISTEN` (every replica's commits; the task ends when `shutdown`
+    /// changes), or the embedded store's own commits.
+    pub fn open(database: &Database, shutdown: watch::Receiver<bool>) -> (Store, TransitionFeed) {
+        match database {
+            Database::Postgres(pools) => (
+                Store::Postgres(PgStore::new(pools.work.clone())),
+                TransitionFeed::start(pools.listen.clone(), shutdown),
+            ),
+            Database::Embedded(db) => {
+                let (feed, notifier) = TransitionFeed::in_process();
+                (Store::Embedded(SqliteStore::new(db.clone(), notifier)), feed)
+            }
+        }
+    }
+
+    /// Records a run and re-evaluates its check and system. The caller holds
+    /// the system's lock.
+    pub async fn submit_run(&self, new: &NewRun) -> Result<SubmitOutcome> {
+        match self {
+            Store::Postgres(s) => s.submit_run(new).await,
+            Store::Embedded(s) => s.submit_run(new).await,
+        }
+    }
+
+    /// Creates or updates a check and re-evaluates its system. The caller
+    /// holds the system's lock.
+    pub async fn configure_check(&self, update: &CheckUpdate) -> Result<ConfigureOutcome> {
+        match self {
+            Store::Postgres(s) => s.configure_check(update).await,
+            Store::Embedded(s) => s.configure_check(update).await,
+        }
+    }
+
+    /// The stored health of a system, or `None` if it has never been seen.
+    pub async fn system(&self, system_id: &SystemId) -> Result<Option<SystemRecord>> {
+        match self {
+            Store::Postgres(s) => s.system(system_id).await,
+            Store::Embedded(s) => s.system(system_id).await,
+        }
+    }
+
+    /// One page of a system's runs, newest first, after `cursor`.
+    pub async fn list_runs(
+        &self,
+        system_id: &SystemId,
+        check_id: Option<&CheckId>,
+        after: Option<&RunCursor>,
+        limit: u32,
+    ) -> Result<Vec<Run>> {
+        match self {
+            Store::Postgres(s) => s.list_runs(system_id, check_id, after, limit).await,
+            Store::Embedded(s) => s.list_runs(system_id, check_id, after, limit).await,
+        }
+    }
+
+    /// One page of transitions, highest sequence first, below `before`.
+    pub async fn list_transitions(
+        &self,
+        system_id: Option<&SystemId>,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<Transition>> {
+        match self {
+            Store::Postgres(s) => s.list_transitions(system_id, before, limit).await,
+            Store::Embedded(s) => s.list_transitions(system_id, before, limit).await,
+        }
+    }
+
+    /// Transitions with a sequence above `after`, in sequence order.
+    pub async fn transitions_after(
+        &self,
+        system_id: Option<&SystemId>,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Transition>> {
+        match self {
+            Store::Postgres(s) => s.transitions_after(system_id, after, limit).await,
+            Store::Embedded(s) => s.transitions_after(system_id, after, limit).await,
+        }
+    }
+
+    /// Deletes up to `batch` runs older than `retention` (never a check's
+    /// newest 100) and old transitions (never a system's newest). Returns
+    /// how many rows went.
+    pub async fn prune(&self, retention: Duration, batch: u32) -> Result<u64> {
+        match self {
+            Store::Postgres(s) => s.prune(retention, batch).await,
+            Store::Embedded(s) => s.prune(retention, batch).await,
+        }
+    }
+}
 
 /// A run as submitted, validated.
 #[derive(Debug, Clone)]

@@ -101,7 +101,7 @@ fn latency_us(latency: Option<Duration>) -> Option<i64> {
 }
 
 /// True when a stored run has the content of a resubmitted one.
-fn same_run(stored: &Run, new: &NewRun) -> bool {
+pub(super) fn same_run(stored: &Run, new: &NewRun) -> bool {
     stored.system_id == new.system_id.as_str()
         && stored.check_id == new.check_id.as_str()
         && stored.status == new.status
@@ -354,7 +354,8 @@ impl PgStore {
     }
 }
 
-fn unknown_system(system_id: &str) -> SystemRecord {
+/// The reply's health of a system not stored yet.
+pub(super) fn unknown_system(system_id: &str) -> SystemRecord {
     SystemRecord {
         system_id: system_id.to_owned(),
         status: Status::Healthy,

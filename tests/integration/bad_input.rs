@@ -104,7 +104,7 @@ fn assert_not_internal(what: &str, result: &Result<(), Status>) {
 
 #[tokio::test]
 async fn random_bytes_to_every_rpc_never_produce_internal_errors() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &["--database-lock-timeout-ms", "200"]).await;
     let channel = app.channel().await;
     let mut runner = TestRunner::deterministic();
@@ -134,7 +134,7 @@ async fn random_bytes_to_every_rpc_never_produce_internal_errors() {
 
 #[tokio::test]
 async fn a_string_field_that_is_not_utf8_is_invalid_argument() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &[]).await;
     let channel = app.channel().await;
     // GetSystemHealthRequest.system_id (field 1, length-delimited) = 0xff 0xfe.
@@ -204,7 +204,7 @@ fn duration() -> impl Strategy<Value = Option<prost_types::Duration>> {
 
 #[tokio::test]
 async fn random_valid_shaped_messages_never_produce_internal_errors() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &["--database-lock-timeout-ms", "200"]).await;
     let mut health = app.health_client().await;
     let mut runner = TestRunner::deterministic();
@@ -265,13 +265,13 @@ async fn random_valid_shaped_messages_never_produce_internal_errors() {
             .await
             .map(|_| ());
         assert_not_internal(&format!("{round} {id:?}"), &result);
-        if let Err(status) = &result {
-            if status.code() == Code::InvalidArgument {
-                assert!(
-                    status.get_details_bad_request().is_some(),
-                    "no field violations: {status:?}"
-                );
-            }
+        if let Err(status) = &result
+            && status.code() == Code::InvalidArgument
+        {
+            assert!(
+                status.get_details_bad_request().is_some(),
+                "no field violations: {status:?}"
+            );
         }
     }
     assert_eq!(app.serving_status("").await, ServingStatus::Serving);

@@ -29,7 +29,7 @@ fn acquire(key: &str, wait: Option<Duration>) -> proto::WithLockRequest {
 
 #[tokio::test]
 async fn past_the_concurrency_limit_business_rpcs_are_shed_while_health_and_reflection_answer() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &["--max-concurrent-requests", "2"]).await;
     // The holder's handler has returned, so it does not count; its two
     // waiters are in flight until the holder lets go.
@@ -95,7 +95,7 @@ async fn past_the_concurrency_limit_business_rpcs_are_shed_while_health_and_refl
 
 #[tokio::test]
 async fn an_oversized_request_is_refused_with_resource_exhausted() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &["--max-request-bytes", "1024"]).await;
     let mut client = app.health_client().await;
     let err = client
@@ -119,7 +119,7 @@ async fn an_oversized_request_is_refused_with_resource_exhausted() {
 
 #[tokio::test]
 async fn the_request_id_is_echoed_or_generated() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let mut request = Request::new(proto::EvaluateHealthRequest::default());
@@ -154,7 +154,7 @@ async fn the_request_id_is_echoed_or_generated() {
 
 #[tokio::test]
 async fn a_unary_rpc_stuck_on_the_database_ends_at_the_server_deadline() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &["--request-timeout-ms", "300"]).await;
     // Hold the system's serialisation lock from outside, so SubmitRun waits.
     let mut conn = db.connect().await;
@@ -217,7 +217,7 @@ async fn a_unary_rpc_stuck_on_the_database_ends_at_the_server_deadline() {
 
 #[tokio::test]
 async fn health_follows_the_database_down_and_up_again_within_two_seconds() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let proxy = Proxy::start(url_addr(&db.url)).await;
     let app = TestApp::start_unready(&url_via(&db.url, proxy.addr), &[]).await;
     app.wait_serving("vitals.v1.HealthCheckService").await;
@@ -269,7 +269,7 @@ async fn health_follows_the_database_down_and_up_again_within_two_seconds() {
 
 #[tokio::test]
 async fn a_starved_work_pool_answers_unavailable_after_the_connection_timeout() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(
         &db,
         &[

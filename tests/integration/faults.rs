@@ -19,7 +19,7 @@ fn run(system: usize, i: usize) -> proto::SubmitRunRequest {
         run_id: format!("s{system}-r{i}"),
         system_id: format!("sys-{system}"),
         check_id: "c".into(),
-        status: if i % 3 == 0 {
+        status: if i.is_multiple_of(3) {
             proto::HealthStatus::Unhealthy
         } else {
             proto::HealthStatus::Healthy
@@ -30,7 +30,7 @@ fn run(system: usize, i: usize) -> proto::SubmitRunRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_mid_load_loses_no_acknowledged_run_and_the_service_recovers() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let proxy = Arc::new(Proxy::start(url_addr(&db.url)).await);
     let app = TestApp::start_unready(
         &url_via(&db.url, proxy.addr),
@@ -127,7 +127,7 @@ async fn a_database_outage_mid_load_loses_no_acknowledged_run_and_the_service_re
 
 #[tokio::test]
 async fn a_stalled_critical_section_is_reaped_by_the_lock_session_timeout_and_waiters_proceed() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(
         &db,
         &[

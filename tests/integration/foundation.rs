@@ -12,11 +12,11 @@ use tonic_reflection::pb::v1::{
 use tonic_types::StatusExt;
 use vitals::{Config, db::Pools, proto};
 
-use crate::harness::{TestApp, TestDb};
+use crate::harness::{Backend, TestApp, TestDb};
 
-#[tokio::test]
-async fn health_reports_serving_for_every_vitals_service_once_the_database_answers() {
-    let db = TestDb::create().await;
+both_backends!(health_reports_serving_for_every_vitals_service_once_the_database_answers);
+async fn health_reports_serving_for_every_vitals_service_once_the_database_answers(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     for service in ["", "vitals.v1.HealthCheckService", "vitals.v1.LockService"] {
         assert_eq!(app.serving_status(service).await, ServingStatus::Serving, "{service:?}");
@@ -48,9 +48,9 @@ async fn before_the_database_is_reachable_health_says_not_serving_and_rpcs_fail_
     app.stop().await;
 }
 
-#[tokio::test]
-async fn health_turns_not_serving_when_shutdown_begins() {
-    let db = TestDb::create().await;
+both_backends!(health_turns_not_serving_when_shutdown_begins);
+async fn health_turns_not_serving_when_shutdown_begins(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut health = app.grpc_health().await;
     let mut stream = health
@@ -92,7 +92,7 @@ async fn reflection_services(app: &TestApp) -> Vec<String> {
 
 #[tokio::test]
 async fn reflection_lists_both_vitals_services_and_grpc_health() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &[]).await;
     let services = reflection_services(&app).await;
     for want in [
@@ -146,7 +146,7 @@ fn a_malformed_environment_variable_stops_start_up_naming_the_variable() {
 
 #[tokio::test]
 async fn the_two_pools_carry_their_own_application_name_and_session_settings() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let config = Config::from_flags([
         "--database-url",
         db.url.as_str(),
@@ -190,7 +190,7 @@ async fn the_two_pools_carry_their_own_application_name_and_session_settings() {
 
 #[tokio::test]
 async fn a_broken_idle_connection_is_replaced_without_failing_requests() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let submit = |run: &str| proto::SubmitRunRequest {

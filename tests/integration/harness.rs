@@ -1,18 +1,61 @@
-//! Starts a real vitals on port 0 against a fresh PostgreSQL database per test.
+//! Starts a real vitals on port 0 against a fresh database per test: a
+//! PostgreSQL database, or an embedded store in a fresh temporary data dir.
 //!
 //! `DATABASE_URL` names an admin connection (scripts/test.sh provides one);
-//! each [`TestApp`] creates its own database from it, so tests never share
-//! state and run in parallel.
+//! each PostgreSQL [`TestDb`] creates its own database from it, so tests never
+//! share state and run in parallel.
+//!
+//! [`both_backends!`] runs one test body against each backend.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, ops::Index, path::Path, time::Duration};
 
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{
+    Connection, Executor, PgConnection, SqliteConnection,
+    sqlite::{SqliteConnectOptions, SqliteRow},
+};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
 use vitals::{
     Application, Config,
+    lock::{LocalLockStats, Locks},
     proto::{health_check_service_client::HealthCheckServiceClient, lock_service_client::LockServiceClient},
 };
+
+/// Instantiates test bodies for both backends. For each `name`, an
+/// `async fn name(backend: Backend)` in the same module is the body, and
+/// `both_backends!(name)` adds the tests `name::postgres` and
+/// `name::embedded`. `both_backends!(multi_thread: name)` runs them on a
+/// two-thread runtime.
+macro_rules! both_backends {
+    (multi_thread: $($name:ident),+ $(,)?) => {
+        $(both_backends!(@one [tokio::test(flavor = "multi_thread", worker_threads = 2)] $name);)+
+    };
+    ($($name:ident),+ $(,)?) => {
+        $(both_backends!(@one [tokio::test] $name);)+
+    };
+    (@one [$($test:tt)+] $name:ident) => {
+        mod $name {
+            #[$($test)+]
+            async fn postgres() {
+                super::$name(crate::harness::Backend::Postgres).await;
+            }
+
+            #[$($test)+]
+            async fn embedded() {
+                super::$name(crate::harness::Backend::Embedded).await;
+            }
+        }
+    };
+}
+
+/// Which store a test's vitals runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A fresh PostgreSQL database on the `DATABASE_URL` server.
+    Postgres,
+    /// The embedded SQLite store in a fresh temporary data directory.
+    Embedded,
+}
 
 /// The admin URL tests create their databases from.
 pub fn admin_url() -> String {
@@ -40,12 +83,40 @@ pub fn with_database(url: &str, db: &str) -> String {
 
 /// A database of one test, dropped when the value is.
 pub struct TestDb {
+    pub backend: Backend,
     pub name: String,
+    /// What vitals is given as `--database-url`: a PostgreSQL URL, or
+    /// `sqlite://<data dir>/vitals.db`.
     pub url: String,
+    /// The embedded store's data directory, removed on drop.
+    dir: Option<tempfile::TempDir>,
 }
 
 impl TestDb {
-    pub async fn create() -> TestDb {
+    /// A fresh database of `backend`.
+    pub async fn create(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Postgres => Self::postgres().await,
+            Backend::Embedded => Self::embedded(),
+        }
+    }
+
+    /// A fresh embedded store: an empty temporary data directory.
+    pub fn embedded() -> TestDb {
+        let dir = tempfile::Builder::new()
+            .prefix("vitals-test-")
+            .tempdir()
+            .expect("create a temporary data directory");
+        TestDb {
+            backend: Backend::Embedded,
+            name: dir.path().display().to_string(),
+            url: format!("sqlite://{}", dir.path().join("vitals.db").display()),
+            dir: Some(dir),
+        }
+    }
+
+    /// A fresh PostgreSQL database.
+    pub async fn postgres() -> TestDb {
         let name = format!("vitals_test_{}", uuid::Uuid::new_v4().simple());
         let admin = admin_url();
         let mut conn = PgConnection::connect(&admin)
@@ -56,21 +127,80 @@ impl TestDb {
             .expect("create the test database");
         conn.close().await.ok();
         TestDb {
+            backend: Backend::Postgres,
             url: with_database(&admin, &name),
             name,
+            dir: None,
         }
     }
 
-    /// A direct connection to this test's database, for assertions.
+    /// The embedded store's data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .expect("an embedded store has a data directory")
+            .path()
+    }
+
+    /// A direct connection to this test's PostgreSQL database, for assertions.
     pub async fn connect(&self) -> PgConnection {
+        assert_eq!(self.backend, Backend::Postgres, "connect() is for PostgreSQL tests");
         PgConnection::connect(&self.url)
             .await
             .expect("connect to the test database")
+    }
+
+    /// A direct connection to this test's embedded store, for assertions.
+    pub async fn connect_embedded(&self) -> SqliteConnection {
+        let options = SqliteConnectOptions::new().filename(self.data_dir().join("vitals.db"));
+        SqliteConnection::connect_with(&options)
+            .await
+            .expect("open the embedded store")
+    }
+
+    /// The integer `sql` returns for its one parameter `$1 = arg`, on either
+    /// backend (the tables and columns are the same).
+    pub async fn scalar(&self, sql: &str, arg: &str) -> i64 {
+        match self.backend {
+            Backend::Postgres => {
+                let mut conn = self.connect().await;
+                sqlx::query_scalar(sql).bind(arg).fetch_one(&mut conn).await.unwrap()
+            }
+            Backend::Embedded => {
+                let mut conn = self.connect_embedded().await;
+                sqlx::query_scalar(sql).bind(arg).fetch_one(&mut conn).await.unwrap()
+            }
+        }
+    }
+
+    /// Stored transitions (sequence, system, check, from, to), in sequence order.
+    pub async fn stored_transitions(&self) -> Vec<(i64, String, String, i16, i16)> {
+        const SQL: &str =
+            "SELECT sequence, system_id, check_id, from_status, to_status FROM transitions ORDER BY sequence";
+        match self.backend {
+            Backend::Postgres => {
+                let mut conn = self.connect().await;
+                sqlx::query_as(SQL).fetch_all(&mut conn).await.unwrap()
+            }
+            Backend::Embedded => {
+                let mut conn = self.connect_embedded().await;
+                let rows: Vec<SqliteRow> = sqlx::query(SQL).fetch_all(&mut conn).await.unwrap();
+                rows.iter()
+                    .map(|r| {
+                        use sqlx::Row;
+                        (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
+                    })
+                    .collect()
+            }
+        }
     }
 }
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if self.backend == Backend::Embedded {
+            return; // the TempDir removes itself
+        }
         let name = self.name.clone();
         let admin = admin_url();
         // Drop runs outside any runtime guarantee: use a thread of its own.
@@ -93,6 +223,8 @@ impl Drop for TestDb {
 /// A running vitals.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// Its lock service, to look into the embedded lock table.
+    locks: Locks,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), vitals::app::StartError>>>,
 }
@@ -129,15 +261,22 @@ impl TestApp {
         let config = Config::from_flags(flags).expect("valid test configuration");
         let app = Application::build(config).await.expect("build the application");
         let addr = app.local_addr();
+        let locks = app.locks().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
         TestApp {
             addr,
+            locks,
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// The embedded lock table's use; `None` with PostgreSQL.
+    pub fn local_lock_stats(&self) -> Option<LocalLockStats> {
+        self.locks.local_stats()
     }
 
     pub fn endpoint(&self) -> Endpoint {
@@ -227,5 +366,35 @@ impl Drop for TestApp {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// The replicas of one test, all on one database. With PostgreSQL each is a
+/// server of its own; the embedded store serves a single replica, so one
+/// server stands in for all of them. `replicas[i]` is replica `i`.
+pub struct Replicas(Vec<TestApp>);
+
+impl Replicas {
+    /// Starts `n` replicas on `db` with `extra` flags and waits until they serve.
+    pub async fn start(db: &TestDb, n: usize, extra: &[&str]) -> Replicas {
+        let servers = match db.backend {
+            Backend::Postgres => n,
+            Backend::Embedded => 1,
+        };
+        let apps = futures::future::join_all((0..servers).map(|_| TestApp::start(db, extra))).await;
+        Replicas(apps)
+    }
+
+    /// Stops every server.
+    pub async fn stop(self) {
+        futures::future::join_all(self.0.into_iter().map(TestApp::stop)).await;
+    }
+}
+
+impl Index<usize> for Replicas {
+    type Output = TestApp;
+
+    fn index(&self, i: usize) -> &TestApp {
+        &self.0[i % self.0.len()]
     }
 }

@@ -1,6 +1,10 @@
 //! Issue 3: HealthCheckService against the real server and database —
 //! ingestion, idempotency, thresholds, pagination, transitions across
 //! replicas and resumable watches.
+//!
+//! Issue 6: every body runs on PostgreSQL and on the embedded store
+//! ([`both_backends!`]). Where a test speaks of replicas, the embedded store
+//! (a single replica) runs them all on its one server ([`Replicas`]).
 
 use std::{collections::HashSet, time::Duration};
 
@@ -17,7 +21,7 @@ use vitals::proto::{
 
 use HealthStatus::{Degraded, Healthy, Unhealthy};
 
-use crate::harness::{TestApp, TestDb};
+use crate::harness::{Backend, Replicas, TestApp, TestDb};
 
 type Client = HealthCheckServiceClient<Channel>;
 
@@ -55,7 +59,7 @@ fn run(
 }
 
 fn failing(i: usize) -> HealthStatus {
-    if i % 2 == 0 { Degraded } else { Unhealthy }
+    if i.is_multiple_of(2) { Degraded } else { Unhealthy }
 }
 
 async fn submit(client: &mut Client, req: SubmitRunRequest) -> SubmitRunResponse {
@@ -152,17 +156,12 @@ fn violated_fields(err: &Status) -> Vec<String> {
 }
 
 async fn count_rows(db: &TestDb, sql: &str, system: &str) -> i64 {
-    let mut conn = db.connect().await;
-    sqlx::query_scalar(sql).bind(system).fetch_one(&mut conn).await.unwrap()
+    db.scalar(sql, system).await
 }
 
 /// Stored transitions (sequence, system, check, from, to), in sequence order.
 async fn stored_transitions(db: &TestDb) -> Vec<(i64, String, String, i16, i16)> {
-    let mut conn = db.connect().await;
-    sqlx::query_as("SELECT sequence, system_id, check_id, from_status, to_status FROM transitions ORDER BY sequence")
-        .fetch_all(&mut conn)
-        .await
-        .unwrap()
+    db.stored_transitions().await
 }
 
 fn from_to(t: &HealthTransition) -> (HealthStatus, HealthStatus) {
@@ -277,9 +276,9 @@ async fn flap(mut client: Client, system: String, cycles: usize, t0: i64) {
 
 // ---- SubmitRun and GetSystemHealth ----
 
-#[tokio::test]
-async fn failing_runs_take_a_new_system_through_degraded_to_unhealthy_and_a_success_brings_it_back() {
-    let db = TestDb::create().await;
+both_backends!(failing_runs_take_a_new_system_through_degraded_to_unhealthy_and_a_success_brings_it_back);
+async fn failing_runs_take_a_new_system_through_degraded_to_unhealthy_and_a_success_brings_it_back(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let t0 = base_time();
@@ -366,9 +365,9 @@ async fn failing_runs_take_a_new_system_through_degraded_to_unhealthy_and_a_succ
     app.stop().await;
 }
 
-#[tokio::test]
-async fn the_health_of_a_system_never_seen_is_not_found_with_reason_system_not_found() {
-    let db = TestDb::create().await;
+both_backends!(the_health_of_a_system_never_seen_is_not_found_with_reason_system_not_found);
+async fn the_health_of_a_system_never_seen_is_not_found_with_reason_system_not_found(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     submit(&mut client, run("known", "http", "r1", Healthy, None)).await;
@@ -392,9 +391,9 @@ async fn the_health_of_a_system_never_seen_is_not_found_with_reason_system_not_f
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_run_with_missing_fields_or_observed_too_far_in_the_future_is_refused_naming_every_field() {
-    let db = TestDb::create().await;
+both_backends!(a_run_with_missing_fields_or_observed_too_far_in_the_future_is_refused_naming_every_field);
+async fn a_run_with_missing_fields_or_observed_too_far_in_the_future_is_refused_naming_every_field(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let future = at(chrono::Utc::now().timestamp() + 600);
@@ -417,14 +416,15 @@ async fn a_run_with_missing_fields_or_observed_too_far_in_the_future_is_refused_
 
 // ---- duplicate delivery ----
 
-#[tokio::test]
-async fn every_run_delivered_twice_is_stored_once_and_the_second_reply_is_a_duplicate_without_a_transition() {
-    let db = TestDb::create().await;
+both_backends!(every_run_delivered_twice_is_stored_once_and_the_second_reply_is_a_duplicate_without_a_transition);
+async fn every_run_delivered_twice_is_stored_once_and_the_second_reply_is_a_duplicate_without_a_transition(
+    backend: Backend,
+) {
+    let db = TestDb::create(backend).await;
     // The retry lands on another replica, as it would behind a load balancer.
-    let first_replica = TestApp::start(&db, &[]).await;
-    let second_replica = TestApp::start(&db, &[]).await;
-    let mut first_client = first_replica.health_client().await;
-    let mut second_client = second_replica.health_client().await;
+    let replicas = Replicas::start(&db, 2, &[]).await;
+    let mut first_client = replicas[0].health_client().await;
+    let mut second_client = replicas[1].health_client().await;
     let t0 = base_time();
 
     let mut transitions = 0;
@@ -466,13 +466,12 @@ async fn every_run_delivered_twice_is_stored_once_and_the_second_reply_is_a_dupl
         count_rows(&db, "SELECT count(*) FROM transitions WHERE system_id = $1", "billing").await,
         3
     );
-    first_replica.stop().await;
-    second_replica.stop().await;
+    replicas.stop().await;
 }
 
-#[tokio::test]
-async fn reusing_a_run_id_with_different_content_is_already_exists_with_reason_run_id_conflict() {
-    let db = TestDb::create().await;
+both_backends!(reusing_a_run_id_with_different_content_is_already_exists_with_reason_run_id_conflict);
+async fn reusing_a_run_id_with_different_content_is_already_exists_with_reason_run_id_conflict(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let t0 = base_time();
@@ -530,9 +529,9 @@ async fn reusing_a_run_id_with_different_content_is_already_exists_with_reason_r
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_retry_of_a_request_without_observed_at_is_still_a_duplicate() {
-    let db = TestDb::create().await;
+both_backends!(a_retry_of_a_request_without_observed_at_is_still_a_duplicate);
+async fn a_retry_of_a_request_without_observed_at_is_still_a_duplicate(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let mut req = run("mail", "smtp", "no-clock", Degraded, None);
@@ -555,9 +554,9 @@ async fn a_retry_of_a_request_without_observed_at_is_still_a_duplicate() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_run_without_a_run_id_gets_a_generated_one_and_is_never_taken_for_a_duplicate() {
-    let db = TestDb::create().await;
+both_backends!(a_run_without_a_run_id_gets_a_generated_one_and_is_never_taken_for_a_duplicate);
+async fn a_run_without_a_run_id_gets_a_generated_one_and_is_never_taken_for_a_duplicate(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let req = run("cron", "job", "", Healthy, Some(at(base_time())));
@@ -579,9 +578,9 @@ async fn a_run_without_a_run_id_gets_a_generated_one_and_is_never_taken_for_a_du
 
 // ---- late runs ----
 
-#[tokio::test]
-async fn a_late_run_slots_into_place_by_observed_at_and_can_cause_the_transition() {
-    let db = TestDb::create().await;
+both_backends!(a_late_run_slots_into_place_by_observed_at_and_can_cause_the_transition);
+async fn a_late_run_slots_into_place_by_observed_at_and_can_cause_the_transition(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let t0 = base_time();
@@ -624,9 +623,9 @@ async fn a_late_run_slots_into_place_by_observed_at_and_can_cause_the_transition
 
 // ---- ConfigureCheck ----
 
-#[tokio::test]
-async fn switching_a_check_to_window_thresholds_re_evaluates_it_and_reports_the_transition() {
-    let db = TestDb::create().await;
+both_backends!(switching_a_check_to_window_thresholds_re_evaluates_it_and_reports_the_transition);
+async fn switching_a_check_to_window_thresholds_re_evaluates_it_and_reports_the_transition(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let t0 = base_time();
@@ -690,9 +689,9 @@ async fn switching_a_check_to_window_thresholds_re_evaluates_it_and_reports_the_
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_disabled_check_stops_counting_towards_its_system_until_it_is_enabled_again() {
-    let db = TestDb::create().await;
+both_backends!(a_disabled_check_stops_counting_towards_its_system_until_it_is_enabled_again);
+async fn a_disabled_check_stops_counting_towards_its_system_until_it_is_enabled_again(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let t0 = base_time();
@@ -749,9 +748,9 @@ async fn a_disabled_check_stops_counting_towards_its_system_until_it_is_enabled_
     app.stop().await;
 }
 
-#[tokio::test]
-async fn invalid_thresholds_are_refused_with_a_field_violation_for_each_offending_field() {
-    let db = TestDb::create().await;
+both_backends!(invalid_thresholds_are_refused_with_a_field_violation_for_each_offending_field);
+async fn invalid_thresholds_are_refused_with_a_field_violation_for_each_offending_field(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let cases: [(&str, Thresholds, &[&str]); 6] = [
@@ -811,9 +810,9 @@ async fn invalid_thresholds_are_refused_with_a_field_violation_for_each_offendin
 
 // ---- EvaluateHealth ----
 
-#[tokio::test]
-async fn evaluate_health_returns_the_verdict_with_the_rule_and_streaks_that_decided_it() {
-    let db = TestDb::create().await;
+both_backends!(evaluate_health_returns_the_verdict_with_the_rule_and_streaks_that_decided_it);
+async fn evaluate_health_returns_the_verdict_with_the_rule_and_streaks_that_decided_it(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let evaluate = |statuses: &[HealthStatus], thresholds: Option<Thresholds>| EvaluateHealthRequest {
@@ -883,9 +882,9 @@ async fn evaluate_health_returns_the_verdict_with_the_rule_and_streaks_that_deci
     app.stop().await;
 }
 
-#[tokio::test]
-async fn evaluate_health_refuses_more_than_100_statuses_and_unspecified_ones() {
-    let db = TestDb::create().await;
+both_backends!(evaluate_health_refuses_more_than_100_statuses_and_unspecified_ones);
+async fn evaluate_health_refuses_more_than_100_statuses_and_unspecified_ones(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
 
@@ -932,9 +931,9 @@ async fn evaluate_health_refuses_more_than_100_statuses_and_unspecified_ones() {
 
 // ---- pagination ----
 
-#[tokio::test]
-async fn list_runs_walks_every_run_exactly_once_newest_first_across_pages() {
-    let db = TestDb::create().await;
+both_backends!(list_runs_walks_every_run_exactly_once_newest_first_across_pages);
+async fn list_runs_walks_every_run_exactly_once_newest_first_across_pages(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let client = app.health_client().await;
     let t0 = base_time();
@@ -991,9 +990,9 @@ async fn list_runs_walks_every_run_exactly_once_newest_first_across_pages() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_tampered_page_token_or_one_replayed_against_another_listing_is_invalid_argument() {
-    let db = TestDb::create().await;
+both_backends!(a_tampered_page_token_or_one_replayed_against_another_listing_is_invalid_argument);
+async fn a_tampered_page_token_or_one_replayed_against_another_listing_is_invalid_argument(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let t0 = base_time();
@@ -1077,24 +1076,23 @@ async fn a_tampered_page_token_or_one_replayed_against_another_listing_is_invali
     app.stop().await;
 }
 
-#[tokio::test]
-async fn list_transitions_pages_newest_first_through_gap_free_sequences_that_follow_commit_order() {
-    let db = TestDb::create().await;
-    let first_replica = TestApp::start(&db, &[]).await;
-    let second_replica = TestApp::start(&db, &[]).await;
+both_backends!(list_transitions_pages_newest_first_through_gap_free_sequences_that_follow_commit_order);
+async fn list_transitions_pages_newest_first_through_gap_free_sequences_that_follow_commit_order(backend: Backend) {
+    let db = TestDb::create(backend).await;
+    let replicas = Replicas::start(&db, 2, &[]).await;
     let t0 = base_time();
 
     // Three systems flap concurrently on two replicas: 3 x 4 x 2 = 24 transitions.
     let mut producers = Vec::new();
     for (n, system) in ["red", "green", "blue"].into_iter().enumerate() {
-        let replica = if n % 2 == 0 { &first_replica } else { &second_replica };
+        let replica = &replicas[n % 2];
         producers.push(tokio::spawn(flap(replica.health_client().await, system.into(), 4, t0)));
     }
     for producer in producers {
         producer.await.unwrap();
     }
 
-    let mut client = first_replica.health_client().await;
+    let mut client = replicas[0].health_client().await;
     let (all, pages) = all_transitions(&mut client, "", 5).await;
     assert_eq!(pages, [5, 5, 5, 5, 4]);
     let sequences: Vec<u64> = all.iter().map(|t| t.sequence).collect();
@@ -1118,8 +1116,82 @@ async fn list_transitions_pages_newest_first_through_gap_free_sequences_that_fol
         }
         assert_eq!(expected_from, Healthy, "{system} ends healthy");
     }
-    first_replica.stop().await;
-    second_replica.stop().await;
+    replicas.stop().await;
+}
+
+// ---- retention ----
+
+both_backends!(retention_deletes_runs_past_the_retention_but_never_a_checks_newest_100);
+/// The retention pass of the store, driven directly (the server runs it every
+/// five minutes).
+async fn retention_deletes_runs_past_the_retention_but_never_a_checks_newest_100(backend: Backend) {
+    use vitals::{
+        db::Database,
+        domain::{CheckId, RunId, RunMessage, Status, SystemId},
+        store::{NewRun, Store},
+    };
+    let db = TestDb::create(backend).await;
+    let config = vitals::Config::from_flags(["--database-url", db.url.as_str()]).unwrap();
+    let database = Database::open(&config).await.unwrap();
+    database.migrate().await.unwrap();
+    let (_stop, stopping) = tokio::sync::watch::channel(false);
+    let (store, _feed) = Store::open(&database, stopping);
+    let new_run = |run_id: String, check: &str, observed_at: chrono::DateTime<chrono::Utc>| NewRun {
+        run_id: RunId::parse("run_id", run_id).unwrap(),
+        system_id: SystemId::parse("system_id", "retained".into()).unwrap(),
+        check_id: CheckId::parse("check_id", check.into()).unwrap(),
+        status: Status::Healthy,
+        observed_at,
+        observed_at_given: true,
+        latency: None,
+        message: RunMessage::parse("message", String::new()).unwrap(),
+    };
+    // 130 old runs of one check, 5 old runs of another, 3 recent ones.
+    let old = chrono::Utc::now() - chrono::TimeDelta::days(30);
+    let at = |i: i64| old + chrono::TimeDelta::seconds(i);
+    for i in 0..130 {
+        store
+            .submit_run(&new_run(format!("a{i:03}"), "a", at(i)))
+            .await
+            .unwrap();
+    }
+    for i in 0..5 {
+        store.submit_run(&new_run(format!("b{i}"), "b", at(i))).await.unwrap();
+    }
+    for i in 0..3 {
+        store
+            .submit_run(&new_run(
+                format!("c{i}"),
+                "c",
+                chrono::Utc::now() - chrono::TimeDelta::seconds(i),
+            ))
+            .await
+            .unwrap();
+    }
+
+    let week = Duration::from_secs(7 * 86_400);
+    assert_eq!(store.prune(week, 20).await.unwrap(), 20, "a batch at most");
+    assert_eq!(store.prune(week, 20).await.unwrap(), 10, "the rest");
+    assert_eq!(store.prune(week, 20).await.unwrap(), 0, "nothing more");
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE check_id = $1", "a").await,
+        100
+    );
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE run_id = $1", "a030").await,
+        1,
+        "the newest 100 stay"
+    );
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE run_id = $1", "a029").await,
+        0,
+        "the oldest went"
+    );
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "retained").await,
+        108
+    );
+    database.close().await;
 }
 
 // ---- concurrency across replicas ----
@@ -1129,9 +1201,9 @@ async fn list_transitions_pages_newest_first_through_gap_free_sequences_that_fol
 /// filtered to the system) follow. Asserts that each status change is stored,
 /// replied and streamed exactly once; returns the reasons of the attempts the
 /// replicas refused (and the client retried).
-async fn storm_of_200_failures(flags: &[&str]) -> Vec<String> {
-    let db = TestDb::create().await;
-    let replicas = [TestApp::start(&db, flags).await, TestApp::start(&db, flags).await];
+async fn storm_of_200_failures(backend: Backend, flags: &[&str]) -> Vec<String> {
+    let db = TestDb::create(backend).await;
+    let replicas = Replicas::start(&db, 2, flags).await;
     let clients = [replicas[0].health_client().await, replicas[1].health_client().await];
     let mut watcher_client = replicas[0].health_client().await;
     let mut watcher = watch(&mut watcher_client, "storm", 0).await;
@@ -1158,7 +1230,7 @@ async fn storm_of_200_failures(flags: &[&str]) -> Vec<String> {
     for reason in &refused {
         *by_reason.entry(reason.as_str()).or_default() += 1;
     }
-    eprintln!("200-run burst with {flags:?}: {elapsed:?}, attempts refused and retried: {by_reason:?}");
+    eprintln!("200-run burst ({backend:?}) with {flags:?}: {elapsed:?}, attempts refused and retried: {by_reason:?}");
 
     assert_eq!(
         count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "storm").await,
@@ -1196,15 +1268,13 @@ async fn storm_of_200_failures(flags: &[&str]) -> Vec<String> {
             (recovery.sequence, (Unhealthy, Healthy))
         );
     }
-    let [first_replica, second_replica] = replicas;
-    first_replica.stop().await;
-    second_replica.stop().await;
+    replicas.stop().await;
     refused
 }
 
-#[tokio::test]
-async fn two_replicas_taking_200_concurrent_failing_runs_emit_each_status_change_exactly_once() {
-    let refused = storm_of_200_failures(&[]).await;
+both_backends!(two_replicas_taking_200_concurrent_failing_runs_emit_each_status_change_exactly_once);
+async fn two_replicas_taking_200_concurrent_failing_runs_emit_each_status_change_exactly_once(backend: Backend) {
+    let refused = storm_of_200_failures(backend, &[]).await;
     // With the default pools nothing needs refusing at this size; if the
     // machine is slow enough that something is, it is a retryable overload.
     assert!(
@@ -1213,16 +1283,21 @@ async fn two_replicas_taking_200_concurrent_failing_runs_emit_each_status_change
     );
 }
 
-#[tokio::test]
-async fn runs_refused_by_an_exhausted_lock_pool_and_retried_still_emit_each_status_change_exactly_once() {
+both_backends!(runs_refused_by_an_exhausted_lock_pool_and_retried_still_emit_each_status_change_exactly_once);
+async fn runs_refused_by_an_exhausted_lock_pool_and_retried_still_emit_each_status_change_exactly_once(
+    backend: Backend,
+) {
     // One lock connection per replica and a 50 ms wait for it: most of the
     // burst is refused with LOCK_POOL_EXHAUSTED at first and retried.
-    let refused = storm_of_200_failures(&[
-        "--database-lock-pool-max",
-        "1",
-        "--database-pool-connection-timeout-ms",
-        "50",
-    ])
+    let refused = storm_of_200_failures(
+        backend,
+        &[
+            "--database-lock-pool-max",
+            "1",
+            "--database-pool-connection-timeout-ms",
+            "50",
+        ],
+    )
     .await;
     assert!(
         refused.iter().any(|r| r == "LOCK_POOL_EXHAUSTED"),
@@ -1230,13 +1305,13 @@ async fn runs_refused_by_an_exhausted_lock_pool_and_retried_still_emit_each_stat
     );
 }
 
-#[tokio::test]
-async fn a_watcher_that_resumes_from_its_last_sequence_receives_exactly_the_transitions_it_missed() {
+both_backends!(a_watcher_that_resumes_from_its_last_sequence_receives_exactly_the_transitions_it_missed);
+async fn a_watcher_that_resumes_from_its_last_sequence_receives_exactly_the_transitions_it_missed(backend: Backend) {
     const SYSTEMS: usize = 8;
     const CYCLES: usize = 4;
     let total = u64::try_from(SYSTEMS * CYCLES * 2).unwrap();
-    let db = TestDb::create().await;
-    let replicas = [TestApp::start(&db, &[]).await, TestApp::start(&db, &[]).await];
+    let db = TestDb::create(backend).await;
+    let replicas = Replicas::start(&db, 2, &[]).await;
     let mut watcher_client = replicas[0].health_client().await;
     let mut live = watch(&mut watcher_client, "", 0).await;
     let mut one_system = watch(&mut watcher_client, "fleet-3", 0).await;
@@ -1305,14 +1380,15 @@ async fn a_watcher_that_resumes_from_its_last_sequence_receives_exactly_the_tran
     assert_eq!(sentinel, total + 1);
     assert_eq!(next_transition(&mut resumed).await.sequence, sentinel);
     assert_eq!(next_transition(&mut live).await.sequence, sentinel);
-    let [first_replica, second_replica] = replicas;
-    first_replica.stop().await;
-    second_replica.stop().await;
+    replicas.stop().await;
 }
 
 #[tokio::test]
 async fn a_client_giving_up_while_its_run_commits_never_lets_another_submission_see_the_old_status() {
-    let db = TestDb::create().await;
+    // PostgreSQL only: it delays commits with a trigger. The embedded store
+    // has one writer connection, which serves the next writer only after
+    // the abandoned commit ended (see store::sqlite).
+    let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.health_client().await;
     let t0 = base_time();
@@ -1358,11 +1434,11 @@ async fn a_client_giving_up_while_its_run_commits_never_lets_another_submission_
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_watcher_on_one_replica_is_woken_at_once_by_a_transition_committed_on_another() {
-    let db = TestDb::create().await;
-    let watched = TestApp::start(&db, &[]).await;
-    let writer = TestApp::start(&db, &[]).await;
+both_backends!(a_watcher_on_one_replica_is_woken_at_once_by_a_transition_committed_on_another);
+async fn a_watcher_on_one_replica_is_woken_at_once_by_a_transition_committed_on_another(backend: Backend) {
+    let db = TestDb::create(backend).await;
+    let replicas = Replicas::start(&db, 2, &[]).await;
+    let (watched, writer) = (&replicas[0], &replicas[1]);
     let mut writer_client = writer.health_client().await;
     let t0 = base_time();
     // A single failure degrades, a single success heals: every run flips.
@@ -1387,7 +1463,7 @@ async fn a_watcher_on_one_replica_is_woken_at_once_by_a_transition_committed_on_
     assert_eq!(next_transition(&mut stream).await.sequence, 1);
     // Each delivery restarts the watcher's fallback poll (2 s), so a
     // transition committed right after one arrives that fast only if the
-    // other replica's NOTIFY woke it.
+    // other replica's NOTIFY (embedded: the in-process notification) woke it.
     for i in 2..5 {
         let status = if i % 2 == 0 { Healthy } else { Degraded };
         let started = std::time::Instant::now();
@@ -1401,6 +1477,5 @@ async fn a_watcher_on_one_replica_is_woken_at_once_by_a_transition_committed_on_
             started.elapsed()
         );
     }
-    watched.stop().await;
-    writer.stop().await;
+    replicas.stop().await;
 }

@@ -5,9 +5,14 @@
 //! waits, protocol errors, the client budget, fencing tokens across restarts,
 //! and no growth per acquisition.
 //!
-//! Waiting is always on something observable (a reply, a row in `pg_locks`),
-//! never on a sleep. The only sleeps are durations under test: a client's
-//! keep-alive pace, and how long a holder's critical section lasts.
+//! Waiting is always on something observable (a reply, a row in `pg_locks`
+//! or the embedded lock table), never on a sleep. The only sleeps are
+//! durations under test: a client's keep-alive pace, and how long a holder's
+//! critical section lasts.
+//!
+//! Issue 6: the bodies run on PostgreSQL and on the embedded store's
+//! in-process locks ([`both_backends!`]); tests of PostgreSQL's pools and
+//! sessions run on PostgreSQL only.
 
 use std::{
     sync::{
@@ -17,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sqlx::{Executor, PgConnection, postgres::PgPoolOptions};
+use sqlx::{Executor, PgConnection};
 use tokio::sync::{Barrier, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming, transport::Channel};
@@ -26,7 +31,7 @@ use vitals::{
     Config,
     db::Pools,
     error::{Error, PoolKind},
-    lock::Locks,
+    lock::{LocalLockStats, Locks},
     proto::{
         self, health_check_service_client::HealthCheckServiceClient, lock_service_client::LockServiceClient,
         with_lock_request::Action, with_lock_response::Event,
@@ -34,7 +39,7 @@ use vitals::{
 };
 
 use crate::{
-    harness::{TestApp, TestDb},
+    harness::{Backend, Replicas, TestApp, TestDb},
     proxy::Proxy,
 };
 
@@ -184,6 +189,69 @@ async fn until_waiting(conn: &mut PgConnection, n: i64) {
     }
 }
 
+/// Where a test sees lock queues: PostgreSQL's `pg_locks`, or the embedded
+/// server's own lock table.
+enum LockView<'a> {
+    Postgres(PgConnection),
+    Embedded(&'a TestApp),
+}
+
+impl<'a> LockView<'a> {
+    async fn of(db: &TestDb, app: &'a TestApp) -> LockView<'a> {
+        match db.backend {
+            Backend::Postgres => LockView::Postgres(db.connect().await),
+            Backend::Embedded => LockView::Embedded(app),
+        }
+    }
+
+    /// Returns once at least `n` acquirers wait for a held lock.
+    async fn until_waiting(&mut self, n: usize) {
+        match self {
+            LockView::Postgres(conn) => until_waiting(conn, i64::try_from(n).unwrap()).await,
+            LockView::Embedded(app) => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while app.local_lock_stats().expect("embedded lock stats").waiting < n {
+                    assert!(Instant::now() < deadline, "{n} waiter(s) never queued");
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
+
+    /// What lock traffic has left behind so far.
+    async fn footprint(&mut self) -> Footprint {
+        match self {
+            LockView::Postgres(conn) => {
+                let sessions_opened = sessions_opened(conn).await;
+                let (lock_backends, idle_in_transaction) = lock_backends(conn).await;
+                Footprint::Postgres {
+                    sessions_opened,
+                    lock_backends,
+                    idle_in_transaction,
+                    advisory_locks: advisory_locks(conn).await,
+                }
+            }
+            LockView::Embedded(app) => Footprint::Embedded(app.local_lock_stats().expect("embedded lock stats")),
+        }
+    }
+}
+
+/// See [`LockView::footprint`].
+#[derive(Debug)]
+enum Footprint {
+    Postgres {
+        /// Sessions ever opened on the test's database.
+        sessions_opened: i64,
+        /// vitals-lock backends now.
+        lock_backends: i64,
+        /// Of which idle in transaction.
+        idle_in_transaction: i64,
+        /// Advisory locks (granted, waiting).
+        advisory_locks: (i64, i64),
+    },
+    Embedded(LocalLockStats),
+}
+
 /// Sessions ever opened on this test's database (PostgreSQL 14 and later).
 async fn sessions_opened(conn: &mut PgConnection) -> i64 {
     sqlx::query_scalar("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
@@ -207,27 +275,20 @@ async fn lock_backends(conn: &mut PgConnection) -> (i64, i64) {
 // Mutual exclusion and fencing tokens.
 // ---------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn critical_sections_on_one_key_never_overlap_across_two_replicas_and_tokens_rise_in_grant_order() {
+both_backends!(multi_thread: critical_sections_on_one_key_never_overlap_across_two_replicas_and_tokens_rise_in_grant_order);
+async fn critical_sections_on_one_key_never_overlap_across_two_replicas_and_tokens_rise_in_grant_order(
+    backend: Backend,
+) {
     const CLIENTS: usize = 32;
     const SECTIONS: usize = 50;
-    let db = TestDb::create().await;
+    let db = TestDb::create(backend).await;
     // 16 clients wait on each replica: the client budget (pool max - reserve 2) must cover them.
     let flags = ["--database-lock-pool-max", "20"];
-    let (one, two) = tokio::join!(TestApp::start(&db, &flags), TestApp::start(&db, &flags));
+    let replicas = Replicas::start(&db, 2, &flags).await;
 
     // The shared resource: a counter that only the lock protects, and the
     // newest fencing token written to it, the way a fenced resource keeps one.
-    let mut admin = db.connect().await;
-    admin
-        .execute(
-            "CREATE TABLE shared_counter (id int PRIMARY KEY, n bigint NOT NULL, last_token bigint NOT NULL); \
-             INSERT INTO shared_counter VALUES (1, 0, 0)",
-        )
-        .await
-        .unwrap();
-    // Sections never overlap, so a couple of connections serve them all.
-    let resource = PgPoolOptions::new().max_connections(4).connect(&db.url).await.unwrap();
+    let resource = Arc::new(Mutex::new((0_i64, 0_u64)));
 
     let inside = Arc::new(AtomicBool::new(false));
     let overlaps = Arc::new(AtomicUsize::new(0));
@@ -237,8 +298,7 @@ async fn critical_sections_on_one_key_never_overlap_across_two_replicas_and_toke
     let started = Instant::now();
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
-        let app = if i % 2 == 0 { &one } else { &two };
-        let mut client = app.lock_client().await;
+        let mut client = replicas[i % 2].lock_client().await;
         let (resource, inside, overlaps, stale_tokens, grants) = (
             resource.clone(),
             inside.clone(),
@@ -254,23 +314,16 @@ async fn critical_sections_on_one_key_never_overlap_across_two_replicas_and_toke
                 if inside.swap(true, Ordering::SeqCst) {
                     overlaps.fetch_add(1, Ordering::SeqCst);
                 }
-                // Read, then write in a separate statement: only the lock
-                // keeps two clients from reading the same value.
-                let (n, last_token): (i64, i64) =
-                    sqlx::query_as("SELECT n, last_token FROM shared_counter WHERE id = 1")
-                        .fetch_one(&resource)
-                        .await
-                        .unwrap();
-                let token = i64::try_from(held.token()).unwrap();
+                // Read, then write in a separate step after letting other
+                // tasks run: only the lock keeps two clients from reading
+                // the same value.
+                let (n, last_token) = *resource.lock().unwrap();
+                let token = held.token();
                 if token <= last_token {
                     stale_tokens.fetch_add(1, Ordering::SeqCst);
                 }
-                sqlx::query("UPDATE shared_counter SET n = $1, last_token = $2 WHERE id = 1")
-                    .bind(n + 1)
-                    .bind(token)
-                    .execute(&resource)
-                    .await
-                    .unwrap();
+                tokio::task::yield_now().await;
+                *resource.lock().unwrap() = (n + 1, token);
                 grants.lock().unwrap().push((n, held.token()));
                 inside.store(false, Ordering::SeqCst);
                 held.release().await;
@@ -281,12 +334,12 @@ async fn critical_sections_on_one_key_never_overlap_across_two_replicas_and_toke
         client.await.expect("a client finished");
     }
     let took = started.elapsed();
-    eprintln!("mutual exclusion: {} sections in {took:?}", CLIENTS * SECTIONS);
+    eprintln!(
+        "mutual exclusion ({backend:?}): {} sections in {took:?}",
+        CLIENTS * SECTIONS
+    );
 
-    let (n,): (i64,) = sqlx::query_as("SELECT n FROM shared_counter WHERE id = 1")
-        .fetch_one(&resource)
-        .await
-        .unwrap();
+    let (n, _) = *resource.lock().unwrap();
     assert_eq!(n, i64::try_from(CLIENTS * SECTIONS).unwrap(), "lost updates");
     assert_eq!(overlaps.load(Ordering::SeqCst), 0, "critical sections overlapped");
     assert_eq!(
@@ -304,13 +357,12 @@ async fn critical_sections_on_one_key_never_overlap_across_two_replicas_and_toke
             "tokens not strictly increasing in grant order: {pair:?}"
         );
     }
-    resource.close().await;
-    tokio::join!(one.stop(), two.stop());
+    replicas.stop().await;
 }
 
-#[tokio::test]
-async fn fencing_tokens_keep_rising_across_a_restart_on_the_same_database() {
-    let db = TestDb::create().await;
+both_backends!(fencing_tokens_keep_rising_across_a_restart_on_the_same_database);
+async fn fencing_tokens_keep_rising_across_a_restart_on_the_same_database(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.lock_client().await;
     let first = lock(&mut client, "restart", None).await.unwrap();
@@ -344,7 +396,7 @@ async fn with_two_connections_per_pool_200_concurrent_locks_and_runs_finish_or_f
     /// What an operation may take beyond the connection timeout: its own work
     /// on a loaded two-core machine. Upstream's hang is unbounded.
     const SLACK: Duration = Duration::from_millis(1000);
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(
         &db,
         &[
@@ -456,7 +508,7 @@ async fn with_two_connections_per_pool_200_concurrent_locks_and_runs_finish_or_f
 /// them; the merged case asks the lock pool for the "work" connection.
 #[tokio::test]
 async fn merged_lock_and_work_pools_starve_where_separate_pools_do_not() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let config = Config::from_flags([
         "--database-url",
         db.url.as_str(),
@@ -469,7 +521,7 @@ async fn merged_lock_and_work_pools_starve_where_separate_pools_do_not() {
     ])
     .unwrap();
     let pools = Pools::connect_lazy(&config).unwrap();
-    let locks = Locks::new(
+    let locks = Locks::postgres(
         pools.lock.clone(),
         config.client_lock_budget(),
         config.pool_connection_timeout(),
@@ -534,11 +586,11 @@ fn spawn_waiter(mut client: LockClient, key: &'static str) -> tokio::task::JoinH
     })
 }
 
-#[tokio::test]
-async fn a_holder_killed_while_holding_frees_the_lock_for_the_next_waiter_within_a_second() {
-    let db = TestDb::create().await;
+both_backends!(a_holder_killed_while_holding_frees_the_lock_for_the_next_waiter_within_a_second);
+async fn a_holder_killed_while_holding_frees_the_lock_for_the_next_waiter_within_a_second(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
-    let mut admin = db.connect().await;
+    let mut view = LockView::of(&db, &app).await;
 
     // Killed in process: the task owning the channel and the stream is aborted.
     let (granted_tx, granted_rx) = oneshot::channel();
@@ -551,7 +603,7 @@ async fn a_holder_killed_while_holding_frees_the_lock_for_the_next_waiter_within
     });
     let killed_token = granted_rx.await.unwrap();
     let waiter = spawn_waiter(app.lock_client().await, "killed");
-    until_waiting(&mut admin, 1).await;
+    view.until_waiting(1).await;
     let killed_at = Instant::now();
     holder.abort();
     let (held, granted_at) = waiter.await.unwrap();
@@ -572,7 +624,7 @@ async fn a_holder_killed_while_holding_frees_the_lock_for_the_next_waiter_within
         .await
         .unwrap();
     let waiter = spawn_waiter(app.lock_client().await, "vanished");
-    until_waiting(&mut admin, 1).await;
+    view.until_waiting(1).await;
     let killed_at = Instant::now();
     proxy.cut();
     let (held, granted_at) = waiter.await.unwrap();
@@ -581,19 +633,20 @@ async fn a_holder_killed_while_holding_frees_the_lock_for_the_next_waiter_within
     assert!(freed_after < Duration::from_secs(1), "freed after {freed_after:?}");
     assert!(held.token() > cut_off.token());
     held.release().await;
-    drop(cut_off);
+    drop((cut_off, view));
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_waiter_that_gives_up_never_keeps_the_lock_from_the_next_one() {
-    let db = TestDb::create().await;
+both_backends!(a_waiter_that_gives_up_never_keeps_the_lock_from_the_next_one);
+async fn a_waiter_that_gives_up_never_keeps_the_lock_from_the_next_one(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
-    let mut admin = db.connect().await;
+    let mut view = LockView::of(&db, &app).await;
     let holder = lock(&mut app.lock_client().await, "given-up", None).await.unwrap();
-    // This waiter's session is inside PostgreSQL's lock queue when it goes away.
+    // This waiter is inside the lock queue (PostgreSQL's, or the embedded
+    // one) when it goes away.
     let quitter = spawn_waiter(app.lock_client().await, "given-up");
-    until_waiting(&mut admin, 1).await;
+    view.until_waiting(1).await;
     quitter.abort();
     assert!(
         quitter.await.is_err_and(|e| e.is_cancelled()),
@@ -611,9 +664,9 @@ async fn a_waiter_that_gives_up_never_keeps_the_lock_from_the_next_one() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_holder_that_stalls_past_the_lease_loses_the_lock_and_hears_lock_lost() {
-    let db = TestDb::create().await;
+both_backends!(a_holder_that_stalls_past_the_lease_loses_the_lock_and_hears_lock_lost);
+async fn a_holder_that_stalls_past_the_lease_loses_the_lock_and_hears_lock_lost(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &["--database-lock-idle-tx-timeout-ms", "600"]).await;
     let mut client = app.lock_client().await;
     let mut stalled = lock(&mut client, "stalled", None).await.unwrap();
@@ -639,10 +692,10 @@ async fn a_holder_that_stalls_past_the_lease_loses_the_lock_and_hears_lock_lost(
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_holder_that_keeps_alive_within_the_lease_keeps_the_lock_past_it() {
+both_backends!(a_holder_that_keeps_alive_within_the_lease_keeps_the_lock_past_it);
+async fn a_holder_that_keeps_alive_within_the_lease_keeps_the_lock_past_it(backend: Backend) {
     const LEASE: Duration = Duration::from_millis(600);
-    let db = TestDb::create().await;
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &["--database-lock-idle-tx-timeout-ms", "600"]).await;
     let held = lock(&mut app.lock_client().await, "kept", None).await.unwrap();
     let granted_at = Instant::now();
@@ -666,9 +719,9 @@ async fn a_holder_that_keeps_alive_within_the_lease_keeps_the_lock_past_it() {
 // Try-lock and bounded waits.
 // ---------------------------------------------------------------------------
 
-#[tokio::test]
-async fn try_lock_on_a_held_key_answers_lock_not_available_at_once_and_a_short_wait_ends_on_time() {
-    let db = TestDb::create().await;
+both_backends!(try_lock_on_a_held_key_answers_lock_not_available_at_once_and_a_short_wait_ends_on_time);
+async fn try_lock_on_a_held_key_answers_lock_not_available_at_once_and_a_short_wait_ends_on_time(backend: Backend) {
+    let db = TestDb::create(backend).await;
     // A default wait far from 200 ms, so the two cannot be confused.
     let app = TestApp::start(&db, &["--database-lock-timeout-ms", "10000"]).await;
     let mut holder_client = app.lock_client().await;
@@ -711,9 +764,9 @@ async fn try_lock_on_a_held_key_answers_lock_not_available_at_once_and_a_short_w
 // The protocol.
 // ---------------------------------------------------------------------------
 
-#[tokio::test]
-async fn an_empty_or_oversized_key_is_an_invalid_argument_naming_the_field() {
-    let db = TestDb::create().await;
+both_backends!(an_empty_or_oversized_key_is_an_invalid_argument_naming_the_field);
+async fn an_empty_or_oversized_key_is_an_invalid_argument_naming_the_field(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.lock_client().await;
     for key in [String::new(), "k".repeat(513), "é".repeat(257)] {
@@ -732,9 +785,9 @@ async fn an_empty_or_oversized_key_is_an_invalid_argument_naming_the_field() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_stream_that_does_not_start_with_acquire_fails_its_precondition() {
-    let db = TestDb::create().await;
+both_backends!(a_stream_that_does_not_start_with_acquire_fails_its_precondition);
+async fn a_stream_that_does_not_start_with_acquire_fails_its_precondition(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.lock_client().await;
     for first in [keep_alive(), release()] {
@@ -750,9 +803,9 @@ async fn a_stream_that_does_not_start_with_acquire_fails_its_precondition() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_second_acquire_fails_its_precondition_and_frees_the_lock() {
-    let db = TestDb::create().await;
+both_backends!(a_second_acquire_fails_its_precondition_and_frees_the_lock);
+async fn a_second_acquire_fails_its_precondition_and_frees_the_lock(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.lock_client().await;
     let mut held = lock(&mut client, "twice", None).await.unwrap();
@@ -768,18 +821,17 @@ async fn a_second_acquire_fails_its_precondition_and_frees_the_lock() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn release_answers_released_with_how_long_the_lock_was_held_and_ends_the_stream() {
-    let db = TestDb::create().await;
+both_backends!(release_answers_released_with_how_long_the_lock_was_held_and_ends_the_stream);
+async fn release_answers_released_with_how_long_the_lock_was_held_and_ends_the_stream(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.lock_client().await;
-    let mut resource = db.connect().await;
     let opened = Instant::now();
     let held = lock(&mut client, "timed", None).await.unwrap();
     assert!(held.acquired.acquired_at.is_some());
     assert_eq!(std_duration(held.acquired.lease), Duration::from_secs(30));
     // The critical section: 50 ms of work.
-    resource.execute("SELECT pg_sleep(0.05)").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let held_for = held.release().await;
     let total = opened.elapsed();
     assert!(
@@ -792,9 +844,9 @@ async fn release_answers_released_with_how_long_the_lock_was_held_and_ends_the_s
     app.stop().await;
 }
 
-#[tokio::test]
-async fn half_closing_the_stream_releases_the_lock() {
-    let db = TestDb::create().await;
+both_backends!(half_closing_the_stream_releases_the_lock);
+async fn half_closing_the_stream_releases_the_lock(backend: Backend) {
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.lock_client().await;
     let Held {
@@ -819,9 +871,9 @@ async fn half_closing_the_stream_releases_the_lock() {
 // The client budget and the reserve.
 // ---------------------------------------------------------------------------
 
-#[tokio::test]
-async fn past_the_client_budget_withlock_answers_lock_pool_exhausted_while_submitrun_still_runs() {
-    let db = TestDb::create().await;
+both_backends!(past_the_client_budget_withlock_answers_lock_pool_exhausted_while_submitrun_still_runs);
+async fn past_the_client_budget_withlock_answers_lock_pool_exhausted_while_submitrun_still_runs(backend: Backend) {
+    let db = TestDb::create(backend).await;
     // Three lock connections, two kept back: one for clients.
     let app = TestApp::start(
         &db,
@@ -876,7 +928,7 @@ async fn past_the_client_budget_withlock_answers_lock_pool_exhausted_while_submi
 #[tokio::test]
 async fn a_client_that_waited_for_the_budget_gets_no_second_full_timeout_to_wait_for_the_pool() {
     const TIMEOUT: Duration = Duration::from_millis(1000);
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     // Two lock connections, one of them for clients.
     let app = TestApp::start(
         &db,
@@ -936,13 +988,15 @@ async fn a_client_that_waited_for_the_budget_gets_no_second_full_timeout_to_wait
 // Nothing grows per acquisition.
 // ---------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_thousand_acquire_release_cycles_leave_no_extra_sessions_and_none_idle_in_transaction() {
+both_backends!(multi_thread: two_thousand_acquire_release_cycles_reuse_what_they_use_and_leave_no_lock_behind);
+/// With PostgreSQL: no extra sessions, none idle in transaction, no advisory
+/// lock left. Embedded: the in-process lock table is empty again.
+async fn two_thousand_acquire_release_cycles_reuse_what_they_use_and_leave_no_lock_behind(backend: Backend) {
     const POOL_MAX: i64 = 10;
     const CLIENTS: usize = 4;
-    let db = TestDb::create().await;
+    let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &["--database-lock-pool-max", "10"]).await;
-    let mut admin = db.connect().await;
+    let mut view = LockView::of(&db, &app).await;
 
     let cycles = |count: usize| {
         let app = &app;
@@ -964,31 +1018,44 @@ async fn two_thousand_acquire_release_cycles_leave_no_extra_sessions_and_none_id
     };
     // Warm up, so the pool has grown to what the load needs.
     cycles(200).await;
-    let sessions_before = sessions_opened(&mut admin).await;
-    let (backends_before, _) = lock_backends(&mut admin).await;
+    let before = view.footprint().await;
     let started = Instant::now();
     cycles(2000).await;
     let took = started.elapsed();
-    let sessions_after = sessions_opened(&mut admin).await;
-    let (backends_after, idle_in_transaction) = lock_backends(&mut admin).await;
-    eprintln!(
-        "2000 cycles in {took:?}; lock backends {backends_before} -> {backends_after}; \
-         sessions opened meanwhile {}",
-        sessions_after - sessions_before
-    );
-    assert!(backends_after <= POOL_MAX, "{backends_after} lock backends");
-    assert_eq!(idle_in_transaction, 0, "a lock session is idle in transaction");
-    assert_eq!(
-        advisory_locks(&mut admin).await,
-        (0, 0),
-        "an advisory lock outlived its stream"
-    );
-    // Connections are reused, not reopened per acquisition: 2,000 cycles open
-    // no more sessions than the pool could grow by.
-    assert!(
-        sessions_after - sessions_before <= POOL_MAX,
-        "{} sessions opened during 2000 cycles",
-        sessions_after - sessions_before
-    );
+    let after = view.footprint().await;
+    eprintln!("2000 cycles ({backend:?}) in {took:?}; before {before:?}, after {after:?}");
+    match (before, after) {
+        (
+            Footprint::Postgres {
+                sessions_opened: sessions_before,
+                ..
+            },
+            Footprint::Postgres {
+                sessions_opened: sessions_after,
+                lock_backends,
+                idle_in_transaction,
+                advisory_locks,
+            },
+        ) => {
+            assert!(lock_backends <= POOL_MAX, "{lock_backends} lock backends");
+            assert_eq!(idle_in_transaction, 0, "a lock session is idle in transaction");
+            assert_eq!(advisory_locks, (0, 0), "an advisory lock outlived its stream");
+            // Connections are reused, not reopened per acquisition: 2,000
+            // cycles open no more sessions than the pool could grow by.
+            assert!(
+                sessions_after - sessions_before <= POOL_MAX,
+                "{} sessions opened during 2000 cycles",
+                sessions_after - sessions_before
+            );
+        }
+        (_, Footprint::Embedded(stats)) => {
+            assert_eq!(
+                stats,
+                LocalLockStats { keys: 0, waiting: 0 },
+                "the lock table kept entries after every lock was released"
+            );
+        }
+        other => panic!("mixed footprints {other:?}"),
+    }
     app.stop().await;
 }

@@ -1,13 +1,19 @@
 //! The one integration-test binary: every test starts a real vitals on port 0
-//! against a fresh PostgreSQL database.
+//! against a fresh database. The HealthCheckService and LockService tests run
+//! each body twice, on PostgreSQL and on the embedded store
+//! ([`harness::both_backends!`]); tests of PostgreSQL itself (pools, sessions,
+//! outages, replicas) run on PostgreSQL only.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub, dead_code)]
 
+#[macro_use]
+mod harness;
+
 mod bad_input;
 mod edge;
+mod embedded;
 mod faults;
 mod foundation;
-mod harness;
 mod health_service;
 mod lock_service;
 mod probe;

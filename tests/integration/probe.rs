@@ -21,7 +21,7 @@ async fn probe(args: &[&str]) -> (bool, String) {
 
 #[tokio::test]
 async fn the_probe_exits_zero_only_when_serving_and_says_why_otherwise() {
-    let db = TestDb::create().await;
+    let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &[]).await;
     let addr = app.addr.to_string();
     let (ok, out) = probe(&["--addr", &addr, "--service", "vitals.v1.LockService"]).await;

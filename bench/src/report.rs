@@ -1,0 +1,682 @@
+//! The results: one JSON document, one Markdown page and one plot.
+
+use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
+
+use anyhow::{Context, Result, anyhow};
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::{load::Summary, services::CpuUse};
+
+/// One measured cell: a workload on one system at one concurrency.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Cell {
+    /// `evaluate`, `submit`, `lock-uncontended`, `lock-contended`, `mixed`,
+    /// `mixed:submit`, `mixed:lock`, `soak`.
+    pub(crate) workload: String,
+    /// `vitals`, `pgbench`, `etcd` (lease per session) or
+    /// `etcd-lease-per-request`.
+    pub(crate) system: String,
+    pub(crate) clients: usize,
+    #[serde(flatten)]
+    pub(crate) summary: Summary,
+    /// Average cores used during the measured window.
+    pub(crate) cpu: Option<CpuUse>,
+    /// vitals' resident set size after the cell, kB.
+    pub(crate) vitals_rss_kb: Option<u64>,
+    /// /proc/loadavg after the cell.
+    pub(crate) loadavg: String,
+    /// SubmitRun: share of replies that carried a transition.
+    pub(crate) transitions_share: Option<f64>,
+}
+
+/// vitals against a baseline or peer at one concurrency.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Ratio {
+    pub(crate) workload: String,
+    pub(crate) clients: usize,
+    pub(crate) against: String,
+    pub(crate) vitals_per_s: f64,
+    pub(crate) other_per_s: f64,
+    /// vitals throughput / other throughput.
+    pub(crate) throughput_ratio: f64,
+    pub(crate) vitals_p99_ms: f64,
+    pub(crate) other_p99_ms: f64,
+}
+
+/// One target of issue 8 and whether this run met it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Target {
+    pub(crate) target: String,
+    pub(crate) goal: String,
+    pub(crate) measured: String,
+    /// None: not measured in this run.
+    pub(crate) met: Option<bool>,
+}
+
+/// RSS of vitals during the mixed soak.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Memory {
+    pub(crate) clients: usize,
+    pub(crate) soak_seconds: f64,
+    pub(crate) warmup_seconds: f64,
+    /// (seconds since the soak started, RSS kB).
+    pub(crate) samples: Vec<(f64, u64)>,
+    pub(crate) baseline_kb: u64,
+    pub(crate) min_kb: u64,
+    pub(crate) max_kb: u64,
+    pub(crate) last_kb: u64,
+    /// Largest distance from the baseline, percent of the baseline.
+    pub(crate) max_deviation_pct: f64,
+    /// Least-squares slope after the warm-up.
+    pub(crate) slope_kb_per_min: f64,
+    pub(crate) within_10_pct: bool,
+}
+
+impl Memory {
+    pub(crate) fn from_samples(
+        clients: usize,
+        soak_seconds: f64,
+        warmup_seconds: f64,
+        samples: Vec<(f64, u64)>,
+    ) -> Option<Self> {
+        let after: Vec<(f64, u64)> = samples.iter().copied().filter(|s| s.0 >= warmup_seconds).collect();
+        let baseline_kb = after.first()?.1;
+        let min_kb = after.iter().map(|s| s.1).min()?;
+        let max_kb = after.iter().map(|s| s.1).max()?;
+        let last_kb = after.last()?.1;
+        let dev = |kb: u64| (kb as f64 - baseline_kb as f64).abs() / baseline_kb.max(1) as f64 * 100.0;
+        let max_deviation_pct = after.iter().map(|s| dev(s.1)).fold(0.0, f64::max);
+        let n = after.len() as f64;
+        let mx = after.iter().map(|s| s.0).sum::<f64>() / n;
+        let my = after.iter().map(|s| s.1 as f64).sum::<f64>() / n;
+        let sxy: f64 = after.iter().map(|s| (s.0 - mx) * (s.1 as f64 - my)).sum();
+        let sxx: f64 = after.iter().map(|s| (s.0 - mx).powi(2)).sum();
+        let slope_kb_per_min = if sxx > 0.0 { sxy / sxx * 60.0 } else { 0.0 };
+        Some(Memory {
+            clients,
+            soak_seconds,
+            warmup_seconds,
+            samples,
+            baseline_kb,
+            min_kb,
+            max_kb,
+            last_kb,
+            max_deviation_pct,
+            slope_kb_per_min,
+            within_10_pct: max_deviation_pct <= 10.0,
+        })
+    }
+}
+
+/// Round trips of one request kind, from the counting proxy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RoundTripStat {
+    pub(crate) kind: String,
+    pub(crate) requests: usize,
+    pub(crate) round_trips_mean: f64,
+    pub(crate) round_trips_min: usize,
+    pub(crate) round_trips_max: usize,
+    pub(crate) statements_mean: f64,
+    pub(crate) prepares_mean: f64,
+    /// Mean time spent waiting for PostgreSQL (sum of the round trips as the
+    /// proxy saw them), ms.
+    pub(crate) database_ms_mean: f64,
+    /// Mean round trips per pool (`vitals-lock`, `vitals-work`).
+    pub(crate) by_pool: BTreeMap<String, f64>,
+    /// Every round trip of one such request, in order: (pool, what).
+    pub(crate) example: Vec<(String, String)>,
+}
+
+/// The machine and the software measured.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub(crate) struct Machine {
+    pub(crate) cpu_model: String,
+    pub(crate) cores: usize,
+    pub(crate) memory_gib: f64,
+    pub(crate) kernel: String,
+    pub(crate) loadavg_start: String,
+    pub(crate) loadavg_end: String,
+    /// The busiest processes when the run started (other users' builds show
+    /// up here).
+    pub(crate) top_processes_start: String,
+    pub(crate) postgres: String,
+    pub(crate) postgres_settings: String,
+    pub(crate) etcd: String,
+    pub(crate) vitals_commit: String,
+}
+
+/// How the run was configured.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub(crate) struct Settings {
+    pub(crate) duration_s: f64,
+    pub(crate) warmup_s: f64,
+    pub(crate) clients: Vec<usize>,
+    pub(crate) connections: usize,
+    pub(crate) client_threads: usize,
+    pub(crate) soak_s: f64,
+    pub(crate) soak_warmup_s: f64,
+    pub(crate) soak_clients: usize,
+    pub(crate) mixed_submit_percent: u32,
+    pub(crate) lock_wait_s: u64,
+    pub(crate) max_requests_per_cell: u64,
+}
+
+/// Everything one run produced.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub(crate) struct Report {
+    pub(crate) started_at: String,
+    pub(crate) total_seconds: f64,
+    pub(crate) machine: Machine,
+    pub(crate) settings: Settings,
+    pub(crate) cells: Vec<Cell>,
+    pub(crate) ratios: Vec<Ratio>,
+    pub(crate) targets: Vec<Target>,
+    pub(crate) memory: Option<Memory>,
+    pub(crate) round_trips: Vec<RoundTripStat>,
+    pub(crate) pgbench_scripts: BTreeMap<String, String>,
+    pub(crate) notes: Vec<String>,
+}
+
+impl Report {
+    fn find(&self, workload: &str, system: &str, clients: usize) -> Option<&Cell> {
+        self.cells
+            .iter()
+            .find(|c| c.workload == workload && c.system == system && c.clients == clients)
+    }
+
+    /// Fills `ratios` and `targets` from the cells.
+    pub(crate) fn derive(&mut self) {
+        let pairs = [
+            ("lock-uncontended", "pgbench"),
+            ("lock-uncontended", "etcd"),
+            ("lock-uncontended", "etcd-lease-per-request"),
+            ("lock-contended", "pgbench"),
+            ("lock-contended", "etcd"),
+            ("submit", "pgbench"),
+        ];
+        let mut ratios = Vec::new();
+        for (workload, against) in pairs {
+            for &clients in &self.settings.clients {
+                if let (Some(v), Some(o)) = (
+                    self.find(workload, "vitals", clients),
+                    self.find(workload, against, clients),
+                ) {
+                    ratios.push(Ratio {
+                        workload: workload.to_owned(),
+                        clients,
+                        against: against.to_owned(),
+                        vitals_per_s: v.summary.throughput,
+                        other_per_s: o.summary.throughput,
+                        throughput_ratio: if o.summary.throughput > 0.0 {
+                            v.summary.throughput / o.summary.throughput
+                        } else {
+                            0.0
+                        },
+                        vitals_p99_ms: v.summary.p99_ms,
+                        other_p99_ms: o.summary.p99_ms,
+                    });
+                }
+            }
+        }
+        self.ratios = ratios;
+
+        let ratio = |w: &str, a: &str| {
+            self.ratios
+                .iter()
+                .find(|r| r.workload == w && r.against == a && r.clients == 32)
+        };
+        let mut targets = Vec::new();
+        let r = ratio("lock-uncontended", "pgbench");
+        targets.push(Target {
+            target: "lock uncontended vs pgbench `BEGIN; pg_advisory_xact_lock; COMMIT`, 32 clients".into(),
+            goal: ">= 40 %".into(),
+            measured: r.map_or("not measured".into(), |r| {
+                format!(
+                    "{:.0} % ({} vs {} /s)",
+                    r.throughput_ratio * 100.0,
+                    num(r.vitals_per_s),
+                    num(r.other_per_s)
+                )
+            }),
+            met: r.map(|r| r.throughput_ratio >= 0.40),
+        });
+        // Judged against the faster etcd variant: the stricter comparison.
+        let etcd = [
+            ratio("lock-uncontended", "etcd"),
+            ratio("lock-uncontended", "etcd-lease-per-request"),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by(|a, b| a.throughput_ratio.total_cmp(&b.throughput_ratio));
+        targets.push(Target {
+            target: "lock uncontended vs etcd Lock API, 32 clients (the faster etcd variant)".into(),
+            goal: ">= 3x".into(),
+            measured: etcd.map_or("not measured".into(), |r| {
+                format!(
+                    "{:.2}x ({} vs {} /s, {})",
+                    r.throughput_ratio,
+                    num(r.vitals_per_s),
+                    num(r.other_per_s),
+                    r.against
+                )
+            }),
+            met: etcd.map(|r| r.throughput_ratio >= 3.0),
+        });
+        let r = ratio("submit", "pgbench");
+        targets.push(Target {
+            target: "submit vs pgbench of the same SQL work, 32 clients".into(),
+            goal: ">= 60 %".into(),
+            measured: r.map_or("not measured".into(), |r| {
+                format!(
+                    "{:.0} % ({} vs {} /s)",
+                    r.throughput_ratio * 100.0,
+                    num(r.vitals_per_s),
+                    num(r.other_per_s)
+                )
+            }),
+            met: r.map(|r| r.throughput_ratio >= 0.60),
+        });
+        let s = self.find("submit", "vitals", 32);
+        targets.push(Target {
+            target: "submit p99, 32 clients".into(),
+            goal: "< 20 ms".into(),
+            measured: s.map_or("not measured".into(), |c| format!("{:.1} ms", c.summary.p99_ms)),
+            met: s.map(|c| c.summary.p99_ms < 20.0),
+        });
+        let e = self.find("evaluate", "vitals", 32);
+        targets.push(Target {
+            target: "evaluate, 32 clients".into(),
+            goal: ">= 30,000 req/s".into(),
+            measured: e.map_or("not measured".into(), |c| {
+                format!("{} req/s", num(c.summary.throughput))
+            }),
+            met: e.map(|c| c.summary.throughput >= 30_000.0),
+        });
+        let m = self.memory.as_ref();
+        targets.push(Target {
+            target: "vitals RSS flat during `mixed` after warm-up".into(),
+            goal: "within 10 % over 5 min".into(),
+            measured: m.map_or("not measured".into(), |m| {
+                format!(
+                    "max {:.1} % from {} MiB over {:.0} s{}",
+                    m.max_deviation_pct,
+                    m.baseline_kb / 1024,
+                    m.soak_seconds - m.warmup_seconds,
+                    if m.soak_seconds < 300.0 {
+                        " (shorter soak than the 5 min of the target)"
+                    } else {
+                        ""
+                    }
+                )
+            }),
+            met: m.map(|m| m.within_10_pct),
+        });
+        self.targets = targets;
+    }
+}
+
+/// 12345.6 -> "12,346".
+pub(crate) fn num(x: f64) -> String {
+    let n = x.round() as i64;
+    let s = n.abs().to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+fn ms(x: f64) -> String {
+    if x < 1.0 { format!("{x:.3}") } else { format!("{x:.1}") }
+}
+
+fn codes(c: &BTreeMap<String, u64>) -> String {
+    c.iter()
+        .map(|(k, v)| format!("{k} {}", num(*v as f64)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn cpu(c: Option<&CpuUse>) -> String {
+    let Some(c) = c else { return String::new() };
+    let mut parts = Vec::new();
+    for (name, v) in [
+        ("client", c.client),
+        ("vitals", c.vitals),
+        ("pg", c.postgres),
+        ("etcd", c.etcd),
+        ("pgbench", c.pgbench),
+    ] {
+        if v >= 0.005 {
+            parts.push(format!("{name} {v:.2}"));
+        }
+    }
+    parts.push(format!("other {:.2}", c.other));
+    parts.join(", ")
+}
+
+/// The Markdown page.
+pub(crate) fn markdown(r: &Report) -> String {
+    let mut md = String::new();
+    let m = &r.machine;
+    let s = &r.settings;
+    let _ = writeln!(md, "# vitals benchmark: {}\n", r.started_at);
+    let _ = writeln!(
+        md,
+        "Machine: {} ({} cores), {:.0} GiB, Linux {}. Load average at start {}, at end {}.  ",
+        m.cpu_model, m.cores, m.memory_gib, m.kernel, m.loadavg_start, m.loadavg_end
+    );
+    let _ = writeln!(md, "PostgreSQL: {} ({}).  ", m.postgres, m.postgres_settings);
+    let _ = writeln!(md, "etcd: {}. vitals: {}.  ", m.etcd, m.vitals_commit);
+    let _ = writeln!(
+        md,
+        "Each cell: {:.0} s warm-up, {:.0} s measured, closed loop (each client sends its next request when the \
+         previous one answered); {} client connections, {} client threads; clients {:?}. Whole run: {:.0} s.\n",
+        s.warmup_s, s.duration_s, s.connections, s.client_threads, s.clients, r.total_seconds
+    );
+    for note in &r.notes {
+        let _ = writeln!(md, "- {note}");
+    }
+    if !r.notes.is_empty() {
+        md.push('\n');
+    }
+
+    let _ = writeln!(md, "## Targets (issue 8)\n");
+    let _ = writeln!(md, "| target | goal | measured | met |\n|---|---|---|---|");
+    for t in &r.targets {
+        let met = match t.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "-",
+        };
+        let _ = writeln!(md, "| {} | {} | {} | {} |", t.target, t.goal, t.measured, met);
+    }
+
+    let _ = writeln!(md, "\n## Ratios\n");
+    let _ = writeln!(
+        md,
+        "| workload | clients | against | vitals /s | other /s | vitals / other | vitals p99 ms | other p99 ms |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|"
+    );
+    for x in &r.ratios {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {} |",
+            x.workload,
+            x.clients,
+            x.against,
+            num(x.vitals_per_s),
+            num(x.other_per_s),
+            x.throughput_ratio,
+            ms(x.vitals_p99_ms),
+            ms(x.other_p99_ms)
+        );
+    }
+
+    let _ = writeln!(md, "\n## Throughput and latency\n");
+    let _ = writeln!(
+        md,
+        "Latencies in ms. CPU: average cores busy during the measured window (2 = the whole machine); \
+         `other` is busy time of processes outside the benchmark.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| workload | system | clients | req/s | p50 | p90 | p99 | max | status codes | CPU (cores) |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---|---|"
+    );
+    for c in &r.cells {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            c.workload,
+            c.system,
+            c.clients,
+            num(c.summary.throughput),
+            ms(c.summary.p50_ms),
+            ms(c.summary.p90_ms),
+            ms(c.summary.p99_ms),
+            ms(c.summary.max_ms),
+            codes(&c.summary.codes),
+            cpu(c.cpu.as_ref())
+        );
+    }
+    let shares: Vec<String> = r
+        .cells
+        .iter()
+        .filter_map(|c| {
+            c.transitions_share
+                .map(|t| format!("{} {}: {:.0} %", c.workload, c.clients, t * 100.0))
+        })
+        .collect();
+    if !shares.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nSubmitRun replies carrying a transition (the pgbench submit baseline inserts a transition in the same \
+             share): {}.",
+            shares.join("; ")
+        );
+    }
+
+    if let Some(mem) = &r.memory {
+        let _ = writeln!(md, "\n## Memory: vitals RSS during `mixed`\n");
+        let _ = writeln!(
+            md,
+            "{} clients for {:.0} s; the first {:.0} s are warm-up. After warm-up: baseline {} kB, min {} kB, max {} kB, \
+             last {} kB; largest deviation {:.1} % ({}); trend {:+.0} kB/min.",
+            mem.clients,
+            mem.soak_seconds,
+            mem.warmup_seconds,
+            num(mem.baseline_kb as f64),
+            num(mem.min_kb as f64),
+            num(mem.max_kb as f64),
+            num(mem.last_kb as f64),
+            mem.max_deviation_pct,
+            if mem.within_10_pct {
+                "within 10 %"
+            } else {
+                "**more than 10 %**"
+            },
+            mem.slope_kb_per_min
+        );
+    }
+
+    if !r.round_trips.is_empty() {
+        let _ = writeln!(md, "\n## Round trips to PostgreSQL per request\n");
+        let _ = writeln!(
+            md,
+            "Counted by a wire-protocol proxy between a second vitals process and PostgreSQL (one `ReadyForQuery` = \
+             one round trip), sequential requests after warm-up.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| request | n | round trips (mean, min-max) | by pool | statements | prepares | ms waiting for PostgreSQL |\n\
+             |---|---:|---|---|---:|---:|---:|"
+        );
+        for t in &r.round_trips {
+            let pools = t
+                .by_pool
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} ({}-{}) | {} | {:.1} | {:.2} | {:.2} |",
+                t.kind,
+                t.requests,
+                t.round_trips_mean,
+                t.round_trips_min,
+                t.round_trips_max,
+                pools,
+                t.statements_mean,
+                t.prepares_mean,
+                t.database_ms_mean
+            );
+        }
+        for t in &r.round_trips {
+            if t.example.is_empty() {
+                continue;
+            }
+            let _ = writeln!(md, "\n{} ({} round trips):\n", t.kind, t.example.len());
+            for (i, (pool, what)) in t.example.iter().enumerate() {
+                let _ = writeln!(md, "{}. `{pool}`: {}", i + 1, what.replace('|', "\\|"));
+            }
+        }
+    }
+    md
+}
+
+// ---------------------------------------------------------------------- plot
+
+fn register_font() -> Result<()> {
+    let mut candidates = Vec::new();
+    if let Ok(out) = std::process::Command::new("fc-match")
+        .args(["-f", "%{file}", "sans-serif"])
+        .output()
+    {
+        candidates.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    candidates.extend(
+        [
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+            "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        ]
+        .map(String::from),
+    );
+    for path in candidates {
+        if let Ok(bytes) = fs::read(path.trim()) {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+    Err(anyhow!(
+        "no TrueType font found for the plot's labels (apt-get install fonts-dejavu-core)"
+    ))
+}
+
+/// The plotted series: (label, workload, system, colour).
+const SERIES: [(&str, &str, &str, RGBColor); 10] = [
+    ("vitals evaluate", "evaluate", "vitals", RGBColor(0, 0, 0)),
+    ("vitals submit", "submit", "vitals", RGBColor(31, 119, 180)),
+    ("pgbench submit", "submit", "pgbench", RGBColor(140, 190, 230)),
+    ("vitals lock", "lock-uncontended", "vitals", RGBColor(214, 39, 40)),
+    ("pgbench lock", "lock-uncontended", "pgbench", RGBColor(255, 152, 150)),
+    ("etcd lock", "lock-uncontended", "etcd", RGBColor(44, 160, 44)),
+    (
+        "vitals lock, one key",
+        "lock-contended",
+        "vitals",
+        RGBColor(148, 103, 189),
+    ),
+    (
+        "pgbench lock, one key",
+        "lock-contended",
+        "pgbench",
+        RGBColor(197, 176, 213),
+    ),
+    ("etcd lock, one key", "lock-contended", "etcd", RGBColor(152, 223, 138)),
+    ("vitals mixed", "mixed", "vitals", RGBColor(255, 127, 14)),
+];
+
+/// Throughput and p99 against clients, one PNG with two panels.
+pub(crate) fn plot(r: &Report, path: &Path) -> Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(path, (1500, 620)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let (left, right) = root.split_horizontally(750);
+    panel(r, &left, "Throughput (requests/s, log scale)", |c| c.summary.throughput)?;
+    panel(r, &right, "p99 latency (ms, log scale)", |c| c.summary.p99_ms)?;
+    root.present()
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// One plotted line: label, colour, (log2 clients, value) points.
+type Line<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
+fn panel(
+    r: &Report,
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    value: fn(&Cell) -> f64,
+) -> Result<()> {
+    let mut lines: Vec<Line<'_>> = Vec::new();
+    for (label, workload, system, colour) in SERIES {
+        let mut points: Vec<(f64, f64)> = r
+            .cells
+            .iter()
+            .filter(|c| c.workload == workload && c.system == system && c.summary.requests > 0)
+            .map(|c| ((c.clients as f64).log2(), value(c)))
+            .filter(|p| p.1 > 0.0)
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if !points.is_empty() {
+            lines.push((label, colour, points));
+        }
+    }
+    let ys = lines.iter().flat_map(|l| l.2.iter().map(|p| p.1));
+    let (lo, hi) = ys.fold((f64::MAX, f64::MIN), |(lo, hi), y| (lo.min(y), hi.max(y)));
+    // Room below the lowest line for the legend.
+    let (lo, hi) = if lo <= hi { (lo / 8.0, hi * 1.5) } else { (0.1, 10.0) };
+    let max_x = r.settings.clients.iter().copied().max().unwrap_or(64).max(2) as f64;
+    let err = |e: DrawingAreaErrorKind<_>| anyhow!("plot: {e}");
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 22))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.3f64..max_x.log2() + 0.3, (lo..hi).log_scale())
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("clients (log scale)")
+        .x_labels(8)
+        .x_label_formatter(&|x| {
+            let c = 2f64.powf(x.round());
+            if (x - x.round()).abs() < 0.05 {
+                format!("{c:.0}")
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|y| {
+            if *y >= 1000.0 {
+                format!("{:.0}k", y / 1000.0)
+            } else if *y >= 1.0 {
+                format!("{y:.0}")
+            } else {
+                format!("{y:.2}")
+            }
+        })
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    for (label, colour, points) in lines {
+        let style = colour.stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(points.clone(), style))
+            .map_err(err)?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3)));
+        chart
+            .draw_series(points.into_iter().map(|p| Circle::new(p, 4, colour.filled())))
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Runs the whole benchmark of issue 8 and writes bench/results/results.{md,json}
+# and bench/results/throughput-p99.png (see docs/PERFORMANCE.md).
+#
+#   scripts/bench.sh                 # everything, about 8 minutes on 2 cores
+#   scripts/bench.sh --soak 300      # with the 5-minute memory soak of the target
+#   scripts/bench.sh --duration 3 --workloads lock --clients 1,32   # a quick look
+#
+# Builds vitals in release (the README's build) and the vitals-bench load
+# generator (bench/, a workspace member that `cargo build`/`cargo test` skip),
+# then runs vitals-bench, which starts on loopback, and stops at exit: a
+# throw-away PostgreSQL cluster (or a fresh database on DATABASE_URL), vitals
+# and etcd. Every other argument goes to vitals-bench (`--help` lists them).
+#
+# Installs what is missing with apt-get when run as root: etcd-server (the
+# peer), protobuf-compiler (etcd-client's build needs protoc), postgresql
+# (initdb, pg_ctl, pgbench) and fonts-dejavu-core (the plot's labels).
+#
+# Environment:
+#   DATABASE_URL      an admin URL to use instead of a throw-away cluster; a
+#                     database vitals_bench_<random> is created and dropped
+#   CARGO_TARGET_DIR  honoured; the build cache is never cleaned
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+say() { printf 'bench.sh: %s\n' "$*" >&2; }
+die() {
+    say "error: $*"
+    exit 1
+}
+
+# ------------------------------------------------------------ prerequisites
+
+missing=()
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
+command -v pgbench >/dev/null || missing+=(postgresql-client)
+if [[ -z ${DATABASE_URL:-} ]] && ! compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null; then
+    missing+=(postgresql)
+fi
+if ! compgen -G '/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf' >/dev/null &&
+    ! { command -v fc-match >/dev/null && [[ -n $(fc-match -f '%{file}' sans-serif 2>/dev/null) ]]; }; then
+    missing+=(fonts-dejavu-core)
+fi
+if ((${#missing[@]})); then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        say "installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        die "missing ${missing[*]}: install them (Debian/Ubuntu: apt-get install ${missing[*]})"
+    fi
+fi
+
+# -------------------------------------------------------------------- build
+
+target_dir=${CARGO_TARGET_DIR:-target}
+[[ $target_dir == /* ]] || target_dir="$ROOT/$target_dir"
+
+say "building vitals (release)"
+cargo build --release --locked --bin vitals
+say "building vitals-bench (release)"
+cargo build --release --locked -p vitals-bench
+
+# ---------------------------------------------------------------------- run
+
+# vitals-bench stops what it started itself, also on Ctrl-C or an error. If
+# it is killed outright, this trap stops what its pid file names and the
+# throw-away cluster, then removes the scratch directory.
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/vitals-bench.XXXXXX")
+cleanup() {
+    local pid name
+    if [[ -f $WORK/pids ]]; then
+        while read -r pid name; do
+            if kill -0 "$pid" 2>/dev/null; then
+                say "stopping leftover $name ($pid)"
+                kill -TERM "$pid" 2>/dev/null || true
+            fi
+        done <"$WORK/pids"
+    fi
+    if [[ -f $WORK/pg/data/postmaster.pid ]]; then
+        local pg_ctl
+        pg_ctl=$(printf '%s\n' /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -n 1)
+        if [[ $(id -u) == 0 ]]; then
+            runuser -u postgres -- "$pg_ctl" -D "$WORK/pg/data" -m immediate stop >/dev/null 2>&1 || true
+        else
+            "$pg_ctl" -D "$WORK/pg/data" -m immediate stop >/dev/null 2>&1 || true
+        fi
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+mkdir -p bench/results
+say "load average: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine shows in the results' CPU column)"
+"$target_dir/release/vitals-bench" \
+    --vitals-bin "$target_dir/release/vitals" \
+    --out-dir "$ROOT/bench/results" \
+    --work-dir "$WORK" \
+    "$@"

@@ -1,0 +1,596 @@
+//! The embedded store: the same records and rules as [`super::postgres`], on
+//! the SQLite file of [`EmbeddedDb`].
+//!
+//! Methods that change a system's health expect the caller to hold that
+//! system's in-process lock (see [`super::system_lock_key`]). They then write
+//! in one `BEGIN IMMEDIATE` transaction on the single writer connection, so
+//! the previous status they read is the last committed one and nothing can
+//! commit between that read and their own commit: each transition appears
+//! exactly once, and transition sequences (max + 1 inside that transaction)
+//! commit in order. A cancelled request cannot break this either: its
+//! transaction commits or rolls back before the writer connection serves the
+//! next writer.
+//!
+//! Times are stored as INTEGER microseconds since the epoch.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Connection, Row, SqliteConnection, sqlite::SqliteRow};
+
+use super::{
+    CheckRecord, CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, SubmitOutcome, SystemRecord, Transition,
+    TransitionNotifier,
+    codec::{decode_evaluation, decode_thresholds, encode_evaluation, encode_thresholds},
+    postgres::{same_run, unknown_system},
+};
+use crate::{
+    db::EmbeddedDb,
+    domain::{CheckId, MAX_RUNS_CONSIDERED, Status, SystemId, Thresholds, evaluate},
+    error::{Error, Result},
+};
+
+/// Transitions are kept this long, except each system's newest.
+const TRANSITION_RETENTION: chrono::TimeDelta = chrono::TimeDelta::days(90);
+
+const RUN_COLUMNS: &str = "run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at";
+const CHECK_COLUMNS: &str = "check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at";
+const TRANSITION_COLUMNS: &str = "sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation";
+
+/// The SQLite implementation of the store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    db: EmbeddedDb,
+    /// Wakes this process's WatchTransitions subscribers after a commit that
+    /// wrote a transition.
+    notifier: TransitionNotifier,
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn time_of(us: i64) -> Result<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(us).ok_or_else(|| Error::Internal(format!("stored time {us} is out of range")))
+}
+
+/// Now, at the stored precision.
+fn now() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}
+
+fn status_of(raw: i64) -> Result<Status> {
+    i16::try_from(raw)
+        .ok()
+        .and_then(Status::from_i16)
+        .ok_or_else(|| Error::Internal(format!("stored status {raw} is not a status")))
+}
+
+fn thresholds_of(text: &str) -> Result<Thresholds> {
+    decode_thresholds(text).ok_or_else(|| Error::Internal(format!("stored thresholds {text:?} do not decode")))
+}
+
+fn latency_us(latency: Option<Duration>) -> Option<i64> {
+    latency.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+fn bigint(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn run_from_row(row: &SqliteRow) -> Result<Run> {
+    let latency_us: Option<i64> = row.try_get("latency_us")?;
+    Ok(Run {
+        run_id: row.try_get("run_id")?,
+        system_id: row.try_get("system_id")?,
+        check_id: row.try_get("check_id")?,
+        status: status_of(row.try_get("status")?)?,
+        observed_at: time_of(row.try_get("observed_at")?)?,
+        latency: latency_us
+            .and_then(|us| u64::try_from(us).ok())
+            .map(Duration::from_micros),
+        message: row.try_get("message")?,
+        recorded_at: time_of(row.try_get("recorded_at")?)?,
+    })
+}
+
+fn check_from_row(row: &SqliteRow) -> Result<CheckRecord> {
+    let thresholds = thresholds_of(&row.try_get::<String, _>("thresholds")?)?;
+    let evaluation_text: String = row.try_get("evaluation")?;
+    // A check created by ConfigureCheck before any run has no stored
+    // evaluation yet; evaluating no runs is cheap and exact.
+    let evaluation = decode_evaluation(&evaluation_text).unwrap_or_else(|| evaluate(&[], &thresholds));
+    let runs_considered: i64 = row.try_get("runs_considered")?;
+    Ok(CheckRecord {
+        check_id: row.try_get("check_id")?,
+        thresholds,
+        enabled: row.try_get("enabled")?,
+        evaluation,
+        runs_considered: u32::try_from(runs_considered).unwrap_or(0),
+        last_run_at: row.try_get::<Option<i64>, _>("last_run_at")?.map(time_of).transpose()?,
+    })
+}
+
+fn transition_from_row(row: &SqliteRow) -> Result<Transition> {
+    let evaluation_text: String = row.try_get("evaluation")?;
+    let sequence: i64 = row.try_get("sequence")?;
+    Ok(Transition {
+        sequence: u64::try_from(sequence).unwrap_or(0),
+        system_id: row.try_get("system_id")?,
+        check_id: row.try_get("check_id")?,
+        from: status_of(row.try_get("from_status")?)?,
+        to: status_of(row.try_get("to_status")?)?,
+        transitioned_at: time_of(row.try_get("transitioned_at")?)?,
+        evaluation: decode_evaluation(&evaluation_text)
+            .ok_or_else(|| Error::Internal(format!("stored evaluation {evaluation_text:?} does not decode")))?,
+    })
+}
+
+impl SqliteStore {
+    /// A store on `db`; committed transitions are announced on `notifier`.
+    pub fn new(db: EmbeddedDb, notifier: TransitionNotifier) -> Self {
+        SqliteStore { db, notifier }
+    }
+
+    /// Records a run and re-evaluates its check and system. The caller holds
+    /// the system's lock.
+    pub async fn submit_run(&self, new: &NewRun) -> Result<SubmitOutcome> {
+        let mut conn = self.db.writer().await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now();
+
+        let inserted = sqlx::query(
+            "INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (run_id) DO NOTHING",
+        )
+        .bind(new.run_id.as_str())
+        .bind(new.system_id.as_str())
+        .bind(new.check_id.as_str())
+        .bind(new.status.as_i16())
+        .bind(micros(new.observed_at))
+        .bind(latency_us(new.latency))
+        .bind(new.message.as_str())
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+
+        if inserted == 0 {
+            let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = $1"))
+                .bind(new.run_id.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+            let stored = run_from_row(&row)?;
+            if !same_run(&stored, new) {
+                return Err(Error::RunConflict {
+                    run_id: new.run_id.as_str().to_owned(),
+                });
+            }
+            let health = system_in(&mut tx, stored.system_id.as_str()).await?;
+            tx.rollback().await?;
+            return Ok(SubmitOutcome {
+                run: stored,
+                health: health.unwrap_or_else(|| unknown_system(new.system_id.as_str())),
+                transition: None,
+                duplicate: true,
+            });
+        }
+        let run = Run {
+            run_id: new.run_id.as_str().to_owned(),
+            system_id: new.system_id.as_str().to_owned(),
+            check_id: new.check_id.as_str().to_owned(),
+            status: new.status,
+            observed_at: new.observed_at,
+            latency: new
+                .latency
+                .map(|d| Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))),
+            message: new.message.as_str().to_owned(),
+            recorded_at: now,
+        };
+
+        let previous = system_status(&mut tx, new.system_id.as_str(), now).await?;
+
+        // The check exists from its first run on, with default thresholds.
+        let thresholds: String = sqlx::query_scalar(
+            "INSERT INTO checks (system_id, check_id, thresholds, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (system_id, check_id) DO UPDATE SET thresholds = checks.thresholds \
+             RETURNING thresholds",
+        )
+        .bind(new.system_id.as_str())
+        .bind(new.check_id.as_str())
+        .bind(encode_thresholds(&Thresholds::default()))
+        .bind(micros(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let thresholds = thresholds_of(&thresholds)?;
+
+        let (health, transition) =
+            reevaluate(&mut tx, &new.system_id, &new.check_id, &thresholds, previous, now).await?;
+        tx.commit().await?;
+        if transition.is_some() {
+            self.notifier.notify();
+        }
+        Ok(SubmitOutcome {
+            run,
+            health,
+            transition,
+            duplicate: false,
+        })
+    }
+
+    /// Creates or updates a check and re-evaluates its system. The caller
+    /// holds the system's lock.
+    pub async fn configure_check(&self, update: &CheckUpdate) -> Result<ConfigureOutcome> {
+        let mut conn = self.db.writer().await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now();
+        let previous = system_status(&mut tx, update.system_id.as_str(), now).await?;
+        let thresholds: String = sqlx::query_scalar(
+            "INSERT INTO checks (system_id, check_id, thresholds, enabled, updated_at) \
+             VALUES ($1, $2, coalesce($3, $4), coalesce($5, 1), $6) \
+             ON CONFLICT (system_id, check_id) DO UPDATE SET \
+                 thresholds = coalesce($3, checks.thresholds), \
+                 enabled = coalesce($5, checks.enabled), \
+                 updated_at = $6 \
+             RETURNING thresholds",
+        )
+        .bind(update.system_id.as_str())
+        .bind(update.check_id.as_str())
+        .bind(update.thresholds.as_ref().map(encode_thresholds))
+        .bind(encode_thresholds(&Thresholds::default()))
+        .bind(update.enabled)
+        .bind(micros(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let thresholds = thresholds_of(&thresholds)?;
+        let (health, transition) =
+            reevaluate(&mut tx, &update.system_id, &update.check_id, &thresholds, previous, now).await?;
+        tx.commit().await?;
+        if transition.is_some() {
+            self.notifier.notify();
+        }
+        let check = health
+            .checks
+            .iter()
+            .find(|c| c.check_id == update.check_id.as_str())
+            .cloned()
+            .ok_or_else(|| Error::Internal("configured check vanished".into()))?;
+        Ok(ConfigureOutcome {
+            check,
+            health,
+            transition,
+        })
+    }
+
+    /// The stored health of a system, or `None` if it has never been seen.
+    pub async fn system(&self, system_id: &SystemId) -> Result<Option<SystemRecord>> {
+        let mut conn = self.db.reader().await?;
+        // Two statements: one snapshot, so the checks match the system row.
+        let mut tx = conn.begin().await?;
+        let system = system_in(&mut tx, system_id.as_str()).await?;
+        tx.rollback().await?;
+        Ok(system)
+    }
+
+    /// One page of a system's runs, newest first, after `cursor`.
+    pub async fn list_runs(
+        &self,
+        system_id: &SystemId,
+        check_id: Option<&CheckId>,
+        after: Option<&RunCursor>,
+        limit: u32,
+    ) -> Result<Vec<Run>> {
+        let mut conn = self.db.reader().await?;
+        // Only the conditions that apply, so SQLite picks the matching index.
+        let check = if check_id.is_some() {
+            "AND check_id = $2"
+        } else {
+            "AND $2 IS NULL"
+        };
+        let cursor = if after.is_some() {
+            "AND (observed_at, run_id) < ($3, $4)"
+        } else {
+            "AND $3 IS NULL AND $4 IS NULL"
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE system_id = $1 {check} {cursor} \
+             ORDER BY observed_at DESC, run_id DESC LIMIT $5"
+        ))
+        .bind(system_id.as_str())
+        .bind(check_id.map(CheckId::as_str))
+        .bind(after.map(|c| micros(c.observed_at)))
+        .bind(after.map(|c| c.run_id.as_str()))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    /// One page of transitions, highest sequence first, below `before`.
+    pub async fn list_transitions(
+        &self,
+        system_id: Option<&SystemId>,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<Transition>> {
+        let mut conn = self.db.reader().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {TRANSITION_COLUMNS} FROM transitions \
+             WHERE ($1 IS NULL OR system_id = $1) AND ($2 IS NULL OR sequence < $2) \
+             ORDER BY sequence DESC LIMIT $3"
+        ))
+        .bind(system_id.map(SystemId::as_str))
+        .bind(before.map(bigint))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter().map(transition_from_row).collect()
+    }
+
+    /// Transitions with a sequence above `after`, in sequence order.
+    pub async fn transitions_after(
+        &self,
+        system_id: Option<&SystemId>,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Transition>> {
+        let mut conn = self.db.reader().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {TRANSITION_COLUMNS} FROM transitions \
+             WHERE ($1 IS NULL OR system_id = $1) AND sequence > $2 \
+             ORDER BY sequence LIMIT $3"
+        ))
+        .bind(system_id.map(SystemId::as_str))
+        .bind(bigint(after))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter().map(transition_from_row).collect()
+    }
+
+    /// Deletes up to `batch` runs older than `retention` (never a check's
+    /// newest 100) and old transitions (never a system's newest). Returns
+    /// how many rows went.
+    pub async fn prune(&self, retention: Duration, batch: u32) -> Result<u64> {
+        let now = now();
+        let runs_before = chrono::TimeDelta::from_std(retention)
+            .ok()
+            .and_then(|r| now.checked_sub_signed(r))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let transitions_before = now
+            .checked_sub_signed(TRANSITION_RETENTION)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let mut conn = self.db.writer().await?;
+        let runs = sqlx::query(
+            "DELETE FROM runs WHERE run_id IN ( \
+                 SELECT r.run_id FROM runs r \
+                 WHERE r.observed_at < $1 \
+                   AND (r.observed_at, r.run_id) < ( \
+                       SELECT k.observed_at, k.run_id FROM runs k \
+                       WHERE k.system_id = r.system_id AND k.check_id = r.check_id \
+                       ORDER BY k.observed_at DESC, k.run_id DESC LIMIT 1 OFFSET $2 - 1) \
+                 LIMIT $3)",
+        )
+        .bind(micros(runs_before))
+        .bind(i64::try_from(MAX_RUNS_CONSIDERED).unwrap_or(100))
+        .bind(i64::from(batch))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        let transitions = sqlx::query(
+            "DELETE FROM transitions WHERE sequence IN ( \
+                 SELECT t.sequence FROM transitions t \
+                 WHERE t.transitioned_at < $1 \
+                   AND t.sequence < (SELECT max(n.sequence) FROM transitions n WHERE n.system_id = t.system_id) \
+                 LIMIT $2)",
+        )
+        .bind(micros(transitions_before))
+        .bind(i64::from(batch))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        Ok(runs + transitions)
+    }
+}
+
+/// Reads a system and its checks on `conn`.
+async fn system_in(conn: &mut SqliteConnection, system_id: &str) -> Result<Option<SystemRecord>> {
+    let system = sqlx::query("SELECT status, evaluated_at FROM systems WHERE system_id = $1")
+        .bind(system_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(system) = system else { return Ok(None) };
+    let checks = sqlx::query(&format!(
+        "SELECT {CHECK_COLUMNS} FROM checks WHERE system_id = $1 ORDER BY check_id"
+    ))
+    .bind(system_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Some(SystemRecord {
+        system_id: system_id.to_owned(),
+        status: status_of(system.try_get("status")?)?,
+        checks: checks.iter().map(check_from_row).collect::<Result<_>>()?,
+        evaluated_at: Some(time_of(system.try_get("evaluated_at")?)?),
+    }))
+}
+
+/// The system's status, the one the next transition starts from; a new
+/// system gets its row here, with the baseline `healthy`. Inside the write
+/// transaction, so no other writer can change it before the commit.
+async fn system_status(tx: &mut SqliteConnection, system_id: &str, now: DateTime<Utc>) -> Result<Status> {
+    let status: i64 = sqlx::query_scalar(
+        "INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (system_id) DO UPDATE SET status = systems.status RETURNING status",
+    )
+    .bind(system_id)
+    .bind(Status::Healthy.as_i16())
+    .bind(micros(now))
+    .fetch_one(&mut *tx)
+    .await?;
+    status_of(status)
+}
+
+/// Re-evaluates one check from its newest runs, then its system; writes the
+/// transition when the system's status changed from `previous`. Runs inside
+/// the caller's write transaction, after [`system_status`] read `previous`.
+async fn reevaluate(
+    tx: &mut SqliteConnection,
+    system_id: &SystemId,
+    check_id: &CheckId,
+    thresholds: &Thresholds,
+    previous: Status,
+    now: DateTime<Utc>,
+) -> Result<(SystemRecord, Option<Transition>)> {
+    // Ordered by observed_at, so a late run slots into its place in history.
+    let rows = sqlx::query(
+        "SELECT status, observed_at FROM runs WHERE system_id = $1 AND check_id = $2 \
+         ORDER BY observed_at DESC, run_id DESC LIMIT $3",
+    )
+    .bind(system_id.as_str())
+    .bind(check_id.as_str())
+    .bind(i64::try_from(MAX_RUNS_CONSIDERED).unwrap_or(100))
+    .fetch_all(&mut *tx)
+    .await?;
+    let statuses = rows
+        .iter()
+        .map(|r| status_of(r.try_get("status")?))
+        .collect::<Result<Vec<_>>>()?;
+    let last_run_at: Option<i64> = rows.first().map(|r| r.try_get("observed_at")).transpose()?;
+    let evaluation = evaluate(&statuses, thresholds);
+
+    sqlx::query(
+        "UPDATE checks SET status = $3, evaluation = $4, runs_considered = $5, last_run_at = $6, updated_at = $7 \
+         WHERE system_id = $1 AND check_id = $2",
+    )
+    .bind(system_id.as_str())
+    .bind(check_id.as_str())
+    .bind(evaluation.status.as_i16())
+    .bind(encode_evaluation(&evaluation))
+    .bind(i64::try_from(statuses.len()).unwrap_or(i64::MAX))
+    .bind(last_run_at)
+    .bind(micros(now))
+    .execute(&mut *tx)
+    .await?;
+    // One connection, one transaction: the UPDATE above is visible here.
+    let worst: Option<i64> = sqlx::query_scalar("SELECT max(status) FROM checks WHERE system_id = $1 AND enabled")
+        .bind(system_id.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+    let current = worst.map(status_of).transpose()?.unwrap_or(Status::Healthy);
+
+    sqlx::query("UPDATE systems SET status = $2, evaluated_at = $3 WHERE system_id = $1")
+        .bind(system_id.as_str())
+        .bind(current.as_i16())
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await?;
+
+    let transition = if previous == current {
+        None
+    } else {
+        let row = sqlx::query(&format!(
+            "INSERT INTO transitions (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation) \
+             SELECT coalesce(max(sequence), 0) + 1, $1, $2, $3, $4, $5, $6 FROM transitions \
+             RETURNING {TRANSITION_COLUMNS}"
+        ))
+        .bind(system_id.as_str())
+        .bind(check_id.as_str())
+        .bind(previous.as_i16())
+        .bind(current.as_i16())
+        .bind(micros(now))
+        .bind(encode_evaluation(&evaluation))
+        .fetch_one(&mut *tx)
+        .await?;
+        Some(transition_from_row(&row)?)
+    };
+
+    let health = system_in(tx, system_id.as_str())
+        .await?
+        .ok_or_else(|| Error::Internal("system vanished inside its own transaction".into()))?;
+    Ok((health, transition))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::Config,
+        domain::{RunId, RunMessage},
+        store::TransitionFeed,
+    };
+
+    async fn store(dir: &tempfile::TempDir) -> (SqliteStore, EmbeddedDb) {
+        let url = format!("--database-url=sqlite://{}/vitals.db", dir.path().display());
+        let db = EmbeddedDb::open(&Config::from_flags([url]).unwrap()).await.unwrap();
+        let (_feed, notifier) = TransitionFeed::in_process();
+        (SqliteStore::new(db.clone(), notifier), db)
+    }
+
+    fn run(run_id: &str, check: &str, status: Status, observed_at: DateTime<Utc>) -> NewRun {
+        NewRun {
+            run_id: RunId::parse("run_id", run_id.to_owned()).unwrap(),
+            system_id: SystemId::parse("system_id", "sys".to_owned()).unwrap(),
+            check_id: CheckId::parse("check_id", check.to_owned()).unwrap(),
+            status,
+            observed_at,
+            observed_at_given: true,
+            latency: None,
+            message: RunMessage::parse("message", String::new()).unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_old_runs_but_never_a_checks_newest_100() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, db) = store(&dir).await;
+        let old = now() - chrono::TimeDelta::days(30);
+        // 130 old runs of one check, 5 old runs of another, 3 recent runs.
+        for i in 0..130 {
+            let at = old + chrono::TimeDelta::seconds(i);
+            store
+                .submit_run(&run(&format!("a{i}"), "a", Status::Healthy, at))
+                .await
+                .unwrap();
+        }
+        for i in 0..5 {
+            let at = old + chrono::TimeDelta::seconds(i);
+            store
+                .submit_run(&run(&format!("b{i}"), "b", Status::Healthy, at))
+                .await
+                .unwrap();
+        }
+        for i in 0..3 {
+            let at = now() - chrono::TimeDelta::seconds(i);
+            store
+                .submit_run(&run(&format!("c{i}"), "c", Status::Healthy, at))
+                .await
+                .unwrap();
+        }
+        let week = Duration::from_secs(7 * 86_400);
+        assert_eq!(store.prune(week, 20).await.unwrap(), 20, "one batch");
+        assert_eq!(store.prune(week, 20).await.unwrap(), 10, "the rest");
+        assert_eq!(store.prune(week, 20).await.unwrap(), 0);
+        let system = SystemId::parse("system_id", "sys".to_owned()).unwrap();
+        let a = CheckId::parse("check_id", "a".to_owned()).unwrap();
+        let kept = store.list_runs(&system, Some(&a), None, 1000).await.unwrap();
+        assert_eq!(kept.len(), 100);
+        assert_eq!(kept.last().map(|r| r.run_id.as_str()), Some("a30"), "the oldest went");
+        assert_eq!(store.list_runs(&system, None, None, 1000).await.unwrap().len(), 108);
+        db.close().await;
+    }
+
+    #[tokio::test]
+    async fn times_round_trip_at_microsecond_precision() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, db) = store(&dir).await;
+        let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+        let outcome = store.submit_run(&run("r", "c", Status::Degraded, at)).await.unwrap();
+        assert_eq!(outcome.run.observed_at, at);
+        let system = SystemId::parse("system_id", "sys".to_owned()).unwrap();
+        let stored = store.list_runs(&system, None, None, 10).await.unwrap();
+        assert_eq!(stored, [outcome.run]);
+        db.close().await;
+    }
+}
