@@ -91,6 +91,8 @@ testenv_start() {
     db="vitals_client_${lang}_$(date +%s)_$RANDOM"
     testenv_psql -c "CREATE DATABASE \"$db\"" || testenv_die "cannot CREATE DATABASE with DATABASE_URL"
     TESTENV_DB=$db
+    # Tests look into pg_locks of this database to see a waiter queue up.
+    export VITALS_TEST_DATABASE=$db
     local url
     url=$(testenv_db_url "$db")
     testenv_say "database $db"

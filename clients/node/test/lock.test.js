@@ -1,7 +1,7 @@
 // LockService (WithLock) through withLock(key, fn, opts).
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import readline from 'node:readline';
@@ -21,6 +21,20 @@ after(() => {
 });
 
 const tryLock = (c, key) => c.withLock(key, (grant) => grant.fencingToken, { waitTimeoutMs: 0 });
+
+// Advisory locks waited for in the test server's database (pg_locks).
+function advisoryLockWaiters() {
+  const out = execFileSync('psql', [
+    process.env.DATABASE_URL,
+    '-XAtq',
+    '-c',
+    `SET vitals.db = '${process.env.VITALS_TEST_DATABASE}'`,
+    '-c',
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted " +
+      "AND database = (SELECT oid FROM pg_database WHERE datname = current_setting('vitals.db'))",
+  ]);
+  return Number(out.toString().trim().split(/\s+/).pop());
+}
 
 async function waitUntil(condition, timeoutMs, what) {
   const deadline = Date.now() + timeoutMs;
@@ -117,7 +131,7 @@ test('a waiter is granted the lock when the holder releases', async () => {
   await assert.rejects(tryLock(other, key), LockNotAvailable);
   let waiterToken = null;
   const waiting = other.withLock(key, (grant) => (waiterToken = grant.fencingToken), { waitTimeoutMs: 20_000 });
-  await sleep(300); // the waiter is now blocked on the server
+  await waitUntil(() => advisoryLockWaiters() >= 1, 10_000, 'the waiter to queue behind the holder');
   assert.equal(waiterToken, null);
   release();
   const holderToken = await holding;

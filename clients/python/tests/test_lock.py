@@ -1,6 +1,7 @@
 """LockService (WithLock) through the Python client's context manager."""
 
 import json
+import os
 import select
 import subprocess
 import sys
@@ -24,6 +25,21 @@ def wait_until(condition, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def advisory_lock_waiters() -> int:
+    """Advisory locks waited for in the test server's database (pg_locks)."""
+    query = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_setting('vitals.db'))"
+    )
+    out = subprocess.run(
+        ["psql", os.environ["DATABASE_URL"], "-XAtq", "-c", f"SET vitals.db = '{os.environ['VITALS_TEST_DATABASE']}'", "-c", query],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.split()[-1])
 
 
 class Holder:
@@ -99,7 +115,7 @@ def test_a_waiter_gets_the_lock_as_soon_as_the_holder_releases(target, client, l
 
         waiter = threading.Thread(target=wait_for_it)
         waiter.start()
-        time.sleep(0.3)  # let the waiter queue up behind the holder
+        wait_until(lambda: advisory_lock_waiters() >= 1, 10, "the waiter to queue behind the holder")
         assert granted == []
         holder.release()
         waiter.join(10)
