@@ -13,10 +13,16 @@
 
 pub mod embedded;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use sqlx::{
-    Executor, PgPool, Postgres,
+    Connection, Executor, PgPool, Postgres,
     pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
@@ -40,35 +46,111 @@ pub const TCP_KEEPALIVES_COUNT: u64 = 3;
 /// transaction before ending it (and with it the lock).
 pub const LEASE_BACKSTOP_MARGIN_MS: u64 = 1000;
 
+/// A pooled connection idle at least this long is pinged before the pool
+/// hands it out; one in steady use is not (sqlx also pings every connection
+/// when it goes back to the pool, so a busy connection was checked moments
+/// ago).
+pub const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
+
+/// When a connection to the server was last found broken, shared by the
+/// pools of one process: a connection that went idle before that moment may
+/// have died in the same event (a restarted server, backends terminated by an
+/// administrator), so the pool pings it before handing it out, however short
+/// its idle time.
+#[derive(Debug)]
+pub struct ConnectionHealth {
+    origin: Instant,
+    /// Milliseconds after `origin` (plus one, so that 0 means never).
+    last_broken_ms: AtomicU64,
+}
+
+impl ConnectionHealth {
+    fn new() -> Self {
+        ConnectionHealth {
+            origin: Instant::now(),
+            last_broken_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// Records that a connection was found broken now.
+    pub fn note_broken(&self) {
+        self.last_broken_ms.fetch_max(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// True when `err` says the connection it happened on is gone (see
+    /// [`crate::error::is_connection_lost`]); records that.
+    pub fn check(&self, err: &Error) -> bool {
+        let lost = matches!(err, Error::DatabaseUnavailable(Some(e)) if crate::error::is_connection_lost(e));
+        if lost {
+            self.note_broken();
+        }
+        lost
+    }
+
+    /// Whether a connection idle for `idle_for` must be pinged before use.
+    fn needs_ping(&self, idle_for: Duration) -> bool {
+        if idle_for >= IDLE_PING_AFTER {
+            return true;
+        }
+        let broken = self.last_broken_ms.load(Ordering::Relaxed);
+        // Idle since (now - idle_for), rounded down a millisecond to be safe.
+        let idle_since = self
+            .now_ms()
+            .saturating_sub(u64::try_from(idle_for.as_millis()).unwrap_or(u64::MAX))
+            .saturating_sub(1);
+        broken != 0 && broken >= idle_since
+    }
+}
+
 /// Pool of connections for reads and writes. Never holds advisory locks.
 #[derive(Debug, Clone)]
-pub struct WorkPool(PgPool);
+pub struct WorkPool {
+    pool: PgPool,
+    health: Arc<ConnectionHealth>,
+}
 
 /// Pool of connections that hold advisory locks, each in its own transaction.
 #[derive(Debug, Clone)]
-pub struct LockPool(PgPool);
+pub struct LockPool {
+    pool: PgPool,
+    health: Arc<ConnectionHealth>,
+}
 
 impl WorkPool {
     /// A work connection, or `WORK_POOL_EXHAUSTED` after the acquire timeout.
     pub async fn acquire(&self) -> Result<PoolConnection<Postgres>> {
-        self.0.acquire().await.map_err(|e| Error::acquire(PoolKind::Work, e))
+        self.pool.acquire().await.map_err(|e| Error::acquire(PoolKind::Work, e))
     }
 
     /// The underlying pool, for queries that need no explicit connection.
     pub fn pool(&self) -> &PgPool {
-        &self.0
+        &self.pool
+    }
+
+    /// Which connections are suspect (see [`ConnectionHealth`]).
+    pub fn health(&self) -> &ConnectionHealth {
+        &self.health
     }
 }
 
 impl LockPool {
     /// A lock connection, or `LOCK_POOL_EXHAUSTED` after the acquire timeout.
     pub async fn acquire(&self) -> Result<PoolConnection<Postgres>> {
-        self.0.acquire().await.map_err(|e| Error::acquire(PoolKind::Lock, e))
+        self.pool.acquire().await.map_err(|e| Error::acquire(PoolKind::Lock, e))
     }
 
     /// The underlying pool.
     pub fn pool(&self) -> &PgPool {
-        &self.0
+        &self.pool
+    }
+
+    /// Which connections are suspect (see [`ConnectionHealth`]).
+    pub fn health(&self) -> &ConnectionHealth {
+        &self.health
     }
 }
 
@@ -126,19 +208,37 @@ impl Pools {
             // being granted the lock for nobody.
             ("client_connection_check_interval", "1000".to_owned()),
         ]);
+        let health = Arc::new(ConnectionHealth::new());
         let pool = |max: u32| {
+            let health = health.clone();
             PgPoolOptions::new()
                 .max_connections(max)
                 .min_connections(0)
                 .acquire_timeout(config.pool_connection_timeout())
                 .idle_timeout(Some(config.pool_idle_timeout()))
                 // A connection whose backend died while idle is found here
-                // and replaced instead of failing the request that drew it.
-                .test_before_acquire(true)
+                // and replaced instead of failing the request that drew it:
+                // one idle for a while, or one idle since a connection was
+                // last found broken. A connection in steady use is not
+                // pinged (a round trip on every request's path); if its
+                // backend dies in between, the request sees a lost
+                // connection, which SubmitRun and the locks retry once on a
+                // checked connection.
+                .test_before_acquire(false)
+                .before_acquire(move |conn, meta| {
+                    let ping = health.needs_ping(meta.idle_for);
+                    Box::pin(async move { Ok(!ping || conn.ping().await.is_ok()) })
+                })
         };
         Ok(Pools {
-            work: WorkPool(pool(config.pool_max).connect_lazy_with(work_options)),
-            lock: LockPool(pool(config.lock_pool_max).connect_lazy_with(lock_options)),
+            work: WorkPool {
+                pool: pool(config.pool_max).connect_lazy_with(work_options),
+                health: health.clone(),
+            },
+            lock: LockPool {
+                pool: pool(config.lock_pool_max).connect_lazy_with(lock_options),
+                health: health.clone(),
+            },
             listen: pool(1).connect_lazy_with(listen_options),
             probe: pool(1).connect_lazy_with(probe_options),
         })
@@ -198,8 +298,8 @@ impl Pools {
     /// Closes both pools, waiting for checked-out connections to return.
     pub async fn close(&self) {
         tokio::join!(
-            self.lock.0.close(),
-            self.work.0.close(),
+            self.lock.pool.close(),
+            self.work.pool.close(),
             self.listen.close(),
             self.probe.close()
         );

@@ -220,6 +220,23 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
     }
 }
 
+/// True when `err` means the connection it happened on is gone (the socket
+/// broke, the server ended the session), so a statement sent on it never ran
+/// or its transaction was rolled back with the session: the work may be
+/// retried on another connection. Not pool exhaustion or a refused connect.
+pub fn is_connection_lost(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) if db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() => {
+            // 08: connection exceptions; 57P01/57P02: the session was
+            // terminated (administrator command, crash of another backend).
+            db.code()
+                .is_some_and(|code| code.starts_with("08") || code == "57P01" || code == "57P02")
+        }
+        _ => false,
+    }
+}
+
 /// The SQLSTATE of a database error, if it is one.
 pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
     match err {

@@ -47,19 +47,20 @@ SELECT pg_advisory_xact_lock(hashtextextended(:lockone::text, 0));
 COMMIT;
 ";
 
-/// SubmitRun's SQL work, statement for statement as `PgStore::submit_run`,
-/// `lock_system` and `reevaluate` send it (the run insert, the system row
-/// lock, the check upsert, the newest-100 read, the check update with the
-/// other checks' read, the system upsert, the re-read of the system and its
-/// checks), under the system's `pg_advisory_xact_lock`, on one connection.
-/// The transition insert (under the global transition-sequence lock) runs in
-/// the same share of transactions as it did in vitals' own run at this
-/// concurrency (`-D tpm`, per 10,000).
+/// SubmitRun's SQL work, statement for statement as `PgStore::submit_run`
+/// and `reevaluate` send it: the run insert with the system row lock, the
+/// check upsert with the system's checks and the check's newest 100 runs, the
+/// check update with the system upsert (and the transition-sequence lock when
+/// the status changed), under the system's `pg_advisory_xact_lock`, on one
+/// connection. The transition insert (after the transition-sequence lock)
+/// runs in the same share of transactions as it did in vitals' own run at
+/// this concurrency (`-D tpm`, per 10,000).
 fn submit() -> String {
     let systems = SYSTEMS - 1;
     let checks = CHECKS_PER_SYSTEM - 1;
     let sys = "'bench-sys-' || :s::text";
     let chk = "'check-' || :c::text";
+    let cols = "check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at";
     format!(
         r"\set s random(0, {systems})
 \set c random(0, {checks})
@@ -67,18 +68,12 @@ fn submit() -> String {
 \set t random(1, 10000)
 BEGIN;
 SELECT pg_advisory_xact_lock(hashtextextended(:healthprefix::text || :s::text, 0));
-INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message) VALUES (gen_random_uuid()::text, {sys}, {chk}, :st, now(), 250000, '') ON CONFLICT (run_id) DO NOTHING RETURNING recorded_at;
-SELECT status FROM systems WHERE system_id = {sys} FOR UPDATE;
-WITH created AS (INSERT INTO checks (system_id, check_id, thresholds) VALUES ({sys}, {chk}, :thresholds) ON CONFLICT (system_id, check_id) DO NOTHING RETURNING thresholds, enabled) SELECT thresholds, enabled FROM created UNION ALL SELECT thresholds, enabled FROM checks WHERE system_id = {sys} AND check_id = {chk} LIMIT 1;
-SELECT status, observed_at FROM runs WHERE system_id = {sys} AND check_id = {chk} ORDER BY observed_at DESC, run_id DESC LIMIT 100;
-WITH updated AS (UPDATE checks SET status = :st, evaluation = :evaluation, runs_considered = 100, last_run_at = now(), updated_at = now() WHERE system_id = {sys} AND check_id = {chk}) SELECT (SELECT max(status) FROM checks WHERE system_id = {sys} AND enabled AND check_id <> {chk}) AS others, (SELECT enabled FROM checks WHERE system_id = {sys} AND check_id = {chk}) AS enabled;
-INSERT INTO systems (system_id, status, evaluated_at) VALUES ({sys}, :st, now()) ON CONFLICT (system_id) DO UPDATE SET status = excluded.status, evaluated_at = excluded.evaluated_at;
+WITH inserted AS (INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message) VALUES (gen_random_uuid()::text, {sys}, {chk}, :st, now(), 250000, '') ON CONFLICT (run_id) DO NOTHING RETURNING recorded_at), locked AS (SELECT status FROM systems WHERE system_id = {sys} FOR UPDATE) SELECT (SELECT recorded_at FROM inserted) AS recorded_at, (SELECT status FROM locked) AS previous;
+WITH created AS (INSERT INTO checks (system_id, check_id, thresholds) VALUES ({sys}, {chk}, :thresholds) ON CONFLICT (system_id, check_id) DO NOTHING RETURNING {cols}), target AS (SELECT {cols} FROM created UNION ALL SELECT {cols} FROM checks WHERE system_id = {sys} AND check_id = {chk} LIMIT 1), recent AS (SELECT status, observed_at, run_id FROM runs WHERE system_id = {sys} AND check_id = {chk} ORDER BY observed_at DESC, run_id DESC LIMIT 100) SELECT {cols}, true AS target, (SELECT array_agg(status ORDER BY observed_at DESC, run_id DESC) FROM recent) AS recent_statuses, (SELECT max(observed_at) FROM recent) AS recent_last FROM target UNION ALL SELECT {cols}, false, NULL, NULL FROM checks WHERE system_id = {sys} AND check_id <> {chk} ORDER BY check_id;
+WITH updated AS (UPDATE checks SET status = :st, evaluation = :evaluation, runs_considered = 100, last_run_at = now(), updated_at = now() WHERE system_id = {sys} AND check_id = {chk}), upserted AS (INSERT INTO systems (system_id, status, evaluated_at) VALUES ({sys}, :st, now()) ON CONFLICT (system_id) DO UPDATE SET status = excluded.status, evaluated_at = excluded.evaluated_at RETURNING evaluated_at) SELECT evaluated_at, (SELECT count(*) FROM (SELECT pg_advisory_xact_lock(hashtextextended(:seqlock::text, 0)) WHERE :t::int <= :tpm::int) l) AS sequence_locked FROM upserted;
 \if :t <= :tpm
-SELECT pg_advisory_xact_lock(hashtextextended(:seqlock::text, 0));
 WITH t AS (INSERT INTO transitions (sequence, system_id, check_id, from_status, to_status, evaluation) SELECT coalesce(max(sequence), 0) + 1, {sys}, {chk}, 1, :st, :evaluation FROM transitions RETURNING sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation) SELECT t.*, pg_notify('vitals_transitions', t.sequence::text) FROM t;
 \endif
-SELECT status, evaluated_at FROM systems WHERE system_id = {sys};
-SELECT check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at FROM checks WHERE system_id = {sys} ORDER BY check_id;
 COMMIT;
 "
     )

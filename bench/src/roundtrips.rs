@@ -128,21 +128,24 @@ pub(crate) async fn measure(
             }
         }
     }
-    // A bare Sync is sqlx's ping: the first one of a pool in a request is the
-    // check before the pool hands the connection out (test_before_acquire),
-    // a later one the ping sqlx always sends when a connection goes back.
+    // A bare Sync is a ping. After a statement of the same pool in the same
+    // request it is sqlx's ping when the connection goes back to the pool
+    // (always sent); before any, it is the pool's check of a connection that
+    // idled over a second (vitals' `before_acquire`), or the previous
+    // request's release ping arriving after that request's reply.
     for trips in &mut per_request {
-        let mut seen = Vec::new();
+        let mut used = Vec::new();
         for t in trips.iter_mut() {
             if t.what == SYNC_ONLY {
-                t.what = if seen.contains(&t.app) {
+                t.what = if used.contains(&t.app) {
                     "Sync only: sqlx's ping when the connection goes back to the pool".to_owned()
                 } else {
-                    "Sync only: connection check before the pool hands it out (test_before_acquire)".to_owned()
+                    "Sync only: a ping before any statement (the pool's check of a connection idle over 1 s, \
+                     or the previous request's release ping arriving late)"
+                        .to_owned()
                 };
-            }
-            if !seen.contains(&t.app) {
-                seen.push(t.app.clone());
+            } else if !used.contains(&t.app) {
+                used.push(t.app.clone());
             }
         }
     }

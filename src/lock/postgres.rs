@@ -7,11 +7,11 @@
 
 use std::{future::Future, time::Duration};
 
-use sqlx::{Executor, PgConnection, Postgres, Row, pool::PoolConnection};
+use sqlx::{Executor, PgConnection, Postgres, Row, pool::PoolConnection, postgres::PgRow};
 
 use crate::{
     db::LockPool,
-    error::{Error, PoolKind, Result, sqlstate},
+    error::{Error, PoolKind, Result, is_connection_lost, sqlstate},
 };
 
 /// SQLSTATE `lock_not_available`: `lock_timeout` expired.
@@ -96,6 +96,68 @@ impl Drop for LockConn {
     }
 }
 
+/// `key` as a PostgreSQL string literal, whatever `standard_conforming_strings`
+/// says: an escape string (`E'...'`) in which backslashes and quotes are
+/// doubled. Keys are text, which never contains NUL.
+fn escape_literal(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 3);
+    out.push_str("E'");
+    for c in key.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("''"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// `BEGIN` and the lock on `key` in one round trip: a simple-query message
+/// carrying both statements (unprepared; PostgreSQL parses and plans it
+/// anew each time, which for this statement costs less than a round trip).
+/// The transaction stays open after it, holding the lock.
+fn begin_and_lock_sql(key: &str) -> String {
+    format!(
+        "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended({}, 0))",
+        escape_literal(key)
+    )
+}
+
+/// A lock connection with `BEGIN` and `sql` (which starts with `BEGIN;` and
+/// takes the lock) sent on it. A connection found broken by that first round
+/// trip (its backend died while it was idle in the pool) cannot be holding
+/// anything, so it is closed and `sql` sent once more on a connection the
+/// pool checks first.
+async fn begin_locked(
+    pool: &LockPool,
+    deadline: Option<tokio::time::Instant>,
+    sql: &str,
+) -> Result<(LockConn, std::result::Result<Vec<PgRow>, sqlx::Error>)> {
+    let mut retried = false;
+    loop {
+        let conn = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, pool.acquire())
+                .await
+                .map_err(|_| Error::PoolExhausted(PoolKind::Lock))??,
+            None => pool.acquire().await?,
+        };
+        let mut conn = LockConn::new(conn);
+        // A `&str` without arguments goes out as one simple-query message.
+        let sent = conn.conn()?.fetch_all(sql).await;
+        match sent {
+            Err(err) if !retried && is_connection_lost(&err) => {
+                pool.health().note_broken();
+                tracing::debug!(error = %err, "lock connection found broken; retrying on another");
+                retried = true;
+                // Dropped unclean: closed, never returned to the pool.
+                drop(conn);
+            }
+            sent => return Ok((conn, sent)),
+        }
+    }
+}
+
 /// Runs `work` under the transaction-level advisory lock `key`, held on a
 /// lock-pool connection; see [`super::Locks::with_xact_lock`].
 pub(super) async fn with_xact_lock<T, F, Fut>(pool: &LockPool, key: &str, work: F) -> Result<T>
@@ -103,12 +165,7 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let mut conn = LockConn::new(pool.acquire().await?);
-    conn.conn()?.execute("BEGIN").await?;
-    let locked = sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(key)
-        .execute(conn.conn()?)
-        .await;
+    let (mut conn, locked) = begin_locked(pool, None, &begin_and_lock_sql(key)).await?;
     if let Err(err) = locked {
         let timed_out = sqlstate(&err).as_deref() == Some(LOCK_NOT_AVAILABLE);
         conn.finish(false).await?;
@@ -133,35 +190,30 @@ pub(super) async fn acquire(
     full_key: &str,
     wait: Duration,
 ) -> Result<Option<(LockConn, u64)>> {
-    let conn = tokio::time::timeout_at(deadline, pool.acquire())
-        .await
-        .map_err(|_| Error::PoolExhausted(PoolKind::Lock))??;
-    let mut conn = LockConn::new(conn);
-
-    conn.conn()?.execute("BEGIN").await?;
-    let granted = if wait.is_zero() {
-        sqlx::query(
-            "WITH l AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS got) \
+    // BEGIN, the lock and the fencing token in one round trip (see
+    // `begin_and_lock_sql`).
+    let sql = if wait.is_zero() {
+        format!(
+            "BEGIN; WITH l AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(hashtextextended({}, 0)) AS got) \
              SELECT CASE WHEN got THEN nextval('lock_fencing_tokens') END AS token FROM l",
+            escape_literal(full_key)
         )
-        .bind(full_key)
-        .fetch_one(conn.conn()?)
-        .await
     } else {
         // lock_timeout is read when the wait begins, after set_config ran.
         let millis = wait.as_millis().clamp(1, i32::MAX as u128);
-        sqlx::query(
-            "SELECT set_config('lock_timeout', $2, true), \
-                    pg_advisory_xact_lock(hashtextextended($1, 0)), \
+        format!(
+            "BEGIN; SELECT set_config('lock_timeout', '{millis}ms', true), \
+                    pg_advisory_xact_lock(hashtextextended({}, 0)), \
                     nextval('lock_fencing_tokens') AS token",
+            escape_literal(full_key)
         )
-        .bind(full_key)
-        .bind(format!("{millis}ms"))
-        .fetch_one(conn.conn()?)
-        .await
     };
+    let (mut conn, granted) = begin_locked(pool, Some(deadline), &sql).await?;
     let token = match granted {
-        Ok(row) => row.try_get::<Option<i64>, _>("token")?,
+        Ok(rows) => match rows.first() {
+            Some(row) => row.try_get::<Option<i64>, _>("token")?,
+            None => return Err(Error::Internal("the lock statement returned no row".into())),
+        },
         Err(err) if sqlstate(&err).as_deref() == Some(LOCK_NOT_AVAILABLE) => None,
         Err(err) => return Err(err.into()),
     };
@@ -170,4 +222,17 @@ pub(super) async fn acquire(
         return Ok(None);
     };
     Ok(Some((conn, u64::try_from(token).unwrap_or(0))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_literal;
+
+    #[test]
+    fn keys_become_escape_string_literals() {
+        assert_eq!(escape_literal("health:sys"), "E'health:sys'");
+        assert_eq!(escape_literal("a'b"), "E'a''b'");
+        assert_eq!(escape_literal(r"a\b"), r"E'a\\b'");
+        assert_eq!(escape_literal(r"'\'; DROP TABLE x; --"), r"E'''\\''; DROP TABLE x; --'");
+    }
 }

@@ -122,13 +122,35 @@ impl PgStore {
 
     /// Records a run and re-evaluates its check and system. The caller holds
     /// the system's lock.
+    ///
+    /// A connection found lost before COMMIT was sent (its backend died while
+    /// it was idle in the pool) committed nothing, so the whole transaction
+    /// is run once more on a connection the pool checks first; SubmitRun is
+    /// idempotent by run id in any case.
     pub async fn submit_run(&self, new: &NewRun) -> Result<SubmitOutcome> {
+        let mut committing = false;
+        match self.submit_run_once(new, &mut committing).await {
+            Err(err) if !committing && self.work.health().check(&err) => {
+                tracing::debug!(error = %err, "work connection found broken; retrying SubmitRun on another");
+                self.submit_run_once(new, &mut committing).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    async fn submit_run_once(&self, new: &NewRun, committing: &mut bool) -> Result<SubmitOutcome> {
         let mut conn = self.work.acquire().await?;
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
 
-        let inserted = sqlx::query(
-            "INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (run_id) DO NOTHING RETURNING recorded_at",
+        // The run insert and the system's row lock in one statement: the
+        // insert needs nothing the lock protects, and every statement after
+        // this one sees what the previous holder of the row committed.
+        let row = sqlx::query(
+            "WITH inserted AS ( \
+                 INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (run_id) DO NOTHING RETURNING recorded_at), \
+             locked AS (SELECT status FROM systems WHERE system_id = $2 FOR UPDATE) \
+             SELECT (SELECT recorded_at FROM inserted) AS recorded_at, (SELECT status FROM locked) AS previous",
         )
         .bind(new.run_id.as_str())
         .bind(new.system_id.as_str())
@@ -137,10 +159,11 @@ impl PgStore {
         .bind(new.observed_at)
         .bind(latency_us(new.latency))
         .bind(new.message.as_str())
-        .fetch_optional(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
+        let recorded_at: Option<DateTime<Utc>> = row.try_get("recorded_at")?;
 
-        let Some(inserted) = inserted else {
+        let Some(recorded_at) = recorded_at else {
             let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = $1"))
                 .bind(new.run_id.as_str())
                 .fetch_one(&mut *tx)
@@ -170,30 +193,17 @@ impl PgStore {
                 .latency
                 .map(|d| Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))),
             message: new.message.as_str().to_owned(),
-            recorded_at: inserted.try_get("recorded_at")?,
+            recorded_at,
         };
 
-        let previous = lock_system(&mut tx, new.system_id.as_str()).await?;
+        let previous = match row.try_get::<Option<i16>, _>("previous")? {
+            Some(raw) => status_of(raw)?,
+            // A new system: its row is created (and locked) here.
+            None => create_system(&mut tx, new.system_id.as_str()).await?,
+        };
 
-        // The check exists from its first run on, with default thresholds.
-        let row = sqlx::query(
-            "WITH created AS ( \
-                 INSERT INTO checks (system_id, check_id, thresholds) VALUES ($1, $2, $3) \
-                 ON CONFLICT (system_id, check_id) DO NOTHING RETURNING thresholds, enabled) \
-             SELECT thresholds, enabled FROM created \
-             UNION ALL SELECT thresholds, enabled FROM checks WHERE system_id = $1 AND check_id = $2 \
-             LIMIT 1",
-        )
-        .bind(new.system_id.as_str())
-        .bind(new.check_id.as_str())
-        .bind(encode_thresholds(&Thresholds::default()))
-        .fetch_one(&mut *tx)
-        .await?;
-        let thresholds_text: String = row.try_get("thresholds")?;
-        let thresholds = decode_thresholds(&thresholds_text)
-            .ok_or_else(|| Error::Internal(format!("stored thresholds {thresholds_text:?} do not decode")))?;
-
-        let (health, transition) = reevaluate(&mut tx, &new.system_id, &new.check_id, &thresholds, previous).await?;
+        let (health, transition) = reevaluate(&mut tx, &new.system_id, &new.check_id, previous).await?;
+        *committing = true;
         tx.commit().await?;
         Ok(SubmitOutcome {
             run,
@@ -209,27 +219,23 @@ impl PgStore {
         let mut conn = self.work.acquire().await?;
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let previous = lock_system(&mut tx, update.system_id.as_str()).await?;
-        let row = sqlx::query(
+        sqlx::query(
             "INSERT INTO checks (system_id, check_id, thresholds, enabled) \
              VALUES ($1, $2, coalesce($3, $4), coalesce($5, true)) \
              ON CONFLICT (system_id, check_id) DO UPDATE SET \
                  thresholds = coalesce($3, checks.thresholds), \
                  enabled = coalesce($5, checks.enabled), \
                  updated_at = now() \
-             RETURNING thresholds",
+",
         )
         .bind(update.system_id.as_str())
         .bind(update.check_id.as_str())
         .bind(update.thresholds.as_ref().map(encode_thresholds))
         .bind(encode_thresholds(&Thresholds::default()))
         .bind(update.enabled)
-        .fetch_one(&mut *tx)
+        .execute(&mut *tx)
         .await?;
-        let thresholds_text: String = row.try_get("thresholds")?;
-        let thresholds = decode_thresholds(&thresholds_text)
-            .ok_or_else(|| Error::Internal(format!("stored thresholds {thresholds_text:?} do not decode")))?;
-        let (health, transition) =
-            reevaluate(&mut tx, &update.system_id, &update.check_id, &thresholds, previous).await?;
+        let (health, transition) = reevaluate(&mut tx, &update.system_id, &update.check_id, previous).await?;
         tx.commit().await?;
         let check = health
             .checks
@@ -395,64 +401,131 @@ async fn system_in(conn: &mut PgConnection, system_id: &str) -> Result<Option<Sy
 /// its COMMIT drops its lock connection, and with it the advisory lock, while
 /// the server completes the commit). A writer that gets the advisory lock then
 /// waits here for the commit, and every statement after this one sees it.
-/// Callers take it before any other lock of the system's rows.
+/// Callers take it before any other lock of the system's rows. SubmitRun
+/// takes the same row lock inside its run insert (one round trip fewer) and
+/// calls [`create_system`] itself when the row does not exist yet.
 async fn lock_system(tx: &mut PgConnection, system_id: &str) -> Result<Status> {
     let locked = sqlx::query("SELECT status FROM systems WHERE system_id = $1 FOR UPDATE")
         .bind(system_id)
         .fetch_optional(&mut *tx)
         .await?;
-    let row = match locked {
-        Some(row) => row,
-        // ON CONFLICT DO UPDATE locks a row another writer created meanwhile
-        // and returns its newest version.
-        None => {
-            sqlx::query(
-                "INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, $2, now()) \
-                 ON CONFLICT (system_id) DO UPDATE SET status = systems.status RETURNING status",
-            )
-            .bind(system_id)
-            .bind(Status::Healthy.as_i16())
-            .fetch_one(&mut *tx)
-            .await?
-        }
-    };
+    match locked {
+        Some(row) => status_of(row.try_get("status")?),
+        None => create_system(tx, system_id).await,
+    }
+}
+
+/// The second half of [`lock_system`] for a system without a row: creates it
+/// with the baseline `healthy` and locks it. ON CONFLICT DO UPDATE locks a row
+/// another writer created meanwhile and returns its newest version.
+async fn create_system(tx: &mut PgConnection, system_id: &str) -> Result<Status> {
+    let row = sqlx::query(
+        "INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, $2, now()) \
+         ON CONFLICT (system_id) DO UPDATE SET status = systems.status RETURNING status",
+    )
+    .bind(system_id)
+    .bind(Status::Healthy.as_i16())
+    .fetch_one(&mut *tx)
+    .await?;
     status_of(row.try_get("status")?)
 }
 
 /// Re-evaluates one check from its newest runs, then its system; writes the
 /// transition when the system's status changed from `previous`. Runs inside
 /// the caller's transaction, under the system's lock and after
-/// [`lock_system`], which read `previous`.
+/// [`lock_system`], which read `previous` (so every statement here sees what
+/// the previous writer committed). Creates the check, with default
+/// thresholds, if it does not exist yet.
+///
+/// Two statements, three with a transition: one reads the system's checks
+/// and the check's newest runs, one writes the check and the system (and
+/// takes the transition-sequence lock when the status changed), one inserts
+/// the transition. The reply's health is built from what they read and wrote
+/// instead of read back.
 async fn reevaluate(
     tx: &mut PgConnection,
     system_id: &SystemId,
     check_id: &CheckId,
-    thresholds: &Thresholds,
     previous: Status,
 ) -> Result<(SystemRecord, Option<Transition>)> {
     // Ordered by observed_at, so a late run slots into its place in history.
-    let rows = sqlx::query(
-        "SELECT status, observed_at FROM runs WHERE system_id = $1 AND check_id = $2 \
-         ORDER BY observed_at DESC, run_id DESC LIMIT $3",
-    )
+    // The created check is not visible to the same statement's scan of
+    // `checks`, so it comes from RETURNING.
+    let rows = sqlx::query(&format!(
+        "WITH created AS ( \
+             INSERT INTO checks (system_id, check_id, thresholds) VALUES ($1, $2, $3) \
+             ON CONFLICT (system_id, check_id) DO NOTHING RETURNING {CHECK_COLUMNS}), \
+         target AS ( \
+             SELECT {CHECK_COLUMNS} FROM created \
+             UNION ALL SELECT {CHECK_COLUMNS} FROM checks WHERE system_id = $1 AND check_id = $2 \
+             LIMIT 1), \
+         recent AS ( \
+             SELECT status, observed_at, run_id FROM runs WHERE system_id = $1 AND check_id = $2 \
+             ORDER BY observed_at DESC, run_id DESC LIMIT $4) \
+         SELECT {CHECK_COLUMNS}, true AS target, \
+                (SELECT array_agg(status ORDER BY observed_at DESC, run_id DESC) FROM recent) AS recent_statuses, \
+                (SELECT max(observed_at) FROM recent) AS recent_last \
+         FROM target \
+         UNION ALL \
+         SELECT {CHECK_COLUMNS}, false, NULL, NULL FROM checks WHERE system_id = $1 AND check_id <> $2 \
+         ORDER BY check_id"
+    ))
     .bind(system_id.as_str())
     .bind(check_id.as_str())
+    .bind(encode_thresholds(&Thresholds::default()))
     .bind(i64::try_from(MAX_RUNS_CONSIDERED).unwrap_or(100))
     .fetch_all(&mut *tx)
     .await?;
-    let statuses = rows
-        .iter()
-        .map(|r| status_of(r.try_get("status")?))
-        .collect::<Result<Vec<_>>>()?;
-    let last_run_at: Option<DateTime<Utc>> = rows.first().map(|r| r.try_get("observed_at")).transpose()?;
-    let evaluation = evaluate(&statuses, thresholds);
 
+    let mut checks = Vec::with_capacity(rows.len());
+    let mut target = None;
+    let mut others: Option<Status> = None;
+    for row in &rows {
+        let check = check_from_row(row)?;
+        if row.try_get::<bool, _>("target")? {
+            let statuses = row
+                .try_get::<Option<Vec<i16>>, _>("recent_statuses")?
+                .unwrap_or_default()
+                .into_iter()
+                .map(status_of)
+                .collect::<Result<Vec<_>>>()?;
+            let last_run_at: Option<DateTime<Utc>> = row.try_get("recent_last")?;
+            target = Some((checks.len(), statuses, last_run_at));
+        } else if check.enabled {
+            let status: Status = status_of(row.try_get("status")?)?;
+            others = Some(others.map_or(status, |o| o.max(status)));
+        }
+        checks.push(check);
+    }
+    let (index, statuses, last_run_at) =
+        target.ok_or_else(|| Error::Internal("the re-evaluated check vanished".into()))?;
+    let check = &mut checks[index];
+    let evaluation = evaluate(&statuses, &check.thresholds);
+    let mut current = others.unwrap_or(Status::Healthy);
+    if check.enabled {
+        current = current.max(evaluation.status);
+    }
+    let runs_considered = u32::try_from(statuses.len()).unwrap_or(u32::MAX);
+    check.evaluation = evaluation;
+    check.runs_considered = runs_considered;
+    check.last_run_at = last_run_at;
+
+    let from = previous;
+    let changed = from != current;
+    // The transition-sequence lock, when the status changed, is taken here
+    // so that the transition insert (the next statement) reads the highest
+    // sequence after the lock was granted.
     let row = sqlx::query(
         "WITH updated AS ( \
              UPDATE checks SET status = $3, evaluation = $4, runs_considered = $5, last_run_at = $6, updated_at = now() \
-             WHERE system_id = $1 AND check_id = $2) \
-         SELECT (SELECT max(status) FROM checks WHERE system_id = $1 AND enabled AND check_id <> $2) AS others, \
-                (SELECT enabled FROM checks WHERE system_id = $1 AND check_id = $2) AS enabled",
+             WHERE system_id = $1 AND check_id = $2), \
+         upserted AS ( \
+             INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, $7, now()) \
+             ON CONFLICT (system_id) DO UPDATE SET status = excluded.status, evaluated_at = excluded.evaluated_at \
+             RETURNING evaluated_at) \
+         SELECT evaluated_at, \
+                (SELECT count(*) FROM (SELECT pg_advisory_xact_lock(hashtextextended($8, 0)) WHERE $9) l) AS sequence_locked \
+         FROM upserted",
     )
     .bind(system_id.as_str())
     .bind(check_id.as_str())
@@ -460,34 +533,14 @@ async fn reevaluate(
     .bind(encode_evaluation(&evaluation))
     .bind(i32::try_from(statuses.len()).unwrap_or(i32::MAX))
     .bind(last_run_at)
+    .bind(current.as_i16())
+    .bind(TRANSITION_SEQUENCE_LOCK)
+    .bind(changed)
     .fetch_one(&mut *tx)
     .await?;
-    // The UPDATE above is invisible to this statement's own snapshot, so the
-    // re-evaluated check's new status is folded in here rather than re-read.
-    let others = row.try_get::<Option<i16>, _>("others")?.map(status_of).transpose()?;
-    let enabled: bool = row.try_get::<Option<bool>, _>("enabled")?.unwrap_or(true);
-    let mut current = others.unwrap_or(Status::Healthy);
-    if enabled {
-        current = current.max(evaluation.status);
-    }
+    let evaluated_at: DateTime<Utc> = row.try_get("evaluated_at")?;
 
-    sqlx::query(
-        "INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, $2, now()) \
-         ON CONFLICT (system_id) DO UPDATE SET status = excluded.status, evaluated_at = excluded.evaluated_at",
-    )
-    .bind(system_id.as_str())
-    .bind(current.as_i16())
-    .execute(&mut *tx)
-    .await?;
-
-    let from = previous;
-    let transition = if from == current {
-        None
-    } else {
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(TRANSITION_SEQUENCE_LOCK)
-            .execute(&mut *tx)
-            .await?;
+    let transition = if changed {
         let row = sqlx::query(&format!(
             "WITH t AS ( \
                  INSERT INTO transitions (sequence, system_id, check_id, from_status, to_status, evaluation) \
@@ -503,10 +556,15 @@ async fn reevaluate(
         .fetch_one(&mut *tx)
         .await?;
         Some(transition_from_row(&row)?)
+    } else {
+        None
     };
 
-    let health = system_in(tx, system_id.as_str())
-        .await?
-        .ok_or_else(|| Error::Internal("system vanished inside its own transaction".into()))?;
+    let health = SystemRecord {
+        system_id: system_id.as_str().to_owned(),
+        status: current,
+        checks,
+        evaluated_at: Some(evaluated_at),
+    };
     Ok((health, transition))
 }

@@ -214,5 +214,43 @@ async fn a_broken_idle_connection_is_replaced_without_failing_requests() {
         .submit_run(submit("r2"))
         .await
         .expect("a dead idle connection is replaced");
+    // Again, with a resubmission (the duplicate path) and a run of a new
+    // system: connections in steady use are not pinged before use, so the
+    // request itself finds the dead connection and retries on a checked one.
+    // The last one kills only the work connections, which the lock's
+    // first round trip then does not notice for them.
+    for (run, apps) in [
+        ("r2", "('vitals-work', 'vitals-lock')"),
+        ("r3", "('vitals-work', 'vitals-lock')"),
+        ("r4", "('vitals-work')"),
+    ] {
+        if run == "r4" {
+            // Every pooled connection back in use since the last broken one
+            // was seen, so none is suspect and pinged before use.
+            for i in 0..4 {
+                client.submit_run(submit(&format!("r4-{i}"))).await.unwrap();
+            }
+        }
+        admin
+            .execute(
+                format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND application_name IN {apps}"
+                )
+                .as_str(),
+            )
+            .await
+            .unwrap();
+        let mut request = submit(run);
+        if run == "r3" {
+            request.system_id = "sys-new".into();
+        }
+        let reply = client
+            .submit_run(request)
+            .await
+            .expect("a dead idle connection is replaced")
+            .into_inner();
+        assert_eq!(reply.duplicate, run == "r2", "{run}");
+    }
     app.stop().await;
 }

@@ -1059,3 +1059,48 @@ async fn two_thousand_acquire_release_cycles_reuse_what_they_use_and_leave_no_lo
     }
     app.stop().await;
 }
+
+/// Lock connections are not pinged before every use (only after a second of
+/// idleness, or once a broken connection was seen): a pooled connection
+/// whose backend was killed is found by the acquire itself, closed, and the
+/// acquire retried on a checked connection, so the client never sees it.
+#[tokio::test]
+async fn a_broken_idle_lock_connection_is_replaced_without_failing_with_lock() {
+    let db = TestDb::postgres().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.lock_client().await;
+    let kill = || async {
+        let mut admin = db.connect().await;
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = 'vitals-lock'",
+            )
+            .await
+            .unwrap();
+    };
+    // Keys with quotes and backslashes: they go to PostgreSQL as literals.
+    let keys = [r"it's", r"back\slash", r"'\'; SELECT 1; --"];
+    for (i, key) in keys.iter().enumerate() {
+        lock(&mut client, key, None).await.unwrap().release().await;
+        kill().await;
+        // Waiting acquire (lock_timeout) and try-once acquire alike.
+        let wait = if i % 2 == 0 { None } else { Some(Duration::ZERO) };
+        let held = lock(&mut client, key, wait)
+            .await
+            .expect("a dead idle lock connection is replaced");
+        // The key PostgreSQL locked is the key's exact text.
+        let mut admin = db.connect().await;
+        let locked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND ((classid::bigint << 32) | objid::bigint) = hashtextextended('lock:' || $1, 0)",
+        )
+        .bind(key)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        assert_eq!(locked, 1, "{key:?} is held under its own hash");
+        held.release().await;
+    }
+    app.stop().await;
+}
