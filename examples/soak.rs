@@ -2,6 +2,10 @@
 //! restarted twice; reports requests per status code, latency, and verifies
 //! that no acknowledged run was lost.
 //!
+//! With `--lock-cycles N` it runs N WithLock acquire/release cycles instead
+//! (issue 4: nothing grows per acquisition) and compares vitals' memory and
+//! its lock sessions after the first 1,000 cycles with those after all N.
+//!
 //! Run with `scripts/soak.sh` (builds the release binary first). It starts its
 //! own throw-away PostgreSQL cluster (so it can restart it) and its own vitals
 //! on loopback, and stops both at the end. Bounded in time; loopback only.
@@ -29,6 +33,7 @@ struct Args {
     minutes: f64,
     concurrency: usize,
     vitals_bin: PathBuf,
+    lock_cycles: Option<u64>,
 }
 
 fn parse_args() -> Args {
@@ -36,6 +41,7 @@ fn parse_args() -> Args {
         minutes: 10.0,
         concurrency: 64,
         vitals_bin: PathBuf::from("target/release/vitals"),
+        lock_cycles: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -44,7 +50,8 @@ fn parse_args() -> Args {
             "--minutes" => args.minutes = value.parse().expect("--minutes is a number"),
             "--concurrency" => args.concurrency = value.parse().expect("--concurrency is a count"),
             "--vitals-bin" => args.vitals_bin = PathBuf::from(value),
-            other => panic!("unknown flag {other} (known: --minutes, --concurrency, --vitals-bin)"),
+            "--lock-cycles" => args.lock_cycles = Some(value.parse().expect("--lock-cycles is a count")),
+            other => panic!("unknown flag {other} (known: --minutes, --concurrency, --vitals-bin, --lock-cycles)"),
         }
     }
     args
@@ -255,6 +262,15 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    if let Some(cycles) = args.lock_cycles {
+        let ok = lock_cycles(&channel, vitals.0.id(), &cluster.url(), args.concurrency, cycles).await;
+        drop(vitals);
+        if !ok {
+            std::process::exit(1);
+        }
+        return;
+    }
+
     let total = Duration::from_secs_f64(args.minutes * 60.0);
     let started = Instant::now();
     let stats = Arc::new(Mutex::new(Stats::default()));
@@ -378,4 +394,114 @@ async fn main() {
     if lost > 0 {
         std::process::exit(1);
     }
+}
+
+/// What lock traffic has left behind: vitals' resident memory and the
+/// database's view of the lock pool.
+#[derive(Debug, PartialEq)]
+struct Footprint {
+    rss_kb: u64,
+    lock_sessions: i64,
+    idle_in_transaction: i64,
+    advisory_locks: i64,
+    sessions_opened: i64,
+}
+
+async fn footprint(pid: u32, pool: &sqlx::PgPool) -> Footprint {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let (lock_sessions, idle_in_transaction): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE state = 'idle in transaction') \
+         FROM pg_stat_activity WHERE application_name = 'vitals-lock'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let advisory_locks: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let sessions_opened: i64 =
+        sqlx::query_scalar("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    Footprint {
+        rss_kb,
+        lock_sessions,
+        idle_in_transaction,
+        advisory_locks,
+        sessions_opened,
+    }
+}
+
+/// Runs `count` WithLock cycles from `clients` clients, each on its own
+/// rotating keys; returns how long it took and the non-OK outcomes.
+async fn cycles(channel: &Channel, clients: usize, count: u64) -> (Duration, BTreeMap<String, u64>) {
+    let started = Instant::now();
+    let per_client = count / clients as u64;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let mut locks = LockServiceClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut failed = BTreeMap::new();
+            for i in 0..per_client {
+                let result = lock_once(&mut locks, format!("cycle-{c}-{}", i % 100)).await;
+                if result.is_err() {
+                    *failed.entry(code_name(&result)).or_insert(0) += 1;
+                }
+            }
+            failed
+        }));
+    }
+    let mut failed = BTreeMap::new();
+    for t in tasks {
+        for (code, n) in t.await.unwrap() {
+            *failed.entry(code).or_insert(0) += n;
+        }
+    }
+    (started.elapsed(), failed)
+}
+
+/// Issue 4: memory and pool state after `total` acquire/release cycles equal
+/// those after 1,000. RSS may move by allocator noise; 10 % is the bound.
+async fn lock_cycles(channel: &Channel, pid: u32, url: &str, clients: usize, total: u64) -> bool {
+    const FIRST: u64 = 1_000;
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let (took_first, failed_first) = cycles(channel, clients, FIRST).await;
+    let after_first = footprint(pid, &pool).await;
+    let (took_rest, failed_rest) = cycles(channel, clients, total.saturating_sub(FIRST)).await;
+    let after_all = footprint(pid, &pool).await;
+    pool.close().await;
+
+    println!("# vitals lock cycles: {total} WithLock acquire/release cycles, {clients} clients");
+    println!(
+        "\n| after | cycles/s | failed | RSS kB | lock sessions | idle in transaction | advisory locks | sessions opened (database total) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (label, n, took, failed, f) in [
+        ("1,000", FIRST, took_first, &failed_first, &after_first),
+        ("all", total, took_rest, &failed_rest, &after_all),
+    ] {
+        let rate = n.saturating_sub(if label == "all" { FIRST } else { 0 }) as f64 / took.as_secs_f64();
+        println!(
+            "| {label} | {rate:.0} | {failed:?} | {} | {} | {} | {} | {} |",
+            f.rss_kb, f.lock_sessions, f.idle_in_transaction, f.advisory_locks, f.sessions_opened
+        );
+    }
+    let growth = (after_all.rss_kb as f64 / after_first.rss_kb as f64 - 1.0) * 100.0;
+    let same_pool = after_all.lock_sessions <= after_first.lock_sessions
+        && after_all.idle_in_transaction == 0
+        && after_all.advisory_locks == 0
+        && after_all.sessions_opened == after_first.sessions_opened;
+    let ok = failed_first.is_empty() && failed_rest.is_empty() && same_pool && growth.abs() <= 10.0;
+    println!(
+        "\nRSS change {growth:+.1} %; no session opened, no lock left: {same_pool}; {}",
+        if ok { "PASS" } else { "FAIL" }
+    );
+    ok
 }

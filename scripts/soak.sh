@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Soak test (issue 5): mixed load at the concurrency limit for 10 minutes while
 # PostgreSQL is restarted twice; prints requests per status code, latency, and
-# whether any acknowledged run was lost. Not part of scripts/test.sh.
+# whether any acknowledged run was lost. With --lock-cycles N (issue 4): N
+# WithLock cycles, comparing vitals' memory and lock sessions after the first
+# 1,000 with those after all N. Not part of scripts/test.sh.
 #
-# Usage: scripts/soak.sh [--minutes N] [--concurrency N]
+# Usage: scripts/soak.sh [--minutes N] [--concurrency N] [--lock-cycles N]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --locked --bin vitals --example soak

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use crate::{
     db::Database,
     domain::{CheckId, Evaluation, RunId, RunMessage, Status, SystemId, Thresholds},
-    error::Result,
+    error::{Error, Result},
 };
 
 pub use feed::{TransitionFeed, TransitionNotifier};
@@ -151,6 +151,57 @@ pub struct NewRun {
     pub message: RunMessage,
 }
 
+impl NewRun {
+    /// The run as stored, once the database recorded it at `recorded_at`.
+    pub(crate) fn recorded(&self, recorded_at: DateTime<Utc>) -> Run {
+        Run {
+            run_id: self.run_id.as_str().to_owned(),
+            system_id: self.system_id.as_str().to_owned(),
+            check_id: self.check_id.as_str().to_owned(),
+            status: self.status,
+            observed_at: self.observed_at,
+            // The database keeps microseconds.
+            latency: self
+                .latency
+                .map(|d| Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))),
+            message: self.message.as_str().to_owned(),
+            recorded_at,
+        }
+    }
+
+    /// The latency in the database's unit.
+    pub(crate) fn latency_us(&self) -> Option<i64> {
+        self.latency.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    }
+
+    /// True when `stored` (found under this run's id) has this run's content.
+    fn matches(&self, stored: &Run) -> bool {
+        stored.system_id == self.system_id.as_str()
+            && stored.check_id == self.check_id.as_str()
+            && stored.status == self.status
+            && (!self.observed_at_given || stored.observed_at == self.observed_at)
+            && stored.latency.map(|d| d.as_micros()) == self.latency.map(|d| d.as_micros())
+            && stored.message == self.message.as_str()
+    }
+
+    /// The outcome of submitting this run again, given what is stored under
+    /// its id and its system's stored health: a duplicate, changing nothing,
+    /// or `RUN_CONFLICT` when the id was reused for other content.
+    pub(crate) fn resubmitted(&self, stored: Run, health: Option<SystemRecord>) -> Result<SubmitOutcome> {
+        if !self.matches(&stored) {
+            return Err(Error::RunConflict {
+                run_id: self.run_id.as_str().to_owned(),
+            });
+        }
+        Ok(SubmitOutcome {
+            run: stored,
+            health: health.unwrap_or_else(|| SystemRecord::unknown(self.system_id.as_str())),
+            transition: None,
+            duplicate: true,
+        })
+    }
+}
+
 /// A stored run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Run {
@@ -200,6 +251,18 @@ pub struct SystemRecord {
     pub checks: Vec<CheckRecord>,
     /// When it was last evaluated.
     pub evaluated_at: Option<DateTime<Utc>>,
+}
+
+impl SystemRecord {
+    /// The health of a system not stored yet: no checks, so healthy.
+    pub(crate) fn unknown(system_id: &str) -> SystemRecord {
+        SystemRecord {
+            system_id: system_id.to_owned(),
+            status: Status::Healthy,
+            checks: Vec::new(),
+            evaluated_at: None,
+        }
+    }
 }
 
 /// A stored change of a system's status.

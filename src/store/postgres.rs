@@ -96,20 +96,6 @@ fn transition_from_row(row: &PgRow) -> Result<Transition> {
     })
 }
 
-fn latency_us(latency: Option<Duration>) -> Option<i64> {
-    latency.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
-
-/// True when a stored run has the content of a resubmitted one.
-pub(super) fn same_run(stored: &Run, new: &NewRun) -> bool {
-    stored.system_id == new.system_id.as_str()
-        && stored.check_id == new.check_id.as_str()
-        && stored.status == new.status
-        && (!new.observed_at_given || stored.observed_at == new.observed_at)
-        && stored.latency.map(|d| d.as_micros()) == new.latency.map(|d| d.as_micros())
-        && stored.message == new.message.as_str()
-}
-
 const RUN_COLUMNS: &str = "run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at";
 const CHECK_COLUMNS: &str = "check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at";
 const TRANSITION_COLUMNS: &str = "sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation";
@@ -157,7 +143,7 @@ impl PgStore {
         .bind(new.check_id.as_str())
         .bind(new.status.as_i16())
         .bind(new.observed_at)
-        .bind(latency_us(new.latency))
+        .bind(new.latency_us())
         .bind(new.message.as_str())
         .fetch_one(&mut *tx)
         .await?;
@@ -169,32 +155,11 @@ impl PgStore {
                 .fetch_one(&mut *tx)
                 .await?;
             let stored = run_from_row(&row)?;
-            if !same_run(&stored, new) {
-                return Err(Error::RunConflict {
-                    run_id: new.run_id.as_str().to_owned(),
-                });
-            }
             let health = system_in(&mut tx, stored.system_id.as_str()).await?;
             tx.rollback().await?;
-            return Ok(SubmitOutcome {
-                run: stored,
-                health: health.unwrap_or_else(|| unknown_system(new.system_id.as_str())),
-                transition: None,
-                duplicate: true,
-            });
+            return new.resubmitted(stored, health);
         };
-        let run = Run {
-            run_id: new.run_id.as_str().to_owned(),
-            system_id: new.system_id.as_str().to_owned(),
-            check_id: new.check_id.as_str().to_owned(),
-            status: new.status,
-            observed_at: new.observed_at,
-            latency: new
-                .latency
-                .map(|d| Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))),
-            message: new.message.as_str().to_owned(),
-            recorded_at,
-        };
+        let run = new.recorded(recorded_at);
 
         let previous = match row.try_get::<Option<i16>, _>("previous")? {
             Some(raw) => status_of(raw)?,
@@ -357,16 +322,6 @@ impl PgStore {
         .await?
         .rows_affected();
         Ok(runs + transitions)
-    }
-}
-
-/// The reply's health of a system not stored yet.
-pub(super) fn unknown_system(system_id: &str) -> SystemRecord {
-    SystemRecord {
-        system_id: system_id.to_owned(),
-        status: Status::Healthy,
-        checks: Vec::new(),
-        evaluated_at: None,
     }
 }
 

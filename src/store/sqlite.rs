@@ -22,7 +22,6 @@ use super::{
     CheckRecord, CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, SubmitOutcome, SystemRecord, Transition,
     TransitionNotifier,
     codec::{decode_evaluation, decode_thresholds, encode_evaluation, encode_thresholds},
-    postgres::{same_run, unknown_system},
 };
 use crate::{
     db::EmbeddedDb,
@@ -69,10 +68,6 @@ fn status_of(raw: i64) -> Result<Status> {
 
 fn thresholds_of(text: &str) -> Result<Thresholds> {
     decode_thresholds(text).ok_or_else(|| Error::Internal(format!("stored thresholds {text:?} do not decode")))
-}
-
-fn latency_us(latency: Option<Duration>) -> Option<i64> {
-    latency.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 fn bigint(n: u64) -> i64 {
@@ -149,7 +144,7 @@ impl SqliteStore {
         .bind(new.check_id.as_str())
         .bind(new.status.as_i16())
         .bind(micros(new.observed_at))
-        .bind(latency_us(new.latency))
+        .bind(new.latency_us())
         .bind(new.message.as_str())
         .bind(micros(now))
         .execute(&mut *tx)
@@ -162,32 +157,11 @@ impl SqliteStore {
                 .fetch_one(&mut *tx)
                 .await?;
             let stored = run_from_row(&row)?;
-            if !same_run(&stored, new) {
-                return Err(Error::RunConflict {
-                    run_id: new.run_id.as_str().to_owned(),
-                });
-            }
             let health = system_in(&mut tx, stored.system_id.as_str()).await?;
             tx.rollback().await?;
-            return Ok(SubmitOutcome {
-                run: stored,
-                health: health.unwrap_or_else(|| unknown_system(new.system_id.as_str())),
-                transition: None,
-                duplicate: true,
-            });
+            return new.resubmitted(stored, health);
         }
-        let run = Run {
-            run_id: new.run_id.as_str().to_owned(),
-            system_id: new.system_id.as_str().to_owned(),
-            check_id: new.check_id.as_str().to_owned(),
-            status: new.status,
-            observed_at: new.observed_at,
-            latency: new
-                .latency
-                .map(|d| Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))),
-            message: new.message.as_str().to_owned(),
-            recorded_at: now,
-        };
+        let run = new.recorded(now);
 
         let previous = system_status(&mut tx, new.system_id.as_str(), now).await?;
 

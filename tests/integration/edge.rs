@@ -10,7 +10,7 @@ use tonic_types::StatusExt;
 use vitals::proto::{self, with_lock_request::Action};
 
 use crate::{
-    harness::{TestApp, TestDb},
+    harness::{TestApp, TestDb, WORK_SESSIONS_BLOCKED, until_count},
     proxy::{Proxy, url_addr, url_via},
 };
 
@@ -55,21 +55,14 @@ async fn past_the_concurrency_limit_business_rpcs_are_shed_while_health_and_refl
     }
     // Wait until both waiters are inside PostgreSQL's lock queue.
     let mut conn = db.connect().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-        if waiting == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "waiters never queued");
-        tokio::task::yield_now().await;
-    }
+    until_count(
+        &mut conn,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        2,
+        "waiters queued",
+    )
+    .await;
     let started = Instant::now();
     let err = app
         .health_client()
@@ -306,22 +299,8 @@ async fn a_starved_work_pool_answers_unavailable_after_the_connection_timeout() 
             })
             .await
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
     let mut probe = db.connect().await;
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name = 'vitals-work' AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut probe)
-        .await
-        .unwrap();
-        if waiting == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the first ListRuns never blocked");
-        tokio::task::yield_now().await;
-    }
+    until_count(&mut probe, WORK_SESSIONS_BLOCKED, 1, "the first ListRuns blocked").await;
     let started = Instant::now();
     let err = client
         .get_system_health(proto::GetSystemHealthRequest { system_id: "s".into() })

@@ -10,7 +10,7 @@ use tonic::Code;
 use vitals::proto;
 
 use crate::{
-    harness::{TestApp, TestDb},
+    harness::{TestApp, TestDb, WORK_SESSIONS_BLOCKED, until_count},
     proxy::{Proxy, url_addr, url_via},
 };
 
@@ -162,21 +162,7 @@ async fn a_stalled_critical_section_is_reaped_by_the_lock_session_timeout_and_wa
     });
     // Wait until the stalled request is inside its critical section.
     let mut probe = db.connect().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name = 'vitals-work' AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut probe)
-        .await
-        .unwrap();
-        if waiting == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the first SubmitRun never stalled");
-        tokio::task::yield_now().await;
-    }
+    until_count(&mut probe, WORK_SESSIONS_BLOCKED, 1, "the first SubmitRun stalled").await;
     // A second run of the same system waits for `health:sys` and gets it once
     // PostgreSQL reaps the stalled lock session.
     let started = Instant::now();

@@ -7,7 +7,12 @@
 //!
 //! [`both_backends!`] runs one test body against each backend.
 
-use std::{net::SocketAddr, ops::Index, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    ops::Index,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use sqlx::{
     Connection, Executor, PgConnection, SqliteConnection,
@@ -195,6 +200,28 @@ impl TestDb {
         }
     }
 }
+
+/// Returns once the count `sql` reads on `conn` equals `expected`: a state
+/// observed inside PostgreSQL (a session queued on a lock, say) instead of
+/// assumed after a sleep. Panics naming `what` after 10 s.
+pub async fn until_count(conn: &mut PgConnection, sql: &str, expected: i64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let count: i64 = sqlx::query_scalar(sql).fetch_one(&mut *conn).await.unwrap();
+        if count == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: count stayed {count}, expected {expected}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Counts this test database's work-pool sessions blocked on a lock.
+pub const WORK_SESSIONS_BLOCKED: &str = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+     AND application_name = 'vitals-work' AND wait_event_type = 'Lock'";
 
 impl Drop for TestDb {
     fn drop(&mut self) {
