@@ -121,6 +121,64 @@ async fn reflection_lists_both_vitals_services_and_grpc_health() {
     app.stop().await;
 }
 
+/// The error details every error carries resolve through reflection, on
+/// both protocol versions, so grpcurl and buf curl can print them without
+/// local protos.
+#[tokio::test]
+async fn reflection_resolves_the_error_detail_types() {
+    let db = TestDb::embedded();
+    let app = TestApp::start(&db, &[]).await;
+    for symbol in ["google.rpc.ErrorInfo", "google.rpc.BadRequest", "google.rpc.RetryInfo"] {
+        let mut client = ServerReflectionClient::new(app.channel().await);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+        };
+        let reply = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(reply.message_response, Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
+            "v1 cannot resolve {symbol}: {reply:?}"
+        );
+
+        let mut alpha =
+            tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(app.channel().await);
+        let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                    symbol.into(),
+                ),
+            ),
+        };
+        let reply = alpha
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(
+                reply.message_response,
+                Some(tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f))
+                    if !f.file_descriptor_proto.is_empty()
+            ),
+            "v1alpha cannot resolve {symbol}: {reply:?}"
+        );
+    }
+    app.stop().await;
+}
+
 #[test]
 fn a_malformed_environment_variable_stops_start_up_naming_the_variable() {
     for (var, value) in [
