@@ -13,8 +13,9 @@
 # and etcd. Every other argument goes to vitals-bench (`--help` lists them).
 #
 # Installs what is missing with apt-get when run as root: etcd-server (the
-# peer), protobuf-compiler (etcd-client's build needs protoc), postgresql
-# (initdb, pg_ctl, pgbench) and fonts-dejavu-core (the plot's labels).
+# peer), protobuf-compiler (etcd-client's build needs protoc),
+# postgresql-client (pgbench), postgresql (initdb, pg_ctl; only when
+# DATABASE_URL is unset) and fonts-dejavu-core (the plot's labels).
 #
 # Environment:
 #   DATABASE_URL      an admin URL to use instead of a throw-away cluster; a

@@ -4,7 +4,7 @@
 # Usage: scripts/test.sh [ARGS...]
 #   With no ARGS: cargo test --all-targets, then the doc tests.
 #   With ARGS:    cargo test --locked ARGS (e.g. a test-name filter, or
-#                 `--test api -- --nocapture`).
+#                 `--test integration -- --nocapture`).
 #
 # Steps, always in this order, stopping at the first failure:
 #   fmt      cargo fmt --all -- --check

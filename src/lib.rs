@@ -20,6 +20,7 @@
 //! - [`middleware`]: the one tower stack in front of the services.
 //! - [`error`]: the one error enum and its mapping to gRPC statuses.
 //! - [`probe`]: `vitals probe`, a one-shot grpc.health.v1 check.
+//! - [`telemetry`]: log set-up (`RUST_LOG`, text or JSON lines).
 //! - [`app`]: the server as a value tests start on port 0.
 //!
 //! Dependencies point inward: `api` uses `domain`, `store` and `lock`;

@@ -1,5 +1,6 @@
 //! The `vitals` binary: parse the configuration, start logging, serve until
-//! SIGINT or SIGTERM.
+//! SIGINT or SIGTERM; or, as `vitals probe`, ask a running vitals whether it
+//! is SERVING.
 
 use std::process::ExitCode;
 

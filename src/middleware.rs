@@ -9,7 +9,8 @@
 //! | status normalisation | tonic reports an oversized message as OUT_OF_RANGE and an undecodable one as INTERNAL; clients get RESOURCE_EXHAUSTED and INVALID_ARGUMENT, the codes of their mistake |
 //!
 //! Streaming RPCs (WatchTransitions, WithLock) are bounded by their own rules
-//! (watch keep-alives, the lock lease and wait), not by the unary deadline.
+//! (a watch ends when its client goes away, which the server's HTTP/2
+//! keep-alive pings detect; the lock lease and wait), not by the unary deadline.
 
 use std::{
     sync::{
