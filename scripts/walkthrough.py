@@ -23,6 +23,9 @@ Usage (scripts/walkthrough.sh starts the server and calls this):
                top level more documents.
      ```       (any other fence) the same lines, in order; a line `...`
                stands for any number of lines.
+   An output block whose first line is `ERROR:` shows grpcurl's report of
+   a failed call: that command must exit non-zero and its stderr must match
+   the block (as lines).
 2. Reflection contract, with no proto files: grpcurl (reflection v1alpha)
    and buf curl (--reflect-protocol grpc-v1) each list every service and
    method, and call every RPC: the six unary ones, WatchTransitions (cut
@@ -556,13 +559,20 @@ def run_walkthrough(readme: str, addr: str, report: Report) -> None:
             continue
         script = README_ADDR_RE.sub(addr, command.script)
         result = run_shell(script)
-        if result.rc != 0:
+        expected = command.expected
+        fails = expected is not None and expected.text.startswith("ERROR:")
+        if fails:
+            if result.rc == 0:
+                report.fail(what, ["exit status 0 (the README shows an error)"], result)
+                continue
+            # Compared as the output the README shows.
+            result = Result(result.rc, result.err, "", result.seconds)
+        elif result.rc != 0:
             report.fail(what, [f"exit status {result.rc} (expected 0)"], result)
             continue
-        if command.expected is None:
+        if expected is None:
             report.ok(what, f"exit 0, {result.seconds:.1f} s")
             continue
-        expected = command.expected
         problems = (match_json if expected.kind == "json" else match_lines)(expected.text, result.out)
         if problems:
             report.fail(

@@ -57,7 +57,7 @@ impl Edge {
         })
     }
 
-    /// Records whether both pools answer.
+    /// Records whether the database answers (the readiness check's verdict).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }
