@@ -6,7 +6,7 @@
 //! | readiness gate | business RPCs fail fast with UNAVAILABLE while the database is unreachable or the server drains, instead of waiting on dead connections; health and reflection pass |
 //! | load shedding | at most `VITALS_MAX_CONCURRENT_REQUESTS` business RPCs in flight; past that RESOURCE_EXHAUSTED at once rather than a queue that hides overload |
 //! | deadline | unary business RPCs end with DEADLINE_EXCEEDED at the client's `grpc-timeout` or `VITALS_REQUEST_TIMEOUT_MS`, whichever is sooner; inside the shedding so a timed-out request frees its slot |
-//! | status normalisation | tonic reports an oversized message as OUT_OF_RANGE and an undecodable one as INTERNAL; clients get RESOURCE_EXHAUSTED and INVALID_ARGUMENT, the codes of their mistake |
+//! | status normalisation | tonic reports an oversized message as OUT_OF_RANGE and an undecodable one as INTERNAL; clients get RESOURCE_EXHAUSTED and INVALID_ARGUMENT, the codes of their mistake, with an ErrorInfo like every other error |
 //!
 //! Streaming RPCs (WatchTransitions, WithLock) are bounded by their own rules
 //! (a watch ends when its client goes away, which the server's HTTP/2
@@ -189,17 +189,29 @@ fn normalise(headers: &mut http::HeaderMap) {
         Some(Code::OutOfRange) if message.contains("message length too large") => Some((
             Code::ResourceExhausted,
             "request message larger than the server accepts",
+            "REQUEST_TOO_LARGE",
         )),
         Some(Code::Internal) if message.contains("decode") => Some((
             Code::InvalidArgument,
             "request message is not a valid protobuf encoding",
+            "MALFORMED_REQUEST",
         )),
         _ => None,
     };
-    if let Some((code, message)) = replacement {
-        headers.insert("grpc-status", HeaderValue::from(code as i32));
-        headers.insert("grpc-message", HeaderValue::from_static(message));
-        headers.remove("grpc-status-details-bin");
+    if let Some((code, message, reason)) = replacement {
+        use tonic_types::{ErrorDetails, StatusExt};
+        // The same ErrorInfo as every other error, in place of tonic's status.
+        let details =
+            ErrorDetails::with_error_info(reason, crate::error::ERROR_DOMAIN, std::collections::HashMap::new());
+        let status = Status::with_error_details(code, message, details);
+        for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+            headers.remove(name);
+        }
+        if status.add_header(headers).is_err() {
+            // Only invalid header values fail, and these are fixed ASCII.
+            headers.insert("grpc-status", HeaderValue::from(code as i32));
+            headers.insert("grpc-message", HeaderValue::from_static(message));
+        }
     }
 }
 

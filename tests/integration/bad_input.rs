@@ -146,6 +146,11 @@ async fn a_string_field_that_is_not_utf8_is_invalid_argument() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let info = err.get_details_error_info().expect("an ErrorInfo");
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        ("MALFORMED_REQUEST", "vitals.dev")
+    );
     app.stop().await;
 }
 

@@ -99,6 +99,11 @@ async fn an_oversized_request_is_refused_with_resource_exhausted() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let info = err.get_details_error_info().expect("an ErrorInfo");
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        ("REQUEST_TOO_LARGE", "vitals.dev")
+    );
     // A request under the limit still works.
     client
         .evaluate_health(proto::EvaluateHealthRequest {
