@@ -276,7 +276,8 @@ impl Pools {
         .await?;
         let (max_connections, superuser_reserved, reserved) = row;
         let available = i64::from(max_connections) - i64::from(superuser_reserved) - i64::from(reserved);
-        let wanted = i64::from(config.pool_max) + i64::from(config.lock_pool_max);
+        // Plus the LISTEN connection and the readiness probe's.
+        let wanted = i64::from(config.pool_max) + i64::from(config.lock_pool_max) + 2;
         tracing::info!(
             work_pool_max = config.pool_max,
             lock_pool_max = config.lock_pool_max,
@@ -288,8 +289,9 @@ impl Pools {
             tracing::warn!(
                 wanted,
                 available,
-                "DATABASE_POOL_MAX + DATABASE_LOCK_POOL_MAX exceeds the server's max_connections minus reserved connections; \
-                 size pools so that replicas * (DATABASE_POOL_MAX + DATABASE_LOCK_POOL_MAX) <= max_connections - headroom"
+                "DATABASE_POOL_MAX + DATABASE_LOCK_POOL_MAX + 2 (the LISTEN and readiness connections) exceeds the \
+                 server's max_connections minus reserved connections; size pools so that \
+                 replicas * (DATABASE_POOL_MAX + DATABASE_LOCK_POOL_MAX + 2) <= max_connections - headroom"
             );
         }
         Ok(())

@@ -202,6 +202,48 @@ fn a_malformed_environment_variable_stops_start_up_naming_the_variable() {
     }
 }
 
+/// Pools larger than the server accepts start anyway (a replica count is
+/// not known here) but say so in the log, with both figures.
+#[test]
+fn pools_larger_than_the_server_accepts_are_warned_about_at_start() {
+    use std::io::{BufRead, BufReader};
+    let db = tokio::runtime::Runtime::new().unwrap().block_on(TestDb::postgres());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vitals"))
+        .env("DATABASE_URL", &db.url)
+        .env("VITALS_LISTEN_ADDR", "127.0.0.1:0")
+        .env("DATABASE_POOL_MAX", "5000")
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Read on a thread, so the deadline holds even if the log stays silent.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let warning = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("exceeds the server's max_connections") => break Some(line),
+            Ok(line) => seen.push(line),
+            Err(_) => break None,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = warning.unwrap_or_else(|| panic!("no sizing warning; log: {seen:#?}"));
+    // 5000 + 10 + 2 connections wanted.
+    assert!(warning.contains("wanted=5012"), "{warning}");
+    assert!(warning.contains("available="), "{warning}");
+}
+
 #[tokio::test]
 async fn the_two_pools_carry_their_own_application_name_and_session_settings() {
     let db = TestDb::postgres().await;
