@@ -121,6 +121,33 @@ async fn reflection_lists_both_vitals_services_and_grpc_health() {
     app.stop().await;
 }
 
+/// Whether reflection protocol `$pb` (v1 or v1alpha; their messages are
+/// the same but distinct types) resolves `$symbol` to a file descriptor.
+macro_rules! resolves_symbol {
+    ($($pb:ident)::+, $channel:expr, $symbol:expr) => {{
+        use $($pb)::+::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol($symbol.into())),
+        };
+        let reply = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await;
+        // An unknown symbol ends the stream with NOT_FOUND.
+        matches!(
+            reply,
+            Ok(Some(r)) if matches!(r.message_response, Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty())
+        )
+    }};
+}
+
 /// The error details every error carries resolve through reflection, on
 /// both protocol versions, so grpcurl and buf curl can print them without
 /// local protos.
@@ -129,53 +156,21 @@ async fn reflection_resolves_the_error_detail_types() {
     let db = TestDb::embedded();
     let app = TestApp::start(&db, &[]).await;
     for symbol in ["google.rpc.ErrorInfo", "google.rpc.BadRequest", "google.rpc.RetryInfo"] {
-        let mut client = ServerReflectionClient::new(app.channel().await);
-        let request = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
-        };
-        let reply = client
-            .server_reflection_info(tokio_stream::iter([request]))
-            .await
-            .unwrap()
-            .into_inner()
-            .message()
-            .await
-            .unwrap()
-            .unwrap();
         assert!(
-            matches!(reply.message_response, Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
-            "v1 cannot resolve {symbol}: {reply:?}"
+            resolves_symbol!(tonic_reflection::pb::v1, app.channel().await, symbol),
+            "v1 cannot resolve {symbol}"
         );
-
-        let mut alpha =
-            tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(app.channel().await);
-        let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(
-                tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-                    symbol.into(),
-                ),
-            ),
-        };
-        let reply = alpha
-            .server_reflection_info(tokio_stream::iter([request]))
-            .await
-            .unwrap()
-            .into_inner()
-            .message()
-            .await
-            .unwrap()
-            .unwrap();
         assert!(
-            matches!(
-                reply.message_response,
-                Some(tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f))
-                    if !f.file_descriptor_proto.is_empty()
-            ),
-            "v1alpha cannot resolve {symbol}: {reply:?}"
+            resolves_symbol!(tonic_reflection::pb::v1alpha, app.channel().await, symbol),
+            "v1alpha cannot resolve {symbol}"
         );
     }
+    // A symbol nobody registered is not found, so the check above can fail.
+    assert!(!resolves_symbol!(
+        tonic_reflection::pb::v1,
+        app.channel().await,
+        "google.rpc.NoSuchType"
+    ));
     app.stop().await;
 }
 
