@@ -1,6 +1,8 @@
 //! Soak test: mixed load at the concurrency limit while PostgreSQL is
 //! restarted twice; reports requests per status code, latency, and verifies
-//! that no acknowledged run was lost.
+//! that no acknowledged run was lost and that every failed call ended with
+//! UNAVAILABLE or ABORTED (never INTERNAL or a torn-down connection). vitals'
+//! log is kept in a file (`VITALS_SOAK_RUST_LOG` sets its filter).
 //!
 //! With `--lock-cycles N` it runs N WithLock acquire/release cycles instead
 //! (issue 4: nothing grows per acquisition) and compares vitals' memory and
@@ -176,6 +178,8 @@ impl Drop for Vitals {
 struct Stats {
     /// (operation, code) -> count
     codes: BTreeMap<(&'static str, String), u64>,
+    /// The first few messages of each code other than OK and UNAVAILABLE.
+    samples: BTreeMap<String, Vec<String>>,
     latencies: BTreeMap<&'static str, Vec<u32>>,
 }
 
@@ -210,6 +214,20 @@ async fn lock_once(client: &mut LockServiceClient<Channel>, key: String) -> Resu
     Ok(())
 }
 
+impl Stats {
+    /// Keeps the message of an unexpected outcome, to say what it was.
+    fn sample(&mut self, op: &'static str, result: &Result<(), tonic::Status>) {
+        if let Err(status) = result
+            && !matches!(status.code(), tonic::Code::Unavailable | tonic::Code::NotFound)
+        {
+            let kept = self.samples.entry(format!("{op} {:?}", status.code())).or_default();
+            if kept.len() < 3 {
+                kept.push(status.message().to_owned());
+            }
+        }
+    }
+}
+
 fn code_name(result: &Result<(), tonic::Status>) -> String {
     match result {
         Ok(()) => "OK".into(),
@@ -227,6 +245,8 @@ async fn main() {
     );
     let cluster = Cluster::create();
     let port = free_port();
+    // vitals' own log (warnings and errors), kept after the run.
+    let log_path = std::env::temp_dir().join(format!("vitals-soak-{}.log", std::process::id()));
     let vitals = Vitals(
         Command::new(&args.vitals_bin)
             .env("DATABASE_URL", cluster.url())
@@ -234,8 +254,13 @@ async fn main() {
             .env("VITALS_MAX_CONCURRENT_REQUESTS", args.concurrency.to_string())
             .env("DATABASE_POOL_CONNECTION_TIMEOUT_MS", "2000")
             .env("VITALS_REQUEST_TIMEOUT_MS", "5000")
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::null())
+            .env(
+                "RUST_LOG",
+                std::env::var("VITALS_SOAK_RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
+            .stderr(Stdio::from(
+                std::fs::File::create(&log_path).expect("create the vitals log"),
+            ))
             .spawn()
             .expect("start vitals"),
     );
@@ -303,7 +328,9 @@ async fn main() {
                     if result.is_ok() {
                         acked.lock().unwrap().push(run_id);
                     }
-                    stats.lock().unwrap().record("submit", &code_name(&result), t.elapsed());
+                    let mut stats = stats.lock().unwrap();
+                    stats.sample("submit", &result);
+                    stats.record("submit", &code_name(&result), t.elapsed());
                 } else if pick < 8 {
                     let result = health
                         .get_system_health(proto::GetSystemHealthRequest {
@@ -315,10 +342,14 @@ async fn main() {
                         Err(s) if s.code() == tonic::Code::NotFound => "OK".to_owned(),
                         other => code_name(other),
                     };
-                    stats.lock().unwrap().record("get", &code, t.elapsed());
+                    let mut stats = stats.lock().unwrap();
+                    stats.sample("get", &result);
+                    stats.record("get", &code, t.elapsed());
                 } else {
                     let result = lock_once(&mut locks, format!("key-{}", i % 50)).await;
-                    stats.lock().unwrap().record("lock", &code_name(&result), t.elapsed());
+                    let mut stats = stats.lock().unwrap();
+                    stats.sample("lock", &result);
+                    stats.record("lock", &code_name(&result), t.elapsed());
                 }
                 if started.elapsed() > total {
                     break;
@@ -386,12 +417,33 @@ async fn main() {
             pct(1.0)
         );
     }
+    if !stats.samples.is_empty() {
+        println!("\nmessages of other failures (first 3 of each):");
+        for (what, messages) in &stats.samples {
+            for m in messages {
+                println!("- {what}: {m}");
+            }
+        }
+    }
+    println!("\nvitals' log: {}", log_path.display());
     println!(
         "\nacknowledged runs: {}, stored: {}, lost: {lost}",
         acked.len(),
         stored.len()
     );
-    if lost > 0 {
+    // During a restart a call may be refused (UNAVAILABLE) or lose its lock
+    // (ABORTED); anything else (INTERNAL, or a transport error because a
+    // connection was torn down) is a failure of the soak.
+    let unexpected: Vec<String> = stats
+        .codes
+        .iter()
+        .filter(|((_, code), _)| !matches!(code.as_str(), "OK" | "Unavailable" | "Aborted"))
+        .map(|((op, code), n)| format!("{op} {code} x{n}"))
+        .collect();
+    if !unexpected.is_empty() {
+        println!("unexpected outcomes: {}", unexpected.join(", "));
+    }
+    if lost > 0 || !unexpected.is_empty() {
         std::process::exit(1);
     }
 }

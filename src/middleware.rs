@@ -86,6 +86,35 @@ impl Edge {
     }
 }
 
+/// How long the body of a request refused at the edge is read after the
+/// refusal (see [`drain`]).
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// Reads and discards the body of a request refused before any handler ran,
+/// in the background, until it ends or [`DRAIN_LIMIT`] passes.
+///
+/// The refusal answers on the request's headers, so its DATA frames may
+/// arrive after the body was dropped. h2 charges every small DATA frame
+/// against a per-connection budget and refunds the charge when the frame is
+/// read, but not for a frame that arrives for a dropped body (h2 0.4.20): a
+/// few thousand refusals, as during a database outage or under load
+/// shedding, would exhaust it, and h2 would end the client's whole connection
+/// with GOAWAY ENHANCE_YOUR_CALM, failing every call on it with a transport
+/// error instead of the refusal's status. Holding the body until the client
+/// ends it keeps its frames read and refunded.
+fn drain<B>(body: B)
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    tokio::spawn(async move {
+        let mut body = std::pin::pin!(body);
+        let read_all =
+            async { while let Some(Ok(_)) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {} };
+        let _ = tokio::time::timeout(DRAIN_LIMIT, read_all).await;
+    });
+}
+
 /// Paths of streaming RPCs, which the unary deadline does not bound.
 const STREAMING_PATHS: [&str; 2] = [
     "/vitals.v1.HealthCheckService/WatchTransitions",
@@ -257,7 +286,8 @@ impl<S, B> Service<Request<B>> for EdgeService<S>
 where
     S: Service<Request<B>, Response = Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
 {
     type Response = Response<Body>;
     type Error = S::Error;
@@ -290,6 +320,7 @@ where
                 Err(status) => {
                     let _entered = span.enter();
                     tracing::debug!(code = ?status.code(), "request refused at the edge");
+                    drain(req.into_body());
                     let mut response: Response<Body> = status.into_http();
                     if let Some(h) = header {
                         response.headers_mut().insert(REQUEST_ID_HEADER, h);

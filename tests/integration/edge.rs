@@ -86,6 +86,89 @@ async fn past_the_concurrency_limit_business_rpcs_are_shed_while_health_and_refl
     app.stop().await;
 }
 
+/// Refusals at the edge answer on a request's headers, before anything reads
+/// its body. h2 charges small DATA frames against a per-connection budget
+/// that only reading them refunds; frames of refused requests that went
+/// unread exhausted it during a database outage under load (the soak: two
+/// GOAWAY ENHANCE_YOUR_CALM a minute, each failing every call on the
+/// connection with a transport error), which is why refused bodies are
+/// drained. The race needs separate processes under load to show (the soak
+/// shows it, `scripts/soak.sh --minutes 1`); here, thousands of refusals on
+/// one connection must each be a clean OVERLOADED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_refusals_on_one_connection_leave_it_usable() {
+    let db = TestDb::postgres().await;
+    let app = TestApp::start(&db, &["--max-concurrent-requests", "1"]).await;
+    // One waiter for a held lock fills the only slot.
+    let (holder_tx, holder_rx) = mpsc::channel(4);
+    holder_tx.send(acquire("k", None)).await.unwrap();
+    let mut holder = app
+        .lock_client()
+        .await
+        .with_lock(ReceiverStream::new(holder_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    holder.message().await.unwrap().unwrap();
+    let (waiter_tx, waiter_rx) = mpsc::channel(4);
+    waiter_tx
+        .send(acquire("k", Some(Duration::from_secs(60))))
+        .await
+        .unwrap();
+    let mut waiter_client = app.lock_client().await;
+    let waiter = tokio::spawn(async move {
+        waiter_client
+            .with_lock(ReceiverStream::new(waiter_rx))
+            .await
+            .map(|_| ())
+    });
+    let mut conn = db.connect().await;
+    until_count(
+        &mut conn,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        1,
+        "the waiter queued",
+    )
+    .await;
+
+    // One HTTP/2 connection, 32 calls at a time; each WithLock's first
+    // message goes out with its headers, as a client sends it.
+    const CALLS: usize = 6400;
+    let client = app.lock_client().await;
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..CALLS / 32 {
+        let batch = (0..32).map(|_| {
+            let mut client = client.clone();
+            async move {
+                let (tx, rx) = mpsc::channel(4);
+                tx.send(acquire("refused", None)).await.unwrap();
+                let outcome = match client.with_lock(ReceiverStream::new(rx)).await {
+                    Ok(_) => "OK".to_owned(),
+                    Err(err) => match err.get_details_error_info() {
+                        Some(info) => format!("{:?} {}", err.code(), info.reason),
+                        None => format!("{:?} {}", err.code(), err.message()),
+                    },
+                };
+                drop(tx);
+                outcome
+            }
+        });
+        for outcome in futures::future::join_all(batch).await {
+            *outcomes.entry(outcome).or_default() += 1;
+        }
+    }
+    drop(holder_tx);
+    while holder.message().await.transpose().is_some() {}
+    drop(waiter_tx);
+    let _ = waiter.await;
+    assert_eq!(
+        outcomes,
+        std::collections::BTreeMap::from([("ResourceExhausted OVERLOADED".to_owned(), CALLS)]),
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn an_oversized_request_is_refused_with_resource_exhausted() {
     let db = TestDb::postgres().await;
