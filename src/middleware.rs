@@ -8,6 +8,10 @@
 //! | deadline | unary business RPCs end with DEADLINE_EXCEEDED at the client's `grpc-timeout` or `VITALS_REQUEST_TIMEOUT_MS`, whichever is sooner; inside the shedding so a timed-out request frees its slot |
 //! | status normalisation | tonic reports an oversized message as OUT_OF_RANGE and an undecodable one as INTERNAL; clients get RESOURCE_EXHAUSTED and INVALID_ARGUMENT, the codes of their mistake, with an ErrorInfo like every other error |
 //!
+//! A request refused by the gate or the shedding has its body read to the
+//! end in the background (`drain`): left unread, the refusals of an outage
+//! make h2 tear the client's whole connection down.
+//!
 //! Streaming RPCs (WatchTransitions, WithLock) are bounded by their own rules
 //! (a watch ends when its client goes away, which the server's HTTP/2
 //! keep-alive pings detect; the lock lease and wait), not by the unary deadline.
