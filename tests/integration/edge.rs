@@ -27,42 +27,73 @@ fn acquire(key: &str, wait: Option<Duration>) -> proto::WithLockRequest {
     }
 }
 
+/// Business-RPC slots held by WithLock waiters queued behind a held lock:
+/// the holder's handler has returned, so it does not count; each waiter is
+/// in flight until the holder lets go.
+struct FilledSlots {
+    holder_tx: mpsc::Sender<proto::WithLockRequest>,
+    holder: tonic::Streaming<proto::WithLockResponse>,
+    waiters: Vec<(
+        mpsc::Sender<proto::WithLockRequest>,
+        tokio::task::JoinHandle<Result<(), tonic::Status>>,
+    )>,
+}
+
+impl FilledSlots {
+    /// Fills `n` slots; returns once every waiter is in PostgreSQL's lock queue.
+    async fn fill(app: &TestApp, db: &TestDb, n: usize) -> FilledSlots {
+        let (holder_tx, holder_rx) = mpsc::channel(4);
+        holder_tx.send(acquire("k", None)).await.unwrap();
+        let mut holder = app
+            .lock_client()
+            .await
+            .with_lock(ReceiverStream::new(holder_rx))
+            .await
+            .unwrap()
+            .into_inner();
+        holder.message().await.unwrap().unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(acquire("k", Some(Duration::from_secs(60)))).await.unwrap();
+            let mut client = app.lock_client().await;
+            waiters.push((
+                tx,
+                tokio::spawn(async move { client.with_lock(ReceiverStream::new(rx)).await.map(|_| ()) }),
+            ));
+        }
+        let mut conn = db.connect().await;
+        until_count(
+            &mut conn,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            i64::try_from(n).unwrap(),
+            "waiters queued",
+        )
+        .await;
+        FilledSlots {
+            holder_tx,
+            holder,
+            waiters,
+        }
+    }
+
+    /// Lets the holder go and waits for every waiter to finish.
+    async fn release(mut self) {
+        drop(self.holder_tx);
+        while self.holder.message().await.transpose().is_some() {}
+        for (tx, task) in self.waiters {
+            drop(tx);
+            let _ = task.await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn past_the_concurrency_limit_business_rpcs_are_shed_while_health_and_reflection_answer() {
     let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &["--max-concurrent-requests", "2"]).await;
-    // The holder's handler has returned, so it does not count; its two
-    // waiters are in flight until the holder lets go.
-    let (holder_tx, holder_rx) = mpsc::channel(4);
-    holder_tx.send(acquire("k", None)).await.unwrap();
-    let mut holder = app
-        .lock_client()
-        .await
-        .with_lock(ReceiverStream::new(holder_rx))
-        .await
-        .unwrap()
-        .into_inner();
-    holder.message().await.unwrap().unwrap();
-    let mut waiters = Vec::new();
-    for _ in 0..2 {
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(acquire("k", Some(Duration::from_secs(30)))).await.unwrap();
-        let mut client = app.lock_client().await;
-        waiters.push((
-            tx,
-            tokio::spawn(async move { client.with_lock(ReceiverStream::new(rx)).await.map(|_| ()) }),
-        ));
-    }
-    // Wait until both waiters are inside PostgreSQL's lock queue.
-    let mut conn = db.connect().await;
-    until_count(
-        &mut conn,
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        2,
-        "waiters queued",
-    )
-    .await;
+    let slots = FilledSlots::fill(&app, &db, 2).await;
     let started = Instant::now();
     let err = app
         .health_client()
@@ -77,12 +108,7 @@ async fn past_the_concurrency_limit_business_rpcs_are_shed_while_health_and_refl
         app.serving_status("vitals.v1.HealthCheckService").await,
         ServingStatus::Serving
     );
-    drop(holder_tx);
-    while holder.message().await.transpose().is_some() {}
-    for (tx, task) in waiters {
-        drop(tx);
-        let _ = task.await;
-    }
+    slots.release().await;
     app.stop().await;
 }
 
@@ -99,38 +125,7 @@ async fn past_the_concurrency_limit_business_rpcs_are_shed_while_health_and_refl
 async fn thousands_of_refusals_on_one_connection_leave_it_usable() {
     let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &["--max-concurrent-requests", "1"]).await;
-    // One waiter for a held lock fills the only slot.
-    let (holder_tx, holder_rx) = mpsc::channel(4);
-    holder_tx.send(acquire("k", None)).await.unwrap();
-    let mut holder = app
-        .lock_client()
-        .await
-        .with_lock(ReceiverStream::new(holder_rx))
-        .await
-        .unwrap()
-        .into_inner();
-    holder.message().await.unwrap().unwrap();
-    let (waiter_tx, waiter_rx) = mpsc::channel(4);
-    waiter_tx
-        .send(acquire("k", Some(Duration::from_secs(60))))
-        .await
-        .unwrap();
-    let mut waiter_client = app.lock_client().await;
-    let waiter = tokio::spawn(async move {
-        waiter_client
-            .with_lock(ReceiverStream::new(waiter_rx))
-            .await
-            .map(|_| ())
-    });
-    let mut conn = db.connect().await;
-    until_count(
-        &mut conn,
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        1,
-        "the waiter queued",
-    )
-    .await;
+    let slots = FilledSlots::fill(&app, &db, 1).await;
 
     // One HTTP/2 connection, 32 calls at a time; each WithLock's first
     // message goes out with its headers, as a client sends it.
@@ -158,10 +153,7 @@ async fn thousands_of_refusals_on_one_connection_leave_it_usable() {
             *outcomes.entry(outcome).or_default() += 1;
         }
     }
-    drop(holder_tx);
-    while holder.message().await.transpose().is_some() {}
-    drop(waiter_tx);
-    let _ = waiter.await;
+    slots.release().await;
     assert_eq!(
         outcomes,
         std::collections::BTreeMap::from([("ResourceExhausted OVERLOADED".to_owned(), CALLS)]),
