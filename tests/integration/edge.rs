@@ -33,11 +33,14 @@ fn acquire(key: &str, wait: Option<Duration>) -> proto::WithLockRequest {
 struct FilledSlots {
     holder_tx: mpsc::Sender<proto::WithLockRequest>,
     holder: tonic::Streaming<proto::WithLockResponse>,
-    waiters: Vec<(
-        mpsc::Sender<proto::WithLockRequest>,
-        tokio::task::JoinHandle<Result<(), tonic::Status>>,
-    )>,
+    waiters: Vec<Waiter>,
 }
+
+/// A waiter's request stream and its call.
+type Waiter = (
+    mpsc::Sender<proto::WithLockRequest>,
+    tokio::task::JoinHandle<Result<(), tonic::Status>>,
+);
 
 impl FilledSlots {
     /// Fills `n` slots; returns once every waiter is in PostgreSQL's lock queue.
