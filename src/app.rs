@@ -150,22 +150,23 @@ impl Application {
             .max_decoding_message_size(max_bytes);
         let lock_api = LockServiceServer::new(LockApi::new(locks)).max_decoding_message_size(max_bytes);
 
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // The google.rpc error details every error carries, so that
-            // grpcurl and buf curl can decode them without local protos.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // The google.rpc error details every error carries, so that
-            // grpcurl and buf curl can decode them without local protos.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
+        // Both reflection versions describe the same files: the contract,
+        // grpc.health.v1, and the google.rpc error details every error
+        // carries (so grpcurl and buf curl decode them without local protos).
+        let reflection = || {
+            [
+                proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_types::pb::FILE_DESCRIPTOR_SET,
+            ]
+            .into_iter()
+            .fold(tonic_reflection::server::Builder::configure(), |builder, set| {
+                builder.register_encoded_file_descriptor_set(set)
+            })
+        };
+        let reflection_error = |e: tonic_reflection::server::Error| StartError::Config(format!("reflection: {e}"));
+        let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
 
         let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
         let shutdown_edge = edge.clone();
