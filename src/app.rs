@@ -4,8 +4,10 @@
 //!
 //! Shutdown is a sequence: health NOT_SERVING and new business RPCs refused,
 //! stop accepting, drain in-flight RPCs for up to `VITALS_SHUTDOWN_GRACE_MS`,
-//! end what is left (open lock streams lose their locks), close both pools
-//! (embedded: the SQLite connections, then the data directory's lock).
+//! end what is left (open lock streams end with `SHUTTING_DOWN` and their
+//! locks are released; the lock sessions close), close the pools (embedded:
+//! the SQLite connections, then the data directory's lock). The process is
+//! done within the grace plus [`CLOSE_LIMIT`], whatever clients do.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -44,6 +46,9 @@ pub enum StartError {
 
 /// Names under which health is reported.
 const HEALTH_SERVICES: [&str; 3] = ["", "vitals.v1.HealthCheckService", "vitals.v1.LockService"];
+
+/// How long closing the database may take after the grace.
+pub const CLOSE_LIMIT: Duration = Duration::from_millis(800);
 
 /// Runs per retention batch; small enough to never hold locks for long.
 const RETENTION_BATCH: u32 = 1000;
@@ -148,7 +153,7 @@ impl Application {
         let max_bytes = usize::try_from(config.max_request_bytes).unwrap_or(4 << 20);
         let health_api = HealthCheckServiceServer::new(HealthApi::new(store, locks.clone(), feed))
             .max_decoding_message_size(max_bytes);
-        let lock_api = LockServiceServer::new(LockApi::new(locks)).max_decoding_message_size(max_bytes);
+        let lock_api = LockServiceServer::new(LockApi::new(locks.clone())).max_decoding_message_size(max_bytes);
 
         // Both reflection versions describe the same files: the contract,
         // grpc.health.v1, and the google.rpc error details every error
@@ -207,6 +212,7 @@ impl Application {
                     Ok(result) => result,
                     Err(_) => {
                         tracing::warn!(?grace, "drain grace over: ending the remaining requests");
+                        locks.shut_down();
                         server.abort();
                         let _ = (&mut server).await;
                         Ok(Ok(()))
@@ -214,9 +220,12 @@ impl Application {
                 }
             }
         };
+        locks.shut_down();
         let _ = stopping_tx.send(true);
         let _ = tokio::join!(readiness, retention);
-        database.close().await;
+        if tokio::time::timeout(CLOSE_LIMIT, database.close()).await.is_err() {
+            tracing::warn!("database connections still busy at exit; closing them with the process");
+        }
         tracing::info!("vitals stopped");
         match result {
             Ok(inner) => inner.map_err(StartError::from),

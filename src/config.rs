@@ -68,13 +68,21 @@ pub struct Config {
     #[arg(long = "database-pool-max", env = "DATABASE_POOL_MAX", value_name = "DATABASE_POOL_MAX", default_value_t = 20, value_parser = count_in(1, 10_000))]
     pub pool_max: u32,
 
-    /// Lock pool size (connections that hold advisory locks).
+    /// Lock sessions: long-lived PostgreSQL connections that hold every advisory lock of this replica, many per session.
     #[arg(long = "database-lock-pool-max", env = "DATABASE_LOCK_POOL_MAX", value_name = "DATABASE_LOCK_POOL_MAX", default_value_t = 10, value_parser = count_in(1, 10_000))]
     pub lock_pool_max: u32,
 
-    /// Lock connections kept back from clients' WithLock for vitals' own serialisation.
-    #[arg(long = "lock-reserve", env = "VITALS_LOCK_RESERVE", value_name = "VITALS_LOCK_RESERVE", default_value_t = 2, value_parser = count_in(0, 10_000))]
+    /// Ignored since locks share sessions (kept so existing deployments still start).
+    #[arg(long = "lock-reserve", env = "VITALS_LOCK_RESERVE", value_name = "VITALS_LOCK_RESERVE", default_value_t = 2, value_parser = count_in(0, 10_000), hide = true)]
     pub lock_reserve: u32,
+
+    /// Client locks held or waited for at once on this replica (WithLock streams); past it LOCK_LIMIT_REACHED.
+    #[arg(long = "max-locks", env = "VITALS_MAX_LOCKS", value_name = "VITALS_MAX_LOCKS", default_value_t = 10_000, value_parser = count_in(1, 1_000_000))]
+    pub max_locks: u32,
+
+    /// Longest wait_timeout a WithLock client may ask for; longer ones are shortened to it.
+    #[arg(long = "max-lock-wait-ms", env = "VITALS_MAX_LOCK_WAIT_MS", value_name = "VITALS_MAX_LOCK_WAIT_MS", default_value_t = 300_000, value_parser = millis_in(1, 86_400_000))]
+    pub max_lock_wait_ms: u64,
 
     /// Longest wait for a connection from either pool before failing with UNAVAILABLE.
     #[arg(long = "database-pool-connection-timeout-ms", env = "DATABASE_POOL_CONNECTION_TIMEOUT_MS", value_name = "DATABASE_POOL_CONNECTION_TIMEOUT_MS", default_value_t = 10_000, value_parser = millis_in(1, 3_600_000))]
@@ -84,11 +92,11 @@ pub struct Config {
     #[arg(long = "database-pool-idle-timeout-ms", env = "DATABASE_POOL_IDLE_TIMEOUT_MS", value_name = "DATABASE_POOL_IDLE_TIMEOUT_MS", default_value_t = 30_000, value_parser = millis_in(1, 86_400_000))]
     pub pool_idle_timeout_ms: u64,
 
-    /// Lock pool `idle_in_transaction_session_timeout`; also the WithLock lease.
+    /// The WithLock lease, and how long a lock session may go without proving alive before its locks count as lost (PostgreSQL ends it 1 s later).
     #[arg(long = "database-lock-idle-tx-timeout-ms", env = "DATABASE_LOCK_IDLE_TX_TIMEOUT_MS", value_name = "DATABASE_LOCK_IDLE_TX_TIMEOUT_MS", default_value_t = 30_000, value_parser = millis_in(100, 86_400_000))]
     pub lock_idle_tx_timeout_ms: u64,
 
-    /// Lock pool `lock_timeout`; also WithLock's default wait.
+    /// How long SubmitRun and ConfigureCheck wait for their system's lock (then SYSTEM_BUSY); also WithLock's default wait.
     #[arg(long = "database-lock-timeout-ms", env = "DATABASE_LOCK_TIMEOUT_MS", value_name = "DATABASE_LOCK_TIMEOUT_MS", default_value_t = 30_000, value_parser = millis_in(1, 86_400_000))]
     pub lock_timeout_ms: u64,
 
@@ -222,9 +230,9 @@ impl Config {
         Duration::from_millis(self.request_timeout_ms)
     }
 
-    /// Lock connections clients may occupy: the pool minus the reserve, at least one.
-    pub fn client_lock_budget(&self) -> u32 {
-        self.lock_pool_max.saturating_sub(self.lock_reserve).max(1)
+    /// The longest wait a WithLock client may ask for.
+    pub fn max_lock_wait(&self) -> Duration {
+        Duration::from_millis(self.max_lock_wait_ms)
     }
 }
 
@@ -242,7 +250,8 @@ mod tests {
         assert_eq!(c.pool_idle_timeout_ms, 30_000);
         assert_eq!(c.lock_idle_tx_timeout_ms, 30_000);
         assert_eq!(c.lock_timeout_ms, 30_000);
-        assert_eq!(c.client_lock_budget(), 8);
+        assert_eq!(c.max_locks, 10_000);
+        assert_eq!(c.max_lock_wait_ms, 300_000);
     }
 
     #[test]
@@ -277,11 +286,5 @@ mod tests {
             c.database_target(),
             DatabaseTarget::PostgresUrl("postgres://x/y".into())
         );
-    }
-
-    #[test]
-    fn the_client_lock_budget_leaves_at_least_one_connection() {
-        let c = Config::from_flags(["--database-lock-pool-max", "2", "--lock-reserve", "5"]).unwrap();
-        assert_eq!(c.client_lock_budget(), 1);
     }
 }

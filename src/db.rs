@@ -113,11 +113,13 @@ pub struct WorkPool {
     health: Arc<ConnectionHealth>,
 }
 
-/// Pool of connections that hold advisory locks, each in its own transaction.
+/// How the lock manager's sessions connect: they are long-lived connections
+/// the manager owns (see [`crate::lock::session`]), never pooled, because a
+/// session-level advisory lock must never be left on a connection another
+/// request may later use.
 #[derive(Debug, Clone)]
 pub struct LockPool {
-    pool: PgPool,
-    health: Arc<ConnectionHealth>,
+    options: PgConnectOptions,
 }
 
 impl WorkPool {
@@ -138,19 +140,9 @@ impl WorkPool {
 }
 
 impl LockPool {
-    /// A lock connection, or `LOCK_POOL_EXHAUSTED` after the acquire timeout.
-    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>> {
-        self.pool.acquire().await.map_err(|e| Error::acquire(PoolKind::Lock, e))
-    }
-
-    /// The underlying pool.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    /// Which connections are suspect (see [`ConnectionHealth`]).
-    pub fn health(&self) -> &ConnectionHealth {
-        &self.health
+    /// The lock sessions' connect options.
+    pub fn options(&self) -> PgConnectOptions {
+        self.options.clone()
     }
 }
 
@@ -159,7 +151,7 @@ impl LockPool {
 pub struct Pools {
     /// Reads and writes.
     pub work: WorkPool,
-    /// Advisory lock holders.
+    /// How lock sessions connect.
     pub lock: LockPool,
     /// One connection for LISTEN, so the long-lived listening session never
     /// occupies a work or lock connection.
@@ -196,16 +188,21 @@ impl Pools {
         let listen_options = base.clone().application_name("vitals-listen");
         let probe_options = base.clone().application_name("vitals-probe");
         let lock_options = base.application_name("vitals-lock").options([
-            // vitals ends a lapsed lease itself; PostgreSQL's own timer is
-            // the backstop, so it runs a little longer.
+            // A lock session proves it is alive at least every quarter
+            // lease while it holds locks, and its holders count its locks as
+            // lost one lease after the last proof. PostgreSQL ends a session
+            // idle for longer than that plus a margin, releasing its locks
+            // only after the holders were told.
             (
-                "idle_in_transaction_session_timeout",
+                "idle_session_timeout",
                 (config.lock_idle_tx_timeout_ms + LEASE_BACKSTOP_MARGIN_MS).to_string(),
             ),
-            ("lock_timeout", config.lock_timeout_ms.to_string()),
-            // A session waiting for a lock notices within a second that
-            // vitals closed its socket (a cancelled acquire), instead of
-            // being granted the lock for nobody.
+            // A fencing token is reported only once its block is durable.
+            ("synchronous_commit", "on".to_owned()),
+            // The token row is the only lock a lock session ever waits for.
+            ("lock_timeout", config.lock_idle_tx_timeout_ms.to_string()),
+            // A statement whose client vanished ends within a second instead
+            // of running on for nobody.
             ("client_connection_check_interval", "1000".to_owned()),
         ]);
         let health = Arc::new(ConnectionHealth::new());
@@ -235,10 +232,7 @@ impl Pools {
                 pool: pool(config.pool_max).connect_lazy_with(work_options),
                 health: health.clone(),
             },
-            lock: LockPool {
-                pool: pool(config.lock_pool_max).connect_lazy_with(lock_options),
-                health: health.clone(),
-            },
+            lock: LockPool { options: lock_options },
             listen: pool(1).connect_lazy_with(listen_options),
             probe: pool(1).connect_lazy_with(probe_options),
         })
@@ -253,16 +247,26 @@ impl Pools {
         )
     }
 
-    /// Applies the migrations. sqlx serialises concurrent migrators with an
-    /// advisory lock, so replicas starting together do not race.
+    /// Applies the migrations. Replicas starting together are serialised by
+    /// vitals' own migration lock, in the advisory-lock space no client key
+    /// can reach (sqlx's lock lives in the clients' space), held on a
+    /// connection of its own that is closed afterwards.
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("./migrations/postgres")
-            .run(self.work.pool())
-            .await
-            .map_err(|e| match e {
-                sqlx::migrate::MigrateError::Execute(inner) => Error::from(inner),
-                other => Error::Internal(format!("migration failed: {other}")),
-            })
+        let mut migrator = sqlx::migrate!("./migrations/postgres");
+        migrator.set_locking(false);
+        let mut conn = self.work.acquire().await?.detach();
+        sqlx::query("SELECT pg_advisory_lock($1, $2)")
+            .bind(crate::lock::id::INTERNAL_SPACE)
+            .bind(crate::lock::id::MIGRATIONS)
+            .execute(&mut conn)
+            .await?;
+        let result = migrator.run_direct(&mut conn).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(inner) => Error::from(inner),
+            other => Error::Internal(format!("migration failed: {other}")),
+        });
+        // Closing the session releases the migration lock.
+        let _ = conn.close().await;
+        result
     }
 
     /// Logs the pool sizes and warns when they exceed what the server accepts.
@@ -275,13 +279,14 @@ impl Pools {
         .fetch_one(self.work.pool())
         .await?;
         let (max_connections, superuser_reserved, reserved) = row;
+        self.check_lock_capacity(config).await?;
         let available = i64::from(max_connections) - i64::from(superuser_reserved) - i64::from(reserved);
         // Plus the LISTEN connection and the readiness probe's.
         let wanted = i64::from(config.pool_max) + i64::from(config.lock_pool_max) + 2;
         tracing::info!(
             work_pool_max = config.pool_max,
             lock_pool_max = config.lock_pool_max,
-            client_lock_budget = config.client_lock_budget(),
+            max_locks = config.max_locks,
             max_connections,
             "database pools configured"
         );
@@ -297,10 +302,37 @@ impl Pools {
         Ok(())
     }
 
+    /// Logs how many advisory locks PostgreSQL's shared lock table holds and
+    /// warns when that cannot hold `VITALS_MAX_LOCKS` of this replica.
+    async fn check_lock_capacity(&self, config: &Config) -> Result<()> {
+        let (per_transaction, connections, prepared): (i64, i64, i64) = sqlx::query_as(
+            "SELECT current_setting('max_locks_per_transaction')::int8, current_setting('max_connections')::int8, \
+                    current_setting('max_prepared_transactions')::int8",
+        )
+        .fetch_one(self.work.pool())
+        .await?;
+        let capacity = per_transaction * (connections + prepared);
+        tracing::info!(
+            capacity,
+            max_locks_per_transaction = per_transaction,
+            max_locks = config.max_locks,
+            "PostgreSQL's shared lock table holds about this many locks, for every session of the cluster"
+        );
+        if capacity < i64::from(config.max_locks) {
+            tracing::warn!(
+                capacity,
+                max_locks = config.max_locks,
+                "max_locks_per_transaction * (max_connections + max_prepared_transactions) is below VITALS_MAX_LOCKS: \
+                 grants past the table's size answer LOCK_CAPACITY_EXHAUSTED; raise max_locks_per_transaction \
+                 (see README, Locks) or lower VITALS_MAX_LOCKS"
+            );
+        }
+        Ok(())
+    }
+
     /// Closes both pools, waiting for checked-out connections to return.
     pub async fn close(&self) {
         tokio::join!(
-            self.lock.pool.close(),
             self.work.pool.close(),
             self.listen.close(),
             self.probe.close()
@@ -360,7 +392,7 @@ impl Database {
                     readers = config.pool_max,
                     writers = 1,
                     lock_slots = config.lock_pool_max,
-                    client_lock_budget = config.client_lock_budget(),
+                    max_locks = config.max_locks,
                     "embedded store configured"
                 );
                 Ok(())

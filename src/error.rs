@@ -69,6 +69,14 @@ pub enum Error {
     #[error("{0:?} pool exhausted")]
     PoolExhausted(PoolKind),
 
+    /// UNAVAILABLE, reason `LOCK_LIMIT_REACHED`: `VITALS_MAX_LOCKS` client locks are held or awaited on this replica.
+    #[error("lock limit reached")]
+    LockLimitReached,
+
+    /// UNAVAILABLE, reason `LOCK_CAPACITY_EXHAUSTED`: PostgreSQL's shared lock table is full.
+    #[error("lock capacity exhausted")]
+    LockCapacityExhausted,
+
     /// UNAVAILABLE, reason `SYSTEM_BUSY`: a system's serialisation lock was not granted in time.
     #[error("system busy")]
     SystemBusy {
@@ -120,6 +128,8 @@ impl Error {
             Error::LockLost { .. } => "LOCK_LOST",
             Error::PoolExhausted(PoolKind::Work) => "WORK_POOL_EXHAUSTED",
             Error::PoolExhausted(PoolKind::Lock) => "LOCK_POOL_EXHAUSTED",
+            Error::LockLimitReached => "LOCK_LIMIT_REACHED",
+            Error::LockCapacityExhausted => "LOCK_CAPACITY_EXHAUSTED",
             Error::SystemBusy { .. } => "SYSTEM_BUSY",
             Error::DatabaseUnavailable(_) => "DATABASE_UNAVAILABLE",
             Error::ShuttingDown => "SHUTTING_DOWN",
@@ -136,6 +146,8 @@ impl Error {
             Error::RunConflict { .. } => Code::AlreadyExists,
             Error::LockNotAvailable { .. } | Error::LockLost { .. } => Code::Aborted,
             Error::PoolExhausted(_)
+            | Error::LockLimitReached
+            | Error::LockCapacityExhausted
             | Error::SystemBusy { .. }
             | Error::DatabaseUnavailable(_)
             | Error::ShuttingDown => Code::Unavailable,
@@ -159,6 +171,8 @@ impl Error {
             Error::LockLost { key, why } => format!("lock {key:?} lost: {why}"),
             Error::PoolExhausted(PoolKind::Work) => "no database connection available, retry".into(),
             Error::PoolExhausted(PoolKind::Lock) => "no lock connection available, retry".into(),
+            Error::LockLimitReached => "this server holds as many locks as it may, retry later or elsewhere".into(),
+            Error::LockCapacityExhausted => "the database's lock table is full, retry later".into(),
             Error::SystemBusy { system_id } => format!("system {system_id:?} is busy, retry"),
             Error::DatabaseUnavailable(_) => "database unavailable, retry".into(),
             Error::ShuttingDown => "server shutting down, retry elsewhere".into(),
@@ -266,6 +280,9 @@ impl From<Error> for Status {
             }
             Error::PoolExhausted(_) | Error::DatabaseUnavailable(_) | Error::SystemBusy { .. } => {
                 details.set_retry_info(Some(std::time::Duration::from_millis(100)));
+            }
+            Error::LockLimitReached | Error::LockCapacityExhausted => {
+                details.set_retry_info(Some(std::time::Duration::from_secs(1)));
             }
             _ => {}
         }

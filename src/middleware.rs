@@ -4,7 +4,7 @@
 //! |---|---|
 //! | request id | first, so every later log line of the request carries it, and the reply echoes it |
 //! | readiness gate | business RPCs fail fast with UNAVAILABLE while the database is unreachable or the server drains, instead of waiting on dead connections; health and reflection pass |
-//! | load shedding | at most `VITALS_MAX_CONCURRENT_REQUESTS` business RPCs in flight; past that RESOURCE_EXHAUSTED at once rather than a queue that hides overload |
+//! | load shedding | at most `VITALS_MAX_CONCURRENT_REQUESTS` business RPCs in flight (WithLock streams excepted: the lock manager's `VITALS_MAX_LOCKS` bounds them); past that RESOURCE_EXHAUSTED at once rather than a queue that hides overload |
 //! | deadline | unary business RPCs end with DEADLINE_EXCEEDED at the client's `grpc-timeout` or `VITALS_REQUEST_TIMEOUT_MS`, whichever is sooner; inside the shedding so a timed-out request frees its slot |
 //! | status normalisation | tonic reports an oversized message as OUT_OF_RANGE and an undecodable one as INTERNAL; clients get RESOURCE_EXHAUSTED and INVALID_ARGUMENT, the codes of their mistake, with an ErrorInfo like every other error |
 //!
@@ -76,12 +76,17 @@ impl Edge {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    fn admit(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Status> {
+    /// Admits a business RPC. `metered`: it takes a place in the in-flight
+    /// budget (lock streams have their own, `VITALS_MAX_LOCKS`).
+    fn admit(&self, metered: bool) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Status> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown.into());
         }
         if !self.is_ready() {
             return Err(Error::DatabaseUnavailable(None).into());
+        }
+        if !metered {
+            return Ok(None);
         }
         match self.in_flight.clone().try_acquire_owned() {
             Ok(permit) => Ok(Some(permit)),
@@ -118,6 +123,12 @@ where
         let _ = tokio::time::timeout(DRAIN_LIMIT, read_all).await;
     });
 }
+
+/// WithLock: a held or waiting lock is a long-lived stream bounded by the
+/// lock manager's own budget, so it does not take a place among the
+/// in-flight RPCs (a few thousand lock holders would otherwise shed every
+/// other client's calls).
+const LOCK_STREAM_PATH: &str = "/vitals.v1.LockService/WithLock";
 
 /// Paths of streaming RPCs, which the unary deadline does not bound.
 const STREAMING_PATHS: [&str; 2] = [
@@ -319,7 +330,7 @@ where
             asked.map_or(self.edge.default_deadline, |d| d.min(self.edge.default_deadline))
         });
         let permit = if business {
-            match self.edge.admit() {
+            match self.edge.admit(path != LOCK_STREAM_PATH) {
                 Ok(permit) => permit,
                 Err(status) => {
                     let _entered = span.enter();

@@ -20,7 +20,7 @@ use crate::{
     error::Error,
     lock::Locks,
     proto::{self, health_check_service_server::HealthCheckService},
-    store::{CheckUpdate, NewRun, RunCursor, Store, TransitionFeed, system_lock_key},
+    store::{CheckUpdate, NewRun, RunCursor, Store, TransitionFeed},
 };
 
 /// Runs may be observed at most this far in the future (clock skew allowance).
@@ -137,7 +137,7 @@ impl HealthCheckService for HealthApi {
 
         let outcome = self
             .locks
-            .with_xact_lock(&system_lock_key(&new.system_id), || self.store.submit_run(&new))
+            .with_system_lock(&new.system_id, || self.store.submit_run(&new))
             .await?;
         if let Some(t) = &outcome.transition {
             tracing::info!(system_id = %t.system_id, from = t.from.as_str(), to = t.to.as_str(), sequence = t.sequence, "system status changed");
@@ -330,7 +330,7 @@ impl HealthCheckService for HealthApi {
         })?;
         let outcome = self
             .locks
-            .with_xact_lock(&system_lock_key(&update.system_id), || {
+            .with_system_lock(&update.system_id, || {
                 self.store.configure_check(&update)
             })
             .await?;

@@ -1,10 +1,16 @@
 //! `vitals.v1.LockService`: one WithLock stream is one critical section.
 //!
 //! The stream's task owns the held lock. Whatever ends the stream (release,
-//! half-close, the client vanishing, a lapsed lease, a protocol error)
-//! releases the lock right there, before the client is told, so a lock never
-//! outlives the client that holds it and a client that retries at once finds
-//! it free.
+//! half-close, the client vanishing, a lapsed lease, a protocol error,
+//! shutdown) releases the lock right there, before the client is told, so a
+//! lock never outlives the client that holds it and a client that retries at
+//! once finds it free. A lock lost underneath (its PostgreSQL session broke
+//! or could not prove it was alive) is reported the moment it is known.
+//!
+//! Every stream is bounded: it holds a place in the client budget
+//! (`VITALS_MAX_LOCKS`) from its first byte, must send `acquire` within
+//! [`ACQUIRE_MESSAGE_TIMEOUT`], waits at most `VITALS_MAX_LOCK_WAIT_MS`, and
+//! ends with `SHUTTING_DOWN` once the shutdown grace is over.
 
 use std::{pin::Pin, time::Duration};
 
@@ -14,10 +20,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{Violations, duration_in, duration_out, timestamp_out};
+use chrono::Utc;
 use crate::{
     domain::{FieldViolation, LockKey, Owner},
     error::Error,
-    lock::{HeldLock, Locks},
+    lock::{ACQUIRE_MESSAGE_TIMEOUT, HeldLock, Locks},
     proto::{self, lock_service_server::LockService, with_lock_request::Action, with_lock_response::Event},
 };
 
@@ -59,17 +66,28 @@ impl LockService for LockApi {
         &self,
         request: Request<Streaming<proto::WithLockRequest>>,
     ) -> Result<Response<Self::WithLockStream>, Status> {
+        let permit = self.locks.admit()?;
         let mut inbound = request.into_inner();
-        let first = match inbound.next().await {
-            Some(Ok(message)) => message,
-            Some(Err(status)) => return Err(status),
-            None => return Err(protocol("action", "the stream ended before acquire")),
+        let shutdown = self.locks.shutting_down();
+        tokio::pin!(shutdown);
+        let first = tokio::select! {
+            first = tokio::time::timeout(ACQUIRE_MESSAGE_TIMEOUT, inbound.next()) => first,
+            () = &mut shutdown => return Err(Error::ShuttingDown.into()),
+        };
+        let first = match first {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(status))) => return Err(status),
+            Ok(None) => return Err(protocol("action", "the stream ended before acquire")),
+            Err(_elapsed) => return Err(protocol("action", "acquire must be sent within 5 seconds of opening the stream")),
         };
         let Some(Action::Acquire(acquire)) = first.action else {
             return Err(protocol("action", "the first message must be acquire"));
         };
         let (key, wait, owner) = parse_acquire(acquire)?;
-        let held = self.locks.acquire(key, wait).await?;
+        let held = tokio::select! {
+            held = self.locks.acquire(permit, key, wait) => held?,
+            () = &mut shutdown => return Err(Error::ShuttingDown.into()),
+        };
         tracing::debug!(
             key = held.key().as_str(),
             owner = owner.as_str(),
@@ -88,9 +106,19 @@ impl LockService for LockApi {
         };
         // Capacity 4 and nothing queued yet: this cannot fail for lack of room.
         let _ = tx.try_send(Ok(acquired));
-        tokio::spawn(hold(held, inbound, tx, lease));
+        tokio::spawn(hold(held, inbound, tx, lease, self.locks.shutting_down()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// How a held lock's stream ends.
+enum End {
+    /// Tell the client this and let go.
+    Fail(Status),
+    /// Release and confirm.
+    Release,
+    /// Nobody listens any more: let go silently.
+    Gone,
 }
 
 /// Serves one held lock until it is released or lost.
@@ -99,75 +127,75 @@ async fn hold(
     mut inbound: Streaming<proto::WithLockRequest>,
     tx: mpsc::Sender<Result<proto::WithLockResponse, Status>>,
     lease: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
 ) {
-    loop {
+    tokio::pin!(shutdown);
+    let mut lease_ends = tokio::time::Instant::now() + lease;
+    let end = loop {
         let next = tokio::select! {
-            next = tokio::time::timeout(lease, inbound.next()) => next,
+            next = inbound.next() => next,
+            () = tokio::time::sleep_until(lease_ends) => {
+                break End::Fail(held.lost_error("no keep_alive or release within the lease").into());
+            }
+            () = held.lost() => {
+                break End::Fail(held.lost_error("the lock's database session ended").into());
+            }
+            () = &mut shutdown => break End::Fail(Error::ShuttingDown.into()),
             // The client reset the stream: nobody is listening, let go now.
-            () = tx.closed() => return let_go(held).await,
+            () = tx.closed() => break End::Gone,
         };
-        match next {
-            Err(_elapsed) => {
-                let lost = held.lost("no keep_alive or release within the lease");
-                let_go(held).await;
-                let _ = tx.send(Err(lost.into())).await;
-                return;
-            }
-            // Release, or half-close: the critical section is over.
-            Ok(
-                None
-                | Some(Ok(proto::WithLockRequest {
-                    action: Some(Action::Release(_)),
-                })),
-            ) => {
-                let reply = match held.release().await {
-                    Ok(held_for) => Ok(proto::WithLockResponse {
-                        event: Some(Event::Released(proto::Released {
-                            held_for: Some(duration_out(held_for)),
-                        })),
-                    }),
-                    Err(err) => Err(err.into()),
-                };
-                let _ = tx.send(reply).await;
-                return;
-            }
-            Ok(Some(Ok(proto::WithLockRequest {
-                action: Some(Action::KeepAlive(_)),
-            }))) => {
-                if let Err(err) = held.keep_alive().await {
-                    let _ = tx.send(Err(err.into())).await;
-                    return;
-                }
-            }
-            Ok(Some(Ok(proto::WithLockRequest {
-                action: Some(Action::Acquire(_)),
-            }))) => {
-                let_go(held).await;
-                let _ = tx
-                    .send(Err(protocol("action", "acquire was already sent on this stream")))
-                    .await;
-                return;
-            }
-            Ok(Some(Ok(proto::WithLockRequest { action: None }))) => {
-                let_go(held).await;
-                let _ = tx
-                    .send(Err(
-                        Error::invalid("action", "set acquire, keep_alive or release").into()
-                    ))
-                    .await;
-                return;
-            }
+        let action = match next {
+            // Half-close: the critical section is over.
+            None => break End::Release,
             // The client's stream broke (cancel, disconnect).
-            Ok(Some(Err(_))) => return let_go(held).await,
+            Some(Err(_)) => break End::Gone,
+            Some(Ok(message)) => message.action,
+        };
+        match action {
+            Some(Action::Release(_)) => break End::Release,
+            Some(Action::KeepAlive(_)) => {
+                if let Err(err) = held.keep_alive().await {
+                    break End::Fail(err.into());
+                }
+                lease_ends = tokio::time::Instant::now() + lease;
+                let expires = Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+                let ack = proto::WithLockResponse {
+                    event: Some(Event::KeptAlive(proto::KeptAlive {
+                        lease_expires_at: Some(timestamp_out(expires)),
+                    })),
+                };
+                // A client that does not read its acknowledgements must not
+                // stall its own lock's lease timer: drop the ack instead.
+                let _ = tx.try_send(Ok(ack));
+            }
+            Some(Action::Acquire(_)) => break End::Fail(protocol("action", "acquire was already sent on this stream")),
+            None => break End::Fail(Error::invalid("action", "set acquire, keep_alive or release").into()),
         }
+    };
+    match end {
+        End::Release => {
+            let reply = match held.release().await {
+                Ok(held_for) => Ok(proto::WithLockResponse {
+                    event: Some(Event::Released(proto::Released {
+                        held_for: Some(duration_out(held_for)),
+                    })),
+                }),
+                Err(err) => Err(err.into()),
+            };
+            let _ = tx.send(reply).await;
+        }
+        End::Fail(status) => {
+            let_go(held).await;
+            let _ = tx.send(Err(status)).await;
+        }
+        End::Gone => let_go(held).await,
     }
 }
 
 /// Releases a lock the stream is ending without a `released` reply, before
-/// the client hears why: a client that retries at once finds it free. If the
-/// rollback fails the session is closed, which frees the lock as well.
+/// the client hears why: a client that retries at once finds it free.
 async fn let_go(held: HeldLock) {
     if let Err(err) = held.release().await {
-        tracing::debug!(error = %err, "lock session already gone when letting go");
+        tracing::debug!(error = %err, "lock already lost when letting go");
     }
 }

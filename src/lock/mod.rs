@@ -1,20 +1,31 @@
-//! Locks with fencing tokens: PostgreSQL advisory locks on the dedicated lock
-//! pool, or, with the embedded store, locks held in process.
+//! The lock manager of one replica: fencing-token locks for clients'
+//! `WithLock` streams and vitals' own per-system serialisation.
 //!
-//! Two users share one mechanism: vitals' own per-system serialisation
-//! ([`Locks::with_xact_lock`], upstream's `withXactLock`) and clients'
-//! `WithLock` streams ([`Locks::acquire`]). Both take the lock first and only
-//! then, if at all, a work connection: the acquisition order is always lock
-//! (pool), then work pool, so the upstream pool-starvation deadlock cannot
-//! form.
+//! A held lock costs almost nothing: an entry in the in-process lock table
+//! ([`table`]) and, with PostgreSQL, a session-level advisory lock on one of
+//! `DATABASE_LOCK_POOL_MAX` long-lived sessions the manager owns
+//! ([`session`]), many locks per session. Only the head of a key's local
+//! queue involves PostgreSQL; the other waiters wait here. With the embedded
+//! store the table is all there is ([`embedded`] keeps the tokens).
 //!
-//! [`Locks`] and [`HeldLock`] are the one interface; which backend runs is an
-//! enum inside them (`postgres`: transaction-level advisory locks, a lock
-//! connection per lock; [`embedded`]: a fair in-process queue per key, a slot
-//! per lock). The client budget, the lease and the defaults are shared.
+//! The pool rule stays: a request takes its lock (on the lock sessions)
+//! before it takes a work connection, never the reverse, and lock sessions
+//! never wait for a work connection, so the upstream pool-starvation
+//! deadlock cannot form.
+//!
+//! # Layout
+//! - [`id`]: what a lock is called in PostgreSQL; client keys and vitals'
+//!   own locks live in advisory-lock spaces that cannot meet.
+//! - [`table`]: fair local queues, hand-off between local holders.
+//! - [`session`]: the PostgreSQL sessions, batching, heartbeats, fencing
+//!   tokens, lease under faults.
+//! - [`embedded`]: the embedded store's fencing tokens.
 
 pub mod embedded;
-mod postgres;
+pub mod id;
+mod pghash;
+pub mod session;
+pub mod table;
 
 use std::{
     future::Future,
@@ -23,75 +34,97 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
-use self::{embedded::LocalLocks, postgres::LockConn};
+pub use self::id::{CLIENT_KEY_PREFIX, LockId};
+use self::{
+    embedded::FencingTokens,
+    session::{SessionHold, Sessions, Timing, TryOutcome},
+    table::{Entry, FAIR_PAUSE, Owned, Release, Remote, Table},
+};
 use crate::{
     config::Config,
-    db::{Database, EmbeddedDb, LockPool},
-    domain::LockKey,
-    error::{Error, PoolKind, Result},
+    db::Database,
+    domain::{LockKey, SystemId},
+    error::{Error, Result},
 };
 
-/// Prefix of client keys, so they never collide with vitals' internal keys
-/// such as `health:<system_id>`.
-pub const CLIENT_KEY_PREFIX: &str = "lock:";
+/// How long a WithLock stream may take to send its `acquire`.
+pub const ACQUIRE_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The lock service of one vitals process.
 #[derive(Debug, Clone)]
 pub struct Locks {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    table: Table,
     backend: Backend,
-    /// Locks clients may occupy (held or waiting), so that clients can never
-    /// starve vitals' own serialisation of SubmitRun.
-    client_budget: Arc<Semaphore>,
-    /// How long a client waits for a place in the budget.
-    budget_wait: Duration,
+    /// Client locks held, waited for or about to be asked for:
+    /// `VITALS_MAX_LOCKS`.
+    budget: Arc<Semaphore>,
     /// The WithLock lease.
     lease: Duration,
     /// WithLock's wait when the client gives none.
     default_wait: Duration,
+    /// The longest wait a client may ask for.
+    max_wait: Duration,
+    /// How long vitals' own serialisation waits.
+    system_wait: Duration,
+    /// Turns true when lock streams must end.
+    shutdown: watch::Sender<bool>,
 }
 
-/// Where locks are held.
+/// Where locks are held beyond the table.
 #[derive(Debug, Clone)]
 enum Backend {
-    /// Advisory locks on lock-pool connections.
-    Postgres(LockPool),
-    /// In-process locks of the embedded store.
-    Embedded(LocalLocks),
+    Postgres(Arc<Sessions>),
+    Embedded(FencingTokens),
 }
 
-/// What in-process locks are in use right now (embedded store only).
+/// The embedded store holds locks only in the table: releasing beyond it is
+/// nothing.
+#[derive(Debug)]
+struct NothingBeyond;
+
+impl Release for NothingBeyond {
+    fn release(&self, _: LockId, _: SessionHold, ack: Option<oneshot::Sender<()>>) {
+        if let Some(ack) = ack {
+            let _ = ack.send(());
+        }
+    }
+}
+
+/// What the lock table holds right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocalLockStats {
-    /// Keys held or waited for: the lock table's size.
+    /// Locks owned or waited for.
     pub keys: usize,
-    /// Acquirers queued for a held key.
+    /// Acquirers queued behind a local owner.
     pub waiting: usize,
 }
 
-/// A client's granted lock. Dropping it without [`HeldLock::release`]
-/// releases it at once (with PostgreSQL: rolls the lock's transaction back
-/// in the background).
+/// A place in the client budget, taken when a WithLock stream opens.
+#[derive(Debug)]
+pub struct LockPermit {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A client's granted lock. Dropping it releases it (or hands it to the
+/// next local waiter).
 pub struct HeldLock {
-    hold: Hold,
+    owned: Owned,
     key: LockKey,
     /// Strictly increasing across all grants.
     pub fencing_token: u64,
     /// When the lock was granted.
     pub acquired_at: DateTime<Utc>,
     started: Instant,
-    _permit: OwnedSemaphorePermit,
-}
-
-/// What keeps a granted lock held.
-enum Hold {
-    /// The lock connection with its open transaction.
-    Postgres(LockConn),
-    /// The key's in-process guard and the lock's slot, released by their drop.
-    Embedded { _hold: embedded::LocalHold },
-    /// Released (embedded): nothing is held any more.
-    Released,
+    lost: Option<watch::Receiver<bool>>,
+    sessions: Option<Arc<Sessions>>,
+    _permit: LockPermit,
 }
 
 impl std::fmt::Debug for HeldLock {
@@ -99,135 +132,201 @@ impl std::fmt::Debug for HeldLock {
         f.debug_struct("HeldLock")
             .field("key", &self.key.as_str())
             .field("fencing_token", &self.fencing_token)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
-fn semaphore(permits: u32) -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(usize::try_from(permits).unwrap_or(1).max(1)))
+/// A lock owned here, with its token.
+struct Grant {
+    owned: Owned,
+    token: Option<u64>,
 }
 
 impl Locks {
-    /// Advisory locks on `pool`. `client_budget` lock connections at most go
-    /// to clients.
-    pub fn postgres(
-        pool: LockPool,
-        client_budget: u32,
-        budget_wait: Duration,
-        lease: Duration,
-        default_wait: Duration,
-    ) -> Self {
-        Locks {
-            backend: Backend::Postgres(pool),
-            client_budget: semaphore(client_budget),
-            budget_wait,
-            lease,
-            default_wait,
-        }
-    }
-
-    /// In-process locks for the embedded store `db`, sized and timed by
-    /// `config` as the lock pool would be: `DATABASE_LOCK_POOL_MAX` locks held
-    /// or awaited at once, of which the client budget goes to clients.
-    pub fn embedded(db: EmbeddedDb, config: &Config) -> Self {
-        Locks {
-            backend: Backend::Embedded(LocalLocks::new(
-                db,
-                config.lock_pool_max,
-                config.pool_connection_timeout(),
-                config.lock_timeout(),
-            )),
-            client_budget: semaphore(config.client_lock_budget()),
-            budget_wait: config.pool_connection_timeout(),
-            lease: config.lock_lease(),
-            default_wait: config.lock_timeout(),
-        }
-    }
-
-    /// The locks of `database`, configured by `config`.
+    /// The locks of `database`, configured by `config`. With PostgreSQL the
+    /// sessions connect at their first use.
     pub fn for_database(database: &Database, config: &Config) -> Self {
-        match database {
-            Database::Postgres(pools) => Locks::postgres(
-                pools.lock.clone(),
-                config.client_lock_budget(),
-                config.pool_connection_timeout(),
-                config.lock_lease(),
-                config.lock_timeout(),
-            ),
-            Database::Embedded(db) => Locks::embedded(db.clone(), config),
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (backend, release): (Backend, Arc<dyn Release>) = match database {
+            Database::Postgres(pools) => {
+                let timing = Timing::for_lease(config.lock_lease(), config.pool_connection_timeout());
+                let sessions = Sessions::start(config.lock_pool_max, pools.lock.options(), timing, shutdown_rx);
+                (Backend::Postgres(sessions.clone()), sessions)
+            }
+            Database::Embedded(db) => (Backend::Embedded(FencingTokens::new(db.clone())), Arc::new(NothingBeyond)),
+        };
+        Locks {
+            inner: Arc::new(Inner {
+                table: Table::new(release),
+                backend,
+                budget: Arc::new(Semaphore::new(usize::try_from(config.max_locks).unwrap_or(10_000))),
+                lease: config.lock_lease(),
+                default_wait: config.lock_timeout().min(config.max_lock_wait()),
+                max_wait: config.max_lock_wait(),
+                system_wait: config.lock_timeout(),
+                shutdown,
+            }),
         }
     }
 
     /// The lease clients must renew within.
     pub fn lease(&self) -> Duration {
-        self.lease
+        self.inner.lease
     }
 
-    /// The in-process lock table's use, for the embedded store; `None` with
-    /// PostgreSQL, whose `pg_locks` shows the same.
-    pub fn local_stats(&self) -> Option<LocalLockStats> {
-        match &self.backend {
-            Backend::Postgres(_) => None,
-            Backend::Embedded(local) => Some(LocalLockStats {
-                keys: local.keys().keys_in_use(),
-                waiting: local.keys().waiting(),
-            }),
+    /// What the lock table holds right now.
+    pub fn local_stats(&self) -> LocalLockStats {
+        LocalLockStats {
+            keys: self.inner.table.keys_in_use(),
+            waiting: self.inner.table.waiting(),
         }
     }
 
-    /// Runs `work` under the lock `key` (with PostgreSQL, a transaction-level
-    /// advisory lock held on a lock-pool connection). `work` takes its own
-    /// work connection: the lock comes first, never the other way round. The
-    /// lock is released when this returns, or when the future is dropped.
-    /// Not granted within `DATABASE_LOCK_TIMEOUT_MS`: `SYSTEM_BUSY`.
-    pub async fn with_xact_lock<T, F, Fut>(&self, key: &str, work: F) -> Result<T>
+    /// Client places free in the budget right now.
+    pub fn budget_available(&self) -> usize {
+        self.inner.budget.available_permits()
+    }
+
+    /// A place in the client budget, or `LOCK_LIMIT_REACHED` at once.
+    pub fn admit(&self) -> Result<LockPermit> {
+        if *self.inner.shutdown.borrow() {
+            return Err(Error::ShuttingDown);
+        }
+        self.inner
+            .budget
+            .clone()
+            .try_acquire_owned()
+            .map(|permit| LockPermit { _permit: permit })
+            .map_err(|_| Error::LockLimitReached)
+    }
+
+    /// Resolves once lock streams must end (the shutdown grace is over).
+    pub fn shutting_down(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.inner.shutdown.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+
+    /// Ends every lock stream (they answer `SHUTTING_DOWN`) and closes the
+    /// lock sessions, which releases everything they hold.
+    pub fn shut_down(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+
+    /// Runs `work` holding `system_id`'s serialisation lock. `work` takes its
+    /// own work connection: the lock comes first, never the other way
+    /// round. The lock is released when `work` is done (after its COMMIT),
+    /// or when the future is dropped. Not granted within
+    /// `DATABASE_LOCK_TIMEOUT_MS`: `SYSTEM_BUSY`.
+    pub async fn with_system_lock<T, F, Fut>(&self, system_id: &SystemId, work: F) -> Result<T>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        match &self.backend {
-            Backend::Postgres(pool) => postgres::with_xact_lock(pool, key, work).await,
-            Backend::Embedded(local) => local.with_xact_lock(key, work).await,
-        }
+        let deadline = tokio::time::Instant::now() + self.inner.system_wait;
+        let Some(grant) = self.take(LockId::system(system_id.as_str()), Some(deadline), false).await? else {
+            return Err(Error::SystemBusy {
+                system_id: system_id.as_str().to_owned(),
+            });
+        };
+        let result = work().await;
+        drop(grant.owned);
+        result
     }
 
     /// Takes a client's lock `key`, waiting at most `wait` (`None`: the
-    /// server's default; zero: try once).
-    ///
-    /// A place in the client budget and then a lock connection (embedded: a
-    /// lock slot) are waited for together, within one
-    /// `DATABASE_POOL_CONNECTION_TIMEOUT_MS`: a client that waited most of it
-    /// for the budget does not wait that long again for the pool (SubmitRun
-    /// may hold every connection the budget leaves free).
-    pub async fn acquire(&self, key: LockKey, wait: Option<Duration>) -> Result<HeldLock> {
-        let exhausted = |_| Error::PoolExhausted(PoolKind::Lock);
-        let deadline = tokio::time::Instant::now() + self.budget_wait;
-        let permit = tokio::time::timeout_at(deadline, self.client_budget.clone().acquire_owned())
-            .await
-            .map_err(exhausted)?
-            .map_err(|_| Error::ShuttingDown)?;
-        let wait = wait.unwrap_or(self.default_wait);
-        let full_key = format!("{CLIENT_KEY_PREFIX}{}", key.as_str());
-        let granted = match &self.backend {
-            Backend::Postgres(pool) => postgres::acquire(pool, deadline, &full_key, wait)
-                .await?
-                .map(|(conn, token)| (Hold::Postgres(conn), token)),
-            Backend::Embedded(local) => local
-                .acquire(deadline, &full_key, wait)
-                .await?
-                .map(|(hold, token)| (Hold::Embedded { _hold: hold }, token)),
-        };
-        let Some((hold, fencing_token)) = granted else {
+    /// server's default; zero: try once; capped at `VITALS_MAX_LOCK_WAIT_MS`).
+    pub async fn acquire(&self, permit: LockPermit, key: LockKey, wait: Option<Duration>) -> Result<HeldLock> {
+        let wait = wait.unwrap_or(self.inner.default_wait).min(self.inner.max_wait);
+        let deadline = (!wait.is_zero()).then(|| tokio::time::Instant::now() + wait);
+        let id = LockId::client(key.as_str());
+        let Some(grant) = self.take(id, deadline, true).await? else {
             return Err(Error::LockNotAvailable { key: key.into_inner() });
         };
+        let (lost, sessions) = match (&grant.owned.remote, &self.inner.backend) {
+            (Some(Remote::Session(hold)), Backend::Postgres(sessions)) => {
+                (Some(hold.generation.lost()), Some(sessions.clone()))
+            }
+            _ => (None, None),
+        };
         Ok(HeldLock {
-            hold,
+            fencing_token: grant.token.unwrap_or(0),
+            owned: grant.owned,
             key,
-            fencing_token,
             acquired_at: Utc::now(),
             started: Instant::now(),
+            lost,
+            sessions,
             _permit: permit,
         })
+    }
+
+    /// Owns `id` here and beyond, waiting until `deadline` (`None`: try
+    /// once). `None` when it was not granted in time.
+    async fn take(&self, id: LockId, deadline: Option<tokio::time::Instant>, token: bool) -> Result<Option<Grant>> {
+        let (mut owned, pause) = match self.inner.table.enter(id, deadline.is_some()) {
+            Entry::Busy => return Ok(None),
+            Entry::Owner(owned) => (owned, false),
+            Entry::Queued(mut queued) => {
+                let Some(deadline) = deadline else { return Ok(None) };
+                match tokio::time::timeout_at(deadline, queued.turn()).await {
+                    Ok(Some(turn)) => (turn.owned, turn.pause),
+                    Ok(None) => return Err(Error::ShuttingDown),
+                    Err(_elapsed) => return Ok(None),
+                }
+            }
+        };
+        if pause {
+            let until = tokio::time::Instant::now() + FAIR_PAUSE;
+            tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
+        }
+        loop {
+            match (&self.inner.backend, owned.remote.take()) {
+                (Backend::Embedded(tokens), _) => {
+                    owned.remote = Some(Remote::Local);
+                    let token = if token { Some(tokens.next().await?) } else { None };
+                    return Ok(Some(Grant { owned, token }));
+                }
+                // Handed on by a local holder: held in PostgreSQL already.
+                (Backend::Postgres(sessions), Some(Remote::Session(hold))) => {
+                    if hold.generation.is_lost() {
+                        continue;
+                    }
+                    if !token {
+                        owned.remote = Some(Remote::Session(hold));
+                        return Ok(Some(Grant { owned, token: None }));
+                    }
+                    match sessions.token(&hold).await {
+                        Ok(t) => {
+                            owned.remote = Some(Remote::Session(hold));
+                            return Ok(Some(Grant { owned, token: Some(t) }));
+                        }
+                        Err(Error::LockCapacityExhausted) => {
+                            owned.remote = Some(Remote::Session(hold));
+                            return Err(Error::LockCapacityExhausted);
+                        }
+                        // Its session died meanwhile: take it anew.
+                        Err(_) => continue,
+                    }
+                }
+                (Backend::Postgres(sessions), _) => match sessions.try_lock(id, token).await? {
+                    TryOutcome::Granted(hold, t) => {
+                        owned.remote = Some(Remote::Session(hold));
+                        return Ok(Some(Grant { owned, token: t }));
+                    }
+                    TryOutcome::Busy => {
+                        let now = tokio::time::Instant::now();
+                        match deadline {
+                            Some(deadline) if now < deadline => {
+                                tokio::time::sleep_until((now + session::POLL).min(deadline)).await;
+                            }
+                            _ => return Ok(None),
+                        }
+                    }
+                },
+            }
+        }
     }
 }
 
@@ -237,56 +336,73 @@ impl HeldLock {
         &self.key
     }
 
-    /// Proves the lock is still held (with PostgreSQL, restarts the server's
-    /// idle timer, `idle_in_transaction_session_timeout`).
+    /// Resolves when the lock is lost without a release: its PostgreSQL
+    /// session broke or could not prove it was alive within the lease.
+    /// Never, with the embedded store.
+    pub async fn lost(&mut self) {
+        match &mut self.lost {
+            Some(rx) => {
+                let _ = rx.wait_for(|lost| *lost).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    fn session(&self) -> Option<&SessionHold> {
+        match &self.owned.remote {
+            Some(Remote::Session(hold)) => Some(hold),
+            _ => None,
+        }
+    }
+
+    /// Confirms the lock is held now. With PostgreSQL, a session that proved
+    /// alive within the last heartbeat answers at once; otherwise one
+    /// statement on it decides (bounded by the lock's validity).
     pub async fn keep_alive(&mut self) -> Result<()> {
-        let alive = match &mut self.hold {
-            Hold::Postgres(conn) => conn.keep_alive().await,
-            Hold::Embedded { .. } => true,
-            Hold::Released => false,
+        let (Some(hold), Some(sessions)) = (self.session(), self.sessions.as_ref()) else {
+            return Ok(());
         };
+        if hold.generation.is_lost() {
+            return Err(self.lost_error("the lock's database session ended"));
+        }
+        let fresh = hold.generation.alive_at().elapsed() <= sessions.timing().heartbeat * 2;
+        if fresh {
+            return Ok(());
+        }
+        let valid_until = hold.generation.valid_until();
+        let alive = tokio::time::timeout_at(valid_until.into(), sessions.ping(hold))
+            .await
+            .unwrap_or(false);
         if alive {
             Ok(())
         } else {
-            Err(self.lost("the lock's database session ended"))
+            Err(self.lost_error("the lock's database session stopped answering"))
         }
     }
 
-    /// Releases the lock; returns how long it was held.
-    pub async fn release(mut self) -> Result<Duration> {
+    /// Releases the lock, answering once it is released (in PostgreSQL too,
+    /// unless a local waiter took it over); returns how long it was held.
+    pub async fn release(self) -> Result<Duration> {
         let held_for = self.started.elapsed();
-        let released = match &mut self.hold {
-            Hold::Postgres(conn) => conn.release().await.is_ok(),
-            Hold::Embedded { .. } => {
-                self.hold = Hold::Released;
-                true
-            }
-            Hold::Released => false,
-        };
-        if released {
-            Ok(held_for)
-        } else {
-            Err(self.lost("the lock's database session ended before release"))
+        let was_lost = self.session().is_some_and(|h| h.generation.is_lost());
+        let key = self.key.as_str().to_owned();
+        let (ack, acked) = oneshot::channel();
+        self.owned.pass_on(Some(ack));
+        let _ = acked.await;
+        if was_lost {
+            return Err(Error::LockLost {
+                key,
+                why: "the lock's database session ended before release",
+            });
         }
+        Ok(held_for)
     }
 
     /// LOCK_LOST for this lock.
-    pub fn lost(&self, why: &'static str) -> Error {
+    pub fn lost_error(&self, why: &'static str) -> Error {
         Error::LockLost {
             key: self.key.as_str().to_owned(),
             why,
-        }
-    }
-}
-
-impl Drop for HeldLock {
-    fn drop(&mut self) {
-        // The client went away without releasing. In process the guard's
-        // own drop releases the key; a PostgreSQL lock is rolled back now
-        // rather than after a timeout, so the next waiter gets the lock
-        // within one round trip.
-        if let Hold::Postgres(conn) = &mut self.hold {
-            conn.abandon();
         }
     }
 }

@@ -330,8 +330,3 @@ pub struct RunCursor {
     /// run_id of the last run returned.
     pub run_id: String,
 }
-
-/// The key of a system's serialisation lock: upstream's `health:<systemId>`.
-pub fn system_lock_key(system_id: &SystemId) -> String {
-    format!("health:{}", system_id.as_str())
-}

@@ -1,7 +1,7 @@
 //! The PostgreSQL store: every statement vitals runs on the work pool.
 //!
 //! Methods that change a system's health expect the caller to hold that
-//! system's advisory lock (see [`super::system_lock_key`]); they then lock the
+//! system's lock (see [`crate::lock::Locks::with_system_lock`]); they then lock the
 //! system's row and read the previous status under both locks, which is what
 //! makes each transition appear exactly once however many replicas evaluate
 //! the same system (the row lock covers the moments the advisory lock does
@@ -25,10 +25,10 @@ use crate::{
 /// The channel on which committed transitions are announced (payload: sequence).
 pub const TRANSITIONS_CHANNEL: &str = "vitals_transitions";
 
-/// Advisory lock serialising the assignment of transition sequences, so that
-/// sequences commit in order. Held only for the tail of a transaction that
-/// already changed a status, which is rare.
-const TRANSITION_SEQUENCE_LOCK: &str = "vitals:transition-sequence";
+// The transition-sequence lock ([`crate::lock::id::TRANSITION_SEQUENCE`])
+// serialises the assignment of transition sequences, so that sequences commit
+// in order. A transaction-level lock on the work connection, held only for
+// the tail of a transaction that already changed a status, which is rare.
 
 /// Transitions are kept this long, except each system's newest.
 const TRANSITION_RETENTION_DAYS: i32 = 90;
@@ -350,11 +350,11 @@ async fn system_in(conn: &mut PgConnection, system_id: &str) -> Result<Option<Sy
 /// status: the status the next transition starts from. A new system gets its
 /// row here, with the baseline `healthy`.
 ///
-/// The advisory lock `health:<system_id>` already serialises writers; this row
-/// lock makes that serialisation hold even when the advisory lock is released
+/// The system's lock already serialises writers; this row
+/// lock makes that serialisation hold even when the system's lock is released
 /// before this transaction has finished committing (a request cancelled during
-/// its COMMIT drops its lock connection, and with it the advisory lock, while
-/// the server completes the commit). A writer that gets the advisory lock then
+/// its COMMIT releases the system's lock while the server completes the
+/// commit). A writer that gets the system's lock then
 /// waits here for the commit, and every statement after this one sees it.
 /// Callers take it before any other lock of the system's rows. SubmitRun
 /// takes the same row lock inside its run insert (one round trip fewer) and
@@ -479,7 +479,7 @@ async fn reevaluate(
              ON CONFLICT (system_id) DO UPDATE SET status = excluded.status, evaluated_at = excluded.evaluated_at \
              RETURNING evaluated_at) \
          SELECT evaluated_at, \
-                (SELECT count(*) FROM (SELECT pg_advisory_xact_lock(hashtextextended($8, 0)) WHERE $9) l) AS sequence_locked \
+                (SELECT count(*) FROM (SELECT pg_advisory_xact_lock($8, $10) WHERE $9) l) AS sequence_locked \
          FROM upserted",
     )
     .bind(system_id.as_str())
@@ -489,8 +489,9 @@ async fn reevaluate(
     .bind(i32::try_from(statuses.len()).unwrap_or(i32::MAX))
     .bind(last_run_at)
     .bind(current.as_i16())
-    .bind(TRANSITION_SEQUENCE_LOCK)
+    .bind(crate::lock::id::INTERNAL_SPACE)
     .bind(changed)
+    .bind(crate::lock::id::TRANSITION_SEQUENCE)
     .fetch_one(&mut *tx)
     .await?;
     let evaluated_at: DateTime<Utc> = row.try_get("evaluated_at")?;

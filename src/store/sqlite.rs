@@ -2,7 +2,7 @@
 //! the SQLite file of [`EmbeddedDb`].
 //!
 //! Methods that change a system's health expect the caller to hold that
-//! system's in-process lock (see [`super::system_lock_key`]). They then write
+//! system's lock (see [`crate::lock::Locks::with_system_lock`]). They then write
 //! in one `BEGIN IMMEDIATE` transaction on the single writer connection, so
 //! the previous status they read is the last committed one and nothing can
 //! commit between that read and their own commit: each transition appears

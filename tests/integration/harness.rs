@@ -301,8 +301,8 @@ impl TestApp {
         }
     }
 
-    /// The embedded lock table's use; `None` with PostgreSQL.
-    pub fn local_lock_stats(&self) -> Option<LocalLockStats> {
+    /// What the server's lock table holds.
+    pub fn local_lock_stats(&self) -> LocalLockStats {
         self.locks.local_stats()
     }
 

@@ -1,0 +1,98 @@
+//! What a lock is called inside PostgreSQL, and therefore in vitals' own
+//! lock table.
+//!
+//! PostgreSQL has two advisory lock spaces that never meet: one keyed by a
+//! single `bigint`, one by a pair of `int4` (`pg_locks.objsubid` 1 and 2).
+//! Client keys live in the first, as `hashtextextended('lock:' || key, 0)`,
+//! so any program that locks a key with that SQL conflicts with vitals'
+//! holder of the key. vitals' own locks (a system's serialisation, the
+//! transition sequence, migrations) live in the second, so no client key,
+//! however chosen, can ever block them: the hash is invertible, but it only
+//! ever produces single-`bigint` locks.
+
+use super::pghash;
+
+/// Prefix of client keys inside PostgreSQL, kept from the first release so
+/// programs that lock `'lock:' || key` themselves keep conflicting with vitals.
+pub const CLIENT_KEY_PREFIX: &str = "lock:";
+
+/// The first `int4` of vitals' internal locks that are one of a kind
+/// (`"vita"` in ASCII).
+pub const INTERNAL_SPACE: i32 = 0x7669_7461;
+/// The first `int4` of systems' serialisation locks (`"vits"`); the second
+/// is `hashtext(system_id)`.
+pub const SYSTEM_SPACE: i32 = 0x7669_7473;
+/// `(INTERNAL_SPACE, TRANSITION_SEQUENCE)`: serialises transition sequence numbers.
+pub const TRANSITION_SEQUENCE: i32 = 1;
+/// `(INTERNAL_SPACE, MIGRATIONS)`: serialises migrations across replicas.
+pub const MIGRATIONS: i32 = 2;
+
+/// The identity of one lock: what PostgreSQL would lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LockId {
+    /// A client key: `pg_advisory_lock(hashtextextended('lock:' || key, 0))`.
+    Client(i64),
+    /// vitals' own: `pg_advisory_lock(space, object)`.
+    Internal {
+        /// The first key.
+        space: i32,
+        /// The second key.
+        object: i32,
+    },
+}
+
+impl LockId {
+    /// The lock of the client key `key`. Two keys whose hashes collide are
+    /// one lock, here as in PostgreSQL.
+    pub fn client(key: &str) -> Self {
+        let mut full = String::with_capacity(CLIENT_KEY_PREFIX.len() + key.len());
+        full.push_str(CLIENT_KEY_PREFIX);
+        full.push_str(key);
+        LockId::Client(pghash::hashtextextended(&full, 0))
+    }
+
+    /// The serialisation lock of a system.
+    pub fn system(system_id: &str) -> Self {
+        LockId::Internal {
+            space: SYSTEM_SPACE,
+            object: pghash::hashtext(system_id),
+        }
+    }
+
+    /// Spreads locks over `n` sessions.
+    pub(super) fn shard(self, n: usize) -> usize {
+        let n = u64::try_from(n.max(1)).unwrap_or(1);
+        let mixed = match self {
+            // Already a well-mixed hash.
+            LockId::Client(h) => h.cast_unsigned(),
+            LockId::Internal { space, object } => {
+                (u64::from(space.cast_unsigned()) << 32 | u64::from(object.cast_unsigned())).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            }
+        };
+        usize::try_from((mixed >> 16) % n).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_and_internal_locks_are_different_kinds_whatever_the_key() {
+        // The key that collided with `health:checkout` in the single-bigint
+        // space when system locks lived there too.
+        let client = LockId::client("xxxxxxx={/koGGgb#^#");
+        assert!(matches!(client, LockId::Client(_)));
+        assert_ne!(client, LockId::system("checkout"));
+    }
+
+    #[test]
+    fn shards_stay_in_range() {
+        for n in 1..20 {
+            for key in ["a", "b", "c", "health", "x".repeat(100).as_str()] {
+                assert!(LockId::client(key).shard(n) < n);
+                assert!(LockId::system(key).shard(n) < n);
+            }
+        }
+    }
+}

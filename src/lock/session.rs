@@ -1,0 +1,745 @@
+//! The lock manager's PostgreSQL sessions: `DATABASE_LOCK_POOL_MAX`
+//! long-lived connections, each holding many session-level advisory locks,
+//! each driven by one task that sends whatever arrived meanwhile as one
+//! statement (releases, tries, fencing tokens, over arrays of bound keys).
+//!
+//! # Promises under faults
+//! - A session proves it is alive with a statement at least every
+//!   [`Timing::heartbeat`] while it holds locks. Its locks are valid until
+//!   the moment the last successful statement was *sent* plus the lease
+//!   ([`Timing::window`]); PostgreSQL ends the session (`idle_session_timeout`)
+//!   only after it has been idle longer than that plus a margin. So a holder
+//!   is told `LOCK_LOST` (the generation's `lost` flag) before PostgreSQL can
+//!   give its lock to anybody else, whether the link froze, vitals stalled
+//!   or PostgreSQL went away; every statement is bounded by that validity.
+//! - A session that broke is replaced by a new *generation*; everything held
+//!   by the old one is lost, and releases addressed to it are ignored.
+//! - Fencing tokens come from one row (`vitals_fencing`) updated in the same
+//!   statement that grants the locks, committed with `synchronous_commit=on`
+//!   before the reply: a token is reported only once no later grant, on any
+//!   replica, after any crash, can draw it or a lower one.
+//! - A batch that runs out of PostgreSQL's shared lock table
+//!   (`out of shared memory`) may have taken some of its locks before the
+//!   error (session locks outlive the failed statement): the session reads
+//!   back what it holds from `pg_locks` and releases what nobody owns.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use sqlx::{Connection, PgConnection, Row, postgres::PgConnectOptions};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{LockId, table::Release};
+use crate::error::{Error, Result, is_connection_lost, sqlstate};
+
+/// How often the head of a key held elsewhere (another replica, another
+/// program) tries again.
+pub const POLL: Duration = Duration::from_millis(5);
+
+/// SQLSTATE `out_of_memory`: PostgreSQL's shared lock table is full.
+const OUT_OF_SHARED_MEMORY: &str = "53200";
+
+/// Commands taken per statement at most.
+const MAX_BATCH: usize = 4096;
+
+/// Releases, then tries, then draws the fencing tokens of the granted
+/// client locks plus `$8` more, all in one autocommitted statement. The
+/// `CASE` on `released.n` makes every try wait for the releases.
+const BATCH_SQL: &str = "\
+WITH released AS MATERIALIZED (
+    SELECT (SELECT count(*) FROM unnest($1::int8[]) AS u(k) WHERE pg_advisory_unlock(u.k))
+         + (SELECT count(*) FROM unnest($2::int4[], $3::int4[]) AS u(a, b) WHERE pg_advisory_unlock(u.a, u.b)) AS n),
+granted AS MATERIALIZED (
+    SELECT t.k, NULL::int4 AS a, NULL::int4 AS b, t.tok
+    FROM released, unnest($4::int8[], $5::bool[]) AS t(k, tok)
+    WHERE CASE WHEN released.n >= 0 THEN pg_try_advisory_lock(t.k) END
+    UNION ALL
+    SELECT NULL::int8, t.a, t.b, false
+    FROM released, unnest($6::int4[], $7::int4[]) AS t(a, b)
+    WHERE CASE WHEN released.n >= 0 THEN pg_try_advisory_lock(t.a, t.b) END),
+wanted AS (SELECT count(*) FILTER (WHERE tok) + $8::int8 AS n FROM granted),
+drawn AS (
+    UPDATE vitals_fencing SET last_token = last_token + wanted.n FROM wanted
+    WHERE vitals_fencing.id = 1 AND wanted.n > 0 RETURNING last_token)
+SELECT k, a, b, tok, NULL::int8 AS last_token FROM granted
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, (SELECT last_token FROM drawn)";
+
+/// What this session holds, as `pg_locks` shows it.
+const HELD_SQL: &str = "SELECT objsubid::int4 AS sub, classid::int8 AS hi, objid::int8 AS lo FROM pg_locks \
+     WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted";
+
+/// The timing every session keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long a lock stays valid after its session last proved alive: the lease.
+    pub window: Duration,
+    /// How often a session holding locks proves it is alive.
+    pub heartbeat: Duration,
+    /// The longest wait for a new connection.
+    pub connect: Duration,
+}
+
+impl Timing {
+    /// The timing for a lease: heartbeats four times per lease, at most every 250 ms.
+    pub fn for_lease(lease: Duration, connect: Duration) -> Self {
+        Timing {
+            window: lease,
+            heartbeat: (lease / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)),
+            connect,
+        }
+    }
+}
+
+/// One life of a session: from connect to the first failure.
+#[derive(Debug)]
+pub struct Generation {
+    number: u64,
+    origin: Instant,
+    /// Milliseconds after `origin` at which the last successful statement was sent.
+    alive_ms: AtomicU64,
+    lost: watch::Sender<bool>,
+    window: Duration,
+}
+
+impl Generation {
+    fn new(number: u64, window: Duration) -> Arc<Self> {
+        Arc::new(Generation {
+            number,
+            origin: Instant::now(),
+            alive_ms: AtomicU64::new(0),
+            lost: watch::Sender::new(false),
+            window,
+        })
+    }
+
+    fn proved_alive_at(&self, sent: Instant) {
+        let ms = u64::try_from(sent.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX);
+        self.alive_ms.fetch_max(ms, Ordering::SeqCst);
+    }
+
+    /// When the session last proved alive (the send time of its last good statement).
+    pub fn alive_at(&self) -> Instant {
+        self.origin + Duration::from_millis(self.alive_ms.load(Ordering::SeqCst))
+    }
+
+    /// Until when what this generation holds is valid.
+    pub fn valid_until(&self) -> Instant {
+        self.alive_at() + self.window
+    }
+
+    /// Whether the generation was lost.
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Resolves when the generation is lost.
+    pub fn lost(&self) -> watch::Receiver<bool> {
+        self.lost.subscribe()
+    }
+
+    fn mark_lost(&self) {
+        self.lost.send_replace(true);
+    }
+}
+
+/// A lock held on a session, as its owner knows it.
+#[derive(Debug, Clone)]
+pub struct SessionHold {
+    /// Which session.
+    pub index: usize,
+    /// Which life of it.
+    pub generation: Arc<Generation>,
+}
+
+/// What a try gave.
+#[derive(Debug)]
+pub enum TryOutcome {
+    /// Granted, with a fencing token when one was asked for.
+    Granted(SessionHold, Option<u64>),
+    /// Held by another session (another replica, another program).
+    Busy,
+}
+
+enum Cmd {
+    Try {
+        id: LockId,
+        token: bool,
+        reply: oneshot::Sender<Result<TryOutcome>>,
+    },
+    Token {
+        generation: u64,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Unlock {
+        id: LockId,
+        generation: u64,
+        ack: Option<oneshot::Sender<()>>,
+    },
+    Ping {
+        generation: u64,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+/// The sessions of one replica.
+#[derive(Debug)]
+pub struct Sessions {
+    senders: Vec<mpsc::UnboundedSender<Cmd>>,
+    timing: Timing,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cmd::Try { .. } => "Try",
+            Cmd::Token { .. } => "Token",
+            Cmd::Unlock { .. } => "Unlock",
+            Cmd::Ping { .. } => "Ping",
+        })
+    }
+}
+
+fn gone() -> Error {
+    Error::DatabaseUnavailable(None)
+}
+
+impl Sessions {
+    /// Starts `n` session tasks connecting with `options` (lazily, at their
+    /// first command); they close their connections when `shutdown` turns true.
+    pub fn start(n: u32, options: PgConnectOptions, timing: Timing, shutdown: watch::Receiver<bool>) -> Arc<Self> {
+        let senders = (0..n.max(1))
+            .map(|index| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let session = Session {
+                    index: usize::try_from(index).unwrap_or(0),
+                    options: options.clone(),
+                    timing,
+                    rx,
+                    live: None,
+                    generations: 0,
+                };
+                tokio::spawn(session.run(shutdown.clone()));
+                tx
+            })
+            .collect();
+        Arc::new(Sessions { senders, timing })
+    }
+
+    /// The timing of the sessions.
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    fn send(&self, index: usize, cmd: Cmd) {
+        if let Some(tx) = self.senders.get(index) {
+            // A closed channel means shutdown: the reply channel drops, which
+            // the caller reads as "gone".
+            let _ = tx.send(cmd);
+        }
+    }
+
+    /// Tries `id` on its session once.
+    pub async fn try_lock(&self, id: LockId, token: bool) -> Result<TryOutcome> {
+        let (reply, rx) = oneshot::channel();
+        self.send(id.shard(self.senders.len()), Cmd::Try { id, token, reply });
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// A fresh fencing token drawn on `hold`'s session, if it is still alive.
+    pub async fn token(&self, hold: &SessionHold) -> Result<u64> {
+        let (reply, rx) = oneshot::channel();
+        let generation = hold.generation.number;
+        self.send(hold.index, Cmd::Token { generation, reply });
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Whether `hold`'s session answers a statement now.
+    pub async fn ping(&self, hold: &SessionHold) -> bool {
+        let (reply, rx) = oneshot::channel();
+        let generation = hold.generation.number;
+        self.send(hold.index, Cmd::Ping { generation, reply });
+        rx.await.unwrap_or(false)
+    }
+}
+
+impl Release for Sessions {
+    fn release(&self, id: LockId, hold: SessionHold, ack: Option<oneshot::Sender<()>>) {
+        let generation = hold.generation.number;
+        self.send(hold.index, Cmd::Unlock { id, generation, ack });
+    }
+}
+
+/// A connected session.
+struct Live {
+    index: usize,
+    conn: PgConnection,
+    generation: Arc<Generation>,
+    /// Locks held, with PostgreSQL's count of each (always 1 unless a try
+    /// overtook the release of the same lock).
+    held: HashMap<LockId, u32>,
+    /// Granted to acquirers that had gone by the time the grant arrived.
+    orphans: Vec<LockId>,
+}
+
+struct Session {
+    index: usize,
+    options: PgConnectOptions,
+    timing: Timing,
+    rx: mpsc::UnboundedReceiver<Cmd>,
+    live: Option<Live>,
+    generations: u64,
+}
+
+/// One statement's worth of commands, sorted.
+#[derive(Default)]
+struct Batch {
+    unlock_client: Vec<i64>,
+    unlock_a: Vec<i32>,
+    unlock_b: Vec<i32>,
+    unlocked: Vec<LockId>,
+    acks: Vec<oneshot::Sender<()>>,
+    tries: Vec<(LockId, bool, oneshot::Sender<Result<TryOutcome>>)>,
+    tokens: Vec<oneshot::Sender<Result<u64>>>,
+    pings: Vec<oneshot::Sender<bool>>,
+}
+
+/// Why a statement failed.
+enum Failure {
+    /// The session is gone or its state unknown: its locks are lost.
+    Lost(Error),
+    /// PostgreSQL's lock table is full; the session is fine.
+    Capacity,
+}
+
+impl Session {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let holding = self.live.as_ref().is_some_and(|l| !l.held.is_empty());
+            let first = tokio::select! {
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => Some(cmd),
+                    None => break,
+                },
+                () = tokio::time::sleep(self.timing.heartbeat), if holding => None,
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            };
+            let mut cmds: Vec<Cmd> = first.into_iter().collect();
+            while cmds.len() < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(cmd) => cmds.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            self.serve(cmds).await;
+        }
+        // Closing the connection releases every lock it holds.
+        if let Some(live) = self.live.take() {
+            live.generation.mark_lost();
+            let _ = tokio::time::timeout(Duration::from_millis(500), live.conn.close()).await;
+        }
+    }
+
+    async fn connect(&mut self) -> Result<()> {
+        if self.live.is_some() {
+            return Ok(());
+        }
+        let conn = tokio::time::timeout(self.timing.connect, PgConnection::connect_with(&self.options))
+            .await
+            .map_err(|_| gone())??;
+        self.generations += 1;
+        let generation = Generation::new(self.generations, self.timing.window);
+        generation.proved_alive_at(Instant::now());
+        tracing::debug!(session = self.index, generation = self.generations, "lock session connected");
+        self.live = Some(Live {
+            index: self.index,
+            conn,
+            generation,
+            held: HashMap::new(),
+            orphans: Vec::new(),
+        });
+        Ok(())
+    }
+
+    fn lose(&mut self, why: &Error) {
+        if let Some(live) = self.live.take() {
+            tracing::warn!(session = self.index, held = live.held.len(), error = %why, "lock session lost; its locks are lost");
+            live.generation.mark_lost();
+            // Dropped, not closed: on a frozen link a polite close would hang.
+            drop(live.conn);
+        }
+    }
+
+    async fn serve(&mut self, cmds: Vec<Cmd>) {
+        let fresh = self.live.is_none();
+        if let Err(err) = self.connect().await {
+            if !cmds.is_empty() {
+                tracing::debug!(session = self.index, error = %err, "lock session cannot connect");
+            }
+            fail(cmds, &err);
+            return;
+        }
+        let Some(live) = self.live.as_mut() else {
+            return fail(cmds, &gone());
+        };
+        let batch = sort(cmds, live);
+        // A session that holds nothing loses nothing by breaking: a
+        // connection PostgreSQL ended while idle is replaced and the
+        // statement sent again, once.
+        let may_retry = !fresh && live.held.is_empty() && batch.unlocked.is_empty();
+        match run_batch(live, &batch, self.timing).await {
+            Ok(rows) => finish(live, batch, rows),
+            Err(Failure::Capacity) => {
+                let reconciled = reconcile(live, self.timing).await;
+                answer_capacity(live, batch);
+                if let Err(err) = reconciled {
+                    self.lose(&err);
+                }
+            }
+            Err(Failure::Lost(err)) => {
+                self.lose(&err);
+                if may_retry && self.connect().await.is_ok()
+                    && let Some(live) = self.live.as_mut()
+                {
+                    match run_batch(live, &batch, self.timing).await {
+                        Ok(rows) => return finish(live, batch, rows),
+                        Err(Failure::Capacity) => {
+                            let reconciled = reconcile(live, self.timing).await;
+                            answer_capacity(live, batch);
+                            if let Err(err) = reconciled {
+                                self.lose(&err);
+                            }
+                            return;
+                        }
+                        Err(Failure::Lost(err)) => {
+                            self.lose(&err);
+                            return batch.fail(&err);
+                        }
+                    }
+                }
+                batch.fail(&err);
+            }
+        }
+    }
+}
+
+/// Sorts commands into one statement's arrays. Commands for an earlier
+/// generation are answered at once: what they refer to is gone.
+fn sort(cmds: Vec<Cmd>, live: &mut Live) -> Batch {
+    let current = live.generation.number;
+    let mut batch = Batch::default();
+    let orphans = std::mem::take(&mut live.orphans);
+    let unlocks = orphans
+        .into_iter()
+        .map(|id| Cmd::Unlock {
+            id,
+            generation: current,
+            ack: None,
+        })
+        .chain(cmds);
+    for cmd in unlocks {
+        match cmd {
+            Cmd::Unlock { id, generation, ack } => {
+                if generation == current && let Some(count) = live.held.get_mut(&id) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        live.held.remove(&id);
+                    }
+                    match id {
+                        LockId::Client(k) => batch.unlock_client.push(k),
+                        LockId::Internal { space, object } => {
+                            batch.unlock_a.push(space);
+                            batch.unlock_b.push(object);
+                        }
+                    }
+                    batch.unlocked.push(id);
+                }
+                batch.acks.extend(ack);
+            }
+            Cmd::Try { id, token, reply } => batch.tries.push((id, token, reply)),
+            Cmd::Token { generation, reply } => {
+                if generation == current {
+                    batch.tokens.push(reply);
+                } else {
+                    let _ = reply.send(Err(gone()));
+                }
+            }
+            Cmd::Ping { generation, reply } => {
+                if generation == current {
+                    batch.pings.push(reply);
+                } else {
+                    let _ = reply.send(false);
+                }
+            }
+        }
+    }
+    batch
+}
+
+/// One row of [`BATCH_SQL`]'s answer: a granted lock, or the token total.
+struct Granted {
+    id: Option<LockId>,
+    last_token: Option<i64>,
+}
+
+async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::result::Result<Vec<Granted>, Failure> {
+    let mut try_client = Vec::new();
+    let mut try_token = Vec::new();
+    let (mut try_a, mut try_b) = (Vec::new(), Vec::new());
+    for (id, token, _) in &batch.tries {
+        match *id {
+            LockId::Client(k) => {
+                try_client.push(k);
+                try_token.push(*token);
+            }
+            LockId::Internal { space, object } => {
+                try_a.push(space);
+                try_b.push(object);
+            }
+        }
+    }
+    let extra = i64::try_from(batch.tokens.len()).unwrap_or(i64::MAX);
+    // Bounded by the validity of what the session holds; a session holding
+    // nothing has a whole window.
+    let sent = Instant::now();
+    let deadline = if live.held.is_empty() {
+        sent + timing.window
+    } else {
+        live.generation.valid_until()
+    };
+    let query = sqlx::query(BATCH_SQL)
+        .bind(&batch.unlock_client)
+        .bind(&batch.unlock_a)
+        .bind(&batch.unlock_b)
+        .bind(&try_client)
+        .bind(&try_token)
+        .bind(&try_a)
+        .bind(&try_b)
+        .bind(extra);
+    let rows = match tokio::time::timeout_at(deadline.into(), query.fetch_all(&mut live.conn)).await {
+        Err(_) => return Err(Failure::Lost(gone())),
+        Ok(Err(err)) if sqlstate(&err).as_deref() == Some(OUT_OF_SHARED_MEMORY) => return Err(Failure::Capacity),
+        Ok(Err(err)) if is_connection_lost(&err) => return Err(Failure::Lost(err.into())),
+        Ok(Err(err)) => {
+            tracing::error!(error = %err, "lock statement failed");
+            return Err(Failure::Lost(gone()));
+        }
+        Ok(Ok(rows)) => rows,
+    };
+    live.generation.proved_alive_at(sent);
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let decoded = (|| -> std::result::Result<Granted, sqlx::Error> {
+            let k: Option<i64> = row.try_get("k")?;
+            let a: Option<i32> = row.try_get("a")?;
+            let b: Option<i32> = row.try_get("b")?;
+            let id = match (k, a, b) {
+                (Some(k), _, _) => Some(LockId::Client(k)),
+                (None, Some(space), Some(object)) => Some(LockId::Internal { space, object }),
+                _ => None,
+            };
+            Ok(Granted {
+                id,
+                last_token: row.try_get("last_token")?,
+            })
+        })();
+        match decoded {
+            Ok(granted) => out.push(granted),
+            Err(err) => {
+                tracing::error!(error = %err, "lock statement answered an unexpected row");
+                return Err(Failure::Lost(gone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Answers a batch that ran.
+fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
+    let mut granted: HashMap<LockId, ()> = HashMap::new();
+    let mut last_token = None;
+    for row in rows {
+        match row.id {
+            Some(id) => {
+                granted.insert(id, ());
+            }
+            None => last_token = row.last_token,
+        }
+    }
+    let wanted = batch
+        .tries
+        .iter()
+        .filter(|(id, token, _)| *token && granted.contains_key(id))
+        .count()
+        + batch.tokens.len();
+    // Tokens last - wanted + 1 ..= last were drawn for this batch.
+    let mut next = last_token.and_then(|last| {
+        u64::try_from(last)
+            .ok()
+            .and_then(|last| last.checked_sub(u64::try_from(wanted).ok()?))
+            .map(|below| below + 1)
+    });
+    let mut draw = || -> Option<u64> {
+        let token = next?;
+        next = Some(token + 1);
+        Some(token)
+    };
+    let hold = SessionHold {
+        index: live.index,
+        generation: live.generation.clone(),
+    };
+    for (id, token, reply) in batch.tries {
+        let outcome = if granted.contains_key(&id) {
+            *live.held.entry(id).or_insert(0) += 1;
+            if token {
+                match draw() {
+                    Some(t) => Ok(TryOutcome::Granted(hold.clone(), Some(t))),
+                    None => Err(Error::Internal("no fencing token was drawn".into())),
+                }
+            } else {
+                Ok(TryOutcome::Granted(hold.clone(), None))
+            }
+        } else {
+            Ok(TryOutcome::Busy)
+        };
+        if let Err(Ok(TryOutcome::Granted(..))) = reply.send(outcome) {
+            // The acquirer gave up while its try was in flight: nobody owns
+            // the lock, so it is released with the next statement.
+            live.orphans.push(id);
+        }
+    }
+    for reply in batch.tokens {
+        let _ = reply.send(draw().ok_or_else(|| Error::Internal("no fencing token was drawn".into())));
+    }
+    for reply in batch.pings {
+        let _ = reply.send(true);
+    }
+    for ack in batch.acks {
+        let _ = ack.send(());
+    }
+}
+
+/// After `out of shared memory`: releases every lock PostgreSQL says this
+/// session holds that nobody here owns.
+async fn reconcile(live: &mut Live, timing: Timing) -> Result<()> {
+    let deadline = Instant::now() + timing.window.min(Duration::from_secs(5));
+    let rows = tokio::time::timeout_at(deadline.into(), sqlx::query(HELD_SQL).fetch_all(&mut live.conn))
+        .await
+        .map_err(|_| gone())??;
+    let (mut client, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
+    for row in rows {
+        let sub: i32 = row.try_get("sub")?;
+        let hi: i64 = row.try_get("hi")?;
+        let lo: i64 = row.try_get("lo")?;
+        let id = if sub == 2 {
+            LockId::Internal {
+                space: u32::try_from(hi).unwrap_or(0).cast_signed(),
+                object: u32::try_from(lo).unwrap_or(0).cast_signed(),
+            }
+        } else {
+            let hi = u64::try_from(hi).unwrap_or(0);
+            let lo = u64::try_from(lo).unwrap_or(0);
+            LockId::Client((hi << 32 | lo).cast_signed())
+        };
+        if !live.held.contains_key(&id) {
+            match id {
+                LockId::Client(k) => client.push(k),
+                LockId::Internal { space, object } => {
+                    a.push(space);
+                    b.push(object);
+                }
+            }
+        }
+    }
+    if !client.is_empty() || !a.is_empty() {
+        tracing::warn!(
+            stray = client.len() + a.len(),
+            "releasing locks a failed batch took before PostgreSQL's lock table filled up"
+        );
+        let empty_i64: Vec<i64> = Vec::new();
+        let empty_i32: Vec<i32> = Vec::new();
+        let empty_bool: Vec<bool> = Vec::new();
+        tokio::time::timeout_at(
+            deadline.into(),
+            sqlx::query(BATCH_SQL)
+                .bind(&client)
+                .bind(&a)
+                .bind(&b)
+                .bind(&empty_i64)
+                .bind(&empty_bool)
+                .bind(&empty_i32)
+                .bind(&empty_i32)
+                .bind(0_i64)
+                .fetch_all(&mut live.conn),
+        )
+        .await
+        .map_err(|_| gone())??;
+    }
+    Ok(())
+}
+
+/// Answers a batch whose statement ran out of shared lock memory.
+fn answer_capacity(live: &Live, batch: Batch) {
+    for (_, _, reply) in batch.tries {
+        let _ = reply.send(Err(Error::LockCapacityExhausted));
+    }
+    for reply in batch.tokens {
+        let _ = reply.send(Err(Error::LockCapacityExhausted));
+    }
+    let alive = !live.generation.is_lost();
+    for reply in batch.pings {
+        let _ = reply.send(alive);
+    }
+    for ack in batch.acks {
+        let _ = ack.send(());
+    }
+}
+
+impl Batch {
+    /// Answers every command of a batch whose session failed.
+    fn fail(self, err: &Error) {
+        let _ = err;
+        for (_, _, reply) in self.tries {
+            let _ = reply.send(Err(gone()));
+        }
+        for reply in self.tokens {
+            let _ = reply.send(Err(gone()));
+        }
+        for reply in self.pings {
+            let _ = reply.send(false);
+        }
+        // The session is closed, which released everything.
+        for ack in self.acks {
+            let _ = ack.send(());
+        }
+    }
+}
+
+/// Answers commands that never reached a session.
+fn fail(cmds: Vec<Cmd>, err: &Error) {
+    let _ = err;
+    for cmd in cmds {
+        match cmd {
+            Cmd::Try { reply, .. } => {
+                let _ = reply.send(Err(gone()));
+            }
+            Cmd::Token { reply, .. } => {
+                let _ = reply.send(Err(gone()));
+            }
+            Cmd::Unlock { ack, .. } => {
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
+            }
+            Cmd::Ping { reply, .. } => {
+                let _ = reply.send(false);
+            }
+        }
+    }
+}
