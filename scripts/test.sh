@@ -46,7 +46,7 @@ TOOLS_DIR="$ROOT/.tools"
 BUF="$TOOLS_DIR/node_modules/.bin/buf"
 
 # Integration tests create a database per test and run in parallel.
-PG_SETTINGS=(max_connections=300 fsync=off synchronous_commit=off full_page_writes=off)
+PG_SETTINGS=(max_connections=300 max_locks_per_transaction=256 fsync=off synchronous_commit=off full_page_writes=off)
 PG_MIN_CONNECTIONS=200
 
 ALL_STEPS="fmt clippy buf test clients walkthrough db"

@@ -230,9 +230,24 @@ impl Locks {
                 system_id: system_id.as_str().to_owned(),
             });
         };
-        let result = work().await;
-        drop(grant.owned);
-        result
+        // A critical section stalled longer than the lease (its work
+        // blocked in the database) lets the lock go, as PostgreSQL's idle
+        // timer did when these were transaction locks: waiters proceed, and
+        // the system's row lock keeps the writes serialised.
+        let work = work();
+        tokio::pin!(work);
+        let mut owned = Some(grant.owned);
+        let stall = tokio::time::sleep(self.inner.lease);
+        tokio::pin!(stall);
+        loop {
+            tokio::select! {
+                result = &mut work => return result,
+                () = &mut stall, if owned.is_some() => {
+                    tracing::warn!(system_id = system_id.as_str(), "a critical section outlived the lease; releasing its system lock");
+                    owned = None;
+                }
+            }
+        }
     }
 
     /// Takes a client's lock `key`, waiting at most `wait` (`None`: the

@@ -252,16 +252,17 @@ async fn the_two_pools_carry_their_own_application_name_and_session_settings() {
     ])
     .unwrap();
     let pools = Pools::connect_lazy(&config).unwrap();
-    let mut lock = pools.lock.acquire().await.unwrap();
+    let mut lock = sqlx::PgConnection::connect_with(&pools.lock.options()).await.unwrap();
     let mut work = pools.work.acquire().await.unwrap();
     let show = |name: &'static str| format!("SHOW {name}");
     for (name, lock_want, work_want) in [
         ("application_name", "vitals-lock", "vitals-work"),
-        ("idle_in_transaction_session_timeout", "5321ms", "0"),
-        ("lock_timeout", "1234ms", "0"),
+        ("idle_session_timeout", "5321ms", "0"),
+        ("lock_timeout", "4321ms", "0"),
+        ("synchronous_commit", "on", "off"),
         ("tcp_keepalives_idle", "10", "10"),
     ] {
-        let l: String = sqlx::query_scalar(&show(name)).fetch_one(&mut *lock).await.unwrap();
+        let l: String = sqlx::query_scalar(&show(name)).fetch_one(&mut lock).await.unwrap();
         let w: String = sqlx::query_scalar(&show(name)).fetch_one(&mut *work).await.unwrap();
         assert_eq!((name, l.as_str(), w.as_str()), (name, lock_want, work_want));
     }

@@ -30,7 +30,6 @@ use tonic_types::{ErrorInfo, StatusExt};
 use vitals::{
     Config,
     db::Pools,
-    error::{Error, PoolKind},
     lock::{LocalLockStats, Locks},
     proto::{
         self, health_check_service_client::HealthCheckServiceClient, lock_service_client::LockServiceClient,
@@ -210,7 +209,7 @@ impl<'a> LockView<'a> {
             LockView::Postgres(conn) => until_waiting(conn, i64::try_from(n).unwrap()).await,
             LockView::Embedded(app) => {
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while app.local_lock_stats().expect("embedded lock stats").waiting < n {
+                while app.local_lock_stats().waiting < n {
                     assert!(Instant::now() < deadline, "{n} waiter(s) never queued");
                     tokio::task::yield_now().await;
                 }
@@ -231,7 +230,7 @@ impl<'a> LockView<'a> {
                     advisory_locks: advisory_locks(conn).await,
                 }
             }
-            LockView::Embedded(app) => Footprint::Embedded(app.local_lock_stats().expect("embedded lock stats")),
+            LockView::Embedded(app) => Footprint::Embedded(app.local_lock_stats()),
         }
     }
 }
@@ -492,20 +491,16 @@ async fn with_two_connections_per_pool_200_concurrent_locks_and_runs_finish_or_f
     app.stop().await;
 }
 
-/// The experiment behind the two pools, on the library's own `Locks`.
+/// The experiment behind the two pools: upstream's 1.5.0 hang.
 ///
-/// Two critical sections run at once on a pool of two connections. Each holds
-/// its advisory lock on one connection (the barrier makes sure both do) and
-/// then asks for a connection to work on. When the work is drawn from the
-/// same pool as the locks, as upstream did, no connection can ever come back:
-/// each section waits for a connection the other holds until it gives up.
-/// Upstream's pool waited forever, which is the 1.5.0 hang; vitals' pools give
-/// up after `DATABASE_POOL_CONNECTION_TIMEOUT_MS`, so here both fail with
-/// `LOCK_POOL_EXHAUSTED` however long the timeout. With the work drawn from
-/// the separate work pool, the same two sections both succeed.
-///
-/// The pools are distinct types on purpose, so vitals itself cannot merge
-/// them; the merged case asks the lock pool for the "work" connection.
+/// Two critical sections run at once. Each holds its lock on a connection of
+/// a pool of two (the barrier makes sure both do) and then asks for a
+/// connection to work on. When the work is drawn from the same pool as the
+/// locks, as upstream did, no connection can ever come back: each section
+/// waits for a connection the other holds until it gives up (upstream's pool
+/// waited forever). vitals' lock manager holds its locks on sessions of its
+/// own and the work on the work pool, lock first: the same two sections, on
+/// a work pool of two, both succeed.
 #[tokio::test]
 async fn merged_lock_and_work_pools_starve_where_separate_pools_do_not() {
     let db = TestDb::postgres().await;
@@ -520,55 +515,58 @@ async fn merged_lock_and_work_pools_starve_where_separate_pools_do_not() {
         "500",
     ])
     .unwrap();
-    let pools = Pools::connect_lazy(&config).unwrap();
-    let locks = Locks::postgres(
-        pools.lock.clone(),
-        config.client_lock_budget(),
-        config.pool_connection_timeout(),
-        config.lock_lease(),
-        config.lock_timeout(),
-    );
 
-    let section = |key: &'static str, merged: bool, barrier: Arc<Barrier>| {
+    // Upstream's shape: one pool for both.
+    let merged = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(config.pool_connection_timeout())
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let section = |key: i64, barrier: Arc<Barrier>| {
+        let pool = merged.clone();
+        async move {
+            let mut lock = pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(key).execute(&mut *lock).await?;
+            barrier.wait().await;
+            let mut conn = pool.acquire().await?;
+            conn.execute("SELECT 1").await?;
+            lock.commit().await
+        }
+    };
+    let barrier = Arc::new(Barrier::new(2));
+    let started = Instant::now();
+    let (a, b) = tokio::join!(section(1, barrier.clone()), section(2, barrier));
+    let took = started.elapsed();
+    for result in [&a, &b] {
+        assert!(matches!(result, Err(sqlx::Error::PoolTimedOut)), "merged pool: {result:?}");
+    }
+    assert!(took >= config.pool_connection_timeout(), "gave up after {took:?}");
+    merged.close().await;
+
+    // vitals: the lock manager's sessions, then the work pool.
+    let pools = Pools::connect_lazy(&config).unwrap();
+    pools.migrate().await.unwrap();
+    let database = vitals::db::Database::Postgres(pools.clone());
+    let locks = Locks::for_database(&database, &config);
+    let section = |system: &'static str, barrier: Arc<Barrier>| {
         let (locks, pools) = (locks.clone(), pools.clone());
         async move {
+            let system = vitals::domain::SystemId::parse("system_id", system.to_owned()).unwrap();
             locks
-                .with_xact_lock(key, || async move {
-                    // Both sections hold a lock connection before either asks for more.
+                .with_system_lock(&system, || async move {
                     barrier.wait().await;
-                    let mut conn = if merged {
-                        pools.lock.acquire().await?
-                    } else {
-                        pools.work.acquire().await?
-                    };
+                    let mut conn = pools.work.acquire().await?;
                     conn.execute("SELECT 1").await?;
                     Ok(())
                 })
                 .await
         }
     };
-
     let barrier = Arc::new(Barrier::new(2));
-    let started = Instant::now();
-    let (a, b) = tokio::join!(
-        section("experiment:a", true, barrier.clone()),
-        section("experiment:b", true, barrier)
-    );
-    let took = started.elapsed();
-    for result in [&a, &b] {
-        assert!(
-            matches!(result, Err(Error::PoolExhausted(PoolKind::Lock))),
-            "merged pools: {result:?}"
-        );
-    }
-    assert!(took >= config.pool_connection_timeout(), "gave up after {took:?}");
-
-    let barrier = Arc::new(Barrier::new(2));
-    let (a, b) = tokio::join!(
-        section("experiment:a", false, barrier.clone()),
-        section("experiment:b", false, barrier)
-    );
+    let (a, b) = tokio::join!(section("experiment-a", barrier.clone()), section("experiment-b", barrier));
     assert!(a.is_ok() && b.is_ok(), "separate pools: {a:?} {b:?}");
+    locks.shut_down();
     pools.close().await;
 }
 

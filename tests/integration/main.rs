@@ -10,6 +10,7 @@
 mod harness;
 
 mod bad_input;
+mod cluster;
 mod edge;
 mod embedded;
 mod faults;
