@@ -696,8 +696,8 @@ def calls_for(system: str) -> list[Call]:
                 json.dumps({"keep_alive": {}}),
                 json.dumps({"release": {}}),
             ]) + "\n",
-            lambda d: expect(d, 2, **{"0__acquired__fencingToken": ..., "0__acquired__lease": ...,
-                                      "1__released__heldFor": ...}),
+            lambda d: expect(d, 3, **{"0__acquired__fencingToken": ..., "0__acquired__lease": ...,
+                                      "1__keptAlive__leaseExpiresAt": ..., "2__released__heldFor": ...}),
         ),
     ]
 

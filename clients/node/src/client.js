@@ -303,7 +303,16 @@ export class VitalsClient {
       call.write({ release: {} });
       call.end();
       try {
-        const released = await withTimeout(inbox.next(), RELEASE_TIMEOUT_MS, () => call.cancel());
+        // Acknowledgements of keep-alives sent before the release may come first.
+        const released = await withTimeout(
+          (async () => {
+            let message = await inbox.next();
+            while (message?.event === 'keptAlive') message = await inbox.next();
+            return message;
+          })(),
+          RELEASE_TIMEOUT_MS,
+          () => call.cancel(),
+        );
         if (released?.event !== 'released') throw new Error('lock stream ended before released');
         grant.heldForMs = durationOut(released.released.heldFor);
       } catch (err) {
