@@ -106,7 +106,7 @@ impl LockService for LockApi {
         };
         // Capacity 4 and nothing queued yet: this cannot fail for lack of room.
         let _ = tx.try_send(Ok(acquired));
-        tokio::spawn(hold(held, inbound, tx, lease, self.locks.shutting_down()));
+        tokio::spawn(hold(held, inbound, tx, lease, self.locks.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -127,8 +127,9 @@ async fn hold(
     mut inbound: Streaming<proto::WithLockRequest>,
     tx: mpsc::Sender<Result<proto::WithLockResponse, Status>>,
     lease: Duration,
-    shutdown: impl std::future::Future<Output = ()>,
+    locks: Locks,
 ) {
+    let shutdown = locks.shutting_down();
     tokio::pin!(shutdown);
     let mut lease_ends = tokio::time::Instant::now() + lease;
     let end = loop {
@@ -138,6 +139,11 @@ async fn hold(
                 break End::Fail(held.lost_error("no keep_alive or release within the lease").into());
             }
             () = held.lost() => {
+                // Shutdown closes the lock sessions too; the client should
+                // hear why.
+                if locks.is_shutting_down() {
+                    break End::Fail(Error::ShuttingDown.into());
+                }
                 break End::Fail(held.lost_error("the lock's database session ended").into());
             }
             () = &mut shutdown => break End::Fail(Error::ShuttingDown.into()),

@@ -325,7 +325,7 @@ impl Locks {
                         Err(_) => continue,
                     }
                 }
-                (Backend::Postgres(sessions), _) => match sessions.try_lock(id, token).await? {
+                (Backend::Postgres(sessions), _) => match self.try_until(sessions, id, token, deadline).await? {
                     TryOutcome::Granted(hold, t) => {
                         owned.remote = Some(Remote::Session(hold));
                         return Ok(Some(Grant { owned, token: t }));
@@ -342,6 +342,32 @@ impl Locks {
                 },
             }
         }
+    }
+}
+
+impl Locks {
+    /// One try of `id` on its session, bounded by the caller's deadline (a
+    /// try-once by the lease): a link that hangs must not hold the caller
+    /// past it. A grant that arrives after the caller gave up is released
+    /// by the session.
+    async fn try_until(
+        &self,
+        sessions: &Sessions,
+        id: LockId,
+        token: bool,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<TryOutcome> {
+        let bound = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.inner.lease);
+        match tokio::time::timeout_at(bound, sessions.try_lock(id, token)).await {
+            Ok(outcome) => outcome,
+            Err(_) if deadline.is_some() => Ok(TryOutcome::Busy),
+            Err(_) => Err(Error::DatabaseUnavailable(None)),
+        }
+    }
+
+    /// Whether lock streams are being ended for shutdown.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.inner.shutdown.borrow()
     }
 }
 
