@@ -3,9 +3,10 @@
 //!
 //! Upstream deadlocked because lock holders and their work drew from one pool:
 //! at concurrency >= pool size every connection held a lock and waited for a
-//! work connection. vitals keeps locks on a [`LockPool`] and work on a
-//! [`WorkPool`], two distinct types so they cannot be swapped by mistake, and
-//! only ever takes a lock connection first. Both pools fail fast after
+//! work connection. vitals keeps locks on the lock manager's own sessions
+//! (connected with [`LockPool`]'s settings) and work on a [`WorkPool`], two
+//! distinct types so they cannot be swapped by mistake, and only ever takes a
+//! lock before a work connection. The work pool fails fast after
 //! `DATABASE_POOL_CONNECTION_TIMEOUT_MS` instead of waiting forever.
 //!
 //! [`Database`] is the one value the application holds: either backend, with

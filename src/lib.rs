@@ -14,8 +14,9 @@
 //!   session settings, or the embedded SQLite store of a single replica.
 //! - [`store`]: persistence of runs, checks, health and transitions, one
 //!   interface over a PostgreSQL and an embedded implementation.
-//! - [`lock`]: locks with fencing tokens, one interface over PostgreSQL
-//!   advisory locks on the lock pool and the embedded store's in-process locks.
+//! - [`lock`]: the lock manager: fair in-process queues, and with PostgreSQL
+//!   session-level advisory locks held many per session on the lock
+//!   sessions, fencing tokens, leases under faults.
 //! - [`api`]: the tonic handlers, thin.
 //! - [`middleware`]: the one tower stack in front of the services.
 //! - [`error`]: the one error enum and its mapping to gRPC statuses.
@@ -25,8 +26,8 @@
 //!
 //! Dependencies point inward: `api` uses `domain`, `store` and `lock`;
 //! `store` and `lock` use `domain`; `domain` uses nothing of ours. A request
-//! takes its lock (a lock connection) before a work connection, never the
-//! reverse. Only [`db`], [`store`] and [`lock`] know which backend runs
+//! takes its lock (from the lock manager) before a work connection, never
+//! the reverse. Only [`db`], [`store`] and [`lock`] know which backend runs
 //! ([`app`] opens it).
 
 pub mod api;
