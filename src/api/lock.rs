@@ -14,7 +14,7 @@
 
 use std::{pin::Pin, time::Duration};
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -85,8 +85,12 @@ impl LockService for LockApi {
         };
         let (key, wait, owner) = parse_acquire(acquire)?;
         let held = tokio::select! {
-            held = self.locks.acquire(permit, key, wait) => held?,
+            // Shutdown first: a holder ended by shutdown hands its lock to
+            // the next waiter at that very moment, and that waiter must
+            // hear SHUTTING_DOWN, not be granted the lock.
+            biased;
             () = &mut shutdown => return Err(Error::ShuttingDown.into()),
+            held = self.locks.acquire(permit, key, wait) => held?,
         };
         tracing::debug!(
             key = held.key().as_str(),
@@ -133,6 +137,11 @@ async fn hold(
     let mut lease_ends = tokio::time::Instant::now() + lease;
     let end = loop {
         let next = tokio::select! {
+            // Shutdown first: it also closes the lock sessions, which marks
+            // their locks lost, and a stream ending because of shutdown
+            // must say SHUTTING_DOWN, not LOCK_LOST.
+            biased;
+            () = &mut shutdown => break End::Fail(Error::ShuttingDown.into()),
             next = inbound.next() => next,
             () = tokio::time::sleep_until(lease_ends) => {
                 break End::Fail(held.lost_error("no keep_alive or release within the lease").into());
@@ -140,7 +149,6 @@ async fn hold(
             () = held.lost() => {
                 break End::Fail(held.lost_error("the lock's database session ended").into());
             }
-            () = &mut shutdown => break End::Fail(Error::ShuttingDown.into()),
             // The client reset the stream: nobody is listening, let go now.
             () = tx.closed() => break End::Gone,
         };
@@ -155,6 +163,10 @@ async fn hold(
             Some(Action::Release(_)) => break End::Release,
             Some(Action::KeepAlive(_)) => {
                 if let Err(err) = held.keep_alive().await {
+                    // The session was closed by shutdown, not lost.
+                    if (&mut shutdown).now_or_never().is_some() {
+                        break End::Fail(Error::ShuttingDown.into());
+                    }
                     break End::Fail(err.into());
                 }
                 lease_ends = tokio::time::Instant::now() + lease;
