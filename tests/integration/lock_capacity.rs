@@ -610,7 +610,12 @@ async fn sigterm_with_held_locks_ends_lock_streams_with_shutting_down_and_exits_
             at.saturating_duration_since(signalled),
             match outcome {
                 Ok(event) => format!("OK {event:?}"),
-                Err(status) => format!("{:?} {:?}", status.code(), status.get_details_error_info().map(|i| i.reason)),
+                Err(status) => format!(
+                    "{:?} {:?} {:?}",
+                    status.code(),
+                    status.get_details_error_info().map(|i| i.reason),
+                    status.message()
+                ),
             }
         );
     }
