@@ -147,6 +147,11 @@ async fn hold(
                 break End::Fail(held.lost_error("no keep_alive or release within the lease").into());
             }
             () = held.lost() => {
+                // Shutdown marks the sessions' locks lost only once it has
+                // begun, possibly while this select was being polled.
+                if (&mut shutdown).now_or_never().is_some() {
+                    break End::Fail(Error::ShuttingDown.into());
+                }
                 break End::Fail(held.lost_error("the lock's database session ended").into());
             }
             // The client reset the stream: nobody is listening, let go now.
