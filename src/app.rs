@@ -50,6 +50,10 @@ const HEALTH_SERVICES: [&str; 3] = ["", "vitals.v1.HealthCheckService", "vitals.
 /// How long closing the database may take after the grace.
 pub const CLOSE_LIMIT: Duration = Duration::from_millis(800);
 
+/// How long, of [`CLOSE_LIMIT`], the lock streams ended after the grace
+/// have to deliver `SHUTTING_DOWN` before their connections are cut.
+const STREAMS_END_LIMIT: Duration = Duration::from_millis(400);
+
 /// Runs per retention batch; small enough to never hold locks for long.
 const RETENTION_BATCH: u32 = 1000;
 
@@ -204,6 +208,7 @@ impl Application {
             );
         let mut server = tokio::spawn(server);
 
+        let mut close_limit = CLOSE_LIMIT;
         let result = tokio::select! {
             result = &mut server => result,
             _ = drained_rx => {
@@ -213,9 +218,21 @@ impl Application {
                     Err(_) => {
                         tracing::warn!(?grace, "drain grace over: ending the remaining requests");
                         locks.shut_down();
-                        server.abort();
-                        let _ = (&mut server).await;
-                        Ok(Ok(()))
+                        // Lock streams end now with SHUTTING_DOWN; let their
+                        // connections deliver it (the server is done once
+                        // every connection has closed) before the rest is
+                        // cut off. Taken from the close limit.
+                        let ending = tokio::time::Instant::now();
+                        let ended = tokio::time::timeout(STREAMS_END_LIMIT, &mut server).await;
+                        close_limit = close_limit.saturating_sub(ending.elapsed());
+                        match ended {
+                            Ok(result) => result,
+                            Err(_) => {
+                                server.abort();
+                                let _ = (&mut server).await;
+                                Ok(Ok(()))
+                            }
+                        }
                     }
                 }
             }
@@ -223,7 +240,7 @@ impl Application {
         locks.shut_down();
         let _ = stopping_tx.send(true);
         let _ = tokio::join!(readiness, retention);
-        if tokio::time::timeout(CLOSE_LIMIT, database.close()).await.is_err() {
+        if tokio::time::timeout(close_limit, database.close()).await.is_err() {
             tracing::warn!("database connections still busy at exit; closing them with the process");
         }
         tracing::info!("vitals stopped");

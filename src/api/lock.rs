@@ -85,8 +85,12 @@ impl LockService for LockApi {
         };
         let (key, wait, owner) = parse_acquire(acquire)?;
         let held = tokio::select! {
-            held = self.locks.acquire(permit, key, wait) => held?,
+            // Shutdown first: a holder ended by shutdown hands its lock to
+            // the next waiter at that very moment, and that waiter must
+            // hear SHUTTING_DOWN, not be granted the lock.
+            biased;
             () = &mut shutdown => return Err(Error::ShuttingDown.into()),
+            held = self.locks.acquire(permit, key, wait) => held?,
         };
         tracing::debug!(
             key = held.key().as_str(),
@@ -134,19 +138,23 @@ async fn hold(
     let mut lease_ends = tokio::time::Instant::now() + lease;
     let end = loop {
         let next = tokio::select! {
+            // Shutdown first: it also closes the lock sessions, which marks
+            // their locks lost, and a stream ending because of shutdown
+            // must say SHUTTING_DOWN, not LOCK_LOST.
+            biased;
+            () = &mut shutdown => break End::Fail(Error::ShuttingDown.into()),
             next = inbound.next() => next,
             () = tokio::time::sleep_until(lease_ends) => {
                 break End::Fail(held.lost_error("no keep_alive or release within the lease").into());
             }
             () = held.lost() => {
-                // Shutdown closes the lock sessions too; the client should
-                // hear why.
+                // Shutdown closes the lock sessions too (and may do so while
+                // this select is being polled): the client should hear why.
                 if locks.is_shutting_down() {
                     break End::Fail(Error::ShuttingDown.into());
                 }
                 break End::Fail(held.lost_error("the lock's database session ended").into());
             }
-            () = &mut shutdown => break End::Fail(Error::ShuttingDown.into()),
             // The client reset the stream: nobody is listening, let go now.
             () = tx.closed() => break End::Gone,
         };
@@ -161,6 +169,10 @@ async fn hold(
             Some(Action::Release(_)) => break End::Release,
             Some(Action::KeepAlive(_)) => {
                 if let Err(err) = held.keep_alive().await {
+                    // The session was closed by shutdown, not lost.
+                    if locks.is_shutting_down() {
+                        break End::Fail(Error::ShuttingDown.into());
+                    }
                     break End::Fail(err.into());
                 }
                 lease_ends = tokio::time::Instant::now() + lease;

@@ -306,6 +306,11 @@ impl TestApp {
         self.locks.local_stats()
     }
 
+    /// Places free in the server's client lock budget (`VITALS_MAX_LOCKS`).
+    pub fn lock_budget_available(&self) -> usize {
+        self.locks.budget_available()
+    }
+
     pub fn endpoint(&self) -> Endpoint {
         Endpoint::from_shared(format!("http://{}", self.addr))
             .expect("valid endpoint")
