@@ -120,7 +120,7 @@ pub struct WorkPool {
 /// request may later use.
 #[derive(Debug, Clone)]
 pub struct LockPool {
-    options: PgConnectOptions,
+    options: Arc<PgConnectOptions>,
 }
 
 impl WorkPool {
@@ -143,7 +143,7 @@ impl WorkPool {
 impl LockPool {
     /// The lock sessions' connect options.
     pub fn options(&self) -> PgConnectOptions {
-        self.options.clone()
+        (*self.options).clone()
     }
 }
 
@@ -233,7 +233,9 @@ impl Pools {
                 pool: pool(config.pool_max).connect_lazy_with(work_options),
                 health: health.clone(),
             },
-            lock: LockPool { options: lock_options },
+            lock: LockPool {
+                options: Arc::new(lock_options),
+            },
             listen: pool(1).connect_lazy_with(listen_options),
             probe: pool(1).connect_lazy_with(probe_options),
         })
@@ -333,11 +335,7 @@ impl Pools {
 
     /// Closes both pools, waiting for checked-out connections to return.
     pub async fn close(&self) {
-        tokio::join!(
-            self.work.pool.close(),
-            self.listen.close(),
-            self.probe.close()
-        );
+        tokio::join!(self.work.pool.close(), self.listen.close(), self.probe.close());
     }
 }
 
