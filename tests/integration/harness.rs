@@ -250,7 +250,7 @@ impl Drop for TestDb {
 /// A running vitals.
 pub struct TestApp {
     pub addr: SocketAddr,
-    /// Its lock service, to look into the embedded lock table.
+    /// Its lock service, to look into its lock table and client budget.
     locks: Locks,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), vitals::app::StartError>>>,
@@ -304,6 +304,11 @@ impl TestApp {
     /// What the server's lock table holds.
     pub fn local_lock_stats(&self) -> LocalLockStats {
         self.locks.local_stats()
+    }
+
+    /// Places free in the server's client lock budget (`--max-locks`).
+    pub fn lock_budget_available(&self) -> usize {
+        self.locks.budget_available()
     }
 
     pub fn endpoint(&self) -> Endpoint {
