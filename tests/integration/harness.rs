@@ -250,7 +250,7 @@ impl Drop for TestDb {
 /// A running vitals.
 pub struct TestApp {
     pub addr: SocketAddr,
-    /// Its lock service, to look into its lock table and client budget.
+    /// Its lock service, to look into the embedded lock table.
     locks: Locks,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), vitals::app::StartError>>>,
@@ -306,7 +306,7 @@ impl TestApp {
         self.locks.local_stats()
     }
 
-    /// Places free in the server's client lock budget (`--max-locks`).
+    /// Places free in the server's client lock budget (`VITALS_MAX_LOCKS`).
     pub fn lock_budget_available(&self) -> usize {
         self.locks.budget_available()
     }
