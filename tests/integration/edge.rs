@@ -2,92 +2,77 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use sqlx::PgConnection;
 use tonic::{Code, Request};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
-use vitals::proto::{self, with_lock_request::Action};
+use vitals::{lock::LocalLockStats, proto};
 
 use crate::{
     harness::{TestApp, TestDb, WORK_SESSIONS_BLOCKED, until_count},
     proxy::{Proxy, url_addr, url_via},
 };
 
-fn acquire(key: &str, wait: Option<Duration>) -> proto::WithLockRequest {
-    proto::WithLockRequest {
-        action: Some(Action::Acquire(proto::Acquire {
-            key: key.into(),
-            wait_timeout: wait.map(|d| prost_types::Duration {
-                seconds: d.as_secs() as i64,
-                nanos: d.subsec_nanos() as i32,
-            }),
-            owner: "test".into(),
-        })),
+/// Takes system `stuck`'s serialisation lock the way vitals names it in
+/// PostgreSQL (`("vits", hashtext(system_id))`), so its SubmitRuns wait.
+const LOCK_STUCK_SYSTEM: &str = "SELECT pg_advisory_lock(x'76697473'::int, hashtext('stuck'))";
+
+fn stuck_run(run_id: &str) -> proto::SubmitRunRequest {
+    proto::SubmitRunRequest {
+        run_id: run_id.into(),
+        system_id: "stuck".into(),
+        check_id: "c".into(),
+        status: proto::HealthStatus::Healthy as i32,
+        ..Default::default()
     }
 }
 
-/// Business-RPC slots held by WithLock waiters queued behind a held lock:
-/// the holder's handler has returned, so it does not count; each waiter is
-/// in flight until the holder lets go.
+/// Business-RPC slots held by SubmitRuns waiting for system `stuck`'s lock,
+/// which the test holds from outside. (WithLock streams take no slot: they
+/// are bounded by `--max-locks`.)
 struct FilledSlots {
-    holder_tx: mpsc::Sender<proto::WithLockRequest>,
-    holder: tonic::Streaming<proto::WithLockResponse>,
-    waiters: Vec<Waiter>,
+    holder: PgConnection,
+    runs: Vec<tokio::task::JoinHandle<Result<(), tonic::Status>>>,
 }
-
-/// A waiter's request stream and its call.
-type Waiter = (
-    mpsc::Sender<proto::WithLockRequest>,
-    tokio::task::JoinHandle<Result<(), tonic::Status>>,
-);
 
 impl FilledSlots {
-    /// Fills `n` slots; returns once every waiter is in PostgreSQL's lock queue.
+    /// Fills `n` slots; returns once every run waits for the lock: the
+    /// first tries it in PostgreSQL, the others queue behind it in the
+    /// server's lock table.
     async fn fill(app: &TestApp, db: &TestDb, n: usize) -> FilledSlots {
-        let (holder_tx, holder_rx) = mpsc::channel(4);
-        holder_tx.send(acquire("k", None)).await.unwrap();
-        let mut holder = app
-            .lock_client()
-            .await
-            .with_lock(ReceiverStream::new(holder_rx))
-            .await
-            .unwrap()
-            .into_inner();
-        holder.message().await.unwrap().unwrap();
-        let mut waiters = Vec::new();
-        for _ in 0..n {
-            let (tx, rx) = mpsc::channel(4);
-            tx.send(acquire("k", Some(Duration::from_secs(60)))).await.unwrap();
-            let mut client = app.lock_client().await;
-            waiters.push((
-                tx,
-                tokio::spawn(async move { client.with_lock(ReceiverStream::new(rx)).await.map(|_| ()) }),
-            ));
+        let mut holder = db.connect().await;
+        sqlx::query(LOCK_STUCK_SYSTEM).execute(&mut holder).await.unwrap();
+        let mut runs = Vec::new();
+        for i in 0..n {
+            let mut client = app.health_client().await;
+            runs.push(tokio::spawn(async move {
+                client.submit_run(stuck_run(&format!("stuck-{i}"))).await.map(|_| ())
+            }));
         }
-        let mut conn = db.connect().await;
-        until_count(
-            &mut conn,
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            i64::try_from(n).unwrap(),
-            "waiters queued",
-        )
-        .await;
-        FilledSlots {
-            holder_tx,
-            holder,
-            waiters,
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let want = LocalLockStats {
+            keys: 1,
+            waiting: n - 1,
+        };
+        while app.local_lock_stats() != want {
+            assert!(
+                Instant::now() < deadline,
+                "the runs never all waited: {:?}, expected {want:?}",
+                app.local_lock_stats()
+            );
+            tokio::task::yield_now().await;
         }
+        FilledSlots { holder, runs }
     }
 
-    /// Lets the holder go and waits for every waiter to finish.
+    /// Lets the system's lock go and waits for every run to finish.
     async fn release(mut self) {
-        drop(self.holder_tx);
-        while self.holder.message().await.transpose().is_some() {}
-        for (tx, task) in self.waiters {
-            drop(tx);
-            let _ = task.await;
+        sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut self.holder)
+            .await
+            .unwrap();
+        for run in self.runs {
+            run.await.unwrap().expect("a run that waited for the lock completes");
         }
     }
 }
@@ -130,26 +115,22 @@ async fn thousands_of_refusals_on_one_connection_leave_it_usable() {
     let app = TestApp::start(&db, &["--max-concurrent-requests", "1"]).await;
     let slots = FilledSlots::fill(&app, &db, 1).await;
 
-    // One HTTP/2 connection, 32 calls at a time; each WithLock's first
-    // message goes out with its headers, as a client sends it.
+    // One HTTP/2 connection, 32 calls at a time; each SubmitRun's body goes
+    // out right after its headers, as a client sends it.
     const CALLS: usize = 6400;
-    let client = app.lock_client().await;
+    let client = app.health_client().await;
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
     for _ in 0..CALLS / 32 {
         let batch = (0..32).map(|_| {
             let mut client = client.clone();
             async move {
-                let (tx, rx) = mpsc::channel(4);
-                tx.send(acquire("refused", None)).await.unwrap();
-                let outcome = match client.with_lock(ReceiverStream::new(rx)).await {
+                match client.submit_run(stuck_run("refused")).await {
                     Ok(_) => "OK".to_owned(),
                     Err(err) => match err.get_details_error_info() {
                         Some(info) => format!("{:?} {}", err.code(), info.reason),
                         None => format!("{:?} {}", err.code(), err.message()),
                     },
-                };
-                drop(tx);
-                outcome
+                }
             }
         });
         for outcome in futures::future::join_all(batch).await {
@@ -234,10 +215,7 @@ async fn a_unary_rpc_stuck_on_the_database_ends_at_the_server_deadline() {
     let app = TestApp::start(&db, &["--request-timeout-ms", "300"]).await;
     // Hold the system's serialisation lock from outside, so SubmitRun waits.
     let mut conn = db.connect().await;
-    sqlx::query("SELECT pg_advisory_lock(hashtextextended('health:stuck', 0))")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    sqlx::query(LOCK_STUCK_SYSTEM).execute(&mut conn).await.unwrap();
     let mut client = app.health_client().await;
     let started = Instant::now();
     let err = client

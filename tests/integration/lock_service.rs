@@ -1,25 +1,25 @@
 //! Issue 4: `vitals.v1.LockService` against the real server and database.
 //!
 //! Mutual exclusion across replicas, the upstream 1.5.0 pool deadlock (and why
-//! the two pools exist), killed and stalled holders, try-lock and bounded
-//! waits, protocol errors, the client budget, fencing tokens across restarts,
-//! and no growth per acquisition.
+//! locks and work never share connections), killed and stalled holders,
+//! try-lock and bounded waits, protocol errors, the client budget
+//! (`--max-locks`), fencing tokens across restarts, and no growth per
+//! acquisition.
 //!
-//! Waiting is always on something observable (a reply, a row in `pg_locks`
-//! or the embedded lock table), never on a sleep. The only sleeps are
-//! durations under test: a client's keep-alive pace, and how long a holder's
-//! critical section lasts.
+//! Waiting is always on something observable (a reply, or the server's
+//! in-process lock table, where waiters queue on both backends), never on a
+//! sleep. The only sleeps are durations under test: a client's keep-alive
+//! pace, and how long a holder's critical section lasts.
 //!
-//! Issue 6: the bodies run on PostgreSQL and on the embedded store's
-//! in-process locks ([`both_backends!`]); tests of PostgreSQL's pools and
-//! sessions run on PostgreSQL only.
+//! Issue 6: the bodies run on PostgreSQL and on the embedded store
+//! ([`both_backends!`]); tests of PostgreSQL's sessions run on PostgreSQL only.
 
 use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use sqlx::{Executor, PgConnection};
@@ -125,8 +125,22 @@ impl Held {
         self.acquired.fencing_token
     }
 
+    /// Sends keep_alive and returns the `lease_expires_at` of the one
+    /// `kept_alive` the server answers it with.
+    async fn keep_alive(&mut self) -> SystemTime {
+        self.session.send(keep_alive()).await;
+        match self.session.next().await {
+            Ok(Some(Event::KeptAlive(kept))) => {
+                let at = kept.lease_expires_at.expect("kept_alive carries lease_expires_at");
+                SystemTime::try_from(at).expect("a representable lease_expires_at")
+            }
+            other => panic!("expected kept_alive, got {other:?}"),
+        }
+    }
+
     /// Sends release and returns `held_for` once the server has confirmed
-    /// and ended the stream OK.
+    /// and ended the stream OK. Anything else before `released` (an
+    /// unread `kept_alive`, say) fails the test.
     async fn release(mut self) -> Duration {
         self.session.send(release()).await;
         let held_for = match self.session.next().await {
@@ -163,10 +177,12 @@ fn submit(run_id: &str, system_id: &str) -> proto::SubmitRunRequest {
 }
 
 // ---------------------------------------------------------------------------
-// What PostgreSQL sees.
+// What the server and PostgreSQL see.
 // ---------------------------------------------------------------------------
 
-/// Advisory locks of this test's database, `(granted, waiting)`.
+/// Advisory locks of this test's database, `(granted, waiting)`. vitals
+/// never waits inside PostgreSQL (a lock held elsewhere is tried again), so
+/// `waiting` is nonzero only for other programs' sessions.
 async fn advisory_locks(conn: &mut PgConnection) -> (i64, i64) {
     sqlx::query_as(
         "SELECT count(*) FILTER (WHERE granted), count(*) FILTER (WHERE NOT granted) FROM pg_locks \
@@ -178,77 +194,82 @@ async fn advisory_locks(conn: &mut PgConnection) -> (i64, i64) {
     .expect("read pg_locks")
 }
 
-/// Returns once at least `n` sessions wait for an advisory lock: the waiter
-/// is inside PostgreSQL's queue, observed rather than assumed after a sleep.
-async fn until_waiting(conn: &mut PgConnection, n: i64) {
+/// Returns once exactly `n` acquirers wait in `app`'s lock table, behind a
+/// holder of the same replica: observed rather than assumed after a sleep.
+/// Both backends queue waiters in process.
+async fn until_waiting(app: &TestApp, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while advisory_locks(conn).await.1 < n {
-        assert!(Instant::now() < deadline, "{n} waiter(s) never queued");
+    while app.local_lock_stats().waiting != n {
+        assert!(
+            Instant::now() < deadline,
+            "the lock table never had {n} waiter(s): {:?}",
+            app.local_lock_stats()
+        );
         tokio::task::yield_now().await;
     }
 }
 
-/// Where a test sees lock queues: PostgreSQL's `pg_locks`, or the embedded
-/// server's own lock table.
-enum LockView<'a> {
-    Postgres(PgConnection),
-    Embedded(&'a TestApp),
+/// Where a test looks at what lock traffic left behind: the server's lock
+/// table and, with PostgreSQL, one connection of the test's own (opened
+/// once, so it counts once among the database's sessions).
+struct LockView<'a> {
+    app: &'a TestApp,
+    conn: Option<PgConnection>,
 }
 
 impl<'a> LockView<'a> {
     async fn of(db: &TestDb, app: &'a TestApp) -> LockView<'a> {
-        match db.backend {
-            Backend::Postgres => LockView::Postgres(db.connect().await),
-            Backend::Embedded => LockView::Embedded(app),
-        }
-    }
-
-    /// Returns once at least `n` acquirers wait for a held lock.
-    async fn until_waiting(&mut self, n: usize) {
-        match self {
-            LockView::Postgres(conn) => until_waiting(conn, i64::try_from(n).unwrap()).await,
-            LockView::Embedded(app) => {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while app.local_lock_stats().waiting < n {
-                    assert!(Instant::now() < deadline, "{n} waiter(s) never queued");
-                    tokio::task::yield_now().await;
-                }
-            }
-        }
+        let conn = match db.backend {
+            Backend::Postgres => Some(db.connect().await),
+            Backend::Embedded => None,
+        };
+        LockView { app, conn }
     }
 
     /// What lock traffic has left behind so far.
     async fn footprint(&mut self) -> Footprint {
-        match self {
-            LockView::Postgres(conn) => {
+        let postgres = match &mut self.conn {
+            Some(conn) => {
                 let sessions_opened = sessions_opened(conn).await;
-                let (lock_backends, idle_in_transaction) = lock_backends(conn).await;
-                Footprint::Postgres {
+                let (lock_backends, idle_in_transaction, newest_lock_backend) = lock_backends(conn).await;
+                Some(PgFootprint {
                     sessions_opened,
                     lock_backends,
                     idle_in_transaction,
+                    newest_lock_backend,
                     advisory_locks: advisory_locks(conn).await,
-                }
+                })
             }
-            LockView::Embedded(app) => Footprint::Embedded(app.local_lock_stats()),
+            None => None,
+        };
+        Footprint {
+            table: self.app.local_lock_stats(),
+            postgres,
         }
     }
 }
 
 /// See [`LockView::footprint`].
 #[derive(Debug)]
-enum Footprint {
-    Postgres {
-        /// Sessions ever opened on the test's database.
-        sessions_opened: i64,
-        /// vitals-lock backends now.
-        lock_backends: i64,
-        /// Of which idle in transaction.
-        idle_in_transaction: i64,
-        /// Advisory locks (granted, waiting).
-        advisory_locks: (i64, i64),
-    },
-    Embedded(LocalLockStats),
+struct Footprint {
+    /// The server's in-process lock table.
+    table: LocalLockStats,
+    postgres: Option<PgFootprint>,
+}
+
+#[derive(Debug)]
+struct PgFootprint {
+    /// Sessions ever opened on the test's database, by anyone (vitals' lock
+    /// sessions and work pool, and this test's own connections).
+    sessions_opened: i64,
+    /// vitals-lock backends now: the lock manager's sessions.
+    lock_backends: i64,
+    /// Of which idle in transaction (a session-level lock needs none).
+    idle_in_transaction: i64,
+    /// When the newest vitals-lock backend started.
+    newest_lock_backend: Option<chrono::DateTime<chrono::Utc>>,
+    /// Advisory locks (granted, waiting).
+    advisory_locks: (i64, i64),
 }
 
 /// Sessions ever opened on this test's database (PostgreSQL 14 and later).
@@ -259,11 +280,12 @@ async fn sessions_opened(conn: &mut PgConnection) -> i64 {
         .expect("read pg_stat_database")
 }
 
-/// `(vitals-lock backends, of which idle in transaction)` on this test's database.
-async fn lock_backends(conn: &mut PgConnection) -> (i64, i64) {
+/// `(vitals-lock backends, of which idle in transaction, the newest one's
+/// start)` on this test's database.
+async fn lock_backends(conn: &mut PgConnection) -> (i64, i64, Option<chrono::DateTime<chrono::Utc>>) {
     sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE state LIKE 'idle in transaction%') FROM pg_stat_activity \
-         WHERE datname = current_database() AND application_name = 'vitals-lock'",
+        "SELECT count(*), count(*) FILTER (WHERE state LIKE 'idle in transaction%'), max(backend_start) \
+         FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'vitals-lock'",
     )
     .fetch_one(conn)
     .await
@@ -281,9 +303,9 @@ async fn critical_sections_on_one_key_never_overlap_across_two_replicas_and_toke
     const CLIENTS: usize = 32;
     const SECTIONS: usize = 50;
     let db = TestDb::create(backend).await;
-    // 16 clients wait on each replica: the client budget (pool max - reserve 2) must cover them.
-    let flags = ["--database-lock-pool-max", "20"];
-    let replicas = Replicas::start(&db, 2, &flags).await;
+    // 16 clients per replica: one holds or tries in PostgreSQL, the others
+    // queue in their replica's lock table.
+    let replicas = Replicas::start(&db, 2, &[]).await;
 
     // The shared resource: a counter that only the lock protects, and the
     // newest fencing token written to it, the way a fenced resource keeps one.
@@ -386,9 +408,15 @@ async fn fencing_tokens_keep_rising_across_a_restart_on_the_same_database(backen
 }
 
 // ---------------------------------------------------------------------------
-// The upstream 1.5.0 deadlock, and why the pools are separate.
+// The upstream 1.5.0 deadlock, and why locks and work never share connections.
 // ---------------------------------------------------------------------------
 
+/// Two lock sessions and a work pool of two: 100 WithLocks on 10 keys and
+/// 100 SubmitRuns on 25 systems at once. Locks wait in the lock table and
+/// hold nothing but their session's lock; a SubmitRun takes its system's
+/// lock before a work connection. Nothing can wait in a cycle, so every
+/// operation finishes, or fails with UNAVAILABLE within the connection
+/// timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_connections_per_pool_200_concurrent_locks_and_runs_finish_or_fail_fast_and_the_server_recovers() {
     const CONNECTION_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -482,12 +510,14 @@ async fn with_two_connections_per_pool_200_concurrent_locks_and_runs_finish_or_f
         .await
         .unwrap();
     let mut admin = db.connect().await;
-    assert_eq!(advisory_locks(&mut admin).await, (0, 0));
-    assert_eq!(
-        lock_backends(&mut admin).await.1,
-        0,
-        "a lock session stayed idle in transaction"
+    assert_eq!(advisory_locks(&mut admin).await, (0, 0), "a lock outlived its stream");
+    let (lock_backends, idle_in_transaction, _) = lock_backends(&mut admin).await;
+    assert!(
+        lock_backends <= 2,
+        "{lock_backends} lock sessions, more than DATABASE_LOCK_POOL_MAX"
     );
+    assert_eq!(idle_in_transaction, 0, "a lock session stayed in a transaction");
+    assert_eq!(app.local_lock_stats(), LocalLockStats { keys: 0, waiting: 0 });
     app.stop().await;
 }
 
@@ -597,7 +627,6 @@ both_backends!(a_holder_killed_while_holding_frees_the_lock_for_the_next_waiter_
 async fn a_holder_killed_while_holding_frees_the_lock_for_the_next_waiter_within_a_second(backend: Backend) {
     let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
-    let mut view = LockView::of(&db, &app).await;
 
     // Killed in process: the task owning the channel and the stream is aborted.
     let (granted_tx, granted_rx) = oneshot::channel();
@@ -610,7 +639,7 @@ async fn a_holder_killed_while_holding_frees_the_lock_for_the_next_waiter_within
     });
     let killed_token = granted_rx.await.unwrap();
     let waiter = spawn_waiter(app.lock_client().await, "killed");
-    view.until_waiting(1).await;
+    until_waiting(&app, 1).await;
     let killed_at = Instant::now();
     holder.abort();
     let (held, granted_at) = waiter.await.unwrap();
@@ -631,7 +660,7 @@ async fn a_holder_killed_while_holding_frees_the_lock_for_the_next_waiter_within
         .await
         .unwrap();
     let waiter = spawn_waiter(app.lock_client().await, "vanished");
-    view.until_waiting(1).await;
+    until_waiting(&app, 1).await;
     let killed_at = Instant::now();
     proxy.cut();
     let (held, granted_at) = waiter.await.unwrap();
@@ -640,7 +669,7 @@ async fn a_holder_killed_while_holding_frees_the_lock_for_the_next_waiter_within
     assert!(freed_after < Duration::from_secs(1), "freed after {freed_after:?}");
     assert!(held.token() > cut_off.token());
     held.release().await;
-    drop((cut_off, view));
+    drop(cut_off);
     app.stop().await;
 }
 
@@ -648,17 +677,17 @@ both_backends!(a_waiter_that_gives_up_never_keeps_the_lock_from_the_next_one);
 async fn a_waiter_that_gives_up_never_keeps_the_lock_from_the_next_one(backend: Backend) {
     let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &[]).await;
-    let mut view = LockView::of(&db, &app).await;
     let holder = lock(&mut app.lock_client().await, "given-up", None).await.unwrap();
-    // This waiter is inside the lock queue (PostgreSQL's, or the embedded
-    // one) when it goes away.
+    // This waiter is inside the server's queue for the key when it goes away.
     let quitter = spawn_waiter(app.lock_client().await, "given-up");
-    view.until_waiting(1).await;
+    until_waiting(&app, 1).await;
     quitter.abort();
     assert!(
         quitter.await.is_err_and(|e| e.is_cancelled()),
         "the waiter was aborted while it waited"
     );
+    // The server notices the stream's end and drops the queue entry.
+    until_waiting(&app, 0).await;
 
     let released_at = Instant::now();
     holder.release().await;
@@ -700,23 +729,48 @@ async fn a_holder_that_stalls_past_the_lease_loses_the_lock_and_hears_lock_lost(
 }
 
 both_backends!(a_holder_that_keeps_alive_within_the_lease_keeps_the_lock_past_it);
+/// Each keep_alive is answered by exactly one `kept_alive` whose
+/// `lease_expires_at` is the moment the server took it plus the lease.
 async fn a_holder_that_keeps_alive_within_the_lease_keeps_the_lock_past_it(backend: Backend) {
     const LEASE: Duration = Duration::from_millis(600);
+    /// Clock reading and message handling around a keep_alive's round trip.
+    const TOLERANCE: Duration = Duration::from_millis(50);
     let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &["--database-lock-idle-tx-timeout-ms", "600"]).await;
-    let held = lock(&mut app.lock_client().await, "kept", None).await.unwrap();
+    let mut held = lock(&mut app.lock_client().await, "kept", None).await.unwrap();
     let granted_at = Instant::now();
+    let mut kept = 0;
+    let mut worst = Duration::ZERO;
     while granted_at.elapsed() < 3 * LEASE {
         // The client's pace, a third of the lease: the thing under test.
         tokio::time::sleep(LEASE / 3).await;
-        held.session.send(keep_alive()).await;
+        let sent = SystemTime::now();
+        let expires = held.keep_alive().await;
+        let answered = SystemTime::now();
+        assert!(
+            expires + TOLERANCE >= sent + LEASE && expires <= answered + LEASE + TOLERANCE,
+            "lease_expires_at {expires:?} is not the keep_alive's time plus {LEASE:?} \
+             (sent {sent:?}, answered {answered:?})"
+        );
+        worst = worst.max(answered.duration_since(sent).unwrap_or_default());
+        kept += 1;
     }
+    eprintln!("keep-alive ({backend:?}): {kept} kept_alive, slowest round trip {worst:?}");
     // Three leases later it is still held, in PostgreSQL too.
     let err = lock(&mut app.lock_client().await, "kept", Some(Duration::ZERO))
         .await
         .err()
         .expect("the lock is still held");
     assert_reason(&err, Code::Aborted, "LOCK_NOT_AVAILABLE");
+    if backend == Backend::Postgres {
+        let mut conn = db.connect().await;
+        assert_eq!(
+            advisory_locks(&mut conn).await,
+            (1, 0),
+            "the kept lock is held in PostgreSQL"
+        );
+    }
+    // `release` fails on any event but `released`: no extra kept_alive.
     let held_for = held.release().await;
     assert!(held_for >= 3 * LEASE, "held for {held_for:?}");
     app.stop().await;
@@ -875,119 +929,186 @@ async fn half_closing_the_stream_releases_the_lock(backend: Backend) {
 }
 
 // ---------------------------------------------------------------------------
-// The client budget and the reserve.
+// The client budget: --max-locks.
 // ---------------------------------------------------------------------------
 
-both_backends!(past_the_client_budget_withlock_answers_lock_pool_exhausted_while_submitrun_still_runs);
-async fn past_the_client_budget_withlock_answers_lock_pool_exhausted_while_submitrun_still_runs(backend: Backend) {
+/// Returns once `app`'s client budget has exactly `n` free places.
+async fn until_budget_available(app: &TestApp, n: usize, after: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.lock_budget_available() != n {
+        assert!(
+            Instant::now() < deadline,
+            "after {after}: {} free place(s) in the budget, expected {n}",
+            app.lock_budget_available()
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Checks that `err` is the budget's refusal, with a RetryInfo.
+fn assert_lock_limit_reached(err: &Status) {
+    assert_reason(err, Code::Unavailable, "LOCK_LIMIT_REACHED");
+    let retry = err
+        .get_details_retry_info()
+        .unwrap_or_else(|| panic!("no RetryInfo in {err:?}"));
+    assert!(retry.retry_delay.is_some_and(|d| !d.is_zero()), "{retry:?}");
+}
+
+both_backends!(past_max_locks_the_next_withlock_answers_lock_limit_reached_at_once_while_submitrun_still_runs);
+/// `--max-locks 3`: one holder and two waiters fill the budget. The fourth
+/// stream is refused before it waits for anything (the pool timeout and the
+/// lock wait are 2 s), SubmitRun is untouched (lock streams do not count
+/// against `--max-concurrent-requests` either, which is 1 here), and a
+/// place given back is taken again.
+async fn past_max_locks_the_next_withlock_answers_lock_limit_reached_at_once_while_submitrun_still_runs(
+    backend: Backend,
+) {
+    const TIMEOUT: Duration = Duration::from_millis(2000);
     let db = TestDb::create(backend).await;
-    // Three lock connections, two kept back: one for clients.
     let app = TestApp::start(
         &db,
         &[
-            "--database-lock-pool-max",
+            "--max-locks",
             "3",
-            "--lock-reserve",
-            "2",
+            "--max-concurrent-requests",
+            "1",
             "--database-pool-connection-timeout-ms",
-            "500",
+            "2000",
+            "--database-lock-timeout-ms",
+            "2000",
         ],
     )
     .await;
     let mut health: HealthCheckServiceClient<Channel> = app.health_client().await;
-    let first = lock(&mut app.lock_client().await, "budget-a", None).await.unwrap();
+    let mut client = app.lock_client().await;
+    let first = lock(&mut client, "budget-a", None).await.unwrap();
+    // Queued one after the other, so the first waiter is first in line.
+    let first_waiter = spawn_waiter(app.lock_client().await, "budget-a");
+    until_waiting(&app, 1).await;
+    let second_waiter = spawn_waiter(app.lock_client().await, "budget-a");
+    until_waiting(&app, 2).await;
+    assert_eq!(app.lock_budget_available(), 0);
 
-    let mut second_client = app.lock_client().await;
-    let started = Instant::now();
-    let second = tokio::spawn(async move {
-        let result = lock(&mut second_client, "budget-b", None).await.map(|_| ()).err();
-        (result, started.elapsed(), second_client)
-    });
-    // While the second client waits for the budget, vitals' own
-    // serialisation still gets lock connections.
-    for i in 0..5 {
-        health
-            .submit_run(submit(&format!("reserved-{i}"), "budget-system"))
+    // A free key, waiting or trying once: refused at once either way.
+    let mut slowest = Duration::ZERO;
+    for wait in [None, Some(Duration::ZERO)] {
+        let started = Instant::now();
+        let err = lock(&mut client, "budget-d", wait)
             .await
-            .expect("SubmitRun runs on the reserve");
+            .err()
+            .expect("the fourth stream is past the budget");
+        let took = started.elapsed();
+        slowest = slowest.max(took);
+        assert_lock_limit_reached(&err);
+        assert!(took < TIMEOUT / 4, "refused after {took:?}, not at once");
     }
-    let (err, took, mut second_client) = second.await.unwrap();
-    let err = err.expect("the second client is past the budget");
-    eprintln!("budget exhausted: LOCK_POOL_EXHAUSTED after {took:?} (timeout 500ms)");
-    assert_reason(&err, Code::Unavailable, "LOCK_POOL_EXHAUSTED");
-    assert!(err.get_details_retry_info().is_some(), "{err:?}");
-    assert!(
-        took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
-        "answered after {took:?}"
-    );
-    health
-        .submit_run(submit("reserved-last", "budget-system"))
-        .await
-        .expect("SubmitRun runs on the reserve");
+    eprintln!("max-locks ({backend:?}): LOCK_LIMIT_REACHED in {slowest:?} (timeouts {TIMEOUT:?})");
+    // The refusals took nothing and disturbed nobody.
+    assert_eq!(app.lock_budget_available(), 0);
+    assert_eq!(app.local_lock_stats(), LocalLockStats { keys: 1, waiting: 2 });
 
-    // Once the first client lets go, the budget has room again.
+    for i in 0..3 {
+        health
+            .submit_run(submit(&format!("budget-{i}"), "budget-system"))
+            .await
+            .expect("SubmitRun runs while the lock budget is full");
+    }
+
+    // The holder lets go: the first waiter holds, and the holder's place is
+    // free for the next stream.
     first.release().await;
-    let second = lock(&mut second_client, "budget-b", None).await.unwrap();
+    let (second, _) = first_waiter.await.unwrap();
+    let fourth = lock(&mut client, "budget-d", None)
+        .await
+        .expect("a place given back is taken again");
+    // Full again: one held, one waiting, one held.
+    let err = lock(&mut client, "budget-e", Some(Duration::ZERO))
+        .await
+        .err()
+        .expect("the budget is full again");
+    assert_lock_limit_reached(&err);
     second.release().await;
+    let (third, _) = second_waiter.await.unwrap();
+    third.release().await;
+    fourth.release().await;
+    until_budget_available(&app, 3, "every stream ended").await;
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_client_that_waited_for_the_budget_gets_no_second_full_timeout_to_wait_for_the_pool() {
-    const TIMEOUT: Duration = Duration::from_millis(1000);
-    let db = TestDb::postgres().await;
-    // Two lock connections, one of them for clients.
-    let app = TestApp::start(
-        &db,
-        &[
-            "--database-lock-pool-max",
-            "2",
-            "--lock-reserve",
-            "1",
-            "--database-pool-connection-timeout-ms",
-            "1000",
-        ],
-    )
-    .await;
-    let mut admin = db.connect().await;
-    // SubmitRuns on this system hold their lock connection while they wait.
-    sqlx::query("SELECT pg_advisory_lock(hashtextextended('health:blocked', 0))")
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let holder = lock(&mut app.lock_client().await, "budget-holder", None).await.unwrap();
-    let health = app.health_client().await;
-    let run = |id: &'static str| {
-        let mut health = health.clone();
-        tokio::spawn(async move { health.submit_run(submit(id, "blocked")).await })
-    };
-    // One run takes the other lock connection; a second queues for one.
-    let first_run = run("blocked-1");
-    until_waiting(&mut admin, 1).await;
-    let second_run = run("blocked-2");
-
+both_backends!(every_way_a_withlock_stream_ends_gives_its_place_in_the_budget_back);
+/// `--max-locks 2`, one place taken throughout by a holder of `held`; each
+/// other stream ends a different way and must give the second place back,
+/// or the next stream would be refused.
+async fn every_way_a_withlock_stream_ends_gives_its_place_in_the_budget_back(backend: Backend) {
+    let db = TestDb::create(backend).await;
+    let app = TestApp::start(&db, &["--max-locks", "2"]).await;
     let mut client = app.lock_client().await;
-    let started = Instant::now();
-    let waiter = tokio::spawn(async move { lock(&mut client, "budget-waiter", None).await.map(|_| ()) });
-    // The holder's critical section lasts half the timeout: the waiter gets
-    // the budget then, but the connection goes to the run queued before it.
-    tokio::time::sleep(TIMEOUT / 2).await;
-    holder.release().await;
-    let err = waiter.await.unwrap().expect_err("no lock connection was free");
-    let took = started.elapsed();
-    eprintln!("budget then pool: LOCK_POOL_EXHAUSTED after {took:?} (timeout {TIMEOUT:?})");
-    assert_reason(&err, Code::Unavailable, "LOCK_POOL_EXHAUSTED");
-    assert!(
-        took >= TIMEOUT - Duration::from_millis(100) && took < TIMEOUT + Duration::from_millis(300),
-        "answered after {took:?}, not within one connection timeout"
-    );
+    let holder = lock(&mut app.lock_client().await, "held", None).await.unwrap();
+    until_budget_available(&app, 1, "the holder took its place").await;
 
-    sqlx::query("SELECT pg_advisory_unlock_all()")
-        .execute(&mut admin)
+    // Released, and half-closed.
+    lock(&mut client, "free", None).await.unwrap().release().await;
+    until_budget_available(&app, 1, "release").await;
+    let Held {
+        session: Session { requests, mut replies },
+        ..
+    } = lock(&mut client, "free", None).await.unwrap();
+    drop(requests);
+    while replies.message().await.unwrap().is_some() {}
+    until_budget_available(&app, 1, "half-close").await;
+
+    // Refused: a try, a wait that runs out, a bad key, a bad first message.
+    let err = lock(&mut client, "held", Some(Duration::ZERO)).await.err().unwrap();
+    assert_reason(&err, Code::Aborted, "LOCK_NOT_AVAILABLE");
+    until_budget_available(&app, 1, "a refused try").await;
+    let err = lock(&mut client, "held", Some(Duration::from_millis(50)))
+        .await
+        .err()
+        .unwrap();
+    assert_reason(&err, Code::Aborted, "LOCK_NOT_AVAILABLE");
+    until_budget_available(&app, 1, "a wait that ran out").await;
+    let err = lock(&mut client, "", None).await.err().unwrap();
+    assert_reason(&err, Code::InvalidArgument, "INVALID_ARGUMENT");
+    until_budget_available(&app, 1, "an invalid key").await;
+    let err = Session::open(&mut client, keep_alive()).await.err().unwrap();
+    assert_reason(&err, Code::FailedPrecondition, "LOCK_PROTOCOL_VIOLATION");
+    until_budget_available(&app, 1, "keep_alive before acquire").await;
+
+    // A second acquire on a held lock.
+    let mut twice = lock(&mut client, "free", None).await.unwrap();
+    twice.session.send(acquire("free", None)).await;
+    let err = twice.session.next().await.expect_err("a second acquire is refused");
+    assert_reason(&err, Code::FailedPrecondition, "LOCK_PROTOCOL_VIOLATION");
+    until_budget_available(&app, 1, "a second acquire").await;
+
+    // A waiter that goes away while it waits.
+    let quitter = spawn_waiter(app.lock_client().await, "held");
+    until_waiting(&app, 1).await;
+    quitter.abort();
+    until_waiting(&app, 0).await;
+    until_budget_available(&app, 1, "a waiter that went away").await;
+
+    // A holder whose connection vanishes.
+    let proxy = Proxy::start(app.addr).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
-    first_run.await.unwrap().expect("the first run completes");
-    second_run.await.unwrap().expect("the second run completes");
+    let vanished = lock(&mut LockServiceClient::new(channel), "free", None).await.unwrap();
+    assert_eq!(app.lock_budget_available(), 0);
+    proxy.cut();
+    until_budget_available(&app, 1, "a holder that vanished").await;
+    drop(vanished);
+
+    // The budget is in force: with the second place taken, a third stream is refused.
+    let second = lock(&mut client, "free", None).await.expect("the second place is free");
+    let err = lock(&mut client, "another", None).await.err().unwrap();
+    assert_lock_limit_reached(&err);
+    second.release().await;
+    holder.release().await;
+    until_budget_available(&app, 2, "every stream ended").await;
+    assert_eq!(app.local_lock_stats(), LocalLockStats { keys: 0, waiting: 0 });
     app.stop().await;
 }
 
@@ -996,11 +1117,20 @@ async fn a_client_that_waited_for_the_budget_gets_no_second_full_timeout_to_wait
 // ---------------------------------------------------------------------------
 
 both_backends!(multi_thread: two_thousand_acquire_release_cycles_reuse_what_they_use_and_leave_no_lock_behind);
-/// With PostgreSQL: no extra sessions, none idle in transaction, no advisory
-/// lock left. Embedded: the in-process lock table is empty again.
+/// Both backends: the server's lock table is empty again. PostgreSQL: the
+/// lock manager's sessions are long-lived and shared by many keys (each key
+/// has its session, by hash), so the cycles open no session at all, there
+/// are never more than `DATABASE_LOCK_POOL_MAX` of them, none stays in a
+/// transaction (the locks are session-level), and no advisory lock is left.
 async fn two_thousand_acquire_release_cycles_reuse_what_they_use_and_leave_no_lock_behind(backend: Backend) {
-    const POOL_MAX: i64 = 10;
+    const LOCK_POOL_MAX: i64 = 10;
     const CLIENTS: usize = 4;
+    /// Sessions that are not lock sessions: the work pool's (migrations, the
+    /// readiness check) and this test's own.
+    const NON_LOCK_SESSIONS: i64 = 6;
+    /// Of which the cycles may open: work-pool connections for the
+    /// readiness check, should the pool have closed one.
+    const NON_LOCK_SESSIONS_DURING: i64 = 2;
     let db = TestDb::create(backend).await;
     let app = TestApp::start(&db, &["--database-lock-pool-max", "10"]).await;
     let mut view = LockView::of(&db, &app).await;
@@ -1023,7 +1153,7 @@ async fn two_thousand_acquire_release_cycles_reuse_what_they_use_and_leave_no_lo
             }
         }
     };
-    // Warm up, so the pool has grown to what the load needs.
+    // Warm up: the sessions these keys hash to connect at their first use.
     cycles(200).await;
     let before = view.footprint().await;
     let started = Instant::now();
@@ -1031,82 +1161,79 @@ async fn two_thousand_acquire_release_cycles_reuse_what_they_use_and_leave_no_lo
     let took = started.elapsed();
     let after = view.footprint().await;
     eprintln!("2000 cycles ({backend:?}) in {took:?}; before {before:?}, after {after:?}");
-    match (before, after) {
-        (
-            Footprint::Postgres {
-                sessions_opened: sessions_before,
-                ..
-            },
-            Footprint::Postgres {
-                sessions_opened: sessions_after,
-                lock_backends,
-                idle_in_transaction,
-                advisory_locks,
-            },
-        ) => {
-            assert!(lock_backends <= POOL_MAX, "{lock_backends} lock backends");
-            assert_eq!(idle_in_transaction, 0, "a lock session is idle in transaction");
-            assert_eq!(advisory_locks, (0, 0), "an advisory lock outlived its stream");
-            // Connections are reused, not reopened per acquisition: 2,000
-            // cycles open no more sessions than the pool could grow by.
-            assert!(
-                sessions_after - sessions_before <= POOL_MAX,
-                "{} sessions opened during 2000 cycles",
-                sessions_after - sessions_before
-            );
-        }
-        (_, Footprint::Embedded(stats)) => {
-            assert_eq!(
-                stats,
-                LocalLockStats { keys: 0, waiting: 0 },
-                "the lock table kept entries after every lock was released"
-            );
-        }
-        other => panic!("mixed footprints {other:?}"),
+    assert_eq!(
+        after.table,
+        LocalLockStats { keys: 0, waiting: 0 },
+        "the lock table kept entries after every lock was released"
+    );
+    if let (Some(before), Some(after)) = (before.postgres, after.postgres) {
+        // Connected lazily: one session per shard in use, at most one per key.
+        assert!(
+            after.lock_backends >= 1 && after.lock_backends <= LOCK_POOL_MAX.min(CLIENTS as i64),
+            "{} lock sessions for {CLIENTS} keys",
+            after.lock_backends
+        );
+        assert_eq!(
+            after.newest_lock_backend, before.newest_lock_backend,
+            "a lock session was opened during the cycles"
+        );
+        let opened = after.sessions_opened - before.sessions_opened;
+        assert!(
+            opened <= NON_LOCK_SESSIONS_DURING,
+            "{opened} sessions opened during 2000 cycles"
+        );
+        assert!(
+            after.sessions_opened <= LOCK_POOL_MAX + NON_LOCK_SESSIONS,
+            "{} sessions opened in all",
+            after.sessions_opened
+        );
+        assert_eq!(after.idle_in_transaction, 0, "a lock session is in a transaction");
+        assert_eq!(after.advisory_locks, (0, 0), "an advisory lock outlived its stream");
     }
     app.stop().await;
 }
 
-/// Lock connections are not pinged before every use (only after a second of
-/// idleness, or once a broken connection was seen): a pooled connection
-/// whose backend was killed is found by the acquire itself, closed, and the
-/// acquire retried on a checked connection, so the client never sees it.
+/// A lock session that holds nothing loses nothing when it breaks: one
+/// whose backend was killed while idle is found broken by the next
+/// statement sent on it, replaced, and the statement sent again on the new
+/// connection, so the client never sees it. (A session that holds locks
+/// cannot do that: its holders hear LOCK_LOST.)
 #[tokio::test]
 async fn a_broken_idle_lock_connection_is_replaced_without_failing_with_lock() {
     let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.lock_client().await;
-    let kill = || async {
-        let mut admin = db.connect().await;
-        admin
-            .execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND application_name = 'vitals-lock'",
-            )
-            .await
-            .unwrap();
-    };
-    // Keys with quotes and backslashes: they go to PostgreSQL as literals.
+    let mut admin = db.connect().await;
+    // Keys with quotes and backslashes: vitals hashes them itself and binds
+    // the hash, which must be PostgreSQL's hashtextextended of the key.
     let keys = [r"it's", r"back\slash", r"'\'; SELECT 1; --"];
     for (i, key) in keys.iter().enumerate() {
         lock(&mut client, key, None).await.unwrap().release().await;
-        kill().await;
-        // Waiting acquire (lock_timeout) and try-once acquire alike.
+        let killed: Vec<i32> = sqlx::query_scalar(
+            "WITH lock_sessions AS MATERIALIZED (SELECT pid FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = 'vitals-lock') \
+             SELECT pid FROM lock_sessions WHERE pg_terminate_backend(pid)",
+        )
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert!(!killed.is_empty(), "no lock session to kill");
+        // A waiting acquire and a try-once acquire alike.
         let wait = if i % 2 == 0 { None } else { Some(Duration::ZERO) };
         let held = lock(&mut client, key, wait)
             .await
-            .expect("a dead idle lock connection is replaced");
-        // The key PostgreSQL locked is the key's exact text.
-        let mut admin = db.connect().await;
-        let locked: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+            .expect("a dead idle lock session is replaced");
+        // Held by a new session, under the key's own hash (single-bigint space).
+        let holders: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
              AND ((classid::bigint << 32) | objid::bigint) = hashtextextended('lock:' || $1, 0)",
         )
         .bind(key)
-        .fetch_one(&mut admin)
+        .fetch_all(&mut admin)
         .await
         .unwrap();
-        assert_eq!(locked, 1, "{key:?} is held under its own hash");
+        assert_eq!(holders.len(), 1, "{key:?} is held under its own hash");
+        assert!(!killed.contains(&holders[0]), "{key:?} is held by a killed session");
         held.release().await;
     }
     app.stop().await;
