@@ -332,11 +332,7 @@ impl Pools {
 
     /// Closes both pools, waiting for checked-out connections to return.
     pub async fn close(&self) {
-        tokio::join!(
-            self.work.pool.close(),
-            self.listen.close(),
-            self.probe.close()
-        );
+        tokio::join!(self.work.pool.close(), self.listen.close(), self.probe.close());
     }
 }
 

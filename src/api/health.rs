@@ -330,9 +330,7 @@ impl HealthCheckService for HealthApi {
         })?;
         let outcome = self
             .locks
-            .with_system_lock(&update.system_id, || {
-                self.store.configure_check(&update)
-            })
+            .with_system_lock(&update.system_id, || self.store.configure_check(&update))
             .await?;
         Ok(Response::new(proto::ConfigureCheckResponse {
             check: Some(check_out(&outcome.check)),

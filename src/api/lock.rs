@@ -20,13 +20,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{Violations, duration_in, duration_out, timestamp_out};
-use chrono::Utc;
 use crate::{
     domain::{FieldViolation, LockKey, Owner},
     error::Error,
     lock::{ACQUIRE_MESSAGE_TIMEOUT, HeldLock, Locks},
     proto::{self, lock_service_server::LockService, with_lock_request::Action, with_lock_response::Event},
 };
+use chrono::Utc;
 
 /// The handler state.
 #[derive(Debug, Clone)]
@@ -78,7 +78,12 @@ impl LockService for LockApi {
             Ok(Some(Ok(message))) => message,
             Ok(Some(Err(status))) => return Err(status),
             Ok(None) => return Err(protocol("action", "the stream ended before acquire")),
-            Err(_elapsed) => return Err(protocol("action", "acquire must be sent within 5 seconds of opening the stream")),
+            Err(_elapsed) => {
+                return Err(protocol(
+                    "action",
+                    "acquire must be sent within 5 seconds of opening the stream",
+                ));
+            }
         };
         let Some(Action::Acquire(acquire)) = first.action else {
             return Err(protocol("action", "the first message must be acquire"));

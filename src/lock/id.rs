@@ -65,9 +65,9 @@ impl LockId {
         let mixed = match self {
             // Already a well-mixed hash.
             LockId::Client(h) => h.cast_unsigned(),
-            LockId::Internal { space, object } => {
-                (u64::from(space.cast_unsigned()) << 32 | u64::from(object.cast_unsigned())).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            }
+            LockId::Internal { space, object } => (u64::from(space.cast_unsigned()) << 32
+                | u64::from(object.cast_unsigned()))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15),
         };
         usize::try_from((mixed >> 16) % n).unwrap_or(0)
     }

@@ -153,7 +153,10 @@ impl Locks {
                 let sessions = Sessions::start(config.lock_pool_max, pools.lock.options(), timing, shutdown_rx);
                 (Backend::Postgres(sessions.clone()), sessions)
             }
-            Database::Embedded(db) => (Backend::Embedded(FencingTokens::new(db.clone())), Arc::new(NothingBeyond)),
+            Database::Embedded(db) => (
+                Backend::Embedded(FencingTokens::new(db.clone())),
+                Arc::new(NothingBeyond),
+            ),
         };
         Locks {
             inner: Arc::new(Inner {
@@ -225,7 +228,10 @@ impl Locks {
         Fut: Future<Output = Result<T>>,
     {
         let deadline = tokio::time::Instant::now() + self.inner.system_wait;
-        let Some(grant) = self.take(LockId::system(system_id.as_str()), Some(deadline), false).await? else {
+        let Some(grant) = self
+            .take(LockId::system(system_id.as_str()), Some(deadline), false)
+            .await?
+        else {
             return Err(Error::SystemBusy {
                 system_id: system_id.as_str().to_owned(),
             });

@@ -356,7 +356,11 @@ impl Session {
         self.generations += 1;
         let generation = Generation::new(self.generations, self.timing.window);
         generation.proved_alive_at(Instant::now());
-        tracing::debug!(session = self.index, generation = self.generations, "lock session connected");
+        tracing::debug!(
+            session = self.index,
+            generation = self.generations,
+            "lock session connected"
+        );
         self.live = Some(Live {
             index: self.index,
             conn,
@@ -404,7 +408,8 @@ impl Session {
             }
             Err(Failure::Lost(err)) => {
                 self.lose(&err);
-                if may_retry && self.connect().await.is_ok()
+                if may_retry
+                    && self.connect().await.is_ok()
                     && let Some(live) = self.live.as_mut()
                 {
                     match run_batch(live, &batch, self.timing).await {
@@ -446,7 +451,9 @@ fn sort(cmds: Vec<Cmd>, live: &mut Live) -> Batch {
     for cmd in unlocks {
         match cmd {
             Cmd::Unlock { id, generation, ack } => {
-                if generation == current && let Some(count) = live.held.get_mut(&id) {
+                if generation == current
+                    && let Some(count) = live.held.get_mut(&id)
+                {
                     *count = count.saturating_sub(1);
                     if *count == 0 {
                         live.held.remove(&id);

@@ -240,7 +240,7 @@ impl Inner {
                     }
                 }
             };
-                        match release {
+            match release {
                 Some(Remote::Session(hold)) => self.release.release(id, hold, ack.take()),
                 Some(Remote::Local) | None => {}
             }

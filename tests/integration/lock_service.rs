@@ -527,7 +527,10 @@ async fn merged_lock_and_work_pools_starve_where_separate_pools_do_not() {
         let pool = merged.clone();
         async move {
             let mut lock = pool.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(key).execute(&mut *lock).await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(key)
+                .execute(&mut *lock)
+                .await?;
             barrier.wait().await;
             let mut conn = pool.acquire().await?;
             conn.execute("SELECT 1").await?;
@@ -539,7 +542,10 @@ async fn merged_lock_and_work_pools_starve_where_separate_pools_do_not() {
     let (a, b) = tokio::join!(section(1, barrier.clone()), section(2, barrier));
     let took = started.elapsed();
     for result in [&a, &b] {
-        assert!(matches!(result, Err(sqlx::Error::PoolTimedOut)), "merged pool: {result:?}");
+        assert!(
+            matches!(result, Err(sqlx::Error::PoolTimedOut)),
+            "merged pool: {result:?}"
+        );
     }
     assert!(took >= config.pool_connection_timeout(), "gave up after {took:?}");
     merged.close().await;
@@ -564,7 +570,10 @@ async fn merged_lock_and_work_pools_starve_where_separate_pools_do_not() {
         }
     };
     let barrier = Arc::new(Barrier::new(2));
-    let (a, b) = tokio::join!(section("experiment-a", barrier.clone()), section("experiment-b", barrier));
+    let (a, b) = tokio::join!(
+        section("experiment-a", barrier.clone()),
+        section("experiment-b", barrier)
+    );
     assert!(a.is_ok() && b.is_ok(), "separate pools: {a:?} {b:?}");
     locks.shut_down();
     pools.close().await;
