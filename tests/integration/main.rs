@@ -16,6 +16,7 @@ mod embedded;
 mod faults;
 mod foundation;
 mod health_service;
+mod lock_faults;
 mod lock_service;
 mod probe;
 mod proxy;
