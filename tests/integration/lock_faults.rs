@@ -315,10 +315,20 @@ async fn fencing_tokens_rise_across_a_postgresql_crash_restart() {
     assert_rising(&before, "before the crash");
     let max_before = *before.iter().max().unwrap();
 
-    // One lock still held at the crash.
-    let held = lock(&mut a.lock_client().await, "crash-held", None).await.unwrap();
+    // One lock still held at the crash: its holder is told it is lost.
+    let mut held = lock(&mut a.lock_client().await, "crash-held", None).await.unwrap();
     let max_before = max_before.max(held.token);
+    let crashed_at = Instant::now();
     cluster.crash().await;
+    let status = tokio::time::timeout(Duration::from_secs(5), held.next())
+        .await
+        .expect("the holder hears about the crash")
+        .expect_err("the stream ends with an error");
+    eprintln!(
+        "PostgreSQL crash: the holder heard LOCK_LOST {:?} after pg_ctl stop began",
+        crashed_at.elapsed()
+    );
+    assert_reason(&status, Code::Aborted, "LOCK_LOST");
     a.wait_status("", ServingStatus::NotServing).await;
     cluster.restart().await;
     a.wait_serving("").await;
@@ -343,9 +353,7 @@ async fn fencing_tokens_rise_across_a_postgresql_crash_restart() {
     interleaved.extend(grants(&b, &["crash-held"], 1).await);
     assert_rising(&interleaved, "two replicas after the restart");
     assert!(*interleaved.first().unwrap() > *after.iter().max().unwrap());
-    drop(held);
-    b.stop().await;
-    a.stop().await;
+    tokio::join!(b.stop(), a.stop());
 }
 
 // ---------------------------------------------------------------------------
@@ -479,12 +487,38 @@ async fn a_grant_that_finds_postgresqls_lock_table_full_answers_lock_capacity_ex
         refused.len(),
         started.elapsed()
     );
+    // The refused batch may have got part of the way (its locks released
+    // again): fill what is left one key at a time, until a lone grant is
+    // refused too.
+    let mut singles = 0;
+    loop {
+        let n = held.len();
+        while clients.len() * STREAMS_PER_CHANNEL <= n {
+            clients.push(app.lock_client().await);
+        }
+        match lock(
+            &mut clients[n / STREAMS_PER_CHANNEL],
+            &format!("full-{n}-single"),
+            Some(Duration::ZERO),
+        )
+        .await
+        {
+            Ok(h) => held.push(h),
+            Err(status) => {
+                refused.push(status);
+                break;
+            }
+        }
+        singles += 1;
+        assert!(singles < BOUND, "single grants never ran out");
+    }
+    eprintln!("then {singles} more one at a time: {} locks held", held.len());
     for status in &refused {
         assert_reason(status, Code::Unavailable, "LOCK_CAPACITY_EXHAUSTED");
         assert!(status.get_details_retry_info().is_some(), "{status:?}");
     }
 
-    // The failed batch left nothing behind, and every grant still holds.
+    // The failed batches left nothing behind, and every grant still holds.
     let advisory = advisory_locks_of(&mut conn, &pids).await;
     assert_eq!(
         advisory,
@@ -494,6 +528,9 @@ async fn a_grant_that_finds_postgresqls_lock_table_full_answers_lock_capacity_ex
     futures::future::join_all(held.iter_mut().map(Held::assert_kept_alive)).await;
 
     let mut health: HealthCheckServiceClient<Channel> = app.health_client().await;
+    // A run needs lock-table room too (its system lock, its transaction's
+    // locks): it may be refused, but as a retryable UNAVAILABLE, never as an
+    // internal error.
     let while_full = health.submit_run(submit("while-full", "full-system")).await;
     eprintln!(
         "SubmitRun while the lock table is full: {:?}",
@@ -502,6 +539,10 @@ async fn a_grant_that_finds_postgresqls_lock_table_full_answers_lock_capacity_ex
             .map(|_| "ok")
             .map_err(|s| (s.code(), s.message().to_owned()))
     );
+    if let Err(status) = &while_full {
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.get_details_retry_info().is_some(), "{status:?}");
+    }
 
     // Room again: a new grant, and SubmitRun, which takes a system lock.
     for h in held.drain(..5) {
@@ -515,12 +556,21 @@ async fn a_grant_that_finds_postgresqls_lock_table_full_answers_lock_capacity_ex
         .submit_run(submit("after-release", "full-system"))
         .await
         .expect("SubmitRun runs once the lock table has room");
-    let advisory = advisory_locks_of(&mut conn, &pids).await;
-    assert_eq!(
-        advisory,
-        i64::try_from(held.len()).unwrap(),
-        "advisory locks of vitals-lock backends"
-    );
+    // The run's system lock is let go after its COMMIT, a moment after the
+    // reply: wait for it, then only the clients' locks remain.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let want = i64::try_from(held.len()).unwrap();
+    loop {
+        let advisory = advisory_locks_of(&mut conn, &pids).await;
+        if advisory == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "advisory locks of vitals-lock backends: {advisory}, {want} held streams"
+        );
+        tokio::task::yield_now().await;
+    }
     futures::future::join_all(held.into_iter().map(Held::release)).await;
     app.stop().await;
 }
