@@ -227,8 +227,10 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
         }
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exceptions; 57P0x: admin shutdown, crash
-            // shutdown, cannot connect now; 53300: too many connections.
-            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+            // shutdown, cannot connect now; 53: insufficient resources (too
+            // many connections, out of (shared) memory: a full lock table,
+            // disk full).
+            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
         }),
         _ => false,
     }

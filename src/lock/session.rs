@@ -271,6 +271,15 @@ impl Sessions {
 
 impl Release for Sessions {
     fn release(&self, id: LockId, hold: SessionHold, ack: Option<oneshot::Sender<()>>) {
+        // A lost generation's connection is gone, and its locks with it:
+        // nothing to send, and nothing to wait for behind a session task
+        // that may be reconnecting for a while.
+        if hold.generation.is_lost() {
+            if let Some(ack) = ack {
+                let _ = ack.send(());
+            }
+            return;
+        }
         let generation = hold.generation.number;
         self.send(hold.index, Cmd::Unlock { id, generation, ack });
     }
@@ -381,6 +390,13 @@ impl Session {
     }
 
     async fn serve(&mut self, cmds: Vec<Cmd>) {
+        // Without a live connection every generation so far is gone: what
+        // was addressed to one is answered now, not after a reconnect that
+        // may hang as long as the connect timeout (a frozen link).
+        let cmds = if self.live.is_none() { answer_stale(cmds) } else { cmds };
+        if cmds.is_empty() && self.live.is_none() {
+            return;
+        }
         let fresh = self.live.is_none();
         if let Err(err) = self.connect().await {
             if !cmds.is_empty() {
@@ -726,6 +742,29 @@ impl Batch {
             let _ = ack.send(());
         }
     }
+}
+
+/// Answers the commands addressed to a generation that is gone (releases
+/// are done: the connection closed; tokens and pings fail) and returns the rest.
+fn answer_stale(cmds: Vec<Cmd>) -> Vec<Cmd> {
+    let mut rest = Vec::with_capacity(cmds.len());
+    for cmd in cmds {
+        match cmd {
+            Cmd::Unlock { ack, .. } => {
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
+            }
+            Cmd::Token { reply, .. } => {
+                let _ = reply.send(Err(gone()));
+            }
+            Cmd::Ping { reply, .. } => {
+                let _ = reply.send(false);
+            }
+            cmd @ Cmd::Try { .. } => rest.push(cmd),
+        }
+    }
+    rest
 }
 
 /// Answers commands that never reached a session.

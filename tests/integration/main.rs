@@ -17,6 +17,7 @@ mod faults;
 mod foundation;
 mod health_service;
 mod lock_capacity;
+mod lock_faults;
 mod lock_service;
 mod probe;
 mod proxy;

@@ -1,5 +1,8 @@
 //! An in-process TCP proxy between vitals and PostgreSQL that a test can cut
 //! and restore: the database "goes away" without touching the shared cluster.
+//! It can also freeze: every connection stays open but no byte moves in
+//! either direction (a network partition, or a peer that stopped), until it
+//! thaws.
 
 use std::{
     net::SocketAddr,
@@ -7,7 +10,11 @@ use std::{
 };
 
 use tokio::{
-    net::{TcpListener, TcpStream},
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
     sync::watch,
     task::JoinHandle,
 };
@@ -15,6 +22,7 @@ use tokio::{
 pub struct Proxy {
     pub addr: SocketAddr,
     up: watch::Sender<bool>,
+    frozen: watch::Sender<bool>,
     links: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -25,22 +33,29 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (up, up_rx) = watch::channel(true);
+        let (frozen, frozen_rx) = watch::channel(false);
         let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept_links = links.clone();
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else {
+                let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
                 if !*up_rx.borrow() {
                     drop(client); // cut: refuse by closing at once
                     continue;
                 }
+                let frozen = frozen_rx.clone();
                 let link = tokio::spawn(async move {
                     let _ = client.set_nodelay(true);
-                    if let Ok(mut server) = TcpStream::connect(target).await {
+                    if let Ok(server) = TcpStream::connect(target).await {
                         let _ = server.set_nodelay(true);
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        let (client_read, client_write) = client.into_split();
+                        let (server_read, server_write) = server.into_split();
+                        tokio::join!(
+                            pump(client_read, server_write, frozen.clone()),
+                            pump(server_read, client_write, frozen)
+                        );
                     }
                 });
                 accept_links.lock().unwrap().push(link);
@@ -49,6 +64,7 @@ impl Proxy {
         Proxy {
             addr,
             up,
+            frozen,
             links,
             accept,
         }
@@ -66,6 +82,34 @@ impl Proxy {
     pub fn restore(&self) {
         self.up.send_replace(true);
     }
+
+    /// Stops moving bytes on every connection, open or opened later, in
+    /// both directions, without closing any: what was sent is held (a close
+    /// too) until [`thaw`](Self::thaw). Neither side can tell.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Moves the held bytes on and forwards again.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+}
+
+/// Copies `from` to `to` while not frozen; what arrives while frozen (or
+/// the end of the stream) is passed on once thawed.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut frozen: watch::Receiver<bool>) {
+    let mut buf = vec![0_u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await.unwrap_or(0);
+        if frozen.wait_for(|frozen| !*frozen).await.is_err() {
+            return;
+        }
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Drop for Proxy {
