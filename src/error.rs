@@ -245,9 +245,12 @@ pub fn is_connection_lost(err: &sqlx::Error) -> bool {
         sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) if db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() => {
             // 08: connection exceptions; 57P01/57P02: the session was
-            // terminated (administrator command, crash of another backend).
-            db.code()
-                .is_some_and(|code| code.starts_with("08") || code == "57P01" || code == "57P02")
+            // terminated (administrator command, crash of another backend);
+            // 57P05/25P03: the server ended an idle session (idle session,
+            // idle in transaction timeouts).
+            db.code().is_some_and(|code| {
+                code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P05" | "25P03")
+            })
         }
         _ => false,
     }

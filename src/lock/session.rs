@@ -382,7 +382,13 @@ impl Session {
 
     fn lose(&mut self, why: &Error) {
         if let Some(live) = self.live.take() {
-            tracing::warn!(session = self.index, held = live.held.len(), error = %why, "lock session lost; its locks are lost");
+            if live.held.is_empty() {
+                // PostgreSQL ends idle sessions (idle_session_timeout); one
+                // that held nothing is simply replaced.
+                tracing::debug!(session = self.index, error = %why, "idle lock session ended");
+            } else {
+                tracing::warn!(session = self.index, held = live.held.len(), error = %why, "lock session lost; its locks are lost");
+            }
             live.generation.mark_lost();
             // Dropped, not closed: on a frozen link a polite close would hang.
             drop(live.conn);
