@@ -40,7 +40,7 @@ pub use self::id::{CLIENT_KEY_PREFIX, LockId};
 use self::{
     embedded::FencingTokens,
     session::{SessionHold, Sessions, Timing, TryOutcome},
-    table::{Entry, FAIR_PAUSE, Owned, Release, Remote, Table},
+    table::{Entry, FAIR_PAUSE, Owned, Release, Remote, Table, Tokens},
 };
 use crate::{
     config::Config,
@@ -266,7 +266,7 @@ impl Locks {
             return Err(Error::LockNotAvailable { key: key.into_inner() });
         };
         let (lost, sessions) = match (&grant.owned.remote, &self.inner.backend) {
-            (Some(Remote::Session(hold)), Backend::Postgres(sessions)) => {
+            (Some(Remote::Session(hold, _)), Backend::Postgres(sessions)) => {
                 (Some(hold.generation.lost()), Some(sessions.clone()))
             }
             _ => (None, None),
@@ -309,43 +309,56 @@ impl Locks {
                     let token = if token { Some(tokens.next().await?) } else { None };
                     return Ok(Some(Grant { owned, token }));
                 }
-                // Handed on by a local holder: held in PostgreSQL already.
-                (Backend::Postgres(sessions), Some(Remote::Session(hold))) => {
+                // Handed on by a local holder: held in PostgreSQL already,
+                // with tokens reserved for the next holders.
+                (Backend::Postgres(sessions), Some(Remote::Session(hold, mut tokens))) => {
                     if hold.generation.is_lost() {
                         continue;
                     }
                     if !token {
-                        owned.remote = Some(Remote::Session(hold));
+                        owned.remote = Some(Remote::Session(hold, tokens));
                         return Ok(Some(Grant { owned, token: None }));
                     }
-                    match sessions.token(&hold).await {
-                        Ok(t) => {
-                            owned.remote = Some(Remote::Session(hold));
-                            return Ok(Some(Grant { owned, token: Some(t) }));
+                    if let Some(t) = tokens.take() {
+                        owned.remote = Some(Remote::Session(hold, tokens));
+                        return Ok(Some(Grant { owned, token: Some(t) }));
+                    }
+                    let count = self.token_block(id);
+                    match sessions.tokens(&hold, count).await {
+                        Ok(first) => {
+                            let mut tokens = Tokens::from(first, count);
+                            let t = tokens.take();
+                            owned.remote = Some(Remote::Session(hold, tokens));
+                            return Ok(Some(Grant { owned, token: t }));
                         }
                         Err(Error::LockCapacityExhausted) => {
-                            owned.remote = Some(Remote::Session(hold));
+                            owned.remote = Some(Remote::Session(hold, Tokens::NONE));
                             return Err(Error::LockCapacityExhausted);
                         }
                         // Its session died meanwhile: take it anew.
                         Err(_) => continue,
                     }
                 }
-                (Backend::Postgres(sessions), _) => match self.try_until(sessions, id, token, deadline).await? {
-                    TryOutcome::Granted(hold, t) => {
-                        owned.remote = Some(Remote::Session(hold));
-                        return Ok(Some(Grant { owned, token: t }));
-                    }
-                    TryOutcome::Busy => {
-                        let now = tokio::time::Instant::now();
-                        match deadline {
-                            Some(deadline) if now < deadline => {
-                                tokio::time::sleep_until((now + session::POLL).min(deadline)).await;
+                (Backend::Postgres(sessions), _) => {
+                    let count = if token { self.token_block(id) } else { 0 };
+                    match self.try_until(sessions, id, count, deadline).await? {
+                        TryOutcome::Granted(hold, drawn) => {
+                            let mut tokens = drawn.map_or(Tokens::NONE, |(first, n)| Tokens::from(first, n));
+                            let t = if token { tokens.take() } else { None };
+                            owned.remote = Some(Remote::Session(hold, tokens));
+                            return Ok(Some(Grant { owned, token: t }));
+                        }
+                        TryOutcome::Busy => {
+                            let now = tokio::time::Instant::now();
+                            match deadline {
+                                Some(deadline) if now < deadline => {
+                                    tokio::time::sleep_until((now + session::POLL).min(deadline)).await;
+                                }
+                                _ => return Ok(None),
                             }
-                            _ => return Ok(None),
                         }
                     }
-                },
+                }
             }
         }
     }
@@ -360,15 +373,23 @@ impl Locks {
         &self,
         sessions: &Sessions,
         id: LockId,
-        token: bool,
+        tokens: u32,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<TryOutcome> {
         let bound = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.inner.lease);
-        match tokio::time::timeout_at(bound, sessions.try_lock(id, token)).await {
+        match tokio::time::timeout_at(bound, sessions.try_lock(id, tokens)).await {
             Ok(outcome) => outcome,
             Err(_) if deadline.is_some() => Ok(TryOutcome::Busy),
             Err(_) => Err(Error::DatabaseUnavailable(None)),
         }
+    }
+
+    /// How many fencing tokens to reserve when `id` is granted in
+    /// PostgreSQL: one for the grant and one for each local waiter queued
+    /// behind it, who will take it over without going back to PostgreSQL.
+    fn token_block(&self, id: LockId) -> u32 {
+        const MAX_BLOCK: usize = 64;
+        u32::try_from(1 + self.inner.table.queued(id).min(MAX_BLOCK - 1)).unwrap_or(1)
     }
 
     /// Whether lock streams are being ended for shutdown.
@@ -397,7 +418,7 @@ impl HeldLock {
 
     fn session(&self) -> Option<&SessionHold> {
         match &self.owned.remote {
-            Some(Remote::Session(hold)) => Some(hold),
+            Some(Remote::Session(hold, _)) => Some(hold),
             _ => None,
         }
     }

@@ -48,22 +48,22 @@ const OUT_OF_SHARED_MEMORY: &str = "53200";
 /// Commands taken per statement at most.
 const MAX_BATCH: usize = 4096;
 
-/// Releases, then tries, then draws the fencing tokens of the granted
-/// client locks plus `$8` more, all in one autocommitted statement. The
-/// `CASE` on `released.n` makes every try wait for the releases.
+/// Releases, then tries, then draws the fencing tokens each granted client
+/// lock asked for (`$5`) plus `$8` more, all in one autocommitted statement.
+/// The `CASE` on `released.n` makes every try wait for the releases.
 const BATCH_SQL: &str = "\
 WITH released AS MATERIALIZED (
     SELECT (SELECT count(*) FROM unnest($1::int8[]) AS u(k) WHERE pg_advisory_unlock(u.k))
          + (SELECT count(*) FROM unnest($2::int4[], $3::int4[]) AS u(a, b) WHERE pg_advisory_unlock(u.a, u.b)) AS n),
 granted AS MATERIALIZED (
     SELECT t.k, NULL::int4 AS a, NULL::int4 AS b, t.tok
-    FROM released, unnest($4::int8[], $5::bool[]) AS t(k, tok)
+    FROM released, unnest($4::int8[], $5::int4[]) AS t(k, tok)
     WHERE CASE WHEN released.n >= 0 THEN pg_try_advisory_lock(t.k) END
     UNION ALL
-    SELECT NULL::int8, t.a, t.b, false
+    SELECT NULL::int8, t.a, t.b, 0
     FROM released, unnest($6::int4[], $7::int4[]) AS t(a, b)
     WHERE CASE WHEN released.n >= 0 THEN pg_try_advisory_lock(t.a, t.b) END),
-wanted AS (SELECT count(*) FILTER (WHERE tok) + $8::int8 AS n FROM granted),
+wanted AS (SELECT coalesce(sum(tok), 0) + $8::int8 AS n FROM granted),
 drawn AS (
     UPDATE vitals_fencing SET last_token = last_token + wanted.n FROM wanted
     WHERE vitals_fencing.id = 1 AND wanted.n > 0 RETURNING last_token)
@@ -161,8 +161,8 @@ pub struct SessionHold {
 /// What a try gave.
 #[derive(Debug)]
 pub enum TryOutcome {
-    /// Granted, with a fencing token when one was asked for.
-    Granted(SessionHold, Option<u64>),
+    /// Granted, with the fencing tokens asked for (first, count).
+    Granted(SessionHold, Option<(u64, u32)>),
     /// Held by another session (another replica, another program).
     Busy,
 }
@@ -170,11 +170,12 @@ pub enum TryOutcome {
 enum Cmd {
     Try {
         id: LockId,
-        token: bool,
+        tokens: u32,
         reply: oneshot::Sender<Result<TryOutcome>>,
     },
     Token {
         generation: u64,
+        count: u32,
         reply: oneshot::Sender<Result<u64>>,
     },
     Unlock {
@@ -245,18 +246,27 @@ impl Sessions {
         }
     }
 
-    /// Tries `id` on its session once.
-    pub async fn try_lock(&self, id: LockId, token: bool) -> Result<TryOutcome> {
+    /// Tries `id` on its session once; granted, it draws `tokens` fencing
+    /// tokens in the same statement.
+    pub async fn try_lock(&self, id: LockId, tokens: u32) -> Result<TryOutcome> {
         let (reply, rx) = oneshot::channel();
-        self.send(id.shard(self.senders.len()), Cmd::Try { id, token, reply });
+        self.send(id.shard(self.senders.len()), Cmd::Try { id, tokens, reply });
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// A fresh fencing token drawn on `hold`'s session, if it is still alive.
-    pub async fn token(&self, hold: &SessionHold) -> Result<u64> {
+    /// `count` fresh fencing tokens (the first is returned) drawn on
+    /// `hold`'s session, if it is still alive.
+    pub async fn tokens(&self, hold: &SessionHold, count: u32) -> Result<u64> {
         let (reply, rx) = oneshot::channel();
         let generation = hold.generation.number;
-        self.send(hold.index, Cmd::Token { generation, reply });
+        self.send(
+            hold.index,
+            Cmd::Token {
+                generation,
+                count,
+                reply,
+            },
+        );
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
@@ -314,8 +324,8 @@ struct Batch {
     unlock_b: Vec<i32>,
     unlocked: Vec<LockId>,
     acks: Vec<oneshot::Sender<()>>,
-    tries: Vec<(LockId, bool, oneshot::Sender<Result<TryOutcome>>)>,
-    tokens: Vec<oneshot::Sender<Result<u64>>>,
+    tries: Vec<(LockId, u32, oneshot::Sender<Result<TryOutcome>>)>,
+    tokens: Vec<(u32, oneshot::Sender<Result<u64>>)>,
     pings: Vec<oneshot::Sender<bool>>,
 }
 
@@ -491,10 +501,14 @@ fn sort(cmds: Vec<Cmd>, live: &mut Live) -> Batch {
                 }
                 batch.acks.extend(ack);
             }
-            Cmd::Try { id, token, reply } => batch.tries.push((id, token, reply)),
-            Cmd::Token { generation, reply } => {
+            Cmd::Try { id, tokens, reply } => batch.tries.push((id, tokens, reply)),
+            Cmd::Token {
+                generation,
+                count,
+                reply,
+            } => {
                 if generation == current {
-                    batch.tokens.push(reply);
+                    batch.tokens.push((count.max(1), reply));
                 } else {
                     let _ = reply.send(Err(gone()));
                 }
@@ -521,11 +535,11 @@ async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::resul
     let mut try_client = Vec::new();
     let mut try_token = Vec::new();
     let (mut try_a, mut try_b) = (Vec::new(), Vec::new());
-    for (id, token, _) in &batch.tries {
+    for (id, tokens, _) in &batch.tries {
         match *id {
             LockId::Client(k) => {
                 try_client.push(k);
-                try_token.push(*token);
+                try_token.push(i32::try_from(*tokens).unwrap_or(i32::MAX));
             }
             LockId::Internal { space, object } => {
                 try_a.push(space);
@@ -533,7 +547,7 @@ async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::resul
             }
         }
     }
-    let extra = i64::try_from(batch.tokens.len()).unwrap_or(i64::MAX);
+    let extra: i64 = batch.tokens.iter().map(|(count, _)| i64::from(*count)).sum();
     // Bounded by the validity of what the session holds; a session holding
     // nothing has a whole window.
     let sent = Instant::now();
@@ -601,34 +615,35 @@ fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
             None => last_token = row.last_token,
         }
     }
-    let wanted = batch
+    let wanted: u64 = batch
         .tries
         .iter()
-        .filter(|(id, token, _)| *token && granted.contains_key(id))
-        .count()
-        + batch.tokens.len();
+        .filter(|(id, _, _)| granted.contains_key(id))
+        .map(|(_, tokens, _)| u64::from(*tokens))
+        .sum::<u64>()
+        + batch.tokens.iter().map(|(count, _)| u64::from(*count)).sum::<u64>();
     // Tokens last - wanted + 1 ..= last were drawn for this batch.
     let mut next = last_token.and_then(|last| {
         u64::try_from(last)
             .ok()
-            .and_then(|last| last.checked_sub(u64::try_from(wanted).ok()?))
+            .and_then(|last| last.checked_sub(wanted))
             .map(|below| below + 1)
     });
-    let mut draw = || -> Option<u64> {
-        let token = next?;
-        next = Some(token + 1);
-        Some(token)
+    let mut draw = |count: u32| -> Option<u64> {
+        let first = next?;
+        next = Some(first + u64::from(count));
+        Some(first)
     };
     let hold = SessionHold {
         index: live.index,
         generation: live.generation.clone(),
     };
-    for (id, token, reply) in batch.tries {
+    for (id, tokens, reply) in batch.tries {
         let outcome = if granted.contains_key(&id) {
             *live.held.entry(id).or_insert(0) += 1;
-            if token {
-                match draw() {
-                    Some(t) => Ok(TryOutcome::Granted(hold.clone(), Some(t))),
+            if tokens > 0 {
+                match draw(tokens) {
+                    Some(first) => Ok(TryOutcome::Granted(hold.clone(), Some((first, tokens)))),
                     None => Err(Error::Internal("no fencing token was drawn".into())),
                 }
             } else {
@@ -643,8 +658,8 @@ fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
             live.orphans.push(id);
         }
     }
-    for reply in batch.tokens {
-        let _ = reply.send(draw().ok_or_else(|| Error::Internal("no fencing token was drawn".into())));
+    for (count, reply) in batch.tokens {
+        let _ = reply.send(draw(count).ok_or_else(|| Error::Internal("no fencing token was drawn".into())));
     }
     for reply in batch.pings {
         let _ = reply.send(true);
@@ -693,7 +708,7 @@ async fn reconcile(live: &mut Live, timing: Timing) -> Result<()> {
         );
         let empty_i64: Vec<i64> = Vec::new();
         let empty_i32: Vec<i32> = Vec::new();
-        let empty_bool: Vec<bool> = Vec::new();
+
         tokio::time::timeout_at(
             deadline.into(),
             sqlx::query(BATCH_SQL)
@@ -701,7 +716,7 @@ async fn reconcile(live: &mut Live, timing: Timing) -> Result<()> {
                 .bind(&a)
                 .bind(&b)
                 .bind(&empty_i64)
-                .bind(&empty_bool)
+                .bind(&empty_i32)
                 .bind(&empty_i32)
                 .bind(&empty_i32)
                 .bind(0_i64)
@@ -718,7 +733,7 @@ fn answer_capacity(live: &Live, batch: Batch) {
     for (_, _, reply) in batch.tries {
         let _ = reply.send(Err(Error::LockCapacityExhausted));
     }
-    for reply in batch.tokens {
+    for (_, reply) in batch.tokens {
         let _ = reply.send(Err(Error::LockCapacityExhausted));
     }
     let alive = !live.generation.is_lost();
@@ -737,7 +752,7 @@ impl Batch {
         for (_, _, reply) in self.tries {
             let _ = reply.send(Err(gone()));
         }
-        for reply in self.tokens {
+        for (_, reply) in self.tokens {
             let _ = reply.send(Err(gone()));
         }
         for reply in self.pings {

@@ -9,10 +9,10 @@
 //! and a turn sent to a waiter that has just gone comes back and is passed on.
 //!
 //! A lock held in PostgreSQL is handed from one local holder to the next
-//! without a round trip for the lock itself, up to [`MAX_HANDOFFS`] times in
-//! a row; then it is released in PostgreSQL and the next local waiter pauses
-//! [`FAIR_PAUSE`] before it tries again, so waiters on other replicas (who
-//! try every [`super::session::POLL`]) get their turn.
+//! without a round trip, for at most [`MAX_STREAK`] of back-to-back
+//! hand-offs; then it is released in PostgreSQL and the next local waiter
+//! pauses [`FAIR_PAUSE`] before it tries again, so waiters on other replicas
+//! (who try every [`super::session::POLL`]) get their turn.
 
 use std::{
     collections::{HashMap, VecDeque, hash_map},
@@ -20,16 +20,16 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::oneshot;
 
 use super::{LockId, session::SessionHold};
 
-/// Local hand-offs of a lock held in PostgreSQL before it is released there
-/// for other replicas.
-pub const MAX_HANDOFFS: u32 = 16;
+/// How long a lock held in PostgreSQL is handed from local holder to local
+/// holder before it is released there for other replicas.
+pub const MAX_STREAK: Duration = Duration::from_millis(200);
 /// How long the next local waiter lets other replicas try after such a release.
 pub const FAIR_PAUSE: Duration = Duration::from_millis(10);
 
@@ -38,8 +38,43 @@ pub const FAIR_PAUSE: Duration = Duration::from_millis(10);
 pub enum Remote {
     /// Nowhere else: the embedded store's locks live only here.
     Local,
-    /// A session-level advisory lock on one of the lock manager's sessions.
-    Session(SessionHold),
+    /// A session-level advisory lock on one of the lock manager's sessions,
+    /// with the fencing tokens reserved for its next local holders.
+    Session(SessionHold, Tokens),
+}
+
+/// Fencing tokens `next..=last`, reserved (durably) while a lock was held in
+/// PostgreSQL. They rise above every earlier grant of the lock, on any
+/// replica, because they were drawn after PostgreSQL granted it; they are
+/// handed to its next local holders and thrown away when it is released
+/// there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tokens {
+    /// The next token to hand out.
+    pub next: u64,
+    /// The last token reserved.
+    pub last: u64,
+}
+
+impl Tokens {
+    /// No tokens.
+    pub const NONE: Tokens = Tokens { next: 1, last: 0 };
+
+    /// `count` tokens from `first`.
+    pub fn from(first: u64, count: u32) -> Self {
+        Tokens {
+            next: first,
+            last: first + u64::from(count).max(1) - 1,
+        }
+    }
+
+    /// The next token, if one is left.
+    pub fn take(&mut self) -> Option<u64> {
+        (self.next <= self.last).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
 }
 
 /// Releases a lock beyond this process.
@@ -67,8 +102,8 @@ struct Inner {
 #[derive(Debug, Default)]
 struct Slot {
     queue: VecDeque<(u64, oneshot::Sender<Turn>)>,
-    /// Hand-offs since the lock was last taken in PostgreSQL.
-    handoffs: u32,
+    /// When the current run of local hand-offs of a lock held in PostgreSQL began.
+    streak_since: Option<Instant>,
 }
 
 /// The local ownership of a lock, passed on when dropped.
@@ -162,6 +197,16 @@ impl Table {
     pub fn waiting(&self) -> usize {
         self.inner.waiting.load(Ordering::SeqCst)
     }
+
+    /// Acquirers queued for `id` right now.
+    pub fn queued(&self, id: LockId) -> usize {
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .map_or(0, |slot| slot.queue.len())
+    }
 }
 
 impl Queued {
@@ -225,12 +270,16 @@ impl Inner {
                     // Not in the table: nothing to hand on; release what is held.
                     None => (None, remote.take(), false),
                     Some((Some((_, tx)), slot)) => {
-                        let in_postgres = matches!(remote, Some(Remote::Session(_)));
-                        if in_postgres && slot.handoffs >= MAX_HANDOFFS {
-                            slot.handoffs = 0;
-                            (Some(tx), remote.take(), true)
+                        if matches!(remote, Some(Remote::Session(..))) {
+                            let since = *slot.streak_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= MAX_STREAK {
+                                slot.streak_since = None;
+                                (Some(tx), remote.take(), true)
+                            } else {
+                                (Some(tx), None, false)
+                            }
                         } else {
-                            slot.handoffs = if in_postgres { slot.handoffs + 1 } else { 0 };
+                            slot.streak_since = None;
                             (Some(tx), None, false)
                         }
                     }
@@ -241,7 +290,7 @@ impl Inner {
                 }
             };
             match release {
-                Some(Remote::Session(hold)) => self.release.release(id, hold, ack.take()),
+                Some(Remote::Session(hold, _)) => self.release.release(id, hold, ack.take()),
                 Some(Remote::Local) | None => {}
             }
             let Some(tx) = next else {
