@@ -14,6 +14,10 @@
 //! while every lock is held, after every lock is released and after the
 //! connections are closed; each figure is the largest of a few samples a few
 //! hundred milliseconds apart.
+//!
+//! [`measure_rounds`] repeats this on the same process: memory freed at a
+//! release stays with the allocator, and a later round shows whether it is
+//! reused (growth shrinking round by round) or leaked (constant growth).
 
 use std::{
     collections::BTreeMap,
@@ -118,6 +122,38 @@ fn postgres_counts(pg: &Postgres) -> (Option<i64>, Option<i64>) {
          and database = (select oid from pg_database where datname = current_database())",
     );
     (sessions, locks)
+}
+
+/// [`measure`] `rounds` times on the same vitals process, one after the
+/// other; fills each round's growth since the first round's `before`.
+pub(crate) async fn measure_rounds(
+    backend: &str,
+    rounds: usize,
+    addr: SocketAddr,
+    pid: u32,
+    plan: HoldPlan,
+    key_prefix: &str,
+    pg: Option<&Postgres>,
+) -> Result<Vec<HeldLocks>> {
+    let mut results: Vec<HeldLocks> = Vec::with_capacity(rounds);
+    for round in 1..=rounds.max(1) {
+        let mut result = measure(backend, round, addr, pid, plan, &format!("{key_prefix}-{round}"), pg).await?;
+        let first_before = results.first().map_or(result.rss_before_kb, |r| r.rss_before_kb);
+        result.per_lock_since_first_bytes = if result.acquired == 0 {
+            0.0
+        } else {
+            (result.rss_held_kb as f64 - first_before as f64) * 1024.0 / result.acquired as f64
+        };
+        if round > 1 {
+            eprintln!(
+                "vitals-bench: held locks ({backend}, round {round}): {:.2} KiB per lock counted from round 1's RSS \
+                 before",
+                result.per_lock_since_first_bytes / 1024.0
+            );
+        }
+        results.push(result);
+    }
+    Ok(results)
 }
 
 /// Holds `plan.locks` locks on the vitals at `addr` (process `pid`) and
@@ -256,6 +292,7 @@ pub(crate) async fn measure(
         rss_closed_kb,
         per_lock_bytes: per_lock(rss_before_kb),
         per_lock_stream_bytes: per_lock(rss_connected_kb),
+        per_lock_since_first_bytes: 0.0,
         acquire_s,
         acquire_per_s: if acquire_s > 0.0 {
             acquired as f64 / acquire_s

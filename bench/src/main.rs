@@ -109,7 +109,7 @@ struct Cli {
     /// Held-locks measurement: rounds per backend on the same vitals process.
     /// Round 1 gives the figure per lock; a later round shows whether the
     /// memory kept after a release is reused (no growth) or leaked.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=5))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=5))]
     hold_locks_rounds: u64,
     /// Held-locks measurement: streams acquiring (later releasing) at once.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -314,11 +314,18 @@ fn replot(json: &Path, out_dir: &Path) -> Result<()> {
     r.derive();
     fs::create_dir_all(out_dir)?;
     fs::write(out_dir.join("results.md"), report::markdown(&r))?;
-    report::plot(&r, &out_dir.join("throughput-p99.png"))?;
-    eprintln!(
-        "vitals-bench: wrote results.md and throughput-p99.png in {}",
-        out_dir.display()
-    );
+    if r.cells.is_empty() {
+        eprintln!(
+            "vitals-bench: wrote results.md (no cells to plot) in {}",
+            out_dir.display()
+        );
+    } else {
+        report::plot(&r, &out_dir.join("throughput-p99.png"))?;
+        eprintln!(
+            "vitals-bench: wrote results.md and throughput-p99.png in {}",
+            out_dir.display()
+        );
+    }
     Ok(())
 }
 
@@ -660,19 +667,17 @@ async fn run(cli: Cli) -> Result<()> {
     if hold.locks > 0 {
         drop(channels);
         let prefix = format!("bench-held-{nonce}");
-        for round in 1..=hold_rounds {
-            let result = held::measure(
-                "postgres",
-                round,
-                vitals.addr,
-                vitals.proc.pid(),
-                hold,
-                &format!("{prefix}-pg-{round}"),
-                Some(&pg),
-            )
-            .await?;
-            bench.report.held_locks.push(result);
-        }
+        let results = held::measure_rounds(
+            "postgres",
+            hold_rounds,
+            vitals.addr,
+            vitals.proc.pid(),
+            hold,
+            &format!("{prefix}-pg"),
+            Some(&pg),
+        )
+        .await?;
+        bench.report.held_locks.extend(results);
         let dir = work.path().join("embedded");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let url = format!("sqlite://{}/vitals.db", dir.display());
@@ -682,19 +687,17 @@ async fn run(cli: Cli) -> Result<()> {
             embedded.addr,
             embedded.proc.pid()
         );
-        for round in 1..=hold_rounds {
-            let result = held::measure(
-                "embedded",
-                round,
-                embedded.addr,
-                embedded.proc.pid(),
-                hold,
-                &format!("{prefix}-embedded-{round}"),
-                None,
-            )
-            .await?;
-            bench.report.held_locks.push(result);
-        }
+        let results = held::measure_rounds(
+            "embedded",
+            hold_rounds,
+            embedded.addr,
+            embedded.proc.pid(),
+            hold,
+            &format!("{prefix}-embedded"),
+            None,
+        )
+        .await?;
+        bench.report.held_locks.extend(results);
         drop(embedded);
     }
 
@@ -708,7 +711,7 @@ async fn run(cli: Cli) -> Result<()> {
          starts its own cluster.",
         report::num(hold.locks.max(10_000) as f64)
     ));
-    if run_pgbench {
+    if run_pgbench && (wants("submit") || wants("lock")) {
         r.notes.push(
             "pgbench: prepared statements (-M prepared), one connection per client, 2 threads; latency \
              percentiles from its per-transaction log, with the same warm-up cut."

@@ -147,6 +147,11 @@ pub(crate) struct HeldLocks {
     pub(crate) per_lock_bytes: f64,
     /// (held - connected) / acquired, bytes: the streams alone.
     pub(crate) per_lock_stream_bytes: f64,
+    /// (held - round 1's before) / acquired, bytes: what the locks cost once
+    /// earlier rounds have come and gone (the allocator reuses freed memory
+    /// but touches new pages of it), i.e. in a replica that has churned.
+    #[serde(default)]
+    pub(crate) per_lock_since_first_bytes: f64,
     /// Seconds from the first acquire sent to the last `acquired`, and the rate.
     pub(crate) acquire_s: f64,
     pub(crate) acquire_per_s: f64,
@@ -387,19 +392,35 @@ impl Report {
             });
         }
         for h in first_rounds {
-            let complete = h.acquired == h.requested && h.acquired > 0;
+            let rounds: Vec<&HeldLocks> = self.held_locks.iter().filter(|x| x.backend == h.backend).collect();
+            let complete = rounds.iter().all(|x| x.acquired == x.requested && x.acquired > 0);
+            let last = rounds.last().copied().unwrap_or(h);
+            let worst = rounds
+                .iter()
+                .map(|x| x.per_lock_bytes.max(x.per_lock_since_first_bytes))
+                .fold(h.per_lock_bytes, f64::max);
+            let churned = if last.round > 1 {
+                format!(
+                    "; {:.2} KiB after {} rounds (RSS {} MiB)",
+                    last.per_lock_since_first_bytes / 1024.0,
+                    last.round,
+                    last.rss_held_kb / 1024
+                )
+            } else {
+                String::new()
+            };
             targets.push(Target {
                 target: format!("vitals RSS per held WithLock lock, {} backend", h.backend),
                 goal: "<= 4 KiB".into(),
                 measured: format!(
-                    "{:.2} KiB ({} locks held, RSS {} -> {} MiB){}",
+                    "{:.2} KiB on a fresh process ({} locks, RSS {} -> {} MiB){churned}{}",
                     h.per_lock_bytes / 1024.0,
                     num(h.acquired as f64),
                     h.rss_before_kb / 1024,
                     h.rss_held_kb / 1024,
-                    if complete { "" } else { ", not every lock was acquired" }
+                    if complete { "" } else { "; not every lock was acquired" }
                 ),
-                met: Some(complete && h.per_lock_bytes <= HELD_LOCK_GOAL_BYTES),
+                met: Some(complete && worst <= HELD_LOCK_GOAL_BYTES),
             });
         }
         self.targets = targets;
@@ -613,9 +634,12 @@ fn held_locks_section(md: &mut String, r: &Report) {
             h.acquire_concurrency,
             if r.settings.hold_locks_rounds > 1 {
                 format!(
-                    "Each backend ran {} rounds on the same process: round 1 is the figure per lock; a later round \
-                     starts from what the earlier ones left, so growth near zero there means the memory kept after \
-                     a release is reused, not leaked.",
+                    "Each backend ran {} rounds on the same process. Round 1 is the cost on a fresh process. A later \
+                     round starts from what the earlier ones left: its own growth shrinks round by round (the \
+                     allocator reuses the memory freed at release but touches pages of it the first round left \
+                     untouched), and `per lock since round 1` = (held - round 1's before) / locks held is what the \
+                     locks cost in a replica that has churned; the target is judged on the larger figure. Growth \
+                     that stayed constant round after round would be a leak.",
                     r.settings.hold_locks_rounds
                 )
             } else {
@@ -627,8 +651,9 @@ fn held_locks_section(md: &mut String, r: &Report) {
     let _ = writeln!(
         md,
         "| backend | round | locks held | RSS before MiB | connected MiB | held MiB | per lock KiB | streams only KiB | \
+         per lock since round 1 KiB | \
          acquire all | release all | after release MiB (returned) | connections closed MiB | PostgreSQL while held |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"
     );
     for h in &r.held_locks {
         let grown = h.rss_held_kb as f64 - h.rss_before_kb as f64;
@@ -649,7 +674,7 @@ fn held_locks_section(md: &mut String, r: &Report) {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} of {} | {} | {} | {} | {:.2} | {:.2} | {:.2} s ({} /s) | {:.2} s ({} /s) | {}{} | {} | {} |",
+            "| {} | {} | {} of {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} s ({} /s) | {:.2} s ({} /s) | {}{} | {} | {} |",
             h.backend,
             h.round.max(1),
             num(h.acquired as f64),
@@ -659,6 +684,7 @@ fn held_locks_section(md: &mut String, r: &Report) {
             mib(h.rss_held_kb),
             h.per_lock_bytes / 1024.0,
             h.per_lock_stream_bytes / 1024.0,
+            h.per_lock_since_first_bytes / 1024.0,
             h.acquire_s,
             num(h.acquire_per_s),
             h.release_s,
