@@ -5,6 +5,7 @@
 #   scripts/bench.sh                 # everything, about 8 minutes on 2 cores
 #   scripts/bench.sh --soak 300      # with the 5-minute memory soak of the target
 #   scripts/bench.sh --duration 3 --workloads lock --clients 1,32   # a quick look
+#   scripts/bench.sh --workloads none   # only vitals' RSS per held lock (10,000 locks)
 #
 # Builds vitals in release (the README's build) and the vitals-bench load
 # generator (bench/, a workspace member that `cargo build`/`cargo test` skip),
@@ -13,7 +14,8 @@
 # and etcd. Every other argument goes to vitals-bench (`--help` lists them).
 #
 # Installs what is missing with apt-get when run as root: etcd-server (the
-# peer), protobuf-compiler (etcd-client's build needs protoc),
+# peer), protobuf-compiler and libprotobuf-dev (etcd-client's build needs
+# protoc and the google/protobuf/*.proto it imports),
 # postgresql-client (pgbench), postgresql (initdb, pg_ctl; only when
 # DATABASE_URL is unset) and fonts-dejavu-core (the plot's labels).
 #
@@ -38,6 +40,10 @@ die() {
 missing=()
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
+if [[ -z ${PROTOC_INCLUDE:-} ]] && ! compgen -G '/usr/include/google/protobuf/descriptor.proto' >/dev/null &&
+    ! compgen -G '/usr/local/include/google/protobuf/descriptor.proto' >/dev/null; then
+    missing+=(libprotobuf-dev)
+fi
 command -v pgbench >/dev/null || missing+=(postgresql-client)
 if [[ -z ${DATABASE_URL:-} ]] && ! compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null; then
     missing+=(postgresql)

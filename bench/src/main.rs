@@ -6,8 +6,9 @@
 //! cluster or a fresh database on `DATABASE_URL`, the vitals release binary,
 //! etcd), drives each workload at each concurrency for a fixed time, runs the
 //! baselines and the peer, soaks `mixed` while sampling vitals' RSS, counts
-//! round trips per SubmitRun on the wire, writes Markdown, JSON and a plot,
-//! and stops everything it started.
+//! round trips per SubmitRun on the wire, measures vitals' RSS per held
+//! WithLock lock on both backends, writes Markdown, JSON and a plot, and
+//! stops everything it started.
 //!
 //! # Layout
 //! - [`load`]: the closed-loop driver and latency percentiles.
@@ -16,8 +17,10 @@
 //! - [`services`]: PostgreSQL, vitals and etcd processes; CPU and RSS sampling.
 //! - [`wire`]: a PostgreSQL wire proxy that counts round trips.
 //! - [`roundtrips`]: round trips per SubmitRun / WithLock through that proxy.
+//! - [`held`]: vitals' RSS while it holds many WithLock locks at once.
 //! - [`report`]: the results, their Markdown, JSON and plot.
 
+mod held;
 mod load;
 mod pgbench;
 mod report;
@@ -63,7 +66,9 @@ struct Cli {
     /// Concurrencies (closed-loop clients), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
     clients: Vec<usize>,
-    /// Workloads to run, comma separated: evaluate, submit, lock, mixed.
+    /// Workloads to run, comma separated: evaluate, submit, lock, mixed; or
+    /// `none`: no timed workload and no soak, only the held-locks measurement
+    /// (`--workloads none --hold-locks 10000`).
     #[arg(long, value_delimiter = ',', default_value = "evaluate,submit,lock,mixed")]
     workloads: Vec<String>,
     /// Skip the pgbench baseline.
@@ -73,7 +78,7 @@ struct Cli {
     #[arg(long)]
     no_etcd: bool,
     /// Seconds of the `mixed` soak during which vitals' RSS is sampled (issue
-    /// 8 asks for 300; 0 skips the soak).
+    /// 8 asks for 300; 0 skips the soak; `--workloads none` skips it too).
     #[arg(long, env = "VITALS_BENCH_SOAK", default_value_t = 60.0)]
     soak: f64,
     /// Seconds at the start of the soak not judged (pools and caches fill).
@@ -91,6 +96,24 @@ struct Cli {
     /// Threads of the load generator's runtime.
     #[arg(long, default_value_t = 2)]
     client_threads: usize,
+    /// WithLock locks held at once for the held-locks measurement, after the
+    /// workloads, on each backend: the PostgreSQL vitals and a second vitals
+    /// on the embedded SQLite store. Reports vitals' RSS per held lock
+    /// (goal <= 4 KiB) and the time to acquire them all. 0 skips it.
+    #[arg(long, default_value_t = 10_000)]
+    hold_locks: usize,
+    /// Held-locks measurement: WithLock streams per HTTP/2 connection (the
+    /// server allows about 200 concurrent streams per connection).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=200))]
+    hold_locks_per_connection: u64,
+    /// Held-locks measurement: rounds per backend on the same vitals process.
+    /// Round 1 gives the figure per lock; a later round shows whether the
+    /// memory kept after a release is reused (no growth) or leaked.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=5))]
+    hold_locks_rounds: u64,
+    /// Held-locks measurement: streams acquiring (later releasing) at once.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    hold_locks_concurrency: u64,
     /// Upper bound on requests per cell.
     #[arg(long, default_value_t = 5_000_000)]
     max_requests: u64,
@@ -291,21 +314,38 @@ fn replot(json: &Path, out_dir: &Path) -> Result<()> {
     r.derive();
     fs::create_dir_all(out_dir)?;
     fs::write(out_dir.join("results.md"), report::markdown(&r))?;
-    report::plot(&r, &out_dir.join("throughput-p99.png"))?;
-    eprintln!(
-        "vitals-bench: wrote results.md and throughput-p99.png in {}",
-        out_dir.display()
-    );
+    if r.cells.is_empty() {
+        eprintln!(
+            "vitals-bench: wrote results.md (no cells to plot) in {}",
+            out_dir.display()
+        );
+    } else {
+        report::plot(&r, &out_dir.join("throughput-p99.png"))?;
+        eprintln!(
+            "vitals-bench: wrote results.md and throughput-p99.png in {}",
+            out_dir.display()
+        );
+    }
     Ok(())
 }
 
 async fn run(cli: Cli) -> Result<()> {
     let started = Instant::now();
-    for w in &cli.workloads {
+    // `none`: no timed workload and no soak (the held-locks measurement only).
+    let workloads: Vec<String> = if cli.workloads.iter().any(|w| w == "none") {
+        if cli.workloads.len() > 1 {
+            bail!("--workloads none cannot be combined with other workloads");
+        }
+        Vec::new()
+    } else {
+        cli.workloads.clone()
+    };
+    for w in &workloads {
         if !WORKLOADS.contains(&w.as_str()) {
-            bail!("unknown workload {w:?} (known: {})", WORKLOADS.join(", "));
+            bail!("unknown workload {w:?} (known: {}, or none)", WORKLOADS.join(", "));
         }
     }
+    let soak = if workloads.is_empty() { 0.0 } else { cli.soak };
     if cli.clients.is_empty() || cli.clients.contains(&0) {
         bail!("--clients needs positive numbers");
     }
@@ -316,7 +356,10 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(json) = &cli.replot {
         return replot(json, &out_dir);
     }
-    let wants = |w: &str| cli.workloads.iter().any(|x| x == w);
+    if workloads.is_empty() && cli.hold_locks == 0 {
+        bail!("nothing to run: --workloads none and --hold-locks 0");
+    }
+    let wants = |w: &str| workloads.iter().any(|x| x == w);
     let nonce = format!("{:08x}", fastrand::u32(..));
     let work = match &cli.work_dir {
         Some(dir) => {
@@ -344,12 +387,26 @@ async fn run(cli: Cli) -> Result<()> {
             + usize::from(wants("submit")) * (1 + usize::from(run_pgbench))
             + usize::from(wants("lock")) * (2 + 2 * usize::from(run_pgbench) + 3 * usize::from(run_etcd))
             + usize::from(wants("mixed")));
-    let estimate = cells as f64 * (cli.warmup + cli.duration + 0.3) + cli.soak + 25.0;
+    let hold = held::HoldPlan {
+        locks: cli.hold_locks,
+        per_connection: usize::try_from(cli.hold_locks_per_connection).unwrap_or(100),
+        concurrency: usize::try_from(cli.hold_locks_concurrency).unwrap_or(200),
+    };
+    let hold_rounds = usize::try_from(cli.hold_locks_rounds).unwrap_or(1).max(1);
+    // Held locks: about 12 s per round and backend for 10,000 locks on 2 cores.
+    let hold_estimate = if hold.locks > 0 {
+        2.0 * hold_rounds as f64 * (9.0 + hold.locks as f64 / 3000.0)
+    } else {
+        0.0
+    };
+    let estimate = cells as f64 * (cli.warmup + cli.duration + 0.3) + soak + hold_estimate + 25.0;
     eprintln!(
-        "vitals-bench: {cells} cells of {:.0}+{:.0} s, soak {:.0} s: about {:.0} s ({:.1} min)",
+        "vitals-bench: {cells} cells of {:.0}+{:.0} s, soak {:.0} s, {} held locks x {hold_rounds} rounds per backend: \
+         about {:.0} s ({:.1} min)",
         cli.warmup,
         cli.duration,
-        cli.soak,
+        soak,
+        hold.locks,
         estimate,
         estimate / 60.0
     );
@@ -364,11 +421,18 @@ async fn run(cli: Cli) -> Result<()> {
     machine.postgres_settings = pg
         .query(
             "select string_agg(name || '=' || setting || coalesce(unit, ''), ', ' order by name) from pg_settings \
-             where name in ('fsync', 'synchronous_commit', 'max_connections', 'shared_buffers', 'wal_level')",
+             where name in ('fsync', 'synchronous_commit', 'max_connections', 'max_locks_per_transaction', \
+             'shared_buffers', 'wal_level')",
         )
         .unwrap_or_default();
     eprintln!("vitals-bench: PostgreSQL ready: {}", machine.postgres);
-    let vitals = Vitals::start(&vitals_bin, &pg.url, work.path(), "vitals").await?;
+    // VITALS_MAX_LOCKS (default 10,000) must admit the held locks.
+    let max_locks_env = if hold.locks > 10_000 {
+        vec![("VITALS_MAX_LOCKS", hold.locks.to_string())]
+    } else {
+        Vec::new()
+    };
+    let vitals = Vitals::start_with(&vitals_bin, &pg.url, work.path(), "vitals", &max_locks_env).await?;
     eprintln!(
         "vitals-bench: vitals serving on {} (pid {})",
         vitals.addr,
@@ -407,12 +471,14 @@ async fn run(cli: Cli) -> Result<()> {
                 clients: cli.clients.clone(),
                 connections: cli.connections,
                 client_threads: cli.client_threads,
-                soak_s: cli.soak,
+                soak_s: soak,
                 soak_warmup_s: cli.soak_warmup,
                 soak_clients: cli.soak_clients,
                 mixed_submit_percent: cli.mixed_submit_percent,
                 lock_wait_s: cli.lock_wait,
                 max_requests_per_cell: cli.max_requests,
+                hold_locks: hold.locks,
+                hold_locks_rounds: hold_rounds,
             },
             ..Report::default()
         },
@@ -568,19 +634,16 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
 
-    if cli.soak > 0.0 {
+    if soak > 0.0 {
         let c = cli.soak_clients.max(1);
         let soak_plan = Plan {
-            warmup: Duration::from_secs_f64(cli.soak_warmup.min(cli.soak / 2.0)),
-            duration: Duration::from_secs_f64(cli.soak - cli.soak_warmup.min(cli.soak / 2.0)),
+            warmup: Duration::from_secs_f64(cli.soak_warmup.min(soak / 2.0)),
+            duration: Duration::from_secs_f64(soak - cli.soak_warmup.min(soak / 2.0)),
             ..plan
         };
-        eprintln!(
-            "vitals-bench: soaking mixed at {c} clients for {:.0} s, sampling vitals RSS every second",
-            cli.soak
-        );
+        eprintln!("vitals-bench: soaking mixed at {c} clients for {soak:.0} s, sampling vitals RSS every second");
         let pid = vitals.proc.pid();
-        let total = Duration::from_secs_f64(cli.soak);
+        let total = Duration::from_secs_f64(soak);
         let sampler = tokio::spawn(async move {
             let t0 = Instant::now();
             let mut samples = Vec::new();
@@ -598,17 +661,57 @@ async fn run(cli: Cli) -> Result<()> {
         let cpu = cpu.await.ok();
         let samples = sampler.await.unwrap_or_default();
         bench.push("soak (mixed)", "vitals", c, rec.total(), cpu, None);
-        bench.report.memory = Memory::from_samples(c, cli.soak, soak_plan.warmup.as_secs_f64(), samples);
+        bench.report.memory = Memory::from_samples(c, soak, soak_plan.warmup.as_secs_f64(), samples);
+    }
+
+    if hold.locks > 0 {
+        drop(channels);
+        let prefix = format!("bench-held-{nonce}");
+        let results = held::measure_rounds(
+            "postgres",
+            hold_rounds,
+            vitals.addr,
+            vitals.proc.pid(),
+            hold,
+            &format!("{prefix}-pg"),
+            Some(&pg),
+        )
+        .await?;
+        bench.report.held_locks.extend(results);
+        let dir = work.path().join("embedded");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let url = format!("sqlite://{}/vitals.db", dir.display());
+        let embedded = Vitals::start_with(&vitals_bin, &url, work.path(), "vitals-embedded", &max_locks_env).await?;
+        eprintln!(
+            "vitals-bench: embedded vitals serving on {} (pid {}, {url})",
+            embedded.addr,
+            embedded.proc.pid()
+        );
+        let results = held::measure_rounds(
+            "embedded",
+            hold_rounds,
+            embedded.addr,
+            embedded.proc.pid(),
+            hold,
+            &format!("{prefix}-embedded"),
+            None,
+        )
+        .await?;
+        bench.report.held_locks.extend(results);
+        drop(embedded);
     }
 
     // Notes that explain how to read the numbers.
     let r = &mut bench.report;
-    r.notes.push(
-        "vitals runs with its defaults: DATABASE_POOL_MAX 20, DATABASE_LOCK_POOL_MAX 10, VITALS_LOCK_RESERVE 2 \
-         (so at most 8 WithLock streams hold or wait for a lock connection at once), RUST_LOG info,sqlx=warn."
-            .into(),
-    );
-    if run_pgbench {
+    r.notes.push(format!(
+        "vitals runs with its defaults: DATABASE_POOL_MAX 20, DATABASE_LOCK_POOL_MAX 10 (the lock sessions every \
+         WithLock lock of the replica shares, many advisory locks per session), VITALS_MAX_LOCKS {}, lease \
+         (DATABASE_LOCK_IDLE_TX_TIMEOUT_MS) 30 s, RUST_LOG info,sqlx=warn. PostgreSQL runs with \
+         max_locks_per_transaction=256 (the README's sizing for 10,000 locks per replica) when the benchmark \
+         starts its own cluster.",
+        report::num(hold.locks.max(10_000) as f64)
+    ));
+    if run_pgbench && (wants("submit") || wants("lock")) {
         r.notes.push(
             "pgbench: prepared statements (-M prepared), one connection per client, 2 threads; latency \
              percentiles from its per-transaction log, with the same warm-up cut."
@@ -643,11 +746,10 @@ async fn run(cli: Cli) -> Result<()> {
             ));
         }
     }
-    if cli.soak > 0.0 && cli.soak < 300.0 {
+    if soak > 0.0 && soak < 300.0 {
         r.notes.push(format!(
-            "The memory soak lasted {:.0} s, shorter than the 5 minutes of the target, to keep the whole run under \
-             10 minutes; `scripts/bench.sh --soak 300` runs the full soak.",
-            cli.soak
+            "The memory soak lasted {soak:.0} s, shorter than the 5 minutes of the target, to keep the whole run under \
+             10 minutes; `scripts/bench.sh --soak 300` runs the full soak."
         ));
     }
     r.machine.loadavg_end = loadavg();
@@ -659,13 +761,19 @@ async fn run(cli: Cli) -> Result<()> {
     fs::write(out_dir.join("results.md"), &md)?;
     fs::write(out_dir.join("results.json"), serde_json::to_string_pretty(r)?)?;
     let png = out_dir.join("throughput-p99.png");
-    if let Err(err) = report::plot(r, &png) {
+    let plotted = if r.cells.is_empty() {
+        false
+    } else if let Err(err) = report::plot(r, &png) {
         eprintln!("vitals-bench: no plot: {err:#}");
-    }
+        false
+    } else {
+        true
+    };
     println!("{md}");
     eprintln!(
-        "vitals-bench: wrote {}/results.md, results.json and throughput-p99.png in {:.0} s",
+        "vitals-bench: wrote {}/results.md, results.json{} in {:.0} s",
         out_dir.display(),
+        if plotted { " and throughput-p99.png" } else { "" },
         started.elapsed().as_secs_f64()
     );
     drop(etcd);

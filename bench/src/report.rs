@@ -109,6 +109,67 @@ impl Memory {
     }
 }
 
+/// vitals' memory while it holds many WithLock locks at once, on one backend.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub(crate) struct HeldLocks {
+    /// `postgres` or `embedded` (the SQLite store).
+    pub(crate) backend: String,
+    /// 1 for the first round on a vitals process; later rounds run on the
+    /// same process after the earlier ones released everything.
+    #[serde(default)]
+    pub(crate) round: usize,
+    /// Streams opened, one distinct key each.
+    pub(crate) requested: usize,
+    /// Streams that received `acquired`.
+    pub(crate) acquired: usize,
+    /// Streams that did not, by status code.
+    pub(crate) acquire_failures: BTreeMap<String, u64>,
+    /// HTTP/2 connections the streams were spread over.
+    pub(crate) connections: usize,
+    /// Streams acquiring (and later releasing) at once, at most.
+    pub(crate) acquire_concurrency: usize,
+    /// keep_alive messages sent while the locks were held, and kept_alive
+    /// replies received.
+    pub(crate) keep_alives_sent: u64,
+    pub(crate) keep_alives_acked: u64,
+    /// Seconds from the first acquire to the release.
+    pub(crate) held_for_s: f64,
+    /// vitals' VmRSS (kB) before connecting, with the connections open, while
+    /// every lock was held (the largest of the samples), after the release and
+    /// after the connections were closed.
+    pub(crate) rss_before_kb: u64,
+    pub(crate) rss_connected_kb: u64,
+    pub(crate) rss_held_kb: u64,
+    pub(crate) rss_held_samples_kb: Vec<u64>,
+    pub(crate) rss_released_kb: u64,
+    pub(crate) rss_closed_kb: u64,
+    /// (held - before) / acquired, bytes: connections included.
+    pub(crate) per_lock_bytes: f64,
+    /// (held - connected) / acquired, bytes: the streams alone.
+    pub(crate) per_lock_stream_bytes: f64,
+    /// (held - round 1's before) / acquired, bytes: what the locks cost once
+    /// earlier rounds have come and gone (the allocator reuses freed memory
+    /// but touches new pages of it), i.e. in a replica that has churned.
+    #[serde(default)]
+    pub(crate) per_lock_since_first_bytes: f64,
+    /// Seconds from the first acquire sent to the last `acquired`, and the rate.
+    pub(crate) acquire_s: f64,
+    pub(crate) acquire_per_s: f64,
+    /// Seconds from the release signal to the last `released`, and the rate.
+    pub(crate) release_s: f64,
+    pub(crate) released: usize,
+    pub(crate) release_per_s: f64,
+    /// Streams whose lock was lost or not released cleanly, by reason.
+    pub(crate) release_failures: BTreeMap<String, u64>,
+    /// PostgreSQL: backends with application_name `vitals-lock` while held.
+    pub(crate) lock_backends: Option<i64>,
+    /// PostgreSQL: granted client-key advisory locks while held.
+    pub(crate) advisory_locks: Option<i64>,
+}
+
+/// The acceptance goal of RSS per held lock, bytes.
+pub(crate) const HELD_LOCK_GOAL_BYTES: f64 = 4096.0;
+
 /// Round trips of one request kind, from the counting proxy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct RoundTripStat {
@@ -160,6 +221,12 @@ pub(crate) struct Settings {
     pub(crate) mixed_submit_percent: u32,
     pub(crate) lock_wait_s: u64,
     pub(crate) max_requests_per_cell: u64,
+    /// Locks of the held-locks measurement (0: not run).
+    #[serde(default)]
+    pub(crate) hold_locks: usize,
+    /// Rounds of the held-locks measurement per backend.
+    #[serde(default)]
+    pub(crate) hold_locks_rounds: usize,
 }
 
 /// Everything one run produced.
@@ -174,6 +241,9 @@ pub(crate) struct Report {
     pub(crate) targets: Vec<Target>,
     pub(crate) memory: Option<Memory>,
     pub(crate) round_trips: Vec<RoundTripStat>,
+    /// RSS per held lock, one entry per backend.
+    #[serde(default)]
+    pub(crate) held_locks: Vec<HeldLocks>,
     pub(crate) pgbench_scripts: BTreeMap<String, String>,
     pub(crate) notes: Vec<String>,
 }
@@ -312,6 +382,47 @@ impl Report {
             }),
             met: m.map(|m| m.within_10_pct),
         });
+        let first_rounds: Vec<&HeldLocks> = self.held_locks.iter().filter(|h| h.round <= 1).collect();
+        if first_rounds.is_empty() {
+            targets.push(Target {
+                target: "vitals RSS per held WithLock lock".into(),
+                goal: "<= 4 KiB".into(),
+                measured: "not measured".into(),
+                met: None,
+            });
+        }
+        for h in first_rounds {
+            let rounds: Vec<&HeldLocks> = self.held_locks.iter().filter(|x| x.backend == h.backend).collect();
+            let complete = rounds.iter().all(|x| x.acquired == x.requested && x.acquired > 0);
+            let last = rounds.last().copied().unwrap_or(h);
+            let worst = rounds
+                .iter()
+                .map(|x| x.per_lock_bytes.max(x.per_lock_since_first_bytes))
+                .fold(h.per_lock_bytes, f64::max);
+            let churned = if last.round > 1 {
+                format!(
+                    "; {:.2} KiB after {} rounds (RSS {} MiB)",
+                    last.per_lock_since_first_bytes / 1024.0,
+                    last.round,
+                    last.rss_held_kb / 1024
+                )
+            } else {
+                String::new()
+            };
+            targets.push(Target {
+                target: format!("vitals RSS per held WithLock lock, {} backend", h.backend),
+                goal: "<= 4 KiB".into(),
+                measured: format!(
+                    "{:.2} KiB on a fresh process ({} locks, RSS {} -> {} MiB){churned}{}",
+                    h.per_lock_bytes / 1024.0,
+                    num(h.acquired as f64),
+                    h.rss_before_kb / 1024,
+                    h.rss_held_kb / 1024,
+                    if complete { "" } else { "; not every lock was acquired" }
+                ),
+                met: Some(complete && worst <= HELD_LOCK_GOAL_BYTES),
+            });
+        }
         self.targets = targets;
     }
 }
@@ -396,6 +507,25 @@ pub(crate) fn markdown(r: &Report) -> String {
         let _ = writeln!(md, "| {} | {} | {} | {} |", t.target, t.goal, t.measured, met);
     }
 
+    if !r.ratios.is_empty() {
+        ratios_section(&mut md, r);
+    }
+    if !r.cells.is_empty() {
+        cells_section(&mut md, r);
+    }
+    if let Some(mem) = &r.memory {
+        memory_section(&mut md, mem);
+    }
+    if !r.held_locks.is_empty() {
+        held_locks_section(&mut md, r);
+    }
+    if !r.round_trips.is_empty() {
+        round_trips_section(&mut md, r);
+    }
+    md
+}
+
+fn ratios_section(md: &mut String, r: &Report) {
     let _ = writeln!(md, "\n## Ratios\n");
     let _ = writeln!(
         md,
@@ -416,7 +546,9 @@ pub(crate) fn markdown(r: &Report) -> String {
             ms(x.other_p99_ms)
         );
     }
+}
 
+fn cells_section(md: &mut String, r: &Report) {
     let _ = writeln!(md, "\n## Throughput and latency\n");
     let _ = writeln!(
         md,
@@ -460,74 +592,175 @@ pub(crate) fn markdown(r: &Report) -> String {
             shares.join("; ")
         );
     }
+}
 
-    if let Some(mem) = &r.memory {
-        let _ = writeln!(md, "\n## Memory: vitals RSS during `mixed`\n");
+fn memory_section(md: &mut String, mem: &Memory) {
+    let _ = writeln!(md, "\n## Memory: vitals RSS during `mixed`\n");
+    let _ = writeln!(
+        md,
+        "{} clients for {:.0} s; the first {:.0} s are warm-up. After warm-up: baseline {} kB, min {} kB, max {} kB, \
+         last {} kB; largest deviation {:.1} % ({}); trend {:+.0} kB/min.",
+        mem.clients,
+        mem.soak_seconds,
+        mem.warmup_seconds,
+        num(mem.baseline_kb as f64),
+        num(mem.min_kb as f64),
+        num(mem.max_kb as f64),
+        num(mem.last_kb as f64),
+        mem.max_deviation_pct,
+        if mem.within_10_pct {
+            "within 10 %"
+        } else {
+            "**more than 10 %**"
+        },
+        mem.slope_kb_per_min
+    );
+}
+
+fn held_locks_section(md: &mut String, r: &Report) {
+    let _ = writeln!(md, "\n## Held locks: vitals RSS per WithLock lock held\n");
+    if let Some(h) = r.held_locks.first() {
         let _ = writeln!(
             md,
-            "{} clients for {:.0} s; the first {:.0} s are warm-up. After warm-up: baseline {} kB, min {} kB, max {} kB, \
-             last {} kB; largest deviation {:.1} % ({}); trend {:+.0} kB/min.",
-            mem.clients,
-            mem.soak_seconds,
-            mem.warmup_seconds,
-            num(mem.baseline_kb as f64),
-            num(mem.min_kb as f64),
-            num(mem.max_kb as f64),
-            num(mem.last_kb as f64),
-            mem.max_deviation_pct,
-            if mem.within_10_pct {
-                "within 10 %"
+            "{} WithLock streams on distinct keys per backend, spread over {} HTTP/2 connections, at most {} acquiring \
+             (later releasing) at once; every stream sends `keep_alive` at a third of the lease the server announced \
+             (vitals' default lease, 30 s, unchanged), so none lapses. RSS is vitals' VmRSS from /proc/PID/status \
+             (the vitals process, not the load generator), the largest of 5 samples 300 ms apart after a 0.5 s \
+             settle. Per lock = (held - before) / locks held, the connections' share included; streams only = \
+             (held - connected) / locks held. `postgres` is the vitals the other workloads ran against (after them, \
+             when they ran); `embedded` is a fresh vitals on `sqlite://WORK_DIR/embedded/vitals.db`. {}\n",
+            num(h.requested as f64),
+            num(h.connections as f64),
+            h.acquire_concurrency,
+            if r.settings.hold_locks_rounds > 1 {
+                format!(
+                    "Each backend ran {} rounds on the same process. Round 1 is the cost on a fresh process. A later \
+                     round starts from what the earlier ones left: its own growth shrinks round by round (the \
+                     allocator reuses the memory freed at release but touches pages of it the first round left \
+                     untouched), and `per lock since round 1` = (held - round 1's before) / locks held is what the \
+                     locks cost in a replica that has churned; the target is judged on the larger figure. Growth \
+                     that stayed constant round after round would be a leak.",
+                    r.settings.hold_locks_rounds
+                )
             } else {
-                "**more than 10 %**"
+                String::new()
+            }
+        );
+    }
+    let mib = |kb: u64| format!("{:.1}", kb as f64 / 1024.0);
+    let _ = writeln!(
+        md,
+        "| backend | round | locks held | RSS before MiB | connected MiB | held MiB | per lock KiB | streams only KiB | \
+         per lock since round 1 KiB | \
+         acquire all | release all | after release MiB (returned) | connections closed MiB | PostgreSQL while held |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"
+    );
+    for h in &r.held_locks {
+        let grown = h.rss_held_kb as f64 - h.rss_before_kb as f64;
+        let returned = if grown > 0.0 {
+            let pct = (h.rss_held_kb as f64 - h.rss_released_kb as f64) / grown * 100.0;
+            if pct >= 0.5 {
+                format!(" ({pct:.0} %)")
+            } else {
+                " (none)".to_owned()
+            }
+        } else {
+            String::new()
+        };
+        let postgres = match (h.lock_backends, h.advisory_locks) {
+            (Some(s), Some(l)) => format!("{s} `vitals-lock` backends, {} client advisory locks", num(l as f64)),
+            (Some(s), None) => format!("{s} `vitals-lock` backends"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} of {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} s ({} /s) | {:.2} s ({} /s) | {}{} | {} | {} |",
+            h.backend,
+            h.round.max(1),
+            num(h.acquired as f64),
+            num(h.requested as f64),
+            mib(h.rss_before_kb),
+            mib(h.rss_connected_kb),
+            mib(h.rss_held_kb),
+            h.per_lock_bytes / 1024.0,
+            h.per_lock_stream_bytes / 1024.0,
+            h.per_lock_since_first_bytes / 1024.0,
+            h.acquire_s,
+            num(h.acquire_per_s),
+            h.release_s,
+            num(h.release_per_s),
+            mib(h.rss_released_kb),
+            returned,
+            mib(h.rss_closed_kb),
+            postgres
+        );
+    }
+    for h in &r.held_locks {
+        let _ = writeln!(
+            md,
+            "\n{} round {}: held for {:.1} s; {} keep_alive sent, {} kept_alive received; {} released.{}{}",
+            h.backend,
+            h.round.max(1),
+            h.held_for_s,
+            num(h.keep_alives_sent as f64),
+            num(h.keep_alives_acked as f64),
+            num(h.released as f64),
+            if h.acquire_failures.is_empty() {
+                String::new()
+            } else {
+                format!(" Not acquired: {}.", codes(&h.acquire_failures))
             },
-            mem.slope_kb_per_min
+            if h.release_failures.is_empty() {
+                String::new()
+            } else {
+                format!(" Lost or not released cleanly: {}.", codes(&h.release_failures))
+            }
         );
     }
+}
 
-    if !r.round_trips.is_empty() {
-        let _ = writeln!(md, "\n## Round trips to PostgreSQL per request\n");
+fn round_trips_section(md: &mut String, r: &Report) {
+    let _ = writeln!(md, "\n## Round trips to PostgreSQL per request\n");
+    let _ = writeln!(
+        md,
+        "Counted by a wire-protocol proxy between a second vitals process and PostgreSQL (one `ReadyForQuery` = \
+         one round trip), sequential requests after warm-up.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| request | n | round trips (mean, min-max) | by pool | statements | prepares | ms waiting for PostgreSQL |\n\
+         |---|---:|---|---|---:|---:|---:|"
+    );
+    for t in &r.round_trips {
+        let pools = t
+            .by_pool
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let _ = writeln!(
             md,
-            "Counted by a wire-protocol proxy between a second vitals process and PostgreSQL (one `ReadyForQuery` = \
-             one round trip), sequential requests after warm-up.\n"
+            "| {} | {} | {:.1} ({}-{}) | {} | {:.1} | {:.2} | {:.2} |",
+            t.kind,
+            t.requests,
+            t.round_trips_mean,
+            t.round_trips_min,
+            t.round_trips_max,
+            pools,
+            t.statements_mean,
+            t.prepares_mean,
+            t.database_ms_mean
         );
-        let _ = writeln!(
-            md,
-            "| request | n | round trips (mean, min-max) | by pool | statements | prepares | ms waiting for PostgreSQL |\n\
-             |---|---:|---|---|---:|---:|---:|"
-        );
-        for t in &r.round_trips {
-            let pools = t
-                .by_pool
-                .iter()
-                .map(|(k, v)| format!("{k} {v:.1}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let _ = writeln!(
-                md,
-                "| {} | {} | {:.1} ({}-{}) | {} | {:.1} | {:.2} | {:.2} |",
-                t.kind,
-                t.requests,
-                t.round_trips_mean,
-                t.round_trips_min,
-                t.round_trips_max,
-                pools,
-                t.statements_mean,
-                t.prepares_mean,
-                t.database_ms_mean
-            );
+    }
+    for t in &r.round_trips {
+        if t.example.is_empty() {
+            continue;
         }
-        for t in &r.round_trips {
-            if t.example.is_empty() {
-                continue;
-            }
-            let _ = writeln!(md, "\n{} ({} round trips):\n", t.kind, t.example.len());
-            for (i, (pool, what)) in t.example.iter().enumerate() {
-                let _ = writeln!(md, "{}. `{pool}`: {}", i + 1, what.replace('|', "\\|"));
-            }
+        let _ = writeln!(md, "\n{} ({} round trips):\n", t.kind, t.example.len());
+        for (i, (pool, what)) in t.example.iter().enumerate() {
+            let _ = writeln!(md, "{}. `{pool}`: {}", i + 1, what.replace('|', "\\|"));
         }
     }
-    md
 }
 
 // ---------------------------------------------------------------------- plot

@@ -302,9 +302,11 @@ impl Postgres {
         )?;
         let port = free_port()?;
         // Defaults otherwise (fsync and synchronous_commit on): the durable
-        // configuration a production vitals would run against.
+        // configuration a production vitals would run against. The lock
+        // table sized as the README advises for 10,000 session advisory
+        // locks per replica (the held-locks measurement holds that many).
         let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 -c max_locks_per_transaction=256",
             dir.display()
         );
         let cluster = Cluster {
@@ -398,6 +400,18 @@ impl Vitals {
     /// Starts `bin` on a free loopback port against `database_url` and waits
     /// until it is SERVING.
     pub(crate) async fn start(bin: &Path, database_url: &str, work_dir: &Path, name: &str) -> Result<Self> {
+        Self::start_with(bin, database_url, work_dir, name, &[]).await
+    }
+
+    /// [`Vitals::start`] with extra environment variables (`VITALS_*`
+    /// settings) for the process.
+    pub(crate) async fn start_with(
+        bin: &Path,
+        database_url: &str,
+        work_dir: &Path,
+        name: &str,
+        env: &[(&str, String)],
+    ) -> Result<Self> {
         if !bin.exists() {
             bail!(
                 "vitals binary {} not found: build it with `cargo build --release --locked` (or pass --vitals-bin)",
@@ -417,6 +431,9 @@ impl Vitals {
                 "RUST_LOG",
                 std::env::var("VITALS_BENCH_RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".to_owned()),
             );
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
         let mut proc = Proc::spawn("vitals", &mut cmd, work_dir.join(format!("{name}.log")), work_dir)?;
         wait_serving(addr, &mut proc).await?;
         Ok(Vitals { addr, proc })
