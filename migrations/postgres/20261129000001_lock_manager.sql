@@ -1,14 +1,13 @@
--- Fencing tokens of the lock manager: one row, advanced by the statement that
--- grants a batch of locks and committed (synchronous_commit=on) before any of
--- the batch's tokens is reported, so no token is ever handed out twice, even
--- across a crash. It starts far above anything the old sequence handed out:
--- the sequence's values were drawn in transactions that always rolled back,
--- so the newest of them may never have reached the disk. A database that never
--- granted a lock starts at token 1.
-CREATE TABLE vitals_fencing (
-    id         integer PRIMARY KEY CHECK (id = 1),
-    last_token bigint NOT NULL
-);
+-- Fencing tokens of the lock manager. The statement that grants locks draws
+-- them with nextval, commits, and also takes a transaction id, so its commit
+-- is flushed (synchronous_commit=on on the lock sessions) before any token of
+-- it is reported. The old sequence was drawn in transactions that always
+-- rolled back, so its newest values could be lost in a crash and handed out
+-- again. No CACHE: values must rise across sessions in the order drawn.
+-- It starts far above anything the old sequence handed out (its newest
+-- values may never have reached the disk); a database that never granted a
+-- lock starts at token 1.
+CREATE SEQUENCE vitals_fencing_tokens AS bigint START 1 CACHE 1;
 
-INSERT INTO vitals_fencing (id, last_token)
-SELECT 1, CASE WHEN is_called THEN last_value + 1000000 ELSE 0 END FROM lock_fencing_tokens;
+SELECT setval('vitals_fencing_tokens', last_value + 1000000)
+FROM lock_fencing_tokens WHERE is_called;

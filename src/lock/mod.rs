@@ -325,14 +325,14 @@ impl Locks {
                     }
                     let count = self.token_block(id);
                     match sessions.tokens(&hold, count).await {
-                        Ok(first) => {
-                            let mut tokens = Tokens::from(first, count);
+                        Ok(drawn) => {
+                            let mut tokens = Tokens::from(drawn);
                             let t = tokens.take();
                             owned.remote = Some(Remote::Session(hold, tokens));
                             return Ok(Some(Grant { owned, token: t }));
                         }
                         Err(Error::LockCapacityExhausted) => {
-                            owned.remote = Some(Remote::Session(hold, Tokens::NONE));
+                            owned.remote = Some(Remote::Session(hold, Tokens::default()));
                             return Err(Error::LockCapacityExhausted);
                         }
                         // Its session died meanwhile: take it anew.
@@ -343,7 +343,7 @@ impl Locks {
                     let count = if token { self.token_block(id) } else { 0 };
                     match self.try_until(sessions, id, count, deadline).await? {
                         TryOutcome::Granted(hold, drawn) => {
-                            let mut tokens = drawn.map_or(Tokens::NONE, |(first, n)| Tokens::from(first, n));
+                            let mut tokens = Tokens::from(drawn);
                             let t = if token { tokens.take() } else { None };
                             owned.remote = Some(Remote::Session(hold, tokens));
                             return Ok(Some(Grant { owned, token: t }));

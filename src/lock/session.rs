@@ -14,10 +14,11 @@
 //!   or PostgreSQL went away; every statement is bounded by that validity.
 //! - A session that broke is replaced by a new *generation*; everything held
 //!   by the old one is lost, and releases addressed to it are ignored.
-//! - Fencing tokens come from one row (`vitals_fencing`) updated in the same
-//!   statement that grants the locks, committed with `synchronous_commit=on`
-//!   before the reply: a token is reported only once no later grant, on any
-//!   replica, after any crash, can draw it or a lower one.
+//! - Fencing tokens come from a sequence (`vitals_fencing_tokens`) drawn in
+//!   the statement that grants the locks, which also takes a transaction id
+//!   so that its commit (`synchronous_commit=on`) flushes them before the
+//!   reply: a token is reported only once no later grant, on any replica,
+//!   after any crash, can draw it or a lower one.
 //! - A batch that runs out of PostgreSQL's shared lock table
 //!   (`out of shared memory`) may have taken some of its locks before the
 //!   error (session locks outlive the failed statement): the session reads
@@ -50,7 +51,15 @@ const MAX_BATCH: usize = 4096;
 
 /// Releases, then tries, then draws the fencing tokens each granted client
 /// lock asked for (`$5`) plus `$8` more, all in one autocommitted statement.
-/// The `CASE` on `released.n` makes every try wait for the releases.
+/// The `CASE` on `released.n` makes every try wait for the releases. The
+/// tokens come from a sequence, which no session waits for. A sequence
+/// WAL-logs 32 values ahead, and only the `nextval` that writes that record
+/// gives its transaction an id (whose commit waits for the flush); the next
+/// 31 values may be drawn by other sessions, in transactions that commit
+/// without a flush, while the record is still unflushed. `txid_current()`
+/// gives every drawing statement a transaction id, so its commit flushes all
+/// WAL before it, the sequence's record included: no token is reported
+/// before it is durable (and on a synchronous standby).
 const BATCH_SQL: &str = "\
 WITH released AS MATERIALIZED (
     SELECT (SELECT count(*) FROM unnest($1::int8[]) AS u(k) WHERE pg_advisory_unlock(u.k))
@@ -63,13 +72,14 @@ granted AS MATERIALIZED (
     SELECT NULL::int8, t.a, t.b, 0
     FROM released, unnest($6::int4[], $7::int4[]) AS t(a, b)
     WHERE CASE WHEN released.n >= 0 THEN pg_try_advisory_lock(t.a, t.b) END),
-wanted AS (SELECT coalesce(sum(tok), 0) + $8::int8 AS n FROM granted),
-drawn AS (
-    UPDATE vitals_fencing SET last_token = last_token + wanted.n FROM wanted
-    WHERE vitals_fencing.id = 1 AND wanted.n > 0 RETURNING last_token)
-SELECT k, a, b, tok, NULL::int8 AS last_token FROM granted
+wanted AS MATERIALIZED (SELECT coalesce(sum(tok), 0) + $8::int8 AS n FROM granted),
+drawn AS MATERIALIZED (
+    SELECT nextval('vitals_fencing_tokens') AS token FROM wanted, generate_series(1, wanted.n)),
+durable AS MATERIALIZED (
+    SELECT CASE WHEN wanted.n > 0 THEN txid_current() END AS xid FROM wanted)
+SELECT k, a, b, NULL::int8 AS token, NULL::int8 AS xid FROM granted
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, (SELECT last_token FROM drawn)";
+SELECT NULL, NULL, NULL, token, (SELECT xid FROM durable) FROM drawn";
 
 /// What this session holds, as `pg_locks` shows it.
 const HELD_SQL: &str = "SELECT objsubid::int4 AS sub, classid::int8 AS hi, objid::int8 AS lo FROM pg_locks \
@@ -161,8 +171,8 @@ pub struct SessionHold {
 /// What a try gave.
 #[derive(Debug)]
 pub enum TryOutcome {
-    /// Granted, with the fencing tokens asked for (first, count).
-    Granted(SessionHold, Option<(u64, u32)>),
+    /// Granted, with the fencing tokens asked for, in ascending order.
+    Granted(SessionHold, Vec<u64>),
     /// Held by another session (another replica, another program).
     Busy,
 }
@@ -176,7 +186,7 @@ enum Cmd {
     Token {
         generation: u64,
         count: u32,
-        reply: oneshot::Sender<Result<u64>>,
+        reply: oneshot::Sender<Result<Vec<u64>>>,
     },
     Unlock {
         id: LockId,
@@ -254,9 +264,9 @@ impl Sessions {
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// `count` fresh fencing tokens (the first is returned) drawn on
-    /// `hold`'s session, if it is still alive.
-    pub async fn tokens(&self, hold: &SessionHold, count: u32) -> Result<u64> {
+    /// `count` fresh fencing tokens, ascending, drawn on `hold`'s session,
+    /// if it is still alive.
+    pub async fn tokens(&self, hold: &SessionHold, count: u32) -> Result<Vec<u64>> {
         let (reply, rx) = oneshot::channel();
         let generation = hold.generation.number;
         self.send(
@@ -325,7 +335,7 @@ struct Batch {
     unlocked: Vec<LockId>,
     acks: Vec<oneshot::Sender<()>>,
     tries: Vec<(LockId, u32, oneshot::Sender<Result<TryOutcome>>)>,
-    tokens: Vec<(u32, oneshot::Sender<Result<u64>>)>,
+    tokens: Vec<(u32, oneshot::Sender<Result<Vec<u64>>>)>,
     pings: Vec<oneshot::Sender<bool>>,
 }
 
@@ -528,7 +538,7 @@ fn sort(cmds: Vec<Cmd>, live: &mut Live) -> Batch {
 /// One row of [`BATCH_SQL`]'s answer: a granted lock, or the token total.
 struct Granted {
     id: Option<LockId>,
-    last_token: Option<i64>,
+    token: Option<i64>,
 }
 
 async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::result::Result<Vec<Granted>, Failure> {
@@ -589,7 +599,7 @@ async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::resul
             };
             Ok(Granted {
                 id,
-                last_token: row.try_get("last_token")?,
+                token: row.try_get("token")?,
             })
         })();
         match decoded {
@@ -606,33 +616,22 @@ async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::resul
 /// Answers a batch that ran.
 fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
     let mut granted: HashMap<LockId, ()> = HashMap::new();
-    let mut last_token = None;
+    let mut drawn = Vec::new();
     for row in rows {
-        match row.id {
-            Some(id) => {
+        match (row.id, row.token) {
+            (Some(id), _) => {
                 granted.insert(id, ());
             }
-            None => last_token = row.last_token,
+            (None, Some(token)) => drawn.extend(u64::try_from(token).ok()),
+            (None, None) => {}
         }
     }
-    let wanted: u64 = batch
-        .tries
-        .iter()
-        .filter(|(id, _, _)| granted.contains_key(id))
-        .map(|(_, tokens, _)| u64::from(*tokens))
-        .sum::<u64>()
-        + batch.tokens.iter().map(|(count, _)| u64::from(*count)).sum::<u64>();
-    // Tokens last - wanted + 1 ..= last were drawn for this batch.
-    let mut next = last_token.and_then(|last| {
-        u64::try_from(last)
-            .ok()
-            .and_then(|last| last.checked_sub(wanted))
-            .map(|below| below + 1)
-    });
-    let mut draw = |count: u32| -> Option<u64> {
-        let first = next?;
-        next = Some(first + u64::from(count));
-        Some(first)
+    // Handed out smallest first, so each acquirer's tokens ascend.
+    drawn.sort_unstable();
+    let mut drawn = drawn.into_iter();
+    let mut draw = |count: u32| -> Option<Vec<u64>> {
+        let tokens: Vec<u64> = drawn.by_ref().take(usize::try_from(count).unwrap_or(0)).collect();
+        (tokens.len() == usize::try_from(count).unwrap_or(usize::MAX)).then_some(tokens)
     };
     let hold = SessionHold {
         index: live.index,
@@ -641,13 +640,9 @@ fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
     for (id, tokens, reply) in batch.tries {
         let outcome = if granted.contains_key(&id) {
             *live.held.entry(id).or_insert(0) += 1;
-            if tokens > 0 {
-                match draw(tokens) {
-                    Some(first) => Ok(TryOutcome::Granted(hold.clone(), Some((first, tokens)))),
-                    None => Err(Error::Internal("no fencing token was drawn".into())),
-                }
-            } else {
-                Ok(TryOutcome::Granted(hold.clone(), None))
+            match draw(tokens) {
+                Some(drawn) => Ok(TryOutcome::Granted(hold.clone(), drawn)),
+                None => Err(Error::Internal("fewer fencing tokens drawn than asked for".into())),
             }
         } else {
             Ok(TryOutcome::Busy)
@@ -659,7 +654,8 @@ fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
         }
     }
     for (count, reply) in batch.tokens {
-        let _ = reply.send(draw(count).ok_or_else(|| Error::Internal("no fencing token was drawn".into())));
+        let _ =
+            reply.send(draw(count).ok_or_else(|| Error::Internal("fewer fencing tokens drawn than asked for".into())));
     }
     for reply in batch.pings {
         let _ = reply.send(true);

@@ -43,37 +43,26 @@ pub enum Remote {
     Session(SessionHold, Tokens),
 }
 
-/// Fencing tokens `next..=last`, reserved (durably) while a lock was held in
-/// PostgreSQL. They rise above every earlier grant of the lock, on any
-/// replica, because they were drawn after PostgreSQL granted it; they are
-/// handed to its next local holders and thrown away when it is released
-/// there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Fencing tokens reserved (durably) while a lock was held in PostgreSQL.
+/// They rise above every earlier grant of the lock, on any replica, because
+/// they were drawn after PostgreSQL granted it; they are handed to its next
+/// local holders and thrown away when it is released there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tokens {
-    /// The next token to hand out.
-    pub next: u64,
-    /// The last token reserved.
-    pub last: u64,
+    /// Descending, so the smallest is popped first.
+    rest: Vec<u64>,
 }
 
 impl Tokens {
-    /// No tokens.
-    pub const NONE: Tokens = Tokens { next: 1, last: 0 };
-
-    /// `count` tokens from `first`.
-    pub fn from(first: u64, count: u32) -> Self {
-        Tokens {
-            next: first,
-            last: first + u64::from(count).max(1) - 1,
-        }
+    /// `drawn`, in any order.
+    pub fn from(mut drawn: Vec<u64>) -> Self {
+        drawn.sort_unstable_by(|a, b| b.cmp(a));
+        Tokens { rest: drawn }
     }
 
     /// The next token, if one is left.
     pub fn take(&mut self) -> Option<u64> {
-        (self.next <= self.last).then(|| {
-            self.next += 1;
-            self.next - 1
-        })
+        self.rest.pop()
     }
 }
 

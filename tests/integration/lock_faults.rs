@@ -301,7 +301,10 @@ fn assert_rising(tokens: &[u64], what: &str) {
 async fn fencing_tokens_rise_across_a_postgresql_crash_restart() {
     use tonic_health::pb::health_check_response::ServingStatus;
     const KEYS: [&str; 5] = ["crash-a", "crash-b", "crash-c", "crash-d", "crash-e"];
-    let cluster = PrivateCluster::start(&["max_connections=50"]).await;
+    // The WAL writer flushes what asynchronous commits left behind only
+    // every 10 s here, so a token is durable at the crash only if the grant
+    // itself flushed it, as vitals' grants must.
+    let cluster = PrivateCluster::start(&["max_connections=50", "wal_writer_delay=10000ms"]).await;
     let url = cluster.url();
     let flags = [
         "--database-lock-idle-tx-timeout-ms",
