@@ -69,7 +69,7 @@ pub struct Config {
     pub pool_max: u32,
 
     /// Lock sessions: long-lived PostgreSQL connections that hold every advisory lock of this replica, many per session.
-    #[arg(long = "database-lock-pool-max", env = "DATABASE_LOCK_POOL_MAX", value_name = "DATABASE_LOCK_POOL_MAX", default_value_t = 10, value_parser = count_in(1, 10_000))]
+    #[arg(long = "database-lock-pool-max", env = "DATABASE_LOCK_POOL_MAX", value_name = "DATABASE_LOCK_POOL_MAX", default_value_t = 2, value_parser = count_in(1, 10_000))]
     pub lock_pool_max: u32,
 
     /// Ignored since locks share sessions (kept so existing deployments still start).
@@ -245,7 +245,7 @@ mod tests {
     fn defaults_match_the_documented_table() {
         let c = Config::from_flags(["--database-url", "postgres://x/y", "--database-pool-max", "20"]).unwrap();
         assert_eq!(c.pool_max, 20);
-        assert_eq!(c.lock_pool_max, 10);
+        assert_eq!(c.lock_pool_max, 2);
         assert_eq!(c.pool_connection_timeout_ms, 10_000);
         assert_eq!(c.pool_idle_timeout_ms, 30_000);
         assert_eq!(c.lock_idle_tx_timeout_ms, 30_000);

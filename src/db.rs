@@ -200,7 +200,11 @@ impl Pools {
             ),
             // A fencing token is reported only once its block is durable.
             ("synchronous_commit", "on".to_owned()),
-            // The token row is the only lock a lock session ever waits for.
+            // The lock statement is always the same shape; planning it anew
+            // for each batch's arrays (a custom plan) costs more than the
+            // statement.
+            ("plan_cache_mode", "force_generic_plan".to_owned()),
+            // Lock sessions never wait for a lock; a bound for safety.
             ("lock_timeout", config.lock_idle_tx_timeout_ms.to_string()),
             // A statement whose client vanished ends within a second instead
             // of running on for nobody.

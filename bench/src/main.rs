@@ -704,7 +704,7 @@ async fn run(cli: Cli) -> Result<()> {
     // Notes that explain how to read the numbers.
     let r = &mut bench.report;
     r.notes.push(format!(
-        "vitals runs with its defaults: DATABASE_POOL_MAX 20, DATABASE_LOCK_POOL_MAX 10 (the lock sessions every \
+        "vitals runs with its defaults: DATABASE_POOL_MAX 20, DATABASE_LOCK_POOL_MAX 2 (the lock sessions every \
          WithLock lock of the replica shares, many advisory locks per session), VITALS_MAX_LOCKS {}, lease \
          (DATABASE_LOCK_IDLE_TX_TIMEOUT_MS) 30 s, RUST_LOG info,sqlx=warn. PostgreSQL runs with \
          max_locks_per_transaction=256 (the README's sizing for 10,000 locks per replica) when the benchmark \
