@@ -7,7 +7,8 @@
 //! RPC whose lifetime is the critical section.
 //!
 //! # Layout
-//! - [`proto`]: the generated contract (`proto/vitals/v1/*.proto`).
+//! - [`proto`]: the generated contract (`proto/vitals/v1/*.proto`), encoded
+//!   by [`codec`] (prost with small per-stream buffers).
 //! - [`config`]: every setting, its default and validation.
 //! - [`domain`]: pure rules: statuses, thresholds, evaluation, validated ids.
 //! - [`db`]: the database: PostgreSQL's two pools (work, lock) and their
@@ -32,6 +33,7 @@
 
 pub mod api;
 pub mod app;
+pub mod codec;
 pub mod config;
 pub mod db;
 pub mod domain;

@@ -1,6 +1,6 @@
 //! `vitals.v1.LockService`: one WithLock stream is one critical section.
 //!
-//! The stream's task owns the held lock. Whatever ends the stream (release,
+//! The response stream owns the held lock. Whatever ends the stream (release,
 //! half-close, the client vanishing, a lapsed lease, a protocol error,
 //! shutdown) releases the lock right there, before the client is told, so a
 //! lock never outlives the client that holds it and a client that retries at
@@ -15,8 +15,6 @@
 use std::{pin::Pin, time::Duration};
 
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{Violations, duration_in, duration_out, timestamp_out};
@@ -105,7 +103,6 @@ impl LockService for LockApi {
         );
 
         let lease = self.locks.lease();
-        let (tx, rx) = mpsc::channel(4);
         let acquired = proto::WithLockResponse {
             event: Some(Event::Acquired(proto::Acquired {
                 fencing_token: held.fencing_token,
@@ -113,11 +110,46 @@ impl LockService for LockApi {
                 lease: Some(duration_out(lease)),
             })),
         };
-        // Capacity 4 and nothing queued yet: this cannot fail for lack of room.
-        let _ = tx.try_send(Ok(acquired));
-        tokio::spawn(hold(held, inbound, tx, lease, self.locks.clone()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let holding = Holding {
+            held: Some(held),
+            inbound,
+            lease,
+            lease_ends: tokio::time::Instant::now() + lease,
+            locks: self.locks.clone(),
+        };
+        let replies = futures::stream::once(async move { Ok(acquired) }).chain(futures::stream::unfold(
+            Some(holding),
+            |state| async move {
+                let mut holding = state?;
+                match holding.next().await {
+                    Step::Reply(reply) => Some((Ok(reply), Some(holding))),
+                    Step::End(last) => last.map(|last| (last, None)),
+                }
+            },
+        ));
+        Ok(Response::new(Box::pin(replies)))
     }
+}
+
+/// A held lock and its stream: the response stream owns it, so there is no
+/// task and no channel per lock, and whatever ends the response stream (the
+/// client resetting it, the connection closing) drops the lock with it.
+struct Holding {
+    /// Taken when the stream ends.
+    held: Option<HeldLock>,
+    inbound: Streaming<proto::WithLockRequest>,
+    lease: Duration,
+    /// When the lock is lost unless a keep_alive or release arrives.
+    lease_ends: tokio::time::Instant,
+    locks: Locks,
+}
+
+/// What a held lock's stream does next.
+enum Step {
+    /// Send this and go on holding.
+    Reply(proto::WithLockResponse),
+    /// The lock is released; send this last (`None`: end silently).
+    End(Option<Result<proto::WithLockResponse, Status>>),
 }
 
 /// How a held lock's stream ends.
@@ -130,88 +162,101 @@ enum End {
     Gone,
 }
 
-/// Serves one held lock until it is released or lost.
-async fn hold(
-    mut held: HeldLock,
-    mut inbound: Streaming<proto::WithLockRequest>,
-    tx: mpsc::Sender<Result<proto::WithLockResponse, Status>>,
-    lease: Duration,
-    locks: Locks,
-) {
-    let shutdown = locks.shutting_down();
-    tokio::pin!(shutdown);
-    let mut lease_ends = tokio::time::Instant::now() + lease;
-    let end = loop {
-        let next = tokio::select! {
-            // Shutdown first: it also closes the lock sessions, which marks
-            // their locks lost, and a stream ending because of shutdown
-            // must say SHUTTING_DOWN, not LOCK_LOST.
-            biased;
-            () = &mut shutdown => break End::Fail(Error::ShuttingDown.into()),
-            next = inbound.next() => next,
-            () = tokio::time::sleep_until(lease_ends) => {
-                break End::Fail(held.lost_error("no keep_alive or release within the lease").into());
-            }
-            () = held.lost() => {
-                // Shutdown closes the lock sessions too (and may do so while
-                // this select is being polled): the client should hear why.
-                if locks.is_shutting_down() {
-                    break End::Fail(Error::ShuttingDown.into());
-                }
-                break End::Fail(held.lost_error("the lock's database session ended").into());
-            }
-            // The client reset the stream: nobody is listening, let go now.
-            () = tx.closed() => break End::Gone,
+impl Holding {
+    /// Serves the lock until there is something to send.
+    async fn next(&mut self) -> Step {
+        let Some(held) = self.held.as_mut() else {
+            return Step::End(None);
         };
-        let action = match next {
-            // Half-close: the critical section is over.
-            None => break End::Release,
-            // The client's stream broke (cancel, disconnect).
-            Some(Err(_)) => break End::Gone,
-            Some(Ok(message)) => message.action,
+        let end = match until_end(held, &mut self.inbound, self.lease, &mut self.lease_ends, &self.locks).await {
+            Ok(reply) => return Step::Reply(reply),
+            Err(end) => end,
         };
-        match action {
-            Some(Action::Release(_)) => break End::Release,
-            Some(Action::KeepAlive(_)) => {
-                if let Err(err) = held.keep_alive().await {
-                    // The session was closed by shutdown, not lost.
-                    if locks.is_shutting_down() {
-                        break End::Fail(Error::ShuttingDown.into());
-                    }
-                    break End::Fail(err.into());
-                }
-                lease_ends = tokio::time::Instant::now() + lease;
-                let expires = Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-                let ack = proto::WithLockResponse {
-                    event: Some(Event::KeptAlive(proto::KeptAlive {
-                        lease_expires_at: Some(timestamp_out(expires)),
-                    })),
-                };
-                // A client that does not read its acknowledgements must not
-                // stall its own lock's lease timer: drop the ack instead.
-                let _ = tx.try_send(Ok(ack));
-            }
-            Some(Action::Acquire(_)) => break End::Fail(protocol("action", "acquire was already sent on this stream")),
-            None => break End::Fail(Error::invalid("action", "set acquire, keep_alive or release").into()),
-        }
-    };
-    match end {
-        End::Release => {
-            let reply = match held.release().await {
+        // The stream ends: the lock goes with it, released before the client
+        // hears why, so a client that retries at once finds it free.
+        let Some(held) = self.held.take() else {
+            return Step::End(None);
+        };
+        match end {
+            End::Release => Step::End(Some(match held.release().await {
                 Ok(held_for) => Ok(proto::WithLockResponse {
                     event: Some(Event::Released(proto::Released {
                         held_for: Some(duration_out(held_for)),
                     })),
                 }),
                 Err(err) => Err(err.into()),
-            };
-            let _ = tx.send(reply).await;
+            })),
+            End::Fail(status) => {
+                let_go(held).await;
+                Step::End(Some(Err(status)))
+            }
+            End::Gone => {
+                let_go(held).await;
+                Step::End(None)
+            }
         }
-        End::Fail(status) => {
-            let_go(held).await;
-            let _ = tx.send(Err(status)).await;
+    }
+}
+
+/// Waits for the next message or event on a held lock's stream: a reply to
+/// send while the lock stays held, or how the stream ends.
+async fn until_end(
+    held: &mut HeldLock,
+    inbound: &mut Streaming<proto::WithLockRequest>,
+    lease: Duration,
+    lease_ends: &mut tokio::time::Instant,
+    locks: &Locks,
+) -> Result<proto::WithLockResponse, End> {
+    let shutdown = locks.shutting_down();
+    tokio::pin!(shutdown);
+    let next = tokio::select! {
+        // Shutdown first: it also closes the lock sessions, which marks
+        // their locks lost, and a stream ending because of shutdown
+        // must say SHUTTING_DOWN, not LOCK_LOST.
+        biased;
+        () = &mut shutdown => return Err(End::Fail(Error::ShuttingDown.into())),
+        next = inbound.next() => next,
+        () = tokio::time::sleep_until(*lease_ends) => {
+            return Err(End::Fail(held.lost_error("no keep_alive or release within the lease").into()));
         }
-        End::Gone => let_go(held).await,
+        () = held.lost() => {
+            // Shutdown closes the lock sessions too (and may do so while
+            // this select is being polled): the client should hear why.
+            if locks.is_shutting_down() {
+                return Err(End::Fail(Error::ShuttingDown.into()));
+            }
+            return Err(End::Fail(held.lost_error("the lock's database session ended").into()));
+        }
+    };
+    let action = match next {
+        // Half-close: the critical section is over.
+        None => return Err(End::Release),
+        // The client's stream broke (cancel, disconnect).
+        Some(Err(_)) => return Err(End::Gone),
+        Some(Ok(message)) => message.action,
+    };
+    match action {
+        Some(Action::Release(_)) => Err(End::Release),
+        Some(Action::KeepAlive(_)) => {
+            if let Err(err) = held.keep_alive().await {
+                // The session was closed by shutdown, not lost.
+                if locks.is_shutting_down() {
+                    return Err(End::Fail(Error::ShuttingDown.into()));
+                }
+                return Err(End::Fail(err.into()));
+            }
+            *lease_ends = tokio::time::Instant::now() + lease;
+            let expires = Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+            Ok(proto::WithLockResponse {
+                event: Some(Event::KeptAlive(proto::KeptAlive {
+                    lease_expires_at: Some(timestamp_out(expires)),
+                })),
+            })
+        }
+        Some(Action::Acquire(_)) => Err(End::Fail(protocol("action", "acquire was already sent on this stream"))),
+        None => Err(End::Fail(
+            Error::invalid("action", "set acquire, keep_alive or release").into(),
+        )),
     }
 }
 
