@@ -1,24 +1,26 @@
 //! The protobuf codec of vitals' gRPC services and clients: prost's, with
-//! small initial buffers.
+//! small initial buffers for WithLock.
 //!
 //! tonic gives every stream an 8 KiB encode and an 8 KiB decode buffer up
-//! front. vitals' messages are a few dozen bytes, and a replica holds
+//! front. WithLock's messages are a few dozen bytes, and a replica holds
 //! thousands of WithLock streams at once: with the default, the two buffers
-//! were most of what a held lock cost in memory. The buffers still grow to
-//! fit any message up to `VITALS_MAX_REQUEST_BYTES`.
+//! were most of what a held lock cost in memory. Every other RPC keeps
+//! tonic's default: a unary request lives for microseconds, and a smaller
+//! buffer would only be grown (and its bytes copied) for every larger
+//! message. Buffers grow to fit any message up to `VITALS_MAX_REQUEST_BYTES`.
 
-use std::marker::PhantomData;
+use std::{any::TypeId, marker::PhantomData};
 
 use prost::Message;
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::ProstCodec;
 
-/// Initial size of each stream's encode and decode buffer.
-const INITIAL_BUFFER: usize = 256;
+/// Initial size of a WithLock stream's encode and decode buffer.
+const LOCK_STREAM_BUFFER: usize = 256;
 /// tonic's default: how much a stream encodes before it yields.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// [`ProstCodec`] with [`INITIAL_BUFFER`]-byte buffers.
+/// [`ProstCodec`] with [`LOCK_STREAM_BUFFER`]-byte buffers for WithLock.
 #[derive(Debug, Clone, Copy)]
 pub struct SmallBufferCodec<T, U>(PhantomData<(T, U)>);
 
@@ -28,8 +30,16 @@ impl<T, U> Default for SmallBufferCodec<T, U> {
     }
 }
 
-fn settings() -> BufferSettings {
-    BufferSettings::new(INITIAL_BUFFER, YIELD_THRESHOLD)
+/// The buffers of a stream that encodes `T` and decodes `U`.
+fn settings<T: 'static, U: 'static>() -> BufferSettings {
+    let lock_stream = [TypeId::of::<T>(), TypeId::of::<U>()].iter().any(|t| {
+        *t == TypeId::of::<crate::proto::WithLockRequest>() || *t == TypeId::of::<crate::proto::WithLockResponse>()
+    });
+    if lock_stream {
+        BufferSettings::new(LOCK_STREAM_BUFFER, YIELD_THRESHOLD)
+    } else {
+        BufferSettings::default()
+    }
 }
 
 impl<T, U> Codec for SmallBufferCodec<T, U>
@@ -43,10 +53,39 @@ where
     type Decoder = <ProstCodec<T, U> as Codec>::Decoder;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstCodec::<T, U>::raw_encoder(settings())
+        ProstCodec::<T, U>::raw_encoder(settings::<T, U>())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<T, U>::raw_decoder(settings())
+        ProstCodec::<T, U>::raw_decoder(settings::<T, U>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto;
+
+    /// BufferSettings has no PartialEq; its Debug shows both fields.
+    fn shown(settings: BufferSettings) -> String {
+        format!("{settings:?}")
+    }
+
+    #[test]
+    fn only_withlock_streams_get_small_buffers() {
+        let small = shown(BufferSettings::new(LOCK_STREAM_BUFFER, YIELD_THRESHOLD));
+        assert_eq!(
+            shown(settings::<proto::WithLockResponse, proto::WithLockRequest>()),
+            small
+        );
+        assert_eq!(
+            shown(settings::<proto::WithLockRequest, proto::WithLockResponse>()),
+            small
+        );
+        assert_eq!(
+            shown(settings::<proto::EvaluateHealthResponse, proto::EvaluateHealthRequest>()),
+            shown(BufferSettings::default())
+        );
+        assert_ne!(small, shown(BufferSettings::default()));
     }
 }
