@@ -29,30 +29,7 @@ use vitals::{
 };
 
 use crate::harness::{Backend, Replicas, TestApp, TestDb, admin_url};
-
-type LockClient = LockServiceClient<Channel>;
-
-fn acquire(key: &str, wait: Option<Duration>) -> proto::WithLockRequest {
-    proto::WithLockRequest {
-        action: Some(Action::Acquire(proto::Acquire {
-            key: key.into(),
-            wait_timeout: wait.map(|d| prost_types::Duration::try_from(d).expect("a representable duration")),
-            owner: "lock_capacity tests".into(),
-        })),
-    }
-}
-
-fn keep_alive() -> proto::WithLockRequest {
-    proto::WithLockRequest {
-        action: Some(Action::KeepAlive(proto::KeepAlive {})),
-    }
-}
-
-fn release() -> proto::WithLockRequest {
-    proto::WithLockRequest {
-        action: Some(Action::Release(proto::Release {})),
-    }
-}
+use crate::withlock::{LockClient, acquire, keep_alive, release};
 
 /// One open WithLock stream.
 struct LockStream {

@@ -22,35 +22,12 @@ use crate::{
     cluster::PrivateCluster,
     harness::{Backend, TestApp, TestDb},
     proxy::{Proxy, url_addr, url_via},
+    withlock::{LockClient, acquire, keep_alive, release},
 };
-
-type LockClient = LockServiceClient<Channel>;
 
 // ---------------------------------------------------------------------------
 // A WithLock client.
 // ---------------------------------------------------------------------------
-
-fn acquire(key: &str, wait: Option<Duration>) -> proto::WithLockRequest {
-    proto::WithLockRequest {
-        action: Some(Action::Acquire(proto::Acquire {
-            key: key.into(),
-            wait_timeout: wait.map(|d| prost_types::Duration::try_from(d).expect("a representable duration")),
-            owner: "lock_faults tests".into(),
-        })),
-    }
-}
-
-fn keep_alive() -> proto::WithLockRequest {
-    proto::WithLockRequest {
-        action: Some(Action::KeepAlive(proto::KeepAlive {})),
-    }
-}
-
-fn release() -> proto::WithLockRequest {
-    proto::WithLockRequest {
-        action: Some(Action::Release(proto::Release {})),
-    }
-}
 
 /// A granted lock on an open WithLock stream.
 struct Held {

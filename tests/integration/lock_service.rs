@@ -40,35 +40,12 @@ use vitals::{
 use crate::{
     harness::{Backend, Replicas, TestApp, TestDb},
     proxy::Proxy,
+    withlock::{LockClient, acquire, keep_alive, release},
 };
-
-type LockClient = LockServiceClient<Channel>;
 
 // ---------------------------------------------------------------------------
 // A WithLock client, the way a service using vitals would write one.
 // ---------------------------------------------------------------------------
-
-fn acquire(key: &str, wait: Option<Duration>) -> proto::WithLockRequest {
-    proto::WithLockRequest {
-        action: Some(Action::Acquire(proto::Acquire {
-            key: key.into(),
-            wait_timeout: wait.map(|d| prost_types::Duration::try_from(d).expect("a representable duration")),
-            owner: "lock_service tests".into(),
-        })),
-    }
-}
-
-fn keep_alive() -> proto::WithLockRequest {
-    proto::WithLockRequest {
-        action: Some(Action::KeepAlive(proto::KeepAlive {})),
-    }
-}
-
-fn release() -> proto::WithLockRequest {
-    proto::WithLockRequest {
-        action: Some(Action::Release(proto::Release {})),
-    }
-}
 
 fn std_duration(d: Option<prost_types::Duration>) -> Duration {
     Duration::try_from(d.expect("a duration is set")).expect("a non-negative duration")

@@ -21,3 +21,4 @@ mod lock_faults;
 mod lock_service;
 mod probe;
 mod proxy;
+mod withlock;
