@@ -18,14 +18,11 @@ use tokio::{
     sync::mpsc,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Code, Status, Streaming,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Code, Status, Streaming, transport::Endpoint};
 use tonic_types::StatusExt;
 use vitals::{
     lock::ACQUIRE_MESSAGE_TIMEOUT,
-    proto::{self, lock_service_client::LockServiceClient, with_lock_request::Action, with_lock_response::Event},
+    proto::{self, with_lock_response::Event},
 };
 
 use crate::harness::{Backend, Replicas, TestApp, TestDb, admin_url};
@@ -527,7 +524,7 @@ impl Child {
     }
 
     async fn lock_client(&self) -> LockClient {
-        LockServiceClient::new(self.endpoint().connect().await.expect("connect to the binary"))
+        LockClient::new(self.endpoint().connect().await.expect("connect to the binary"))
     }
 
     /// Waits (on the health stream) until the binary serves; the stream is

@@ -13,10 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming, transport::Channel};
 use tonic_types::{ErrorInfo, StatusExt};
-use vitals::proto::{
-    self, health_check_service_client::HealthCheckServiceClient, lock_service_client::LockServiceClient,
-    with_lock_request::Action, with_lock_response::Event,
-};
+use vitals::proto::{self, health_check_service_client::HealthCheckServiceClient, with_lock_response::Event};
 
 use crate::{
     cluster::PrivateCluster,

@@ -33,7 +33,7 @@ use vitals::{
     lock::{LocalLockStats, Locks},
     proto::{
         self, health_check_service_client::HealthCheckServiceClient, lock_service_client::LockServiceClient,
-        with_lock_request::Action, with_lock_response::Event,
+        with_lock_response::Event,
     },
 };
 
