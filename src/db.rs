@@ -198,6 +198,17 @@ impl Pools {
                 "idle_session_timeout",
                 (config.lock_idle_tx_timeout_ms + LEASE_BACKSTOP_MARGIN_MS).to_string(),
             ),
+            // TCP keepalives must not end a lock session before its holders
+            // count its locks as lost: on a link that drops packets, the
+            // server's probes would otherwise free the locks after 25 s,
+            // while a holder believes them valid for the whole lease. So on
+            // lock sessions probing starts only after the lease and its
+            // margin (idle_session_timeout ends a silent session first).
+            (
+                "tcp_keepalives_idle",
+                ((config.lock_idle_tx_timeout_ms + LEASE_BACKSTOP_MARGIN_MS).div_ceil(1000) + TCP_KEEPALIVES_IDLE_S)
+                    .to_string(),
+            ),
             // A fencing token is reported only once its block is durable.
             ("synchronous_commit", "on".to_owned()),
             // The lock statement is always the same shape; planning it anew

@@ -323,6 +323,10 @@ impl Locks {
                         owned.remote = Some(Remote::Session(hold, tokens));
                         return Ok(Some(Grant { owned, token: Some(t) }));
                     }
+                    // The hold stays with `owned` while the tokens are
+                    // drawn: if this future is dropped meanwhile, the lock is
+                    // released, not forgotten.
+                    owned.remote = Some(Remote::Session(hold.clone(), Tokens::default()));
                     let count = self.token_block(id);
                     match sessions.tokens(&hold, count).await {
                         Ok(drawn) => {
@@ -331,12 +335,14 @@ impl Locks {
                             owned.remote = Some(Remote::Session(hold, tokens));
                             return Ok(Some(Grant { owned, token: t }));
                         }
-                        Err(Error::LockCapacityExhausted) => {
-                            owned.remote = Some(Remote::Session(hold, Tokens::default()));
-                            return Err(Error::LockCapacityExhausted);
+                        // Its session died meanwhile: nothing is held any
+                        // more; take it anew.
+                        Err(_) if hold.generation.is_lost() => {
+                            owned.remote = None;
+                            continue;
                         }
-                        // Its session died meanwhile: take it anew.
-                        Err(_) => continue,
+                        // Dropping `owned` releases the lock.
+                        Err(err) => return Err(err),
                     }
                 }
                 (Backend::Postgres(sessions), _) => {

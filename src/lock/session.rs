@@ -261,7 +261,17 @@ impl Sessions {
     pub async fn try_lock(&self, id: LockId, tokens: u32) -> Result<TryOutcome> {
         let (reply, rx) = oneshot::channel();
         self.send(id.shard(self.senders.len()), Cmd::Try { id, tokens, reply });
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        let mut pending = PendingTry {
+            rx: Some(rx),
+            id,
+            sessions: self,
+        };
+        let outcome = match pending.rx.as_mut() {
+            Some(rx) => rx.await.map_err(|_| Error::ShuttingDown)?,
+            None => Err(Error::ShuttingDown),
+        };
+        pending.rx = None;
+        outcome
     }
 
     /// `count` fresh fencing tokens, ascending, drawn on `hold`'s session,
@@ -286,6 +296,26 @@ impl Sessions {
         let generation = hold.generation.number;
         self.send(hold.index, Cmd::Ping { generation, reply });
         rx.await.unwrap_or(false)
+    }
+}
+
+/// A try whose answer has not been read. Dropped unread (the acquirer gave
+/// up), a grant already sitting in the channel is released; one that comes
+/// later finds the channel closed and is released by the session.
+struct PendingTry<'a> {
+    rx: Option<oneshot::Receiver<Result<TryOutcome>>>,
+    id: LockId,
+    sessions: &'a Sessions,
+}
+
+impl Drop for PendingTry<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok(Ok(TryOutcome::Granted(hold, _))) = rx.try_recv() {
+                self.sessions.release(self.id, hold, None);
+            }
+        }
     }
 }
 
@@ -442,7 +472,8 @@ impl Session {
         match run_batch(live, &batch, self.timing).await {
             Ok(rows) => finish(live, batch, rows),
             Err(Failure::Capacity) => {
-                let reconciled = reconcile(live, self.timing).await;
+                let tried: Vec<LockId> = batch.tries.iter().map(|(id, _, _)| *id).collect();
+                let reconciled = reconcile(live, &tried, self.timing).await;
                 answer_capacity(live, batch);
                 if let Err(err) = reconciled {
                     self.lose(&err);
@@ -457,7 +488,8 @@ impl Session {
                     match run_batch(live, &batch, self.timing).await {
                         Ok(rows) => return finish(live, batch, rows),
                         Err(Failure::Capacity) => {
-                            let reconciled = reconcile(live, self.timing).await;
+                            let tried: Vec<LockId> = batch.tries.iter().map(|(id, _, _)| *id).collect();
+                            let reconciled = reconcile(live, &tried, self.timing).await;
                             answer_capacity(live, batch);
                             if let Err(err) = reconciled {
                                 self.lose(&err);
@@ -642,7 +674,11 @@ fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
             *live.held.entry(id).or_insert(0) += 1;
             match draw(tokens) {
                 Some(drawn) => Ok(TryOutcome::Granted(hold.clone(), drawn)),
-                None => Err(Error::Internal("fewer fencing tokens drawn than asked for".into())),
+                None => {
+                    // Taken but not handed out: nobody owns it.
+                    live.orphans.push(id);
+                    Err(Error::Internal("fewer fencing tokens drawn than asked for".into()))
+                }
             }
         } else {
             Ok(TryOutcome::Busy)
@@ -665,19 +701,30 @@ fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
     }
 }
 
-/// After `out of shared memory`: releases every lock PostgreSQL says this
-/// session holds that nobody here owns.
-async fn reconcile(live: &mut Live, timing: Timing) -> Result<()> {
+/// Releases each given lock as often as this session holds it: a
+/// session-level advisory lock is re-entrant, and `pg_locks` shows one row
+/// whatever the count. Returns how many releases succeeded.
+const UNLOCK_ALL_SQL: &str = "\
+SELECT (SELECT count(*) FROM unnest($1::int8[]) AS u(k) WHERE pg_advisory_unlock(u.k))
+     + (SELECT count(*) FROM unnest($2::int4[], $3::int4[]) AS u(a, b) WHERE pg_advisory_unlock(u.a, u.b))";
+
+/// After `out of shared memory`: the failed batch may have taken some of
+/// its locks before the error (session locks outlive the statement). Every
+/// lock PostgreSQL says this session holds, and every lock the batch tried,
+/// that nobody here owns is released, as many times as it was taken. (A
+/// tried lock is never owned here too: the table sends a lock's release
+/// before any later try of it, and a batch runs its releases first.)
+async fn reconcile(live: &mut Live, tried: &[LockId], timing: Timing) -> Result<()> {
     let deadline = Instant::now() + timing.window.min(Duration::from_secs(5));
     let rows = tokio::time::timeout_at(deadline.into(), sqlx::query(HELD_SQL).fetch_all(&mut live.conn))
         .await
         .map_err(|_| gone())??;
-    let (mut client, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
+    let mut stray: Vec<LockId> = tried.to_vec();
     for row in rows {
         let sub: i32 = row.try_get("sub")?;
         let hi: i64 = row.try_get("hi")?;
         let lo: i64 = row.try_get("lo")?;
-        let id = if sub == 2 {
+        stray.push(if sub == 2 {
             LockId::Internal {
                 space: u32::try_from(hi).unwrap_or(0).cast_signed(),
                 object: u32::try_from(lo).unwrap_or(0).cast_signed(),
@@ -686,40 +733,47 @@ async fn reconcile(live: &mut Live, timing: Timing) -> Result<()> {
             let hi = u64::try_from(hi).unwrap_or(0);
             let lo = u64::try_from(lo).unwrap_or(0);
             LockId::Client((hi << 32 | lo).cast_signed())
-        };
-        if !live.held.contains_key(&id) {
-            match id {
-                LockId::Client(k) => client.push(k),
-                LockId::Internal { space, object } => {
-                    a.push(space);
-                    b.push(object);
-                }
+        });
+    }
+    stray.retain(|id| !live.held.contains_key(id));
+    stray.sort_unstable_by_key(|id| match *id {
+        LockId::Client(k) => (0, k),
+        LockId::Internal { space, object } => (1, i64::from(space) << 32 | i64::from(object)),
+    });
+    stray.dedup();
+    let (mut client, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
+    for id in &stray {
+        match *id {
+            LockId::Client(k) => client.push(k),
+            LockId::Internal { space, object } => {
+                a.push(space);
+                b.push(object);
             }
         }
     }
-    if !client.is_empty() || !a.is_empty() {
-        tracing::warn!(
-            stray = client.len() + a.len(),
-            "releasing locks a failed batch took before PostgreSQL's lock table filled up"
-        );
-        let empty_i64: Vec<i64> = Vec::new();
-        let empty_i32: Vec<i32> = Vec::new();
-
-        tokio::time::timeout_at(
+    // Each round releases each lock once more; a lock is taken at most a
+    // few times over (one try per batch), so this ends quickly.
+    for _ in 0..16 {
+        if client.is_empty() && a.is_empty() {
+            break;
+        }
+        let released: i64 = tokio::time::timeout_at(
             deadline.into(),
-            sqlx::query(BATCH_SQL)
+            sqlx::query_scalar(UNLOCK_ALL_SQL)
                 .bind(&client)
                 .bind(&a)
                 .bind(&b)
-                .bind(&empty_i64)
-                .bind(&empty_i32)
-                .bind(&empty_i32)
-                .bind(&empty_i32)
-                .bind(0_i64)
-                .fetch_all(&mut live.conn),
+                .fetch_one(&mut live.conn),
         )
         .await
         .map_err(|_| gone())??;
+        if released == 0 {
+            break;
+        }
+        tracing::warn!(
+            released,
+            "released locks a failed batch took before PostgreSQL's lock table filled up"
+        );
     }
     Ok(())
 }

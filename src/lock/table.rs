@@ -252,10 +252,14 @@ impl Drop for Owned {
 impl Inner {
     fn pass_on(self: Arc<Self>, id: LockId, mut remote: Option<Remote>, mut ack: Option<oneshot::Sender<()>>) {
         loop {
-            let (next, release, pause) = {
+            // The release beyond this process is sent while the table is
+            // locked: a later acquirer of the same lock, who can only enter
+            // the table after this, sends its try after this release, so a
+            // session never sees a try for a lock ahead of its release.
+            let (next, pause) = {
                 let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
                 let popped = slots.get_mut(&id).map(|slot| (slot.queue.pop_front(), slot));
-                match popped {
+                let decided = match popped {
                     // Not in the table: nothing to hand on; release what is held.
                     None => (None, remote.take(), false),
                     Some((Some((_, tx)), slot)) => {
@@ -276,12 +280,14 @@ impl Inner {
                         slots.remove(&id);
                         (None, remote.take(), false)
                     }
+                };
+                let (next, release, pause) = decided;
+                match release {
+                    Some(Remote::Session(hold, _)) => self.release.release(id, hold, ack.take()),
+                    Some(Remote::Local) | None => {}
                 }
+                (next, pause)
             };
-            match release {
-                Some(Remote::Session(hold, _)) => self.release.release(id, hold, ack.take()),
-                Some(Remote::Local) | None => {}
-            }
             let Some(tx) = next else {
                 if let Some(ack) = ack.take() {
                     let _ = ack.send(());

@@ -260,7 +260,8 @@ async fn the_two_pools_carry_their_own_application_name_and_session_settings() {
         ("idle_session_timeout", "5321ms", "0"),
         ("lock_timeout", "4321ms", "0"),
         ("synchronous_commit", "on", "off"),
-        ("tcp_keepalives_idle", "10", "10"),
+        // The lock session probes only after the lease (4.321 s) and its margin.
+        ("tcp_keepalives_idle", "16", "10"),
     ] {
         let l: String = sqlx::query_scalar(&show(name)).fetch_one(&mut lock).await.unwrap();
         let w: String = sqlx::query_scalar(&show(name)).fetch_one(&mut *work).await.unwrap();
