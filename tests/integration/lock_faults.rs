@@ -17,7 +17,7 @@ use vitals::proto::{self, health_check_service_client::HealthCheckServiceClient,
 
 use crate::{
     cluster::PrivateCluster,
-    harness::{Backend, TestApp, TestDb},
+    harness::{Backend, TestApp, TestDb, until_count},
     proxy::{Proxy, url_addr, url_via},
     withlock::{LockClient, acquire, keep_alive, release},
 };
@@ -673,4 +673,74 @@ async fn raw_sql_lock_holders_and_vitals_holders_of_a_key_exclude_each_other() {
     let got: bool = sqlx::query_scalar(try_sql).bind(KEY).fetch_one(&mut sql).await.unwrap();
     assert!(got, "SQL gets the key once vitals released it");
     app.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// 7. Acquirers that give up at any moment.
+// ---------------------------------------------------------------------------
+
+/// Advisory locks held right now by this test database's vitals-lock sessions.
+const LOCK_SESSION_LOCKS: &str = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+     WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database() \
+     AND a.application_name = 'vitals-lock'";
+
+/// Acquirers on a few keys, on two replicas, each abandoning its stream at a
+/// different moment (while queued, while its try or its hand-off's tokens are
+/// in flight, just after its grant, or after a release): once they are all
+/// gone, no lock is left in PostgreSQL and the other replica takes every key
+/// at once. A grant answered to an acquirer that had just given up, or a
+/// hand-off dropped while it drew tokens, used to stay held in PostgreSQL
+/// with no owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquirers_that_give_up_at_any_moment_never_leave_a_lock_held() {
+    const KEYS: [&str; 4] = ["abandon-a", "abandon-b", "abandon-c", "abandon-d"];
+    let db = TestDb::postgres().await;
+    let flags = ["--database-lock-pool-max", "1"];
+    let a = TestApp::start(&db, &flags).await;
+    let b = TestApp::start(&db, &flags).await;
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        clients.push(app.lock_client().await);
+    }
+    let mut tasks = Vec::new();
+    for (i, client) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut client = client;
+            for round in 0..60_u64 {
+                let key = KEYS[(i + usize::try_from(round).unwrap()) % KEYS.len()];
+                // Give up after 0..1.5 ms, at a different point each time.
+                let patience = Duration::from_micros((round * 97 + i as u64 * 131) % 1500);
+                let attempt = lock(&mut client, key, Some(Duration::from_secs(2)));
+                match tokio::time::timeout(patience, attempt).await {
+                    Ok(Ok(held)) if round % 3 == 0 => held.release().await,
+                    // Granted and dropped, refused, or abandoned mid-way.
+                    _ => {}
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut conn = db.connect().await;
+    // Abandoned streams are let go as the server notices them; wait until
+    // PostgreSQL shows none of their locks.
+    until_count(
+        &mut conn,
+        LOCK_SESSION_LOCKS,
+        0,
+        "every abandoned lock released in PostgreSQL",
+    )
+    .await;
+    for app in [&a, &b] {
+        let mut client = app.lock_client().await;
+        for key in KEYS {
+            let held = lock(&mut client, key, Some(Duration::ZERO))
+                .await
+                .unwrap_or_else(|status| panic!("{key:?} is still held by nobody: {status:?}"));
+            held.release().await;
+        }
+    }
+    tokio::join!(a.stop(), b.stop());
 }
