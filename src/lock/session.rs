@@ -458,51 +458,41 @@ impl Session {
             if !cmds.is_empty() {
                 tracing::debug!(session = self.index, error = %err, "lock session cannot connect");
             }
-            fail(cmds, &err);
+            fail(cmds);
             return;
         }
         let Some(live) = self.live.as_mut() else {
-            return fail(cmds, &gone());
+            return fail(cmds);
         };
         let batch = sort(cmds, live);
         // A session that holds nothing loses nothing by breaking: a
         // connection PostgreSQL ended while idle is replaced and the
         // statement sent again, once.
         let may_retry = !fresh && live.held.is_empty() && batch.unlocked.is_empty();
-        match run_batch(live, &batch, self.timing).await {
-            Ok(rows) => finish(live, batch, rows),
-            Err(Failure::Capacity) => {
-                let tried: Vec<LockId> = batch.tries.iter().map(|(id, _, _)| *id).collect();
-                let reconciled = reconcile(live, &tried, self.timing).await;
-                answer_capacity(live, batch);
-                if let Err(err) = reconciled {
-                    self.lose(&err);
-                }
-            }
-            Err(Failure::Lost(err)) => {
-                self.lose(&err);
-                if may_retry
-                    && self.connect().await.is_ok()
-                    && let Some(live) = self.live.as_mut()
-                {
-                    match run_batch(live, &batch, self.timing).await {
-                        Ok(rows) => return finish(live, batch, rows),
-                        Err(Failure::Capacity) => {
-                            let tried: Vec<LockId> = batch.tries.iter().map(|(id, _, _)| *id).collect();
-                            let reconciled = reconcile(live, &tried, self.timing).await;
-                            answer_capacity(live, batch);
-                            if let Err(err) = reconciled {
-                                self.lose(&err);
-                            }
-                            return;
-                        }
-                        Err(Failure::Lost(err)) => {
-                            self.lose(&err);
-                            return batch.fail(&err);
-                        }
+        let mut retried = false;
+        loop {
+            let Some(live) = self.live.as_mut() else {
+                return batch.fail();
+            };
+            match run_batch(live, &batch, self.timing).await {
+                Ok(rows) => return finish(live, batch, rows),
+                Err(Failure::Capacity) => {
+                    let tried: Vec<LockId> = batch.tries.iter().map(|(id, _, _)| *id).collect();
+                    let reconciled = reconcile(live, &tried, self.timing).await;
+                    answer_capacity(live, batch);
+                    if let Err(err) = reconciled {
+                        self.lose(&err);
                     }
+                    return;
                 }
-                batch.fail(&err);
+                Err(Failure::Lost(err)) => {
+                    self.lose(&err);
+                    if may_retry && !retried && self.connect().await.is_ok() {
+                        retried = true;
+                        continue;
+                    }
+                    return batch.fail();
+                }
             }
         }
     }
@@ -797,8 +787,7 @@ fn answer_capacity(live: &Live, batch: Batch) {
 
 impl Batch {
     /// Answers every command of a batch whose session failed.
-    fn fail(self, err: &Error) {
-        let _ = err;
+    fn fail(self) {
         for (_, _, reply) in self.tries {
             let _ = reply.send(Err(gone()));
         }
@@ -839,8 +828,7 @@ fn answer_stale(cmds: Vec<Cmd>) -> Vec<Cmd> {
 }
 
 /// Answers commands that never reached a session.
-fn fail(cmds: Vec<Cmd>, err: &Error) {
-    let _ = err;
+fn fail(cmds: Vec<Cmd>) {
     for cmd in cmds {
         match cmd {
             Cmd::Try { reply, .. } => {
