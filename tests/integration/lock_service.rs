@@ -530,7 +530,10 @@ async fn merged_lock_and_work_pools_starve_where_separate_pools_do_not() {
         .connect(&db.url)
         .await
         .unwrap();
-    let section = |key: i64, barrier: Arc<Barrier>| {
+    // Each section keeps its lock until both have asked for their work
+    // connection (the second barrier): otherwise the first to give up would
+    // hand its connection to the other, as upstream's waiters never did.
+    let section = |key: i64, both_locked: Arc<Barrier>, both_asked: Arc<Barrier>| {
         let pool = merged.clone();
         async move {
             let mut lock = pool.begin().await?;
@@ -538,15 +541,17 @@ async fn merged_lock_and_work_pools_starve_where_separate_pools_do_not() {
                 .bind(key)
                 .execute(&mut *lock)
                 .await?;
-            barrier.wait().await;
-            let mut conn = pool.acquire().await?;
+            both_locked.wait().await;
+            let work = pool.acquire().await;
+            both_asked.wait().await;
+            let mut conn = work?;
             conn.execute("SELECT 1").await?;
             lock.commit().await
         }
     };
-    let barrier = Arc::new(Barrier::new(2));
+    let (locked, asked) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
     let started = Instant::now();
-    let (a, b) = tokio::join!(section(1, barrier.clone()), section(2, barrier));
+    let (a, b) = tokio::join!(section(1, locked.clone(), asked.clone()), section(2, locked, asked));
     let took = started.elapsed();
     for result in [&a, &b] {
         assert!(
