@@ -12,9 +12,17 @@
 //! [`ACQUIRE_MESSAGE_TIMEOUT`], waits at most `VITALS_MAX_LOCK_WAIT_MS`, and
 //! ends with `SHUTTING_DOWN` once the shutdown grace is over.
 
-use std::{pin::Pin, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
 use futures::{Stream, StreamExt};
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{Violations, duration_in, duration_out, timestamp_out};
@@ -38,8 +46,6 @@ impl LockApi {
         LockApi { locks }
     }
 }
-
-type LockStream = Pin<Box<dyn Stream<Item = Result<proto::WithLockResponse, Status>> + Send>>;
 
 fn protocol(field: &str, description: &str) -> Status {
     Error::LockProtocol(FieldViolation::new(field, description)).into()
@@ -110,46 +116,52 @@ impl LockService for LockApi {
                 lease: Some(duration_out(lease)),
             })),
         };
-        let holding = Holding {
-            held: Some(held),
+        Ok(Response::new(LockStream::new(
+            held,
+            acquired,
             inbound,
             lease,
-            lease_ends: tokio::time::Instant::now() + lease,
-            locks: self.locks.clone(),
-        };
-        let replies = futures::stream::once(async move { Ok(acquired) }).chain(futures::stream::unfold(
-            Some(holding),
-            |state| async move {
-                let mut holding = state?;
-                match holding.next().await {
-                    Step::Reply(reply) => Some((Ok(reply), Some(holding))),
-                    Step::End(last) => last.map(|last| (last, None)),
-                }
-            },
-        ));
-        Ok(Response::new(Box::pin(replies)))
+            &self.locks,
+        )))
     }
 }
 
-/// A held lock and its stream: the response stream owns it, so there is no
-/// task and no channel per lock, and whatever ends the response stream (the
-/// client resetting it, the connection closing) drops the lock with it.
-struct Holding {
-    /// Taken when the stream ends.
-    held: Option<HeldLock>,
-    inbound: Streaming<proto::WithLockRequest>,
-    lease: Duration,
-    /// When the lock is lost unless a keep_alive or release arrives.
-    lease_ends: tokio::time::Instant,
-    locks: Locks,
+pin_project! {
+    /// A held lock and its stream: the response stream owns it, so there is
+    /// no task and no channel per lock, and whatever ends the response stream
+    /// (the client resetting it, the connection closing) drops the lock with
+    /// it.
+    ///
+    /// Written as a plain state machine rather than an `async` block because
+    /// it is what every held lock keeps in memory: each field is stored once,
+    /// and the futures of a keep-alive or a release exist only while they run.
+    pub struct LockStream {
+        // The `acquired` reply, sent first.
+        acquired: Option<proto::WithLockResponse>,
+        // Taken when the stream ends (or lent to a running keep-alive).
+        held: Option<HeldLock>,
+        inbound: Streaming<proto::WithLockRequest>,
+        lease: Duration,
+        locks: Locks,
+        // A keep-alive or the final release, while it runs.
+        busy: Option<Pin<Box<dyn Future<Output = Busy> + Send>>>,
+        // When the lock is lost unless a keep_alive or release arrives.
+        #[pin]
+        lease_ends: Sleep,
+        #[pin]
+        shutdown: WaitForCancellationFutureOwned,
+        // The lock's PostgreSQL session was lost (never, when embedded).
+        #[pin]
+        lost: Option<WaitForCancellationFutureOwned>,
+    }
 }
 
-/// What a held lock's stream does next.
-enum Step {
-    /// Send this and go on holding.
-    Reply(proto::WithLockResponse),
+/// What a keep-alive or a release that ran to its end leaves.
+enum Busy {
+    /// The keep-alive's outcome, and the lock back.
+    KeptAlive(HeldLock, Result<(), Error>),
     /// The lock is released; send this last (`None`: end silently).
-    End(Option<Result<proto::WithLockResponse, Status>>),
+    Ended(Option<Result<proto::WithLockResponse, Status>>),
 }
 
 /// How a held lock's stream ends.
@@ -162,101 +174,147 @@ enum End {
     Gone,
 }
 
-impl Holding {
-    /// Serves the lock until there is something to send.
-    async fn next(&mut self) -> Step {
-        let Some(held) = self.held.as_mut() else {
-            return Step::End(None);
-        };
-        let end = match until_end(held, &mut self.inbound, self.lease, &mut self.lease_ends, &self.locks).await {
-            Ok(reply) => return Step::Reply(reply),
-            Err(end) => end,
-        };
-        // The stream ends: the lock goes with it, released before the client
-        // hears why, so a client that retries at once finds it free.
-        let Some(held) = self.held.take() else {
-            return Step::End(None);
-        };
-        match end {
-            End::Release => Step::End(Some(match held.release().await {
+impl LockStream {
+    fn new(
+        held: HeldLock,
+        acquired: proto::WithLockResponse,
+        inbound: Streaming<proto::WithLockRequest>,
+        lease: Duration,
+        locks: &Locks,
+    ) -> Self {
+        LockStream {
+            acquired: Some(acquired),
+            lost: held.lost_signal(),
+            held: Some(held),
+            inbound,
+            lease,
+            locks: locks.clone(),
+            busy: None,
+            lease_ends: tokio::time::sleep(lease),
+            shutdown: locks.shutting_down(),
+        }
+    }
+}
+
+/// The stream ends: the lock goes with it, released before the client hears
+/// why, so a client that retries at once finds it free.
+fn ending(held: HeldLock, end: End) -> Pin<Box<dyn Future<Output = Busy> + Send>> {
+    Box::pin(async move {
+        Busy::Ended(match end {
+            End::Release => Some(match held.release().await {
                 Ok(held_for) => Ok(proto::WithLockResponse {
                     event: Some(Event::Released(proto::Released {
                         held_for: Some(duration_out(held_for)),
                     })),
                 }),
                 Err(err) => Err(err.into()),
-            })),
+            }),
             End::Fail(status) => {
                 let_go(held).await;
-                Step::End(Some(Err(status)))
+                Some(Err(status))
             }
             End::Gone => {
                 let_go(held).await;
-                Step::End(None)
+                None
             }
-        }
-    }
+        })
+    })
 }
 
-/// Waits for the next message or event on a held lock's stream: a reply to
-/// send while the lock stays held, or how the stream ends.
-async fn until_end(
-    held: &mut HeldLock,
-    inbound: &mut Streaming<proto::WithLockRequest>,
-    lease: Duration,
-    lease_ends: &mut tokio::time::Instant,
-    locks: &Locks,
-) -> Result<proto::WithLockResponse, End> {
-    let shutdown = locks.shutting_down();
-    tokio::pin!(shutdown);
-    let next = tokio::select! {
-        // Shutdown first: it also closes the lock sessions, which marks
-        // their locks lost, and a stream ending because of shutdown
-        // must say SHUTTING_DOWN, not LOCK_LOST.
-        biased;
-        () = &mut shutdown => return Err(End::Fail(Error::ShuttingDown.into())),
-        next = inbound.next() => next,
-        () = tokio::time::sleep_until(*lease_ends) => {
-            return Err(End::Fail(held.lost_error("no keep_alive or release within the lease").into()));
-        }
-        () = held.lost() => {
-            // Shutdown closes the lock sessions too (and may do so while
-            // this select is being polled): the client should hear why.
-            if locks.is_shutting_down() {
-                return Err(End::Fail(Error::ShuttingDown.into()));
-            }
-            return Err(End::Fail(held.lost_error("the lock's database session ended").into()));
-        }
-    };
-    let action = match next {
-        // Half-close: the critical section is over.
-        None => return Err(End::Release),
-        // The client's stream broke (cancel, disconnect).
-        Some(Err(_)) => return Err(End::Gone),
-        Some(Ok(message)) => message.action,
-    };
-    match action {
-        Some(Action::Release(_)) => Err(End::Release),
-        Some(Action::KeepAlive(_)) => {
-            if let Err(err) = held.keep_alive().await {
-                // The session was closed by shutdown, not lost.
-                if locks.is_shutting_down() {
-                    return Err(End::Fail(Error::ShuttingDown.into()));
+impl Stream for LockStream {
+    type Item = Result<proto::WithLockResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut this = self.project();
+        loop {
+            if let Some(busy) = this.busy.as_mut() {
+                let done = ready!(busy.as_mut().poll(cx));
+                *this.busy = None;
+                match done {
+                    Busy::KeptAlive(held, Ok(())) => {
+                        *this.held = Some(held);
+                        let now = tokio::time::Instant::now();
+                        this.lease_ends.as_mut().reset(now + *this.lease);
+                        let expires =
+                            Utc::now() + chrono::Duration::from_std(*this.lease).unwrap_or(chrono::Duration::MAX);
+                        return Poll::Ready(Some(Ok(proto::WithLockResponse {
+                            event: Some(Event::KeptAlive(proto::KeptAlive {
+                                lease_expires_at: Some(timestamp_out(expires)),
+                            })),
+                        })));
+                    }
+                    Busy::KeptAlive(held, Err(err)) => {
+                        // The session was closed by shutdown, not lost.
+                        let status = if this.locks.is_shutting_down() {
+                            Error::ShuttingDown.into()
+                        } else {
+                            err.into()
+                        };
+                        *this.busy = Some(ending(held, End::Fail(status)));
+                        continue;
+                    }
+                    Busy::Ended(last) => return Poll::Ready(last),
                 }
-                return Err(End::Fail(err.into()));
             }
-            *lease_ends = tokio::time::Instant::now() + lease;
-            let expires = Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-            Ok(proto::WithLockResponse {
-                event: Some(Event::KeptAlive(proto::KeptAlive {
-                    lease_expires_at: Some(timestamp_out(expires)),
-                })),
-            })
+            if let Some(acquired) = this.acquired.take() {
+                return Poll::Ready(Some(Ok(acquired)));
+            }
+            let Some(held) = this.held.take() else {
+                return Poll::Ready(None);
+            };
+            // Shutdown first: it also closes the lock sessions, which marks
+            // their locks lost, and a stream ending because of shutdown must
+            // say SHUTTING_DOWN, not LOCK_LOST.
+            if this.shutdown.as_mut().poll(cx).is_ready() {
+                *this.busy = Some(ending(held, End::Fail(Error::ShuttingDown.into())));
+                continue;
+            }
+            if let Poll::Ready(next) = this.inbound.poll_next_unpin(cx) {
+                let end = match next {
+                    // Half-close: the critical section is over.
+                    None => End::Release,
+                    // The client's stream broke (cancel, disconnect).
+                    Some(Err(_)) => End::Gone,
+                    Some(Ok(message)) => match message.action {
+                        Some(Action::Release(_)) => End::Release,
+                        Some(Action::KeepAlive(_)) => {
+                            *this.busy = Some(Box::pin(async move {
+                                let mut held = held;
+                                let outcome = held.keep_alive().await;
+                                Busy::KeptAlive(held, outcome)
+                            }));
+                            continue;
+                        }
+                        Some(Action::Acquire(_)) => {
+                            End::Fail(protocol("action", "acquire was already sent on this stream"))
+                        }
+                        None => End::Fail(Error::invalid("action", "set acquire, keep_alive or release").into()),
+                    },
+                };
+                *this.busy = Some(ending(held, end));
+                continue;
+            }
+            if this.lease_ends.as_mut().poll(cx).is_ready() {
+                let status = held.lost_error("no keep_alive or release within the lease").into();
+                *this.busy = Some(ending(held, End::Fail(status)));
+                continue;
+            }
+            if let Some(lost) = this.lost.as_mut().as_pin_mut()
+                && lost.poll(cx).is_ready()
+            {
+                // Shutdown closes the lock sessions too (and may do so while
+                // this stream is being polled): the client should hear why.
+                let status = if this.locks.is_shutting_down() {
+                    Error::ShuttingDown.into()
+                } else {
+                    held.lost_error("the lock's database session ended").into()
+                };
+                *this.busy = Some(ending(held, End::Fail(status)));
+                continue;
+            }
+            *this.held = Some(held);
+            return Poll::Pending;
         }
-        Some(Action::Acquire(_)) => Err(End::Fail(protocol("action", "acquire was already sent on this stream"))),
-        None => Err(End::Fail(
-            Error::invalid("action", "set acquire, keep_alive or release").into(),
-        )),
     }
 }
 

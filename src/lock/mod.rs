@@ -35,6 +35,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 pub use self::id::{CLIENT_KEY_PREFIX, LockId};
 use self::{
@@ -73,8 +74,12 @@ struct Inner {
     max_wait: Duration,
     /// How long vitals' own serialisation waits.
     system_wait: Duration,
-    /// Turns true when lock streams must end.
+    /// Turns true when the lock sessions must close.
     shutdown: watch::Sender<bool>,
+    /// Cancelled at the same moment: lock streams wait on it, and a
+    /// cancellation future is small and nameable, which keeps what a held
+    /// lock's stream stores small.
+    stop: CancellationToken,
 }
 
 /// Where locks are held beyond the table.
@@ -122,7 +127,7 @@ pub struct HeldLock {
     /// When the lock was granted.
     pub acquired_at: DateTime<Utc>,
     started: Instant,
-    lost: Option<watch::Receiver<bool>>,
+    lost: Option<CancellationToken>,
     sessions: Option<Arc<Sessions>>,
     _permit: LockPermit,
 }
@@ -168,6 +173,7 @@ impl Locks {
                 max_wait: config.max_lock_wait(),
                 system_wait: config.lock_timeout(),
                 shutdown,
+                stop: CancellationToken::new(),
             }),
         }
     }
@@ -192,7 +198,7 @@ impl Locks {
 
     /// A place in the client budget, or `LOCK_LIMIT_REACHED` at once.
     pub fn admit(&self) -> Result<LockPermit> {
-        if *self.inner.shutdown.borrow() {
+        if self.is_shutting_down() {
             return Err(Error::ShuttingDown);
         }
         self.inner
@@ -204,16 +210,14 @@ impl Locks {
     }
 
     /// Resolves once lock streams must end (the shutdown grace is over).
-    pub fn shutting_down(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.inner.shutdown.subscribe();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
+    pub fn shutting_down(&self) -> WaitForCancellationFutureOwned {
+        self.inner.stop.clone().cancelled_owned()
     }
 
     /// Ends every lock stream (they answer `SHUTTING_DOWN`) and closes the
     /// lock sessions, which releases everything they hold.
     pub fn shut_down(&self) {
+        self.inner.stop.cancel();
         self.inner.shutdown.send_replace(true);
     }
 
@@ -400,7 +404,7 @@ impl Locks {
 
     /// Whether lock streams are being ended for shutdown.
     pub fn is_shutting_down(&self) -> bool {
-        *self.inner.shutdown.borrow()
+        self.inner.stop.is_cancelled()
     }
 }
 
@@ -414,12 +418,16 @@ impl HeldLock {
     /// session broke or could not prove it was alive within the lease.
     /// Never, with the embedded store.
     pub async fn lost(&mut self) {
-        match &mut self.lost {
-            Some(rx) => {
-                let _ = rx.wait_for(|lost| *lost).await;
-            }
+        match self.lost_signal() {
+            Some(lost) => lost.await,
             None => std::future::pending().await,
         }
+    }
+
+    /// What [`HeldLock::lost`] waits for, as a value a stream can keep:
+    /// `None` when the lock cannot be lost that way (the embedded store).
+    pub fn lost_signal(&self) -> Option<WaitForCancellationFutureOwned> {
+        self.lost.clone().map(CancellationToken::cancelled_owned)
     }
 
     fn session(&self) -> Option<&SessionHold> {

@@ -35,6 +35,7 @@ use std::{
 
 use sqlx::{Connection, PgConnection, Row, postgres::PgConnectOptions};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::{LockId, table::Release};
 use crate::error::{Error, Result, is_connection_lost, sqlstate};
@@ -114,7 +115,8 @@ pub struct Generation {
     origin: Instant,
     /// Milliseconds after `origin` at which the last successful statement was sent.
     alive_ms: AtomicU64,
-    lost: watch::Sender<bool>,
+    /// Cancelled when the generation is lost; held locks wait on it.
+    lost: CancellationToken,
     window: Duration,
 }
 
@@ -124,7 +126,7 @@ impl Generation {
             number,
             origin: Instant::now(),
             alive_ms: AtomicU64::new(0),
-            lost: watch::Sender::new(false),
+            lost: CancellationToken::new(),
             window,
         })
     }
@@ -146,16 +148,16 @@ impl Generation {
 
     /// Whether the generation was lost.
     pub fn is_lost(&self) -> bool {
-        *self.lost.borrow()
+        self.lost.is_cancelled()
     }
 
-    /// Resolves when the generation is lost.
-    pub fn lost(&self) -> watch::Receiver<bool> {
-        self.lost.subscribe()
+    /// Cancelled when the generation is lost.
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
     }
 
     fn mark_lost(&self) {
-        self.lost.send_replace(true);
+        self.lost.cancel();
     }
 }
 

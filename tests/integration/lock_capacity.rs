@@ -146,11 +146,11 @@ async fn until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 // ---------------------------------------------------------------------------
 
 /// Sends keep_alive, as a client holding locks for long would, on every
-/// stream that has gone half the default lease (30 s) without one, and
+/// stream that has gone half the lease (120 s in the test) without one, and
 /// waits for each `kept_alive`. On a loaded machine the first of ten
 /// thousand locks can otherwise come near its lease before it is released.
 async fn keep_alive_the_oldest(held: &mut [(Instant, LockStream)], in_flight: usize) {
-    const HALF_LEASE: Duration = Duration::from_secs(15);
+    const HALF_LEASE: Duration = Duration::from_secs(60);
     let due: Vec<&mut (Instant, LockStream)> = held.iter_mut().filter(|(at, _)| at.elapsed() > HALF_LEASE).collect();
     if due.is_empty() {
         return;
@@ -179,9 +179,13 @@ async fn ten_thousand_locks_are_held_at_once_on_default_settings_and_excluded_on
     // The embedded store serves one replica, so the "second replica" is a
     // second client of the same server, whose budget must leave room for
     // its tries beyond the 10,000 held; PostgreSQL runs on defaults.
+    // The lease is raised from its default (30 s): a debug build on a loaded
+    // 2-core machine has taken 38 s to acquire all ten thousand, and the
+    // first would lapse before the last is granted. Capacity, not the
+    // lease, is what this test is about.
     let flags: &[&str] = match backend {
-        Backend::Postgres => &[],
-        Backend::Embedded => &["--max-locks", "10500"],
+        Backend::Postgres => &["--database-lock-idle-tx-timeout-ms", "120000"],
+        Backend::Embedded => &["--max-locks", "10500", "--database-lock-idle-tx-timeout-ms", "120000"],
     };
     let max_locks = match backend {
         Backend::Postgres => 10_000,
@@ -283,7 +287,7 @@ async fn ten_thousand_locks_are_held_at_once_on_default_settings_and_excluded_on
 
     // A sample releases and waits for `released`; the other streams just
     // end (the client drops them), which lets go of their locks as surely
-    // and keeps the whole test well inside the 30 s lease of the oldest lock.
+    // and keeps the whole test well inside the lease of the oldest lock.
     let started = Instant::now();
     let (confirmed, ended): (Vec<_>, Vec<_>) = held.into_iter().enumerate().partition(|(i, _)| i % SAMPLE_EVERY == 0);
     drop(ended);
