@@ -152,11 +152,26 @@ pub(crate) fn timestamp_out(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// The first second protobuf's `Timestamp` can express: 0001-01-01T00:00:00Z.
+pub(crate) const TIMESTAMP_MIN_SECONDS: i64 = -62_135_596_800;
+/// The last second protobuf's `Timestamp` can express: 9999-12-31T23:59:59Z.
+pub(crate) const TIMESTAMP_MAX_SECONDS: i64 = 253_402_300_799;
+
 /// A wire timestamp, truncated to microseconds (the database's precision).
+///
+/// Only protobuf's own range (0001-01-01 to 9999-12-31) is accepted: every
+/// store can hold it (PostgreSQL's `timestamptz` ends at 4713 BC), and a
+/// value outside it is no valid `Timestamp` however it is decoded.
 pub(crate) fn timestamp_in(field: &str, t: &prost_types::Timestamp) -> Result<DateTime<Utc>, FieldViolation> {
     let invalid = || FieldViolation::new(field, "must be a valid timestamp");
     if !(0..1_000_000_000).contains(&t.nanos) {
         return Err(invalid());
+    }
+    if !(TIMESTAMP_MIN_SECONDS..=TIMESTAMP_MAX_SECONDS).contains(&t.seconds) {
+        return Err(FieldViolation::new(
+            field,
+            "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999999999Z",
+        ));
     }
     let micros = t.nanos / 1000;
     let nanos = u32::try_from(micros * 1000).map_err(|_| invalid())?;
@@ -170,7 +185,8 @@ pub(crate) fn duration_out(d: Duration) -> prost_types::Duration {
     }
 }
 
-/// A non-negative wire duration.
+/// A non-negative wire duration (seconds and nanos both non-negative, nanos
+/// below a second, as protobuf's `Duration` requires).
 pub(crate) fn duration_in(field: &str, d: &prost_types::Duration) -> Result<Duration, FieldViolation> {
     let invalid = || FieldViolation::new(field, "must be a non-negative duration");
     let seconds = u64::try_from(d.seconds).map_err(|_| invalid())?;

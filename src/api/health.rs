@@ -16,7 +16,7 @@ use super::{
     page_token::{self, Kind},
 };
 use crate::{
-    domain::{CheckId, MAX_RUNS_CONSIDERED, RunId, RunMessage, SystemId, evaluate},
+    domain::{CheckId, Latency, MAX_RUNS_CONSIDERED, RunId, RunMessage, SystemId, evaluate},
     error::Error,
     lock::Locks,
     proto::{self, health_check_service_server::HealthCheckService},
@@ -119,7 +119,9 @@ impl HealthCheckService for HealthApi {
         };
         let latency = match &req.latency {
             None => Some(None),
-            Some(d) => v.take(duration_in("latency", d)).map(Some),
+            Some(d) => v
+                .take(duration_in("latency", d).and_then(|d| Latency::parse("latency", d)))
+                .map(Some),
         };
         let message = v.take(RunMessage::parse("message", req.message));
         let new = v.finish(|| {

@@ -79,10 +79,25 @@ pub(crate) fn run_cursor_body(observed_at: DateTime<Utc>, run_id: &str) -> Vec<u
     body
 }
 
-/// Parses [`run_cursor_body`].
+/// The oldest instant PostgreSQL's `timestamptz` holds (4714-11-24T00:00:00Z
+/// BC, proleptic Gregorian), in microseconds since the Unix epoch. A cursor
+/// older than this cannot be compared with stored runs there; a newer one
+/// can, including those of runs stored before `observed_at` was bounded to
+/// protobuf's range, so their listings still page.
+const OLDEST_CURSOR_MICROS: i64 = -210_866_803_200_000_000;
+
+/// The newest cursor a stored run can have: protobuf's last `Timestamp`
+/// (`observed_at` was never accepted later than a few minutes from now).
+const NEWEST_CURSOR_MICROS: i64 = 253_402_300_799_999_999;
+
+/// Parses [`run_cursor_body`]. A cursor outside the instants a store can
+/// compare with is refused like any other altered token.
 pub(crate) fn parse_run_cursor(body: &[u8]) -> Option<(DateTime<Utc>, String)> {
     let (micros, run_id) = body.split_at_checked(8)?;
     let micros = i64::from_be_bytes(micros.try_into().ok()?);
+    if !(OLDEST_CURSOR_MICROS..=NEWEST_CURSOR_MICROS).contains(&micros) {
+        return None;
+    }
     Some((
         DateTime::from_timestamp_micros(micros)?,
         String::from_utf8(run_id.to_vec()).ok()?,
@@ -124,5 +139,28 @@ mod tests {
         let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
         let body = run_cursor_body(at, "run-ü");
         assert_eq!(parse_run_cursor(&body), Some((at, "run-ü".to_owned())));
+    }
+
+    #[test]
+    fn a_cursor_outside_what_a_store_compares_with_is_refused() {
+        let oldest = chrono::NaiveDate::from_ymd_opt(-4713, 11, 24)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc();
+        assert_eq!(oldest.timestamp_micros(), OLDEST_CURSOR_MICROS);
+        let newest = chrono::NaiveDate::from_ymd_opt(9999, 12, 31)
+            .unwrap()
+            .and_hms_micro_opt(23, 59, 59, 999_999)
+            .unwrap()
+            .and_utc();
+        assert_eq!(newest.timestamp_micros(), NEWEST_CURSOR_MICROS);
+        for at in [oldest, newest] {
+            assert_eq!(parse_run_cursor(&run_cursor_body(at, "r")), Some((at, "r".to_owned())));
+        }
+        let micro = chrono::TimeDelta::microseconds(1);
+        for at in [oldest - micro, newest + micro, DateTime::<Utc>::MIN_UTC] {
+            assert_eq!(parse_run_cursor(&run_cursor_body(at, "r")), None, "{at}");
+        }
     }
 }

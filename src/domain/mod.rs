@@ -13,16 +13,19 @@
 //! - `thresholds`: [`Thresholds`] in their two modes, their defaults and their validation.
 //! - `evaluation`: [`evaluate`], which turns the newest runs of a check into an [`Evaluation`].
 //! - `ids`: validated newtypes ([`SystemId`], [`LockKey`], ...) parsed where input enters.
+//! - `latency`: [`Latency`], a run's reported duration, bounded and at the stored precision.
 //! - `violation`: [`FieldViolation`], one reason an input was rejected.
 
 mod evaluation;
 mod ids;
+mod latency;
 mod status;
 mod thresholds;
 mod violation;
 
 pub use evaluation::{Evaluation, MAX_RUNS_CONSIDERED, Rule, evaluate, system_status};
 pub use ids::{CheckId, LockKey, Owner, RunId, RunMessage, SystemId};
+pub use latency::{Latency, MAX_LATENCY};
 pub use status::{Status, worst};
 pub use thresholds::{ConsecutiveThresholds, MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, Mode, Thresholds, WindowThresholds};
 pub use violation::FieldViolation;

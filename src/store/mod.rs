@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::{
     db::Database,
-    domain::{CheckId, Evaluation, RunId, RunMessage, Status, SystemId, Thresholds},
+    domain::{CheckId, Evaluation, Latency, RunId, RunMessage, Status, SystemId, Thresholds},
     error::{Error, Result},
 };
 
@@ -145,8 +145,9 @@ pub struct NewRun {
     /// False when the server filled in `observed_at`: a retry of such a request
     /// carries another "now" and must still count as the same run.
     pub observed_at_given: bool,
-    /// How long it took.
-    pub latency: Option<Duration>,
+    /// How long it took, at the stored precision: what is stored, replied
+    /// and compared with a retry is this one value.
+    pub latency: Option<Latency>,
     /// Free text.
     pub message: RunMessage,
 }
@@ -160,10 +161,7 @@ impl NewRun {
             check_id: self.check_id.as_str().to_owned(),
             status: self.status,
             observed_at: self.observed_at,
-            // The database keeps microseconds.
-            latency: self
-                .latency
-                .map(|d| Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))),
+            latency: self.latency.map(Latency::duration),
             message: self.message.as_str().to_owned(),
             recorded_at,
         }
@@ -171,7 +169,7 @@ impl NewRun {
 
     /// The latency in the database's unit.
     pub(crate) fn latency_us(&self) -> Option<i64> {
-        self.latency.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        self.latency.map(Latency::as_micros)
     }
 
     /// True when `stored` (found under this run's id) has this run's content.
@@ -180,7 +178,7 @@ impl NewRun {
             && stored.check_id == self.check_id.as_str()
             && stored.status == self.status
             && (!self.observed_at_given || stored.observed_at == self.observed_at)
-            && stored.latency.map(|d| d.as_micros()) == self.latency.map(|d| d.as_micros())
+            && stored.latency == self.latency.map(Latency::duration)
             && stored.message == self.message.as_str()
     }
 

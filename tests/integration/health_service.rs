@@ -554,6 +554,155 @@ async fn a_retry_of_a_request_without_observed_at_is_still_a_duplicate(backend: 
     app.stop().await;
 }
 
+// ---- input bounds ----
+
+both_backends!(an_observed_at_before_year_1_or_after_9999_is_refused_naming_the_field_on_every_backend);
+async fn an_observed_at_before_year_1_or_after_9999_is_refused_naming_the_field_on_every_backend(backend: Backend) {
+    let db = TestDb::create(backend).await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let year_one = -62_135_596_800;
+    let refused = [
+        // About 251,000 BC: PostgreSQL's timestamptz ends at 4713 BC.
+        (
+            "ancient",
+            Timestamp {
+                seconds: -8_000_000_000_000,
+                nanos: 0,
+            },
+        ),
+        (
+            "the last instant of 1 BC",
+            Timestamp {
+                seconds: year_one - 1,
+                nanos: 999_999_999,
+            },
+        ),
+        (
+            "year 10000",
+            Timestamp {
+                seconds: 253_402_300_800,
+                nanos: 0,
+            },
+        ),
+        (
+            "i64::MIN",
+            Timestamp {
+                seconds: i64::MIN,
+                nanos: 0,
+            },
+        ),
+    ];
+    for (what, observed_at) in refused {
+        let err = client
+            .submit_run(run("old", "c", what, Healthy, Some(observed_at)))
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&err), ["observed_at"], "{what}");
+    }
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "old").await,
+        0
+    );
+
+    // The first instant of year 1 is stored as sent, retried as a duplicate,
+    // and listings page across it.
+    let first = Timestamp {
+        seconds: year_one,
+        nanos: 0,
+    };
+    let second = Timestamp {
+        seconds: year_one + 1,
+        nanos: 0,
+    };
+    let reply = submit(&mut client, run("old", "c", "year-1", Degraded, Some(first))).await;
+    assert_eq!(reply.run.as_ref().unwrap().observed_at, Some(first));
+    assert!(
+        submit(&mut client, run("old", "c", "year-1", Degraded, Some(first)))
+            .await
+            .duplicate
+    );
+    submit(
+        &mut client,
+        run("old", "c", "year-1-and-a-second", Degraded, Some(second)),
+    )
+    .await;
+    submit(&mut client, run("old", "c", "recent", Healthy, Some(at(base_time())))).await;
+    let (runs, pages) = all_runs(&mut client, "old", "", 1).await;
+    assert_eq!(pages, [1, 1, 1]);
+    let listed: Vec<_> = runs
+        .iter()
+        .map(|r| (r.run_id.as_str(), r.observed_at.unwrap()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("recent", at(base_time())),
+            ("year-1-and-a-second", second),
+            ("year-1", first)
+        ]
+    );
+    app.stop().await;
+}
+
+both_backends!(a_latency_above_24_hours_is_refused_and_an_accepted_one_is_stored_replied_and_retried_as_one_value);
+async fn a_latency_above_24_hours_is_refused_and_an_accepted_one_is_stored_replied_and_retried_as_one_value(
+    backend: Backend,
+) {
+    let db = TestDb::create(backend).await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let t0 = base_time();
+    let with_latency = |run_id: &str, seconds: i64, nanos: i32| {
+        let mut req = run("timed", "c", run_id, Healthy, Some(at(t0)));
+        req.latency = Some(prost_types::Duration { seconds, nanos });
+        req
+    };
+    let refused = [
+        ("i64::MAX seconds", i64::MAX, 0),
+        ("24h and 1ns", 86_400, 1),
+        ("negative", -1, 0),
+        ("negative nanos", 0, -1),
+        ("a whole second of nanos", 0, 1_000_000_000),
+    ];
+    for (what, seconds, nanos) in refused {
+        let err = client.submit_run(with_latency(what, seconds, nanos)).await.unwrap_err();
+        assert_eq!(violated_fields(&err), ["latency"], "{what}");
+    }
+
+    // (run, latency sent, latency stored: whole microseconds)
+    let accepted = [
+        ("a day", (86_400, 0), (86_400, 0)),
+        ("a day less a nanosecond", (86_399, 999_999_999), (86_399, 999_999_000)),
+        ("sub-microsecond", (1, 500_999), (1, 500_000)),
+        ("zero", (0, 0), (0, 0)),
+    ];
+    let mut replied = Vec::new();
+    for (run_id, (seconds, nanos), stored) in accepted {
+        let req = with_latency(run_id, seconds, nanos);
+        let first = submit(&mut client, req.clone()).await;
+        let latency = first.run.as_ref().unwrap().latency;
+        assert_eq!(
+            latency,
+            Some(prost_types::Duration {
+                seconds: stored.0,
+                nanos: stored.1
+            }),
+            "{run_id}"
+        );
+        let retry = submit(&mut client, req).await;
+        assert!(retry.duplicate, "{run_id}: an identical retry is a duplicate");
+        assert_eq!(retry.run, first.run, "{run_id}");
+        replied.push((run_id.to_owned(), latency));
+    }
+    let (runs, _) = all_runs(&mut client, "timed", "", 50).await;
+    let mut listed: Vec<_> = runs.into_iter().map(|r| (r.run_id, r.latency)).collect();
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    replied.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(listed, replied, "ListRuns agrees with the replies");
+    app.stop().await;
+}
+
 both_backends!(a_run_without_a_run_id_gets_a_generated_one_and_is_never_taken_for_a_duplicate);
 async fn a_run_without_a_run_id_gets_a_generated_one_and_is_never_taken_for_a_duplicate(backend: Backend) {
     let db = TestDb::create(backend).await;
