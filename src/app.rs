@@ -74,6 +74,28 @@ impl std::fmt::Debug for Application {
     }
 }
 
+/// Says at start how long SubmitRun and ConfigureCheck wait for their
+/// system's lock when the request deadline, not `DATABASE_LOCK_TIMEOUT_MS`,
+/// decides it, and warns when that leaves no wait at all.
+fn warn_on_system_wait(config: &Config) {
+    let deadline = config.request_timeout();
+    let margin = crate::lock::SYSTEM_BUSY_MARGIN;
+    if deadline <= margin {
+        tracing::warn!(
+            request_timeout_ms = config.request_timeout_ms,
+            margin_ms = margin.as_millis(),
+            "VITALS_REQUEST_TIMEOUT_MS leaves no time to wait for a system's lock: a SubmitRun or ConfigureCheck \
+             whose system is busy is refused with SYSTEM_BUSY at once unless its client allows a longer deadline"
+        );
+    } else if config.lock_timeout() > deadline - margin {
+        tracing::info!(
+            wait_ms = (deadline - margin).as_millis(),
+            "the wait for a system's lock ends before the request deadline (VITALS_REQUEST_TIMEOUT_MS minus the \
+             SYSTEM_BUSY margin), not after DATABASE_LOCK_TIMEOUT_MS"
+        );
+    }
+}
+
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     for name in HEALTH_SERVICES {
         reporter.set_service_status(name, status).await;
@@ -104,6 +126,7 @@ impl Application {
                  system lock (its writes stay correct, but serialisation falls back to row locks)"
             );
         }
+        warn_on_system_wait(&config);
         let locks = Locks::for_database(&database, &config);
         Ok(Application {
             config,

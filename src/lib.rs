@@ -25,7 +25,8 @@
 //! - [`telemetry`]: log set-up (`RUST_LOG`, text or JSON lines).
 //! - [`app`]: the server as a value tests start on port 0.
 //!
-//! Dependencies point inward: `api` uses `domain`, `store` and `lock`;
+//! Dependencies point inward: `api` uses `domain`, `store` and `lock`, and
+//! reads the request deadline [`middleware`] hands it;
 //! `store` and `lock` use `domain`; `domain` uses nothing of ours. A request
 //! takes its lock (from the lock manager) before a work connection, never
 //! the reverse. Only [`db`], [`store`] and [`lock`] know which backend runs

@@ -5,7 +5,7 @@
 //! | request id | first, so every later log line of the request carries it, and the reply echoes it |
 //! | readiness gate | business RPCs fail fast with UNAVAILABLE while the database is unreachable or the server drains, instead of waiting on dead connections; health and reflection pass |
 //! | load shedding | at most `VITALS_MAX_CONCURRENT_REQUESTS` business RPCs in flight (WithLock streams excepted: the lock manager's `VITALS_MAX_LOCKS` bounds them); past that RESOURCE_EXHAUSTED at once rather than a queue that hides overload |
-//! | deadline | unary business RPCs end with DEADLINE_EXCEEDED at the client's `grpc-timeout` or `VITALS_REQUEST_TIMEOUT_MS`, whichever is sooner; inside the shedding so a timed-out request frees its slot |
+//! | deadline | unary business RPCs end with DEADLINE_EXCEEDED at the client's `grpc-timeout` or `VITALS_REQUEST_TIMEOUT_MS`, whichever is sooner; inside the shedding so a timed-out request frees its slot. The deadline is also handed to the handler ([`RequestDeadline`]), which ends its wait for a system's lock before it with SYSTEM_BUSY |
 //! | status normalisation | tonic reports an oversized message as OUT_OF_RANGE and an undecodable one as INTERNAL; clients get RESOURCE_EXHAUSTED and INVALID_ARGUMENT, the codes of their mistake, with an ErrorInfo like every other error |
 //!
 //! A request refused by the gate or the shedding has its body read to the
@@ -33,6 +33,20 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::error::Error;
+
+/// When a unary business RPC's deadline passes, in the request's extensions
+/// for its handler: a handler that waits (for a system's lock) ends its wait
+/// in time to answer with its own, retryable status instead of being cut off
+/// by this layer's DEADLINE_EXCEEDED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestDeadline(pub tokio::time::Instant);
+
+impl RequestDeadline {
+    /// The deadline this layer set on `request`, if it bounds the RPC.
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<tokio::time::Instant> {
+        request.extensions().get::<RequestDeadline>().map(|d| d.0)
+    }
+}
 
 /// Header carrying the request id, in and out.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -312,7 +326,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // The ready clone serves this call; the fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -327,8 +341,12 @@ where
                 .get("grpc-timeout")
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_grpc_timeout);
-            asked.map_or(self.edge.default_deadline, |d| d.min(self.edge.default_deadline))
+            let after = asked.map_or(self.edge.default_deadline, |d| d.min(self.edge.default_deadline));
+            (after, tokio::time::Instant::now() + after)
         });
+        if let Some((_, at)) = deadline {
+            req.extensions_mut().insert(RequestDeadline(at));
+        }
         let permit = if business {
             match self.edge.admit(path != LOCK_STREAM_PATH) {
                 Ok(permit) => permit,
@@ -351,7 +369,7 @@ where
                 let call = inner.call(req);
                 let mut response = match deadline {
                     None => call.await?,
-                    Some(after) => match tokio::time::timeout(after, call).await {
+                    Some((after, at)) => match tokio::time::timeout_at(at, call).await {
                         Ok(response) => response?,
                         Err(_) => {
                             tracing::debug!(?after, "deadline exceeded");

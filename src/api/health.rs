@@ -19,6 +19,7 @@ use crate::{
     domain::{CheckId, Latency, MAX_RUNS_CONSIDERED, RunId, RunMessage, SystemId, evaluate},
     error::Error,
     lock::Locks,
+    middleware::RequestDeadline,
     proto::{self, health_check_service_server::HealthCheckService},
     store::{CheckUpdate, NewRun, RunCursor, Store, TransitionFeed},
 };
@@ -93,6 +94,7 @@ impl HealthCheckService for HealthApi {
         &self,
         request: Request<proto::SubmitRunRequest>,
     ) -> Result<Response<proto::SubmitRunResponse>, Status> {
+        let deadline = RequestDeadline::of(&request);
         let req = request.into_inner();
         let mut v = Violations::default();
         let run_id = if req.run_id.is_empty() {
@@ -139,7 +141,7 @@ impl HealthCheckService for HealthApi {
 
         let outcome = self
             .locks
-            .with_system_lock(&new.system_id, || self.store.submit_run(&new))
+            .with_system_lock(&new.system_id, deadline, || self.store.submit_run(&new))
             .await?;
         if let Some(t) = &outcome.transition {
             tracing::info!(system_id = %t.system_id, from = t.from.as_str(), to = t.to.as_str(), sequence = t.sequence, "system status changed");
@@ -317,6 +319,7 @@ impl HealthCheckService for HealthApi {
         &self,
         request: Request<proto::ConfigureCheckRequest>,
     ) -> Result<Response<proto::ConfigureCheckResponse>, Status> {
+        let deadline = RequestDeadline::of(&request);
         let req = request.into_inner();
         let mut v = Violations::default();
         let system_id = v.take(SystemId::parse("system_id", req.system_id));
@@ -332,7 +335,7 @@ impl HealthCheckService for HealthApi {
         })?;
         let outcome = self
             .locks
-            .with_system_lock(&update.system_id, || self.store.configure_check(&update))
+            .with_system_lock(&update.system_id, deadline, || self.store.configure_check(&update))
             .await?;
         Ok(Response::new(proto::ConfigureCheckResponse {
             check: Some(check_out(&outcome.check)),

@@ -53,6 +53,29 @@ use crate::{
 /// How long a WithLock stream may take to send its `acquire`.
 pub const ACQUIRE_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long before its request's deadline a wait for a system's lock gives
+/// up. The refusal must reach the client before the client's own deadline
+/// passes, which the server's runs later than by the request's one-way trip
+/// (the client's clock starts when it sends); and the `SYSTEM_BUSY` it gets
+/// then says "retry", where `DEADLINE_EXCEEDED` says nothing.
+pub const SYSTEM_BUSY_MARGIN: Duration = Duration::from_millis(250);
+
+/// Until when a request that arrived at `now` waits for a system's lock:
+/// `system_wait` at most, and no later than [`SYSTEM_BUSY_MARGIN`] before
+/// its `deadline`. `None`: no time is left to wait, try once (a free lock is
+/// still taken).
+fn system_wait_until(
+    now: tokio::time::Instant,
+    system_wait: Duration,
+    deadline: Option<tokio::time::Instant>,
+) -> Option<tokio::time::Instant> {
+    let mut until = now + system_wait;
+    if let Some(deadline) = deadline {
+        until = until.min(deadline.checked_sub(SYSTEM_BUSY_MARGIN).unwrap_or(now));
+    }
+    (until > now).then_some(until)
+}
+
 /// The lock service of one vitals process.
 #[derive(Debug, Clone)]
 pub struct Locks {
@@ -225,17 +248,20 @@ impl Locks {
     /// own work connection: the lock comes first, never the other way
     /// round. The lock is released when `work` is done (after its COMMIT),
     /// or when the future is dropped. Not granted within
-    /// `DATABASE_LOCK_TIMEOUT_MS`: `SYSTEM_BUSY`.
-    pub async fn with_system_lock<T, F, Fut>(&self, system_id: &SystemId, work: F) -> Result<T>
+    /// `DATABASE_LOCK_TIMEOUT_MS`, nor by [`SYSTEM_BUSY_MARGIN`] before the
+    /// request's `deadline`: `SYSTEM_BUSY`.
+    pub async fn with_system_lock<T, F, Fut>(
+        &self,
+        system_id: &SystemId,
+        deadline: Option<tokio::time::Instant>,
+        work: F,
+    ) -> Result<T>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let deadline = tokio::time::Instant::now() + self.inner.system_wait;
-        let Some(grant) = self
-            .take(LockId::system(system_id.as_str()), Some(deadline), false)
-            .await?
-        else {
+        let wait_until = system_wait_until(tokio::time::Instant::now(), self.inner.system_wait, deadline);
+        let Some(grant) = self.take(LockId::system(system_id.as_str()), wait_until, false).await? else {
             return Err(Error::SystemBusy {
                 system_id: system_id.as_str().to_owned(),
             });
@@ -488,6 +514,34 @@ impl HeldLock {
         Error::LockLost {
             key: self.key.as_str().to_owned(),
             why,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_system_lock_wait_ends_by_the_margin_before_the_request_deadline() {
+        let now = tokio::time::Instant::now();
+        let wait = Duration::from_secs(30);
+        // No deadline: the configured wait.
+        assert_eq!(system_wait_until(now, wait, None), Some(now + wait));
+        // The default deadline (15 s) is shorter than the wait (30 s).
+        let deadline = now + Duration::from_secs(15);
+        assert_eq!(
+            system_wait_until(now, wait, Some(deadline)),
+            Some(deadline - SYSTEM_BUSY_MARGIN)
+        );
+        // A deadline far away leaves the configured wait.
+        assert_eq!(
+            system_wait_until(now, wait, Some(now + Duration::from_secs(60))),
+            Some(now + wait)
+        );
+        // No time left for waiting: try once.
+        for left in [Duration::ZERO, SYSTEM_BUSY_MARGIN / 2, SYSTEM_BUSY_MARGIN] {
+            assert_eq!(system_wait_until(now, wait, Some(now + left)), None, "{left:?}");
         }
     }
 }

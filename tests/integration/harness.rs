@@ -306,6 +306,31 @@ impl TestApp {
         self.locks.local_stats()
     }
 
+    /// Holds `system`'s serialisation lock in this server, as a SubmitRun
+    /// stalled in its critical section would, until the returned sender is
+    /// used or dropped. Returns once the lock is held.
+    pub async fn hold_system_lock(&self, system: &str) -> oneshot::Sender<()> {
+        let system = vitals::domain::SystemId::parse("system_id", system.to_owned()).expect("a valid system id");
+        let locks = self.locks.clone();
+        let (held_tx, held_rx) = oneshot::channel();
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let held = locks
+                .with_system_lock(&system, None, || async move {
+                    let _ = held_tx.send(());
+                    let _ = release_rx.await;
+                    Ok(())
+                })
+                .await;
+            held.expect("the system's lock is taken and released");
+        });
+        tokio::time::timeout(Duration::from_secs(10), held_rx)
+            .await
+            .expect("the system's lock is granted in time")
+            .expect("the holder reports the grant");
+        release_tx
+    }
+
     /// Places free in the server's client lock budget (`VITALS_MAX_LOCKS`).
     pub fn lock_budget_available(&self) -> usize {
         self.locks.budget_available()

@@ -1443,6 +1443,67 @@ async fn runs_refused_as_system_busy_and_retried_still_emit_each_status_change_e
     assert!(refused.iter().all(|r| r == "SYSTEM_BUSY"), "{refused:?}");
 }
 
+// ---- a busy system within the request's deadline ----
+
+/// Holds the lock of a system on replica 0 (as a submission stalled in its
+/// critical section would) and submits a run of that system to replica 1,
+/// started with `flags` and sent with `client_deadline`: the run must be
+/// refused with the retryable SYSTEM_BUSY after waiting, but before its
+/// `deadline` (the shorter of the client's and the server's), and go through
+/// once the lock is free.
+async fn a_busy_system_answers_system_busy_within(
+    backend: Backend,
+    flags: &[&str],
+    client_deadline: Option<Duration>,
+    deadline: Duration,
+) {
+    let db = TestDb::create(backend).await;
+    let replicas = Replicas::start(&db, 2, flags).await;
+    let mut client = replicas[1].health_client().await;
+    let req = run("busy", "c", "b-1", Degraded, Some(at(base_time())));
+    let release = replicas[0].hold_system_lock("busy").await;
+
+    let mut request = tonic::Request::new(req.clone());
+    if let Some(timeout) = client_deadline {
+        request.set_timeout(timeout);
+    }
+    let started = std::time::Instant::now();
+    let err = client.submit_run(request).await.unwrap_err();
+    let took = started.elapsed();
+    assert_refused(&err, Code::Unavailable, "SYSTEM_BUSY");
+    assert!(
+        err.get_details_retry_info().and_then(|r| r.retry_delay).is_some(),
+        "SYSTEM_BUSY carries RetryInfo: {err:?}"
+    );
+    assert!(took < deadline, "answered after the deadline: {took:?}");
+    // It waited for the lock until shortly before the deadline (250 ms).
+    assert!(took >= deadline - Duration::from_millis(500), "gave up early: {took:?}");
+
+    release.send(()).unwrap();
+    let (reply, _) = submit_retrying(&mut client, req).await;
+    assert!(!reply.duplicate, "the refused run was not stored");
+    replicas.stop().await;
+}
+
+both_backends!(a_run_for_a_busy_system_is_refused_with_system_busy_before_a_short_client_deadline);
+async fn a_run_for_a_busy_system_is_refused_with_system_busy_before_a_short_client_deadline(backend: Backend) {
+    // The server's defaults: a 30 s wait for the lock, a 15 s request deadline.
+    let deadline = Duration::from_secs(2);
+    a_busy_system_answers_system_busy_within(backend, &[], Some(deadline), deadline).await;
+}
+
+both_backends!(
+    a_run_for_a_busy_system_is_refused_with_system_busy_before_the_server_deadline_shorter_than_the_lock_wait
+);
+async fn a_run_for_a_busy_system_is_refused_with_system_busy_before_the_server_deadline_shorter_than_the_lock_wait(
+    backend: Backend,
+) {
+    // The default 30 s wait for a system's lock, longer than the deadline,
+    // as with the default settings; the client sets no deadline.
+    let deadline = Duration::from_secs(2);
+    a_busy_system_answers_system_busy_within(backend, &["--request-timeout-ms", "2000"], None, deadline).await;
+}
+
 both_backends!(a_watcher_that_resumes_from_its_last_sequence_receives_exactly_the_transitions_it_missed);
 async fn a_watcher_that_resumes_from_its_last_sequence_receives_exactly_the_transitions_it_missed(backend: Backend) {
     const SYSTEMS: usize = 8;

@@ -572,7 +572,7 @@ async fn merged_lock_and_work_pools_starve_where_separate_pools_do_not() {
         async move {
             let system = vitals::domain::SystemId::parse("system_id", system.to_owned()).unwrap();
             locks
-                .with_system_lock(&system, || async move {
+                .with_system_lock(&system, None, || async move {
                     barrier.wait().await;
                     let mut conn = pools.work.acquire().await?;
                     conn.execute("SELECT 1").await?;
