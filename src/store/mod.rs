@@ -183,9 +183,20 @@ impl NewRun {
     }
 
     /// The outcome of submitting this run again, given what is stored under
-    /// its id and its system's stored health: a duplicate, changing nothing,
-    /// or `RUN_CONFLICT` when the id was reused for other content.
-    pub(crate) fn resubmitted(&self, stored: Run, health: Option<SystemRecord>) -> Result<SubmitOutcome> {
+    /// its id, its system's stored health and the transition the stored run
+    /// caused: a duplicate, changing nothing, or `RUN_CONFLICT` when the id
+    /// was reused for other content.
+    ///
+    /// The duplicate carries that transition because the first reply may
+    /// never have arrived (a connection lost during COMMIT answers
+    /// UNAVAILABLE for a run that committed): the retry is then the caller's
+    /// only way to learn of the change its run caused.
+    pub(crate) fn resubmitted(
+        &self,
+        stored: Run,
+        health: Option<SystemRecord>,
+        transition: Option<Transition>,
+    ) -> Result<SubmitOutcome> {
         if !self.matches(&stored) {
             return Err(Error::RunConflict {
                 run_id: self.run_id.as_str().to_owned(),
@@ -194,7 +205,7 @@ impl NewRun {
         Ok(SubmitOutcome {
             run: stored,
             health: health.unwrap_or_else(|| SystemRecord::unknown(self.system_id.as_str())),
-            transition: None,
+            transition,
             duplicate: true,
         })
     }
@@ -289,7 +300,8 @@ pub struct SubmitOutcome {
     pub run: Run,
     /// The system's health after the run.
     pub health: SystemRecord,
-    /// Set when the system's status changed.
+    /// Set when the run changed the system's status (for a duplicate: when
+    /// the stored run did, and that transition is still kept).
     pub transition: Option<Transition>,
     /// True when the run was already stored; nothing was written.
     pub duplicate: bool,

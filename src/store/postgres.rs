@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     db::WorkPool,
-    domain::{CheckId, MAX_RUNS_CONSIDERED, Status, SystemId, Thresholds, evaluate},
+    domain::{CheckId, MAX_RUNS_CONSIDERED, RunId, Status, SystemId, Thresholds, evaluate},
     error::{Error, Result},
 };
 
@@ -156,8 +156,9 @@ impl PgStore {
                 .await?;
             let stored = run_from_row(&row)?;
             let health = system_in(&mut tx, stored.system_id.as_str()).await?;
+            let transition = transition_caused_by(&mut tx, &stored).await?;
             tx.rollback().await?;
-            return new.resubmitted(stored, health);
+            return new.resubmitted(stored, health, transition);
         };
         let run = new.recorded(recorded_at);
 
@@ -167,7 +168,8 @@ impl PgStore {
             None => create_system(&mut tx, new.system_id.as_str()).await?,
         };
 
-        let (health, transition) = reevaluate(&mut tx, &new.system_id, &new.check_id, previous).await?;
+        let (health, transition) =
+            reevaluate(&mut tx, &new.system_id, &new.check_id, previous, Some(&new.run_id)).await?;
         *committing = true;
         tx.commit().await?;
         Ok(SubmitOutcome {
@@ -200,7 +202,7 @@ impl PgStore {
         .bind(update.enabled)
         .execute(&mut *tx)
         .await?;
-        let (health, transition) = reevaluate(&mut tx, &update.system_id, &update.check_id, previous).await?;
+        let (health, transition) = reevaluate(&mut tx, &update.system_id, &update.check_id, previous, None).await?;
         tx.commit().await?;
         let check = health
             .checks
@@ -346,6 +348,22 @@ async fn system_in(conn: &mut PgConnection, system_id: &str) -> Result<Option<Sy
     }))
 }
 
+/// The transition `run` caused, if it caused one and it is still kept.
+/// A transition written with the run has the run's `recorded_at` (both are
+/// the transaction's `now()`); an older one under the same id belongs to a
+/// run that retention deleted before the id was used again.
+async fn transition_caused_by(conn: &mut PgConnection, run: &Run) -> Result<Option<Transition>> {
+    let row = sqlx::query(&format!(
+        "SELECT {TRANSITION_COLUMNS} FROM transitions WHERE run_id = $1 AND transitioned_at >= $2 \
+         ORDER BY sequence DESC LIMIT 1"
+    ))
+    .bind(run.run_id.as_str())
+    .bind(run.recorded_at)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(transition_from_row).transpose()
+}
+
 /// Locks the system's row until the end of the transaction and returns its
 /// status: the status the next transition starts from. A new system gets its
 /// row here, with the baseline `healthy`.
@@ -390,7 +408,9 @@ async fn create_system(tx: &mut PgConnection, system_id: &str) -> Result<Status>
 /// the caller's transaction, under the system's lock and after
 /// [`lock_system`], which read `previous` (so every statement here sees what
 /// the previous writer committed). Creates the check, with default
-/// thresholds, if it does not exist yet.
+/// thresholds, if it does not exist yet. `caused_by` is the run being
+/// submitted (none for a configuration change); the transition records it,
+/// so that a duplicate of the run can report it.
 ///
 /// Two statements, three with a transition: one reads the system's checks
 /// and the check's newest runs, one writes the check and the system (and
@@ -402,6 +422,7 @@ async fn reevaluate(
     system_id: &SystemId,
     check_id: &CheckId,
     previous: Status,
+    caused_by: Option<&RunId>,
 ) -> Result<(SystemRecord, Option<Transition>)> {
     // Ordered by observed_at, so a late run slots into its place in history.
     // The created check is not visible to the same statement's scan of
@@ -499,8 +520,8 @@ async fn reevaluate(
     let transition = if changed {
         let row = sqlx::query(&format!(
             "WITH t AS ( \
-                 INSERT INTO transitions (sequence, system_id, check_id, from_status, to_status, evaluation) \
-                 SELECT coalesce(max(sequence), 0) + 1, $1, $2, $3, $4, $5 FROM transitions \
+                 INSERT INTO transitions (sequence, system_id, check_id, from_status, to_status, evaluation, run_id) \
+                 SELECT coalesce(max(sequence), 0) + 1, $1, $2, $3, $4, $5, $6 FROM transitions \
                  RETURNING {TRANSITION_COLUMNS}) \
              SELECT t.*, pg_notify('{TRANSITIONS_CHANNEL}', t.sequence::text) FROM t"
         ))
@@ -509,6 +530,7 @@ async fn reevaluate(
         .bind(from.as_i16())
         .bind(current.as_i16())
         .bind(encode_evaluation(&evaluation))
+        .bind(caused_by.map(RunId::as_str))
         .fetch_one(&mut *tx)
         .await?;
         Some(transition_from_row(&row)?)

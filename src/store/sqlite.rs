@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     db::EmbeddedDb,
-    domain::{CheckId, MAX_RUNS_CONSIDERED, Status, SystemId, Thresholds, evaluate},
+    domain::{CheckId, MAX_RUNS_CONSIDERED, RunId, Status, SystemId, Thresholds, evaluate},
     error::{Error, Result},
 };
 
@@ -158,8 +158,9 @@ impl SqliteStore {
                 .await?;
             let stored = run_from_row(&row)?;
             let health = system_in(&mut tx, stored.system_id.as_str()).await?;
+            let transition = transition_caused_by(&mut tx, &stored).await?;
             tx.rollback().await?;
-            return new.resubmitted(stored, health);
+            return new.resubmitted(stored, health, transition);
         }
         let run = new.recorded(now);
 
@@ -179,8 +180,16 @@ impl SqliteStore {
         .await?;
         let thresholds = thresholds_of(&thresholds)?;
 
-        let (health, transition) =
-            reevaluate(&mut tx, &new.system_id, &new.check_id, &thresholds, previous, now).await?;
+        let (health, transition) = reevaluate(
+            &mut tx,
+            &new.system_id,
+            &new.check_id,
+            &thresholds,
+            previous,
+            now,
+            Some(&new.run_id),
+        )
+        .await?;
         tx.commit().await?;
         if transition.is_some() {
             self.notifier.notify();
@@ -218,8 +227,16 @@ impl SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let thresholds = thresholds_of(&thresholds)?;
-        let (health, transition) =
-            reevaluate(&mut tx, &update.system_id, &update.check_id, &thresholds, previous, now).await?;
+        let (health, transition) = reevaluate(
+            &mut tx,
+            &update.system_id,
+            &update.check_id,
+            &thresholds,
+            previous,
+            now,
+            None,
+        )
+        .await?;
         tx.commit().await?;
         if transition.is_some() {
             self.notifier.notify();
@@ -389,6 +406,22 @@ async fn system_in(conn: &mut SqliteConnection, system_id: &str) -> Result<Optio
     }))
 }
 
+/// The transition `run` caused, if it caused one and it is still kept.
+/// A transition written with the run has the run's `recorded_at` (one `now`
+/// for the whole transaction); an older one under the same id belongs to a
+/// run that retention deleted before the id was used again.
+async fn transition_caused_by(conn: &mut SqliteConnection, run: &Run) -> Result<Option<Transition>> {
+    let row = sqlx::query(&format!(
+        "SELECT {TRANSITION_COLUMNS} FROM transitions WHERE run_id = $1 AND transitioned_at >= $2 \
+         ORDER BY sequence DESC LIMIT 1"
+    ))
+    .bind(run.run_id.as_str())
+    .bind(micros(run.recorded_at))
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(transition_from_row).transpose()
+}
+
 /// The system's status, the one the next transition starts from; a new
 /// system gets its row here, with the baseline `healthy`. Inside the write
 /// transaction, so no other writer can change it before the commit.
@@ -408,6 +441,8 @@ async fn system_status(tx: &mut SqliteConnection, system_id: &str, now: DateTime
 /// Re-evaluates one check from its newest runs, then its system; writes the
 /// transition when the system's status changed from `previous`. Runs inside
 /// the caller's write transaction, after [`system_status`] read `previous`.
+/// `caused_by` is the run being submitted (none for a configuration change);
+/// the transition records it, so that a duplicate of the run can report it.
 async fn reevaluate(
     tx: &mut SqliteConnection,
     system_id: &SystemId,
@@ -415,6 +450,7 @@ async fn reevaluate(
     thresholds: &Thresholds,
     previous: Status,
     now: DateTime<Utc>,
+    caused_by: Option<&RunId>,
 ) -> Result<(SystemRecord, Option<Transition>)> {
     // Ordered by observed_at, so a late run slots into its place in history.
     let rows = sqlx::query(
@@ -464,8 +500,9 @@ async fn reevaluate(
         None
     } else {
         let row = sqlx::query(&format!(
-            "INSERT INTO transitions (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation) \
-             SELECT coalesce(max(sequence), 0) + 1, $1, $2, $3, $4, $5, $6 FROM transitions \
+            "INSERT INTO transitions \
+                 (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, run_id) \
+             SELECT coalesce(max(sequence), 0) + 1, $1, $2, $3, $4, $5, $6, $7 FROM transitions \
              RETURNING {TRANSITION_COLUMNS}"
         ))
         .bind(system_id.as_str())
@@ -474,6 +511,7 @@ async fn reevaluate(
         .bind(current.as_i16())
         .bind(micros(now))
         .bind(encode_evaluation(&evaluation))
+        .bind(caused_by.map(RunId::as_str))
         .fetch_one(&mut *tx)
         .await?;
         Some(transition_from_row(&row)?)
@@ -489,11 +527,7 @@ async fn reevaluate(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::{
-        config::Config,
-        domain::{RunId, RunMessage},
-        store::TransitionFeed,
-    };
+    use crate::{config::Config, domain::RunMessage, store::TransitionFeed};
 
     async fn store(dir: &tempfile::TempDir) -> (SqliteStore, EmbeddedDb) {
         let url = format!("--database-url=sqlite://{}/vitals.db", dir.path().display());

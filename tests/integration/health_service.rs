@@ -416,8 +416,8 @@ async fn a_run_with_missing_fields_or_observed_too_far_in_the_future_is_refused_
 
 // ---- duplicate delivery ----
 
-both_backends!(every_run_delivered_twice_is_stored_once_and_the_second_reply_is_a_duplicate_without_a_transition);
-async fn every_run_delivered_twice_is_stored_once_and_the_second_reply_is_a_duplicate_without_a_transition(
+both_backends!(every_run_delivered_twice_is_stored_once_and_the_second_reply_is_a_duplicate_with_the_same_transition);
+async fn every_run_delivered_twice_is_stored_once_and_the_second_reply_is_a_duplicate_with_the_same_transition(
     backend: Backend,
 ) {
     let db = TestDb::create(backend).await;
@@ -446,9 +446,9 @@ async fn every_run_delivered_twice_is_stored_once_and_the_second_reply_is_a_dupl
         let second = submit(&mut second_client, req).await;
         assert!(!first.duplicate, "run {i}");
         assert!(second.duplicate, "run {i}");
-        assert!(
-            second.transition.is_none(),
-            "a duplicate reported a transition (run {i})"
+        assert_eq!(
+            second.transition, first.transition,
+            "a duplicate reports the transition its run caused, and only that (run {i})"
         );
         assert_eq!(status_of(&second), status_of(&first), "run {i}");
         assert_eq!(
@@ -551,6 +551,54 @@ async fn a_retry_of_a_request_without_observed_at_is_still_a_duplicate(backend: 
         count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "mail").await,
         1
     );
+    app.stop().await;
+}
+
+both_backends!(a_retry_of_a_run_reports_the_transition_that_run_caused_and_no_other);
+async fn a_retry_of_a_run_reports_the_transition_that_run_caused_and_no_other(backend: Backend) {
+    let db = TestDb::create(backend).await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let t0 = base_time();
+    // The first failure is a blip; the second degrades the system.
+    let blip = run("orders", "api", "o-1", Degraded, Some(at(t0)));
+    let degrading = run("orders", "api", "o-2", Unhealthy, Some(at(t0 + 1)));
+    assert!(submit(&mut client, blip.clone()).await.transition.is_none());
+    let caused = submit(&mut client, degrading.clone())
+        .await
+        .transition
+        .expect("the second failure degrades the system");
+
+    // The system changes twice more: once by a run, once by a configuration
+    // change that follows a run which changed nothing itself.
+    let healing = submit(&mut client, run("orders", "api", "o-3", Healthy, Some(at(t0 + 2)))).await;
+    assert!(healing.transition.is_some());
+    let second_blip = run("orders", "api", "o-4", Degraded, Some(at(t0 + 3)));
+    assert!(submit(&mut client, second_blip.clone()).await.transition.is_none());
+    let reconfigured = configure(
+        &mut client,
+        ConfigureCheckRequest {
+            system_id: "orders".into(),
+            check_id: "api".into(),
+            thresholds: Some(consecutive(1, 1, 5)),
+            enabled: None,
+        },
+    )
+    .await;
+    assert!(reconfigured.transition.is_some(), "one failure now degrades");
+
+    // A retry, as after a reply that never arrived, reports the transition
+    // its run caused, not the ones after it.
+    let retry = submit(&mut client, degrading).await;
+    assert!(retry.duplicate);
+    assert_eq!(retry.transition.as_ref(), Some(&caused));
+    assert_eq!(status_of(&retry), Degraded, "the health is today's");
+    for quiet in [blip, second_blip] {
+        let retry = submit(&mut client, quiet).await;
+        assert!(retry.duplicate);
+        assert_eq!(retry.transition, None, "{}", retry.run.unwrap().run_id);
+    }
+    assert_eq!(stored_transitions(&db).await.len(), 3, "a retry writes nothing");
     app.stop().await;
 }
 
