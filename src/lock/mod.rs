@@ -261,7 +261,16 @@ impl Locks {
         Fut: Future<Output = Result<T>>,
     {
         let wait_until = system_wait_until(tokio::time::Instant::now(), self.inner.system_wait, deadline);
-        let Some(grant) = self.take(LockId::system(system_id.as_str()), wait_until, false).await? else {
+        // A try of the lock in PostgreSQL is not a wait for another holder:
+        // under a request deadline it is left to that deadline (and the
+        // lease), so that a slow database (or a lock session still
+        // connecting) ends as DEADLINE_EXCEEDED, not as a SYSTEM_BUSY that
+        // blames the system.
+        let tries_until = if deadline.is_some() { None } else { wait_until };
+        let Some(grant) = self
+            .take(LockId::system(system_id.as_str()), wait_until, tries_until, false)
+            .await?
+        else {
             return Err(Error::SystemBusy {
                 system_id: system_id.as_str().to_owned(),
             });
@@ -292,7 +301,7 @@ impl Locks {
         let wait = wait.unwrap_or(self.inner.default_wait).min(self.inner.max_wait);
         let deadline = (!wait.is_zero()).then(|| tokio::time::Instant::now() + wait);
         let id = LockId::client(key.as_str());
-        let Some(grant) = self.take(id, deadline, true).await? else {
+        let Some(grant) = self.take(id, deadline, deadline, true).await? else {
             return Err(Error::LockNotAvailable { key: key.into_inner() });
         };
         let (lost, sessions) = match (&grant.owned.remote, &self.inner.backend) {
@@ -313,9 +322,16 @@ impl Locks {
         })
     }
 
-    /// Owns `id` here and beyond, waiting until `deadline` (`None`: try
-    /// once). `None` when it was not granted in time.
-    async fn take(&self, id: LockId, deadline: Option<tokio::time::Instant>, token: bool) -> Result<Option<Grant>> {
+    /// Owns `id` here and beyond, waiting for other holders until `deadline`
+    /// (`None`: try once); one try in PostgreSQL may run until `tries_until`
+    /// (`None`: bounded by the lease). `None` when it was not granted in time.
+    async fn take(
+        &self,
+        id: LockId,
+        deadline: Option<tokio::time::Instant>,
+        tries_until: Option<tokio::time::Instant>,
+        token: bool,
+    ) -> Result<Option<Grant>> {
         let (mut owned, pause) = match self.inner.table.enter(id, deadline.is_some()) {
             Entry::Busy => return Ok(None),
             Entry::Owner(owned) => (owned, false),
@@ -377,7 +393,7 @@ impl Locks {
                 }
                 (Backend::Postgres(sessions), _) => {
                     let count = if token { self.token_block(id) } else { 0 };
-                    match self.try_until(sessions, id, count, deadline).await? {
+                    match self.try_until(sessions, id, count, tries_until).await? {
                         TryOutcome::Granted(hold, drawn) => {
                             let mut tokens = Tokens::from(drawn);
                             let t = if token { tokens.take() } else { None };

@@ -213,20 +213,19 @@ async fn the_request_id_is_echoed_or_generated() {
 async fn a_unary_rpc_stuck_on_the_database_ends_at_the_server_deadline() {
     let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &["--request-timeout-ms", "300"]).await;
-    // Hold the system's serialisation lock from outside, so SubmitRun waits.
-    let mut conn = db.connect().await;
-    sqlx::query(LOCK_STUCK_SYSTEM).execute(&mut conn).await.unwrap();
     let mut client = app.health_client().await;
-    let started = Instant::now();
-    let err = client
-        .submit_run(proto::SubmitRunRequest {
-            system_id: "stuck".into(),
-            check_id: "c".into(),
-            status: proto::HealthStatus::Healthy as i32,
-            ..Default::default()
-        })
+    client.submit_run(stuck_run("before")).await.unwrap();
+    // Lock the system's row from outside, so SubmitRun, once it has the
+    // system's lock, waits in the database. (Waiting for the system's lock
+    // itself ends with SYSTEM_BUSY before the deadline.)
+    let mut conn = db.connect().await;
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    sqlx::query("SELECT 1 FROM systems WHERE system_id = 'stuck' FOR UPDATE")
+        .execute(&mut conn)
         .await
-        .unwrap_err();
+        .unwrap();
+    let started = Instant::now();
+    let err = client.submit_run(stuck_run("")).await.unwrap_err();
     let took = started.elapsed();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(
@@ -234,12 +233,7 @@ async fn a_unary_rpc_stuck_on_the_database_ends_at_the_server_deadline() {
         "took {took:?}"
     );
     // The client's own shorter deadline wins too.
-    let mut request = Request::new(proto::SubmitRunRequest {
-        system_id: "stuck".into(),
-        check_id: "c".into(),
-        status: proto::HealthStatus::Healthy as i32,
-        ..Default::default()
-    });
+    let mut request = Request::new(stuck_run(""));
     request.set_timeout(Duration::from_millis(100));
     let started = Instant::now();
     let err = client.submit_run(request).await.unwrap_err();
@@ -252,20 +246,31 @@ async fn a_unary_rpc_stuck_on_the_database_ends_at_the_server_deadline() {
         "took {:?}",
         started.elapsed()
     );
-    // Once the lock is gone the system works, and nothing stayed locked.
-    sqlx::query("SELECT pg_advisory_unlock_all()")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    client
-        .submit_run(proto::SubmitRunRequest {
-            system_id: "stuck".into(),
-            check_id: "c".into(),
-            status: proto::HealthStatus::Healthy as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // Once the row is free the system works, and nothing stayed locked.
+    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+    client.submit_run(stuck_run("after")).await.unwrap();
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_whose_lock_try_hangs_on_the_database_ends_at_the_deadline_not_as_system_busy() {
+    // Nobody holds the system: a try of its lock that PostgreSQL does not
+    // answer is a slow database, not a busy system. The wait for other
+    // holders ends 250 ms before the deadline; the try itself may run to it.
+    let db = TestDb::postgres().await;
+    let proxy = Proxy::start(url_addr(&db.url)).await;
+    let app = TestApp::start_unready(&url_via(&db.url, proxy.addr), &["--request-timeout-ms", "1000"]).await;
+    app.wait_serving("").await;
+    let mut client = app.health_client().await;
+    client.submit_run(stuck_run("warm")).await.unwrap();
+
+    proxy.freeze();
+    let started = Instant::now();
+    let err = client.submit_run(stuck_run("")).await.unwrap_err();
+    let took = started.elapsed();
+    proxy.thaw();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(took >= Duration::from_millis(950), "took {took:?}");
     app.stop().await;
 }
 
