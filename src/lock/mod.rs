@@ -54,10 +54,11 @@ use crate::{
 pub const ACQUIRE_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long before its request's deadline a wait for a system's lock gives
-/// up. The refusal must reach the client before the client's own deadline
-/// passes, which the server's runs later than by the request's one-way trip
-/// (the client's clock starts when it sends); and the `SYSTEM_BUSY` it gets
-/// then says "retry", where `DEADLINE_EXCEEDED` says nothing.
+/// up. The client's clock started when it sent the request, the server's
+/// when it arrived, so the client gives up earlier by the request's one-way
+/// trip; a refusal sent at the server's deadline would find nobody waiting.
+/// Sent before it, the client hears `SYSTEM_BUSY`, which says "retry", where
+/// `DEADLINE_EXCEEDED` says nothing.
 pub const SYSTEM_BUSY_MARGIN: Duration = Duration::from_millis(250);
 
 /// Until when a request that arrived at `now` waits for a system's lock:
