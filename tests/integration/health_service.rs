@@ -675,7 +675,8 @@ async fn an_observed_at_before_year_1_or_after_9999_is_refused_naming_the_field_
         run("old", "c", "year-1-and-a-second", Degraded, Some(second)),
     )
     .await;
-    submit(&mut client, run("old", "c", "recent", Healthy, Some(at(base_time())))).await;
+    let recent = at(base_time());
+    submit(&mut client, run("old", "c", "recent", Healthy, Some(recent))).await;
     let (runs, pages) = all_runs(&mut client, "old", "", 1).await;
     assert_eq!(pages, [1, 1, 1]);
     let listed: Vec<_> = runs
@@ -684,11 +685,7 @@ async fn an_observed_at_before_year_1_or_after_9999_is_refused_naming_the_field_
         .collect();
     assert_eq!(
         listed,
-        [
-            ("recent", at(base_time())),
-            ("year-1-and-a-second", second),
-            ("year-1", first)
-        ]
+        [("recent", recent), ("year-1-and-a-second", second), ("year-1", first)]
     );
     app.stop().await;
 }
