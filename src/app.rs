@@ -3,7 +3,8 @@
 //! future resolves, then shuts down in order.
 //!
 //! Shutdown is a sequence: health NOT_SERVING and new business RPCs refused,
-//! stop accepting, drain in-flight RPCs for up to `VITALS_SHUTDOWN_GRACE_MS`,
+//! watchers ended with `SHUTTING_DOWN` (a watch has no end of its own to wait
+//! for), stop accepting, drain in-flight RPCs for up to `VITALS_SHUTDOWN_GRACE_MS`,
 //! end what is left (open lock streams end with `SHUTTING_DOWN` and their
 //! locks are released; the lock sessions close), close the pools (embedded:
 //! the SQLite connections, then the data directory's lock). The process is
@@ -22,7 +23,7 @@ use crate::{
     lock::Locks,
     middleware::{Edge, EdgeLayer},
     proto::{self, health_check_service_server::HealthCheckServiceServer, lock_service_server::LockServiceServer},
-    store::Store,
+    store::{Store, TransitionFeed, TransitionNotifier, WatchLimits},
 };
 
 /// Errors that stop the server from starting or running.
@@ -64,6 +65,8 @@ pub struct Application {
     addr: SocketAddr,
     database: Database,
     locks: Locks,
+    store: Store,
+    feed: TransitionFeed,
 }
 
 impl std::fmt::Debug for Application {
@@ -128,12 +131,17 @@ impl Application {
         }
         warn_on_system_wait(&config);
         let locks = Locks::for_database(&database, &config);
+        let notifier = TransitionNotifier::default();
+        let store = Store::open(&database, notifier.clone());
+        let feed = TransitionFeed::new(store.clone(), &notifier, WatchLimits::from_config(&config));
         Ok(Application {
             config,
             listener,
             addr,
             database,
             locks,
+            store,
+            feed,
         })
     }
 
@@ -148,6 +156,16 @@ impl Application {
         &self.locks
     }
 
+    /// The store, for introspection ([`Store::transition_reads`]).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The transition feed, for introspection ([`TransitionFeed::stats`]).
+    pub fn feed(&self) -> &TransitionFeed {
+        &self.feed
+    }
+
     /// Serves until `shutdown` resolves, then shuts down in order.
     pub async fn run_until_stopped(
         self,
@@ -159,6 +177,8 @@ impl Application {
             addr,
             database,
             locks,
+            store,
+            feed,
         } = self;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         set_health(&health_reporter, ServingStatus::NotServing).await;
@@ -175,10 +195,10 @@ impl Application {
             health_reporter.clone(),
             stopping_rx.clone(),
         ));
-        let (store, feed) = Store::open(&database, stopping_rx.clone());
+        let following = feed.start(&database, stopping_rx.clone());
         let retention = tokio::spawn(retention_loop(store.clone(), config.run_retention, stopping_rx.clone()));
         let max_bytes = usize::try_from(config.max_request_bytes).unwrap_or(4 << 20);
-        let health_api = HealthCheckServiceServer::new(HealthApi::new(store, locks.clone(), feed))
+        let health_api = HealthCheckServiceServer::new(HealthApi::new(store, locks.clone(), feed.clone()))
             .max_decoding_message_size(max_bytes);
         let lock_api = LockServiceServer::new(LockApi::new(locks.clone())).max_decoding_message_size(max_bytes);
 
@@ -203,10 +223,15 @@ impl Application {
         let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
         let shutdown_edge = edge.clone();
         let shutdown_reporter = health_reporter.clone();
+        let shutdown_feed = feed.clone();
         let stop_accepting = async move {
             shutdown.await;
             tracing::info!("shutting down: draining in-flight requests");
             shutdown_edge.start_draining();
+            // Watchers never finish on their own: ended now, their clients
+            // resume elsewhere at once and their connections can close
+            // within the grace.
+            shutdown_feed.shut_down();
             set_health(&shutdown_reporter, ServingStatus::NotServing).await;
             let _ = drained_tx.send(());
         };
@@ -262,7 +287,7 @@ impl Application {
         };
         locks.shut_down();
         let _ = stopping_tx.send(true);
-        let _ = tokio::join!(readiness, retention);
+        let _ = tokio::join!(readiness, retention, following);
         if tokio::time::timeout(close_limit, database.close()).await.is_err() {
             tracing::warn!("database connections still busy at exit; closing them with the process");
         }

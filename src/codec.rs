@@ -1,10 +1,11 @@
 //! The protobuf codec of vitals' gRPC services and clients: prost's, with
-//! small initial buffers for WithLock.
+//! small initial buffers for WithLock and WatchTransitions.
 //!
 //! tonic gives every stream an 8 KiB encode and an 8 KiB decode buffer up
-//! front. WithLock's messages are a few dozen bytes, and a replica holds
-//! thousands of WithLock streams at once: with the default, the two buffers
-//! were most of what a held lock cost in memory. Every other RPC keeps
+//! front. WithLock's messages are a few dozen bytes, a transition a few
+//! hundred, and a replica holds thousands of WithLock and WatchTransitions
+//! streams at once: with the default, the two buffers were most of what a
+//! held lock or an idle watcher cost in memory. Every other RPC keeps
 //! tonic's default: a unary request lives for microseconds, and a smaller
 //! buffer would only be grown (and its bytes copied) for every larger
 //! message. Buffers grow to fit any message up to `VITALS_MAX_REQUEST_BYTES`.
@@ -15,12 +16,12 @@ use prost::Message;
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::ProstCodec;
 
-/// Initial size of a WithLock stream's encode and decode buffer.
+/// Initial size of a WithLock or WatchTransitions stream's encode and decode buffer.
 const LOCK_STREAM_BUFFER: usize = 256;
 /// tonic's default: how much a stream encodes before it yields.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// [`ProstCodec`] with [`LOCK_STREAM_BUFFER`]-byte buffers for WithLock.
+/// [`ProstCodec`] with [`LOCK_STREAM_BUFFER`]-byte buffers for WithLock and WatchTransitions.
 #[derive(Debug, Clone, Copy)]
 pub struct SmallBufferCodec<T, U>(PhantomData<(T, U)>);
 
@@ -32,10 +33,13 @@ impl<T, U> Default for SmallBufferCodec<T, U> {
 
 /// The buffers of a stream that encodes `T` and decodes `U`.
 fn settings<T: 'static, U: 'static>() -> BufferSettings {
-    let lock_stream = [TypeId::of::<T>(), TypeId::of::<U>()].iter().any(|t| {
-        *t == TypeId::of::<crate::proto::WithLockRequest>() || *t == TypeId::of::<crate::proto::WithLockResponse>()
+    let long_lived_stream = [TypeId::of::<T>(), TypeId::of::<U>()].iter().any(|t| {
+        *t == TypeId::of::<crate::proto::WithLockRequest>()
+            || *t == TypeId::of::<crate::proto::WithLockResponse>()
+            || *t == TypeId::of::<crate::proto::WatchTransitionsRequest>()
+            || *t == TypeId::of::<crate::proto::WatchTransitionsResponse>()
     });
-    if lock_stream {
+    if long_lived_stream {
         BufferSettings::new(LOCK_STREAM_BUFFER, YIELD_THRESHOLD)
     } else {
         BufferSettings::default()
@@ -72,7 +76,7 @@ mod tests {
     }
 
     #[test]
-    fn only_withlock_streams_get_small_buffers() {
+    fn only_withlock_and_watch_streams_get_small_buffers() {
         let small = shown(BufferSettings::new(LOCK_STREAM_BUFFER, YIELD_THRESHOLD));
         assert_eq!(
             shown(settings::<proto::WithLockResponse, proto::WithLockRequest>()),
@@ -80,6 +84,13 @@ mod tests {
         );
         assert_eq!(
             shown(settings::<proto::WithLockRequest, proto::WithLockResponse>()),
+            small
+        );
+        assert_eq!(
+            shown(settings::<
+                proto::WatchTransitionsResponse,
+                proto::WatchTransitionsRequest,
+            >()),
             small
         );
         assert_eq!(

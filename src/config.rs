@@ -80,6 +80,18 @@ pub struct Config {
     #[arg(long = "max-locks", env = "VITALS_MAX_LOCKS", value_name = "VITALS_MAX_LOCKS", default_value_t = 10_000, value_parser = count_in(1, 1_000_000))]
     pub max_locks: u32,
 
+    /// WatchTransitions streams open at once on this replica; past it WATCHER_LIMIT_REACHED.
+    #[arg(long = "max-watchers", env = "VITALS_MAX_WATCHERS", value_name = "VITALS_MAX_WATCHERS", default_value_t = 10_000, value_parser = count_in(1, 1_000_000))]
+    pub max_watchers: u32,
+
+    /// Transitions that may wait in vitals for one watcher; one more and the watcher ends with WATCHER_TOO_SLOW.
+    #[arg(long = "watcher-buffer", env = "VITALS_WATCHER_BUFFER", value_name = "VITALS_WATCHER_BUFFER", default_value_t = 256, value_parser = count_in(1, 65_536))]
+    pub watcher_buffer: u32,
+
+    /// How long a transition may wait in vitals for a watcher that does not read; then the watcher ends with WATCHER_TOO_SLOW.
+    #[arg(long = "watcher-max-lag-ms", env = "VITALS_WATCHER_MAX_LAG_MS", value_name = "VITALS_WATCHER_MAX_LAG_MS", default_value_t = 10_000, value_parser = millis_in(100, 3_600_000))]
+    pub watcher_max_lag_ms: u64,
+
     /// Longest wait_timeout a WithLock client may ask for; longer ones are shortened to it.
     #[arg(long = "max-lock-wait-ms", env = "VITALS_MAX_LOCK_WAIT_MS", value_name = "VITALS_MAX_LOCK_WAIT_MS", default_value_t = 300_000, value_parser = millis_in(1, 86_400_000))]
     pub max_lock_wait_ms: u64,
@@ -252,6 +264,22 @@ mod tests {
         assert_eq!(c.lock_timeout_ms, 30_000);
         assert_eq!(c.max_locks, 10_000);
         assert_eq!(c.max_lock_wait_ms, 300_000);
+        assert_eq!(c.max_watchers, 10_000);
+        assert_eq!(c.watcher_buffer, 256);
+        assert_eq!(c.watcher_max_lag_ms, 10_000);
+    }
+
+    #[test]
+    fn watcher_limits_outside_their_ranges_are_refused_with_the_variable_name() {
+        for (flag, bad, variable) in [
+            ("--max-watchers", "0", "VITALS_MAX_WATCHERS"),
+            ("--watcher-buffer", "0", "VITALS_WATCHER_BUFFER"),
+            ("--watcher-buffer", "65537", "VITALS_WATCHER_BUFFER"),
+            ("--watcher-max-lag-ms", "99", "VITALS_WATCHER_MAX_LAG_MS"),
+        ] {
+            let err = Config::from_flags([format!("{flag}={bad}")]).unwrap_err().to_string();
+            assert!(err.contains(variable), "{flag}={bad}: {err}");
+        }
     }
 
     #[test]

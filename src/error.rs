@@ -65,6 +65,14 @@ pub enum Error {
         why: &'static str,
     },
 
+    /// ABORTED, reason `WATCHER_TOO_SLOW`: a WatchTransitions client fell behind and was ended;
+    /// it resumes with `after_sequence` = the `last_sequence` in the metadata.
+    #[error("watcher too slow")]
+    WatcherTooSlow {
+        /// The last sequence the stream delivered (or the one it resumed after).
+        last_sequence: u64,
+    },
+
     /// UNAVAILABLE, reason `WORK_POOL_EXHAUSTED` or `LOCK_POOL_EXHAUSTED`.
     #[error("{0:?} pool exhausted")]
     PoolExhausted(PoolKind),
@@ -72,6 +80,10 @@ pub enum Error {
     /// UNAVAILABLE, reason `LOCK_LIMIT_REACHED`: `VITALS_MAX_LOCKS` client locks are held or awaited on this replica.
     #[error("lock limit reached")]
     LockLimitReached,
+
+    /// RESOURCE_EXHAUSTED, reason `WATCHER_LIMIT_REACHED`: `VITALS_MAX_WATCHERS` watch streams are open on this replica.
+    #[error("watcher limit reached")]
+    WatcherLimitReached,
 
     /// UNAVAILABLE, reason `LOCK_CAPACITY_EXHAUSTED`: PostgreSQL's shared lock table is full.
     #[error("lock capacity exhausted")]
@@ -126,9 +138,11 @@ impl Error {
             Error::RunConflict { .. } => "RUN_ID_CONFLICT",
             Error::LockNotAvailable { .. } => "LOCK_NOT_AVAILABLE",
             Error::LockLost { .. } => "LOCK_LOST",
+            Error::WatcherTooSlow { .. } => "WATCHER_TOO_SLOW",
             Error::PoolExhausted(PoolKind::Work) => "WORK_POOL_EXHAUSTED",
             Error::PoolExhausted(PoolKind::Lock) => "LOCK_POOL_EXHAUSTED",
             Error::LockLimitReached => "LOCK_LIMIT_REACHED",
+            Error::WatcherLimitReached => "WATCHER_LIMIT_REACHED",
             Error::LockCapacityExhausted => "LOCK_CAPACITY_EXHAUSTED",
             Error::SystemBusy { .. } => "SYSTEM_BUSY",
             Error::DatabaseUnavailable(_) => "DATABASE_UNAVAILABLE",
@@ -144,7 +158,8 @@ impl Error {
             Error::LockProtocol(_) => Code::FailedPrecondition,
             Error::SystemNotFound { .. } => Code::NotFound,
             Error::RunConflict { .. } => Code::AlreadyExists,
-            Error::LockNotAvailable { .. } | Error::LockLost { .. } => Code::Aborted,
+            Error::LockNotAvailable { .. } | Error::LockLost { .. } | Error::WatcherTooSlow { .. } => Code::Aborted,
+            Error::WatcherLimitReached => Code::ResourceExhausted,
             Error::PoolExhausted(_)
             | Error::LockLimitReached
             | Error::LockCapacityExhausted
@@ -169,6 +184,10 @@ impl Error {
             }
             Error::LockNotAvailable { key } => format!("lock {key:?} not available"),
             Error::LockLost { key, why } => format!("lock {key:?} lost: {why}"),
+            Error::WatcherTooSlow { last_sequence } => {
+                format!("watcher too slow: resume with after_sequence {last_sequence}")
+            }
+            Error::WatcherLimitReached => "this server has as many watchers as it may, retry later or elsewhere".into(),
             Error::PoolExhausted(PoolKind::Work) => "no database connection available, retry".into(),
             Error::PoolExhausted(PoolKind::Lock) => "no lock connection available, retry".into(),
             Error::LockLimitReached => "this server holds as many locks as it may, retry later or elsewhere".into(),
@@ -191,6 +210,9 @@ impl Error {
             }
             Error::LockNotAvailable { key } | Error::LockLost { key, .. } => {
                 m.insert("key".into(), key.clone());
+            }
+            Error::WatcherTooSlow { last_sequence } => {
+                m.insert("last_sequence".into(), last_sequence.to_string());
             }
             _ => {}
         }
@@ -286,7 +308,7 @@ impl From<Error> for Status {
             Error::PoolExhausted(_) | Error::DatabaseUnavailable(_) | Error::SystemBusy { .. } => {
                 details.set_retry_info(Some(std::time::Duration::from_millis(100)));
             }
-            Error::LockLimitReached | Error::LockCapacityExhausted => {
+            Error::LockLimitReached | Error::LockCapacityExhausted | Error::WatcherLimitReached => {
                 details.set_retry_info(Some(std::time::Duration::from_secs(1)));
             }
             _ => {}
@@ -335,5 +357,18 @@ mod tests {
         assert_eq!(s.get_details_error_info().unwrap().reason, "LOCK_POOL_EXHAUSTED");
         let s = Status::from(Error::acquire(PoolKind::Work, sqlx::Error::PoolTimedOut));
         assert_eq!(s.get_details_error_info().unwrap().reason, "WORK_POOL_EXHAUSTED");
+    }
+
+    #[test]
+    fn a_watcher_too_slow_is_aborted_and_says_where_to_resume() {
+        let s = Status::from(Error::WatcherTooSlow { last_sequence: 41 });
+        assert_eq!(s.code(), Code::Aborted);
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "WATCHER_TOO_SLOW");
+        assert_eq!(info.metadata.get("last_sequence").map(String::as_str), Some("41"));
+        let s = Status::from(Error::WatcherLimitReached);
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(s.get_details_error_info().unwrap().reason, "WATCHER_LIMIT_REACHED");
+        assert!(s.get_details_retry_info().is_some());
     }
 }

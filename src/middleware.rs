@@ -4,7 +4,7 @@
 //! |---|---|
 //! | request id | first, so every later log line of the request carries it, and the reply echoes it |
 //! | readiness gate | business RPCs fail fast with UNAVAILABLE while the database is unreachable or the server drains, instead of waiting on dead connections; health and reflection pass |
-//! | load shedding | at most `VITALS_MAX_CONCURRENT_REQUESTS` business RPCs in flight (WithLock streams excepted: the lock manager's `VITALS_MAX_LOCKS` bounds them); past that RESOURCE_EXHAUSTED at once rather than a queue that hides overload |
+//! | load shedding | at most `VITALS_MAX_CONCURRENT_REQUESTS` business RPCs in flight (streams excepted: the lock manager's `VITALS_MAX_LOCKS` bounds WithLock, the feed's `VITALS_MAX_WATCHERS` WatchTransitions); past that RESOURCE_EXHAUSTED at once rather than a queue that hides overload |
 //! | deadline | unary business RPCs end with DEADLINE_EXCEEDED at the client's `grpc-timeout` or `VITALS_REQUEST_TIMEOUT_MS`, whichever is sooner; inside the shedding so a timed-out request frees its slot. The deadline is also handed to the handler ([`RequestDeadline`]), which ends its wait for a system's lock before it with SYSTEM_BUSY |
 //! | status normalisation | tonic reports an oversized message as OUT_OF_RANGE and an undecodable one as INTERNAL; clients get RESOURCE_EXHAUSTED and INVALID_ARGUMENT, the codes of their mistake, with an ErrorInfo like every other error |
 //!
@@ -14,7 +14,8 @@
 //!
 //! Streaming RPCs (WatchTransitions, WithLock) are bounded by their own rules
 //! (a watch ends when its client goes away, which the server's HTTP/2
-//! keep-alive pings detect; the lock lease and wait), not by the unary deadline.
+//! keep-alive pings detect, or when it falls behind; the lock lease and
+//! wait), not by the unary deadline.
 
 use std::{
     sync::{
@@ -91,7 +92,7 @@ impl Edge {
     }
 
     /// Admits a business RPC. `metered`: it takes a place in the in-flight
-    /// budget (lock streams have their own, `VITALS_MAX_LOCKS`).
+    /// budget (streams have their own: `VITALS_MAX_LOCKS`, `VITALS_MAX_WATCHERS`).
     fn admit(&self, metered: bool) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Status> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown.into());
@@ -138,13 +139,11 @@ where
     });
 }
 
-/// WithLock: a held or waiting lock is a long-lived stream bounded by the
-/// lock manager's own budget, so it does not take a place among the
-/// in-flight RPCs (a few thousand lock holders would otherwise shed every
-/// other client's calls).
-const LOCK_STREAM_PATH: &str = "/vitals.v1.LockService/WithLock";
-
-/// Paths of streaming RPCs, which the unary deadline does not bound.
+/// Paths of streaming RPCs, which the unary deadline does not bound and which
+/// take no place among the in-flight RPCs: a held or awaited lock and a watch
+/// are long-lived streams bounded by their own budgets (`VITALS_MAX_LOCKS`,
+/// `VITALS_MAX_WATCHERS`); a few thousand of them would otherwise shed every
+/// other client's calls.
 const STREAMING_PATHS: [&str; 2] = [
     "/vitals.v1.HealthCheckService/WatchTransitions",
     "/vitals.v1.LockService/WithLock",
@@ -335,7 +334,8 @@ where
         let span = tracing::info_span!("rpc", request_id = %id, path = %path);
         let header = HeaderValue::from_str(&id).ok();
         let business = path.starts_with(BUSINESS_PREFIX);
-        let deadline = (business && !STREAMING_PATHS.contains(&path.as_str())).then(|| {
+        let streaming = STREAMING_PATHS.contains(&path.as_str());
+        let deadline = (business && !streaming).then(|| {
             let asked = req
                 .headers()
                 .get("grpc-timeout")
@@ -348,7 +348,7 @@ where
             req.extensions_mut().insert(RequestDeadline(at));
         }
         let permit = if business {
-            match self.edge.admit(path != LOCK_STREAM_PATH) {
+            match self.edge.admit(!streaming) {
                 Ok(permit) => permit,
                 Err(status) => {
                     let _entered = span.enter();

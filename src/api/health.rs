@@ -3,9 +3,7 @@
 
 use std::pin::Pin;
 
-use futures::Stream;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -30,8 +28,6 @@ const MAX_FUTURE_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Largest page.
 const MAX_PAGE_SIZE: u32 = 1000;
-/// Transitions read per query while replaying to a watcher.
-const WATCH_BATCH: u32 = 256;
 
 /// The handler state.
 #[derive(Debug, Clone)]
@@ -42,7 +38,8 @@ pub struct HealthApi {
 }
 
 impl HealthApi {
-    /// Handlers over `store`, serialised per system by `locks`.
+    /// Handlers over `store`, serialised per system by `locks`; watchers
+    /// follow `feed`.
     pub fn new(store: Store, locks: Locks, feed: TransitionFeed) -> Self {
         HealthApi { store, locks, feed }
     }
@@ -278,41 +275,14 @@ impl HealthCheckService for HealthApi {
         } else {
             Some(SystemId::parse("system_id", req.system_id).map_err(|v| Error::InvalidArgument(vec![v]))?)
         };
-        let (tx, rx) = mpsc::channel(64);
-        let store = self.store.clone();
-        let mut feed = self.feed.clone();
-        let mut last = req.after_sequence;
-        tokio::spawn(async move {
-            loop {
-                // Marked before reading, so a notification that lands during
-                // the read wakes the next wait instead of being lost.
-                feed.mark_seen();
-                let batch = match store.transitions_after(system_id.as_ref(), last, WATCH_BATCH).await {
-                    Ok(batch) => batch,
-                    Err(err) => {
-                        let _ = tx.send(Err(Status::from(err))).await;
-                        return;
-                    }
-                };
-                let full = batch.len() == WATCH_BATCH as usize;
-                for t in &batch {
-                    last = t.sequence;
-                    let item = proto::WatchTransitionsResponse {
-                        transition: Some(transition_out(t)),
-                    };
-                    if tx.send(Ok(item)).await.is_err() {
-                        return; // the watcher went away
-                    }
-                }
-                if !full {
-                    tokio::select! {
-                        () = feed.wait() => {}
-                        () = tx.closed() => return,
-                    }
-                }
-            }
+        let subscription = self.feed.subscribe(system_id, req.after_sequence).await?;
+        let stream = subscription.map(|item| {
+            item.map(|t| proto::WatchTransitionsResponse {
+                transition: Some(transition_out(&t)),
+            })
+            .map_err(Status::from)
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn configure_check(

@@ -5,24 +5,24 @@
 //! implementations, [`postgres`] and the embedded [`sqlite`]. Every write that
 //! can change a system's status runs inside that system's lock, taken by the
 //! caller through [`crate::lock`] before the store takes a work connection.
+//! [`feed`] reads new transitions once per replica and hands them to
+//! WatchTransitions' watchers.
 
 mod codec;
-mod feed;
+pub mod feed;
 pub mod postgres;
 pub mod sqlite;
 
 use std::time::Duration;
-
-use chrono::{DateTime, Utc};
-use tokio::sync::watch;
 
 use crate::{
     db::Database,
     domain::{CheckId, Evaluation, Latency, RunId, RunMessage, Status, SystemId, Thresholds},
     error::{Error, Result},
 };
+use chrono::{DateTime, Utc};
 
-pub use feed::{TransitionFeed, TransitionNotifier};
+pub use feed::{FeedStats, Subscription, TransitionFeed, TransitionNotifier, WatchLimits};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -36,19 +36,22 @@ pub enum Store {
 }
 
 impl Store {
-    /// The store of `database` and the feed that wakes its watchers: PostgreSQL's
-    /// `LISTEN` (every replica's commits; the task ends when `shutdown`
-    /// changes), or the embedded store's own commits.
-    pub fn open(database: &Database, shutdown: watch::Receiver<bool>) -> (Store, TransitionFeed) {
+    /// The store of `database`. The embedded store wakes the feed through
+    /// `notifier` after each commit that wrote a transition; PostgreSQL's
+    /// commits wake every replica's feed through `NOTIFY`.
+    pub fn open(database: &Database, notifier: TransitionNotifier) -> Store {
         match database {
-            Database::Postgres(pools) => (
-                Store::Postgres(PgStore::new(pools.work.clone())),
-                TransitionFeed::start(pools.listen.clone(), shutdown),
-            ),
-            Database::Embedded(db) => {
-                let (feed, notifier) = TransitionFeed::in_process();
-                (Store::Embedded(SqliteStore::new(db.clone(), notifier)), feed)
-            }
+            Database::Postgres(pools) => Store::Postgres(PgStore::new(pools.work.clone())),
+            Database::Embedded(db) => Store::Embedded(SqliteStore::new(db.clone(), notifier)),
+        }
+    }
+
+    /// How many reads of transitions after a sequence (the feed's, and
+    /// watchers' replays) this store ran since it was opened.
+    pub fn transition_reads(&self) -> u64 {
+        match self {
+            Store::Postgres(s) => s.transition_reads(),
+            Store::Embedded(s) => s.transition_reads(),
         }
     }
 

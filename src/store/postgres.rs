@@ -7,7 +7,13 @@
 //! the same system (the row lock covers the moments the advisory lock does
 //! not, see [`lock_system`]).
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row, postgres::PgRow};
@@ -37,6 +43,8 @@ const TRANSITION_RETENTION_DAYS: i32 = 90;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     work: WorkPool,
+    /// Reads by [`PgStore::transitions_after`], shared by clones.
+    transition_reads: Arc<AtomicU64>,
 }
 
 fn status_of(raw: i16) -> Result<Status> {
@@ -103,7 +111,15 @@ const TRANSITION_COLUMNS: &str = "sequence, system_id, check_id, from_status, to
 impl PgStore {
     /// A store on the work pool.
     pub fn new(work: WorkPool) -> Self {
-        PgStore { work }
+        PgStore {
+            work,
+            transition_reads: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Reads by [`PgStore::transitions_after`] since the store was created.
+    pub fn transition_reads(&self) -> u64 {
+        self.transition_reads.load(Ordering::Relaxed)
     }
 
     /// Records a run and re-evaluates its check and system. The caller holds
@@ -276,6 +292,7 @@ impl PgStore {
         after: u64,
         limit: u32,
     ) -> Result<Vec<Transition>> {
+        self.transition_reads.fetch_add(1, Ordering::Relaxed);
         let mut conn = self.work.acquire().await?;
         let rows = sqlx::query(&format!(
             "SELECT {TRANSITION_COLUMNS} FROM transitions \

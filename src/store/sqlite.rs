@@ -13,7 +13,13 @@
 //!
 //! Times are stored as INTEGER microseconds since the epoch.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, Row, SqliteConnection, sqlite::SqliteRow};
@@ -40,9 +46,11 @@ const TRANSITION_COLUMNS: &str = "sequence, system_id, check_id, from_status, to
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     db: EmbeddedDb,
-    /// Wakes this process's WatchTransitions subscribers after a commit that
-    /// wrote a transition.
+    /// Wakes this process's transition feed after a commit that wrote a
+    /// transition.
     notifier: TransitionNotifier,
+    /// Reads by [`SqliteStore::transitions_after`], shared by clones.
+    transition_reads: Arc<AtomicU64>,
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -125,7 +133,16 @@ fn transition_from_row(row: &SqliteRow) -> Result<Transition> {
 impl SqliteStore {
     /// A store on `db`; committed transitions are announced on `notifier`.
     pub fn new(db: EmbeddedDb, notifier: TransitionNotifier) -> Self {
-        SqliteStore { db, notifier }
+        SqliteStore {
+            db,
+            notifier,
+            transition_reads: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Reads by [`SqliteStore::transitions_after`] since the store was created.
+    pub fn transition_reads(&self) -> u64 {
+        self.transition_reads.load(Ordering::Relaxed)
     }
 
     /// Records a run and re-evaluates its check and system. The caller holds
@@ -326,6 +343,7 @@ impl SqliteStore {
         after: u64,
         limit: u32,
     ) -> Result<Vec<Transition>> {
+        self.transition_reads.fetch_add(1, Ordering::Relaxed);
         let mut conn = self.db.reader().await?;
         let rows = sqlx::query(&format!(
             "SELECT {TRANSITION_COLUMNS} FROM transitions \
@@ -527,13 +545,12 @@ async fn reevaluate(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::{config::Config, domain::RunMessage, store::TransitionFeed};
+    use crate::{config::Config, domain::RunMessage, store::TransitionNotifier};
 
     async fn store(dir: &tempfile::TempDir) -> (SqliteStore, EmbeddedDb) {
         let url = format!("--database-url=sqlite://{}/vitals.db", dir.path().display());
         let db = EmbeddedDb::open(&Config::from_flags([url]).unwrap()).await.unwrap();
-        let (_feed, notifier) = TransitionFeed::in_process();
-        (SqliteStore::new(db.clone(), notifier), db)
+        (SqliteStore::new(db.clone(), TransitionNotifier::default()), db)
     }
 
     fn run(run_id: &str, check: &str, status: Status, observed_at: DateTime<Utc>) -> NewRun {

@@ -1322,14 +1322,13 @@ async fn retention_deletes_runs_past_the_retention_but_never_a_checks_newest_100
     use vitals::{
         db::Database,
         domain::{CheckId, RunId, RunMessage, Status, SystemId},
-        store::{NewRun, Store},
+        store::{NewRun, Store, TransitionNotifier},
     };
     let db = TestDb::create(backend).await;
     let config = vitals::Config::from_flags(["--database-url", db.url.as_str()]).unwrap();
     let database = Database::open(&config).await.unwrap();
     database.migrate().await.unwrap();
-    let (_stop, stopping) = tokio::sync::watch::channel(false);
-    let (store, _feed) = Store::open(&database, stopping);
+    let store = Store::open(&database, TransitionNotifier::default());
     let new_run = |run_id: String, check: &str, observed_at: chrono::DateTime<chrono::Utc>| NewRun {
         run_id: RunId::parse("run_id", run_id).unwrap(),
         system_id: SystemId::parse("system_id", "retained".into()).unwrap(),
