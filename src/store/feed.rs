@@ -493,3 +493,60 @@ impl Drop for Subscription {
         self.watcher.ended.notify_one();
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::store::TransitionNotifier;
+
+    async fn embedded_feed(dir: &tempfile::TempDir, flags: &[&str]) -> (Database, TransitionFeed) {
+        let mut args = vec![format!("--database-url=sqlite://{}/vitals.db", dir.path().display())];
+        args.extend(flags.iter().map(|f| (*f).to_owned()));
+        let config = Config::from_flags(args).unwrap();
+        let database = Database::open(&config).await.unwrap();
+        let notifier = TransitionNotifier::default();
+        let store = Store::open(&database, notifier.clone());
+        let feed = TransitionFeed::new(store, &notifier, WatchLimits::from_config(&config));
+        (database, feed)
+    }
+
+    #[tokio::test]
+    async fn watchers_of_a_feed_that_stopped_end_with_an_error_instead_of_waiting_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (database, feed) = embedded_feed(&dir, &[]).await;
+        let (stop, stopping) = watch::channel(false);
+        let task = feed.start(&database, stopping);
+        let mut watcher = feed.subscribe(None, 0).await.unwrap();
+        // The task ends without a shutdown, as if it had failed.
+        drop(stop);
+        task.await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), watcher.next())
+            .await
+            .expect("the watcher ends at once");
+        assert!(matches!(ended, Some(Err(Error::Internal(_)))), "{ended:?}");
+        assert!(watcher.next().await.is_none(), "and yields nothing more");
+        assert!(matches!(feed.subscribe(None, 0).await, Err(Error::Internal(_))));
+        database.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_watcher_past_the_limit_is_refused_and_a_closed_one_frees_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (database, feed) = embedded_feed(&dir, &["--max-watchers=2"]).await;
+        let (_stop, stopping) = watch::channel(false);
+        let _task = feed.start(&database, stopping);
+        let first = feed.subscribe(None, 0).await.unwrap();
+        let _second = feed.subscribe(None, 0).await.unwrap();
+        assert!(matches!(feed.subscribe(None, 0).await, Err(Error::WatcherLimitReached)));
+        assert_eq!(feed.stats().watchers, 2);
+        drop(first);
+        assert_eq!(feed.stats().watchers, 1);
+        assert_eq!(feed.stats().registered, 1, "the closed watcher is forgotten");
+        feed.subscribe(None, 0).await.unwrap();
+        feed.shut_down();
+        database.close().await;
+    }
+}

@@ -24,6 +24,7 @@ use vitals::{
     Application, Config,
     lock::{LocalLockStats, Locks},
     proto::{health_check_service_client::HealthCheckServiceClient, lock_service_client::LockServiceClient},
+    store::{FeedStats, Store, TransitionFeed},
 };
 
 /// Instantiates test bodies for both backends. For each `name`, an
@@ -252,6 +253,9 @@ pub struct TestApp {
     pub addr: SocketAddr,
     /// Its lock service, to look into the embedded lock table.
     locks: Locks,
+    /// Its store and transition feed, to count reads and watchers.
+    store: Store,
+    feed: TransitionFeed,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), vitals::app::StartError>>>,
 }
@@ -289,6 +293,8 @@ impl TestApp {
         let app = Application::build(config).await.expect("build the application");
         let addr = app.local_addr();
         let locks = app.locks().clone();
+        let store = app.store().clone();
+        let feed = app.feed().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
@@ -296,6 +302,8 @@ impl TestApp {
         TestApp {
             addr,
             locks,
+            store,
+            feed,
             stop: Some(stop),
             task: Some(task),
         }
@@ -329,6 +337,17 @@ impl TestApp {
             .expect("the system's lock is granted in time")
             .expect("the holder reports the grant");
         release_tx
+    }
+
+    /// Reads of transitions after a sequence the server's store ran (the
+    /// feed's and watchers' replays).
+    pub fn transition_reads(&self) -> u64 {
+        self.store.transition_reads()
+    }
+
+    /// What the server's transition feed and its watchers are doing.
+    pub fn feed_stats(&self) -> FeedStats {
+        self.feed.stats()
     }
 
     /// Places free in the server's client lock budget (`VITALS_MAX_LOCKS`).

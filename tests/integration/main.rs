@@ -21,4 +21,5 @@ mod lock_faults;
 mod lock_service;
 mod probe;
 mod proxy;
+mod watchers;
 mod withlock;
