@@ -8,7 +8,7 @@
 //! reads what committed after the last sequence it saw, in pages, when
 //! PostgreSQL's `LISTEN` (or, embedded, the store after a commit) says
 //! something may have changed, after its listening session reconnects, and
-//! every [`SAFETY_POLL`] otherwise; then [`fanout`] pushes each transition
+//! every [`SAFETY_POLL`] otherwise; then `fanout` pushes each transition
 //! into the bounded queue of each watcher that follows its system. The cost
 //! of a notification is one read, however many watchers there are.
 //!
@@ -16,7 +16,7 @@
 //! `VITALS_MAX_WATCHERS`, registers with the feed, replays the stored
 //! transitions after its sequence from the database (a task of its own, so a
 //! client that does not read never holds a database connection), then
-//! follows its queue (see [`fanout`] for the hand-over and the slow-consumer
+//! follows its queue (see `fanout` for the hand-over and the slow-consumer
 //! rule). Every way the feed stops ends the watchers with a status: shutdown
 //! with `SHUTTING_DOWN`, anything else (a bug) with `INTERNAL`; no watcher
 //! ever waits on a feed that is gone.
