@@ -19,14 +19,18 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::{HealthApi, LockApi},
     config::Config,
-    db::Database,
+    db::{Database, OpenError},
     lock::Locks,
     middleware::{Edge, EdgeLayer},
     proto::{self, health_check_service_server::HealthCheckServiceServer, lock_service_server::LockServiceServer},
+    service::HealthService,
     store::{Store, TransitionFeed, TransitionNotifier, WatchLimits},
 };
 
 /// Errors that stop the server from starting or running.
+///
+/// `Display` is the whole message the operator reads (the binary prints it
+/// and exits), the cause included; the cause is also `source()`.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The listen address could not be bound.
@@ -37,12 +41,19 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
-    /// The configuration cannot be used.
-    #[error("{0}")]
-    Config(String),
+    /// The configured database cannot be opened.
+    #[error(transparent)]
+    Database(#[from] OpenError),
+    /// The reflection services cannot be built from the descriptor sets
+    /// compiled into the binary (a build problem).
+    #[error("reflection: {0}")]
+    Reflection(#[source] tonic_reflection::server::Error),
     /// The gRPC server failed.
     #[error("server error: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The task serving gRPC panicked.
+    #[error("server task failed: {0}")]
+    ServerTask(#[source] tokio::task::JoinError),
 }
 
 /// Names under which health is reported.
@@ -122,7 +133,7 @@ impl Application {
             addr: config.listen_addr,
             source,
         })?;
-        let database = Database::open(&config).await.map_err(StartError::Config)?;
+        let database = Database::open(&config).await?;
         if matches!(database, Database::Postgres(_)) && config.request_timeout_ms >= config.lock_idle_tx_timeout_ms {
             tracing::warn!(
                 "VITALS_REQUEST_TIMEOUT_MS is not below DATABASE_LOCK_IDLE_TX_TIMEOUT_MS: a slow request can outlive its \
@@ -198,8 +209,9 @@ impl Application {
         let following = feed.start(&database, stopping_rx.clone());
         let retention = tokio::spawn(retention_loop(store.clone(), config.run_retention, stopping_rx.clone()));
         let max_bytes = usize::try_from(config.max_request_bytes).unwrap_or(4 << 20);
-        let health_api = HealthCheckServiceServer::new(HealthApi::new(store, locks.clone(), feed.clone()))
-            .max_decoding_message_size(max_bytes);
+        let health_checks = HealthService::new(store, locks.clone(), feed.clone());
+        let health_api =
+            HealthCheckServiceServer::new(HealthApi::new(health_checks)).max_decoding_message_size(max_bytes);
         let lock_api = LockServiceServer::new(LockApi::new(locks.clone())).max_decoding_message_size(max_bytes);
 
         // Both reflection versions describe the same files: the contract,
@@ -216,9 +228,8 @@ impl Application {
                 builder.register_encoded_file_descriptor_set(set)
             })
         };
-        let reflection_error = |e: tonic_reflection::server::Error| StartError::Config(format!("reflection: {e}"));
-        let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
-        let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+        let reflection_v1 = reflection().build_v1().map_err(StartError::Reflection)?;
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(StartError::Reflection)?;
 
         let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
         let shutdown_edge = edge.clone();
@@ -294,7 +305,7 @@ impl Application {
         tracing::info!("vitals stopped");
         match result {
             Ok(inner) => inner.map_err(StartError::from),
-            Err(join) => Err(StartError::Config(format!("server task failed: {join}"))),
+            Err(join) => Err(StartError::ServerTask(join)),
         }
     }
 }

@@ -141,37 +141,61 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// Why a setting's value is refused. clap puts the variable's name and the
+/// value in front of it, so the message says only what is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidSetting {
+    /// Not a count in the accepted range.
+    #[error("must be an integer between {min} and {max}")]
+    Count {
+        /// The smallest accepted.
+        min: u32,
+        /// The largest accepted.
+        max: u32,
+    },
+    /// Not a number of milliseconds in the accepted range.
+    #[error("must be an integer number of milliseconds between {min} and {max}")]
+    Millis {
+        /// The smallest accepted.
+        min: u64,
+        /// The largest accepted.
+        max: u64,
+    },
+    /// Not a retention vitals understands.
+    #[error("must be a whole number followed by s, m, h or d (for example 7d), at least 1m")]
+    Retention,
+}
+
 /// Parser for a count in `min..=max`; the message names the accepted range.
-fn count_in(min: u32, max: u32) -> impl Fn(&str) -> Result<u32, String> + Clone + Send + Sync + 'static {
+fn count_in(min: u32, max: u32) -> impl Fn(&str) -> Result<u32, InvalidSetting> + Clone + Send + Sync + 'static {
     move |raw| {
         raw.trim()
             .parse::<i64>()
             .ok()
             .and_then(|v| u32::try_from(v).ok())
             .filter(|v| (min..=max).contains(v))
-            .ok_or_else(|| format!("must be an integer between {min} and {max}"))
+            .ok_or(InvalidSetting::Count { min, max })
     }
 }
 
 /// Parser for milliseconds in `min..=max`.
-fn millis_in(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+fn millis_in(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, InvalidSetting> + Clone + Send + Sync + 'static {
     move |raw| {
         raw.trim()
             .parse::<i64>()
             .ok()
             .and_then(|v| u64::try_from(v).ok())
             .filter(|v| (min..=max).contains(v))
-            .ok_or_else(|| format!("must be an integer number of milliseconds between {min} and {max}"))
+            .ok_or(InvalidSetting::Millis { min, max })
     }
 }
 
 /// Parses a retention such as `7d`, `36h`, `90m` or `3600s`, at least one minute.
-fn parse_retention(raw: &str) -> Result<Duration, String> {
-    const MESSAGE: &str = "must be a whole number followed by s, m, h or d (for example 7d), at least 1m";
+fn parse_retention(raw: &str) -> Result<Duration, InvalidSetting> {
     let raw = raw.trim();
     let split = raw.len().saturating_sub(1);
     let (number, unit) = (raw.get(..split).unwrap_or(""), raw.get(split..).unwrap_or(""));
-    let number: u64 = number.parse().map_err(|_| MESSAGE.to_owned())?;
+    let number: u64 = number.parse().map_err(|_| InvalidSetting::Retention)?;
     let seconds = match unit {
         "s" => Some(number),
         "m" => number.checked_mul(60),
@@ -182,7 +206,7 @@ fn parse_retention(raw: &str) -> Result<Duration, String> {
     seconds
         .filter(|s| (60..=10 * 365 * 86_400).contains(s))
         .map(Duration::from_secs)
-        .ok_or_else(|| MESSAGE.to_owned())
+        .ok_or(InvalidSetting::Retention)
 }
 
 /// A parser that holds only `Config`, so tests can build one from flags alone.

@@ -15,6 +15,7 @@
 pub mod embedded;
 
 use std::{
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -46,6 +47,87 @@ pub const TCP_KEEPALIVES_COUNT: u64 = 3;
 /// How much longer than the lease PostgreSQL lets a lock session idle in its
 /// transaction before ending it (and with it the lock).
 pub const LEASE_BACKSTOP_MARGIN_MS: u64 = 1000;
+
+/// Why the configured database cannot be opened, which stops start-up.
+///
+/// `Display` is the whole message the operator reads, the cause included;
+/// the cause is also `source()`, for programs.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// `DATABASE_URL` does not parse as a PostgreSQL URL.
+    #[error("DATABASE_URL is not a valid PostgreSQL URL: {0}")]
+    PostgresUrl(#[source] sqlx::Error),
+    /// PostgreSQL's pools were asked for, but no PostgreSQL is configured.
+    #[error("no PostgreSQL configured: set DATABASE_URL or PGHOST")]
+    NoPostgres,
+    /// `DATABASE_URL=sqlite:...` does not parse.
+    #[error("DATABASE_URL is not a valid sqlite URL (sqlite://PATH): {0}")]
+    SqliteUrl(#[source] sqlx::Error),
+    /// An in-memory SQLite database would lose every run at exit, and no
+    /// lock file could keep a second process away from it.
+    #[error("DATABASE_URL: the embedded store needs a file (sqlite://PATH), not an in-memory database")]
+    InMemory,
+    /// The embedded store was asked for, but PostgreSQL is configured.
+    #[error("PostgreSQL is configured, not the embedded store")]
+    NotEmbedded,
+    /// The embedded store's directory cannot be created.
+    #[error("cannot create the data directory {}: {source}", .dir.display())]
+    CreateDataDir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The lock file beside the embedded store cannot be opened.
+    #[error("cannot open the lock file {}: {source}", .path.display())]
+    OpenLockFile {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Locking the lock file failed (not because another process holds it).
+    #[error("cannot lock {}: {source}", .path.display())]
+    LockFile {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process holds the embedded store's lock file.
+    #[error(
+        "the embedded store {} is in use by another vitals process{}, which holds {}; embedded mode serves a \
+         single replica: stop the other process, give this one its own VITALS_DATA_DIR, or run several replicas \
+         on PostgreSQL (DATABASE_URL)",
+        .database.display(),
+        embedded::holder_note(.holder.as_deref()),
+        .lock_file.display()
+    )]
+    InUse {
+        /// The SQLite file.
+        database: PathBuf,
+        /// The lock file the other process holds.
+        lock_file: PathBuf,
+        /// What the lock file says about its holder (its pid), if anything.
+        holder: Option<String>,
+    },
+    /// The SQLite file cannot be opened or created.
+    #[error("cannot open the embedded store {}: {source}", .path.display())]
+    OpenStore {
+        /// The SQLite file.
+        path: PathBuf,
+        /// Why.
+        source: sqlx::Error,
+    },
+    /// The embedded store's migrations failed.
+    #[error("cannot migrate the embedded store {}: {source}", .path.display())]
+    MigrateStore {
+        /// The SQLite file.
+        path: PathBuf,
+        /// Why.
+        source: Error,
+    },
+}
 
 /// A pooled connection idle at least this long is pinged before the pool
 /// hands it out; one in steady use is not (sqlx also pings every connection
@@ -162,15 +244,11 @@ pub struct Pools {
     probe: PgPool,
 }
 
-fn base_options(config: &Config) -> std::result::Result<PgConnectOptions, String> {
+fn base_options(config: &Config) -> std::result::Result<PgConnectOptions, OpenError> {
     let options = match config.database_target() {
-        DatabaseTarget::PostgresUrl(url) => url
-            .parse::<PgConnectOptions>()
-            .map_err(|e| format!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))?,
+        DatabaseTarget::PostgresUrl(url) => url.parse::<PgConnectOptions>().map_err(OpenError::PostgresUrl)?,
         DatabaseTarget::PostgresFromEnv => PgConnectOptions::new(),
-        DatabaseTarget::Embedded(_) | DatabaseTarget::EmbeddedUrl(_) => {
-            return Err("no PostgreSQL configured: set DATABASE_URL or PGHOST".into());
-        }
+        DatabaseTarget::Embedded(_) | DatabaseTarget::EmbeddedUrl(_) => return Err(OpenError::NoPostgres),
     };
     let keepalives = [
         ("tcp_keepalives_idle", TCP_KEEPALIVES_IDLE_S.to_string()),
@@ -183,7 +261,7 @@ fn base_options(config: &Config) -> std::result::Result<PgConnectOptions, String
 impl Pools {
     /// Builds both pools without connecting: the server starts and reports
     /// NOT_SERVING until the database answers, instead of failing to start.
-    pub fn connect_lazy(config: &Config) -> std::result::Result<Self, String> {
+    pub fn connect_lazy(config: &Config) -> std::result::Result<Self, OpenError> {
         let base = base_options(config)?;
         let work_options = base.clone().application_name("vitals-work");
         let listen_options = base.clone().application_name("vitals-listen");
@@ -278,10 +356,7 @@ impl Pools {
             .bind(crate::lock::id::MIGRATIONS)
             .execute(&mut conn)
             .await?;
-        let result = migrator.run_direct(&mut conn).await.map_err(|e| match e {
-            sqlx::migrate::MigrateError::Execute(inner) => Error::from(inner),
-            other => Error::Internal(format!("migration failed: {other}")),
-        });
+        let result = migrator.run_direct(&mut conn).await.map_err(Error::from);
         // Closing the session releases the migration lock.
         let _ = conn.close().await;
         result
@@ -369,7 +444,7 @@ impl Database {
     /// server starts NOT_SERVING until it answers); the embedded store is
     /// local, so it is opened, locked and migrated here, and any problem with
     /// it stops start-up with a message.
-    pub async fn open(config: &Config) -> std::result::Result<Self, String> {
+    pub async fn open(config: &Config) -> std::result::Result<Self, OpenError> {
         match config.database_target() {
             DatabaseTarget::Embedded(_) | DatabaseTarget::EmbeddedUrl(_) => {
                 EmbeddedDb::open(config).await.map(Database::Embedded)

@@ -2,8 +2,9 @@
 //!
 //! Every failure a client can see is a variant here; each variant documents
 //! the code and `ErrorInfo.reason` it produces. Database and internal errors
-//! are logged where they are mapped and never sent: the client gets the
-//! reason, not our SQL.
+//! keep their cause (as `source()`, and in their `Display`, which is what the
+//! log shows); they are logged where they are mapped and never sent: the
+//! client gets the reason, not our SQL.
 
 use std::collections::HashMap;
 
@@ -104,9 +105,51 @@ pub enum Error {
     #[error("shutting down")]
     ShuttingDown,
 
-    /// INTERNAL, reason `INTERNAL`: a bug or an unexpected database error. Logged, never sent.
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// INTERNAL, reason `INTERNAL`: the database failed in a way that is no
+    /// outage (a constraint, a type mismatch, a missing table). Logged, never sent.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+
+    /// INTERNAL, reason `INTERNAL`: the migrations cannot be applied (one is
+    /// missing, changed or failed to parse). Logged, never sent.
+    #[error("migration failed: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+
+    /// INTERNAL, reason `INTERNAL`: a stored value vitals cannot read back.
+    /// Logged with what was read, never sent.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(#[from] Corrupt),
+
+    /// INTERNAL, reason `INTERNAL`: the transition feed task ended without a
+    /// shutdown (a bug); watchers end with this rather than wait on nothing.
+    #[error("the transition feed stopped")]
+    FeedStopped,
+
+    /// INTERNAL, reason `INTERNAL`: something vitals relies on did not hold
+    /// (a bug). Says which. Logged, never sent.
+    #[error("broken invariant: {0}")]
+    Invariant(&'static str),
+}
+
+/// A stored value that does not decode, with what was read: the rows were
+/// written by vitals, so this is a bug or someone else's write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Corrupt {
+    /// A status column outside the known statuses.
+    #[error("stored status {0} is not a status")]
+    Status(i64),
+    /// A time column outside what a timestamp can hold.
+    #[error("stored time {0} (microseconds) is out of range")]
+    Time(i64),
+    /// A thresholds column that does not decode.
+    #[error("stored thresholds {0:?} do not decode")]
+    Thresholds(String),
+    /// An evaluation column that does not decode.
+    #[error("stored evaluation {0:?} does not decode")]
+    Evaluation(String),
+    /// The embedded store's fencing-token reservation below one block.
+    #[error("stored fencing token block {0} is invalid")]
+    FencingTokenBlock(i64),
 }
 
 /// Shorthand for results of vitals operations.
@@ -147,7 +190,9 @@ impl Error {
             Error::SystemBusy { .. } => "SYSTEM_BUSY",
             Error::DatabaseUnavailable(_) => "DATABASE_UNAVAILABLE",
             Error::ShuttingDown => "SHUTTING_DOWN",
-            Error::Internal(_) => "INTERNAL",
+            Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::FeedStopped | Error::Invariant(_) => {
+                "INTERNAL"
+            }
         }
     }
 
@@ -166,7 +211,9 @@ impl Error {
             | Error::SystemBusy { .. }
             | Error::DatabaseUnavailable(_)
             | Error::ShuttingDown => Code::Unavailable,
-            Error::Internal(_) => Code::Internal,
+            Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::FeedStopped | Error::Invariant(_) => {
+                Code::Internal
+            }
         }
     }
 
@@ -195,7 +242,9 @@ impl Error {
             Error::SystemBusy { system_id } => format!("system {system_id:?} is busy, retry"),
             Error::DatabaseUnavailable(_) => "database unavailable, retry".into(),
             Error::ShuttingDown => "server shutting down, retry elsewhere".into(),
-            Error::Internal(_) => "internal error".into(),
+            Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::FeedStopped | Error::Invariant(_) => {
+                "internal error".into()
+            }
         }
     }
 
@@ -225,7 +274,19 @@ impl From<sqlx::Error> for Error {
         if is_unavailable(&err) {
             return Error::DatabaseUnavailable(Some(err));
         }
-        Error::Internal(format!("database: {err}"))
+        Error::Database(err)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for Error {
+    /// A migration whose statement failed is that statement's database
+    /// error (an outage stays UNAVAILABLE, so start-up retries it); any
+    /// other migration problem is vitals' own.
+    fn from(err: sqlx::migrate::MigrateError) -> Self {
+        match err {
+            sqlx::migrate::MigrateError::Execute(inner) => Error::from(inner),
+            other => Error::Migrate(other),
+        }
     }
 }
 
@@ -289,7 +350,7 @@ pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match &err {
-            Error::Internal(_) => tracing::error!(error = %err, "internal error"),
+            _ if err.code() == Code::Internal => tracing::error!(error = %err, "internal error"),
             Error::DatabaseUnavailable(Some(source)) => {
                 tracing::warn!(error = %source, "database unavailable");
             }
@@ -323,13 +384,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn internal_error_text_never_reaches_the_client() {
-        let status = Status::from(Error::Internal("relation \"runs\" does not exist".into()));
+    fn an_internal_database_error_is_internal_with_a_public_message_and_keeps_its_source() {
+        let err = Error::from(sqlx::Error::ColumnNotFound("secret_column_of_runs".into()));
+        assert!(matches!(err, Error::Database(_)), "{err:?}");
+        let source = std::error::Error::source(&err).expect("the database error is kept as the source");
+        assert!(source.to_string().contains("secret_column_of_runs"), "{source}");
+        let status = Status::from(err);
         assert_eq!(status.code(), Code::Internal);
-        assert!(!status.message().contains("runs"));
+        assert_eq!(status.message(), "internal error");
         let info = status.get_details_error_info().unwrap();
         assert_eq!(info.reason, "INTERNAL");
         assert_eq!(info.domain, ERROR_DOMAIN);
+        assert!(info.metadata.is_empty(), "{:?}", info.metadata);
+    }
+
+    #[test]
+    fn corrupt_stored_data_is_internal_and_what_was_read_stays_in_the_log() {
+        let err = Error::from(Corrupt::Thresholds("{\"mode\":\"x\"}".into()));
+        assert!(err.to_string().contains("mode"), "the log says what was read: {err}");
+        let status = Status::from(err);
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+        assert_eq!(status.get_details_error_info().unwrap().reason, "INTERNAL");
+    }
+
+    #[test]
+    fn a_failed_migration_statement_is_its_database_error_and_any_other_migration_problem_is_internal() {
+        let outage = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let err = Error::from(sqlx::migrate::MigrateError::Execute(outage));
+        assert!(matches!(err, Error::DatabaseUnavailable(Some(_))), "{err:?}");
+        let err = Error::from(sqlx::migrate::MigrateError::VersionMissing(3));
+        assert!(matches!(err, Error::Migrate(_)), "{err:?}");
+        assert_eq!(Status::from(err).code(), Code::Internal);
     }
 
     #[test]

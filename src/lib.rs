@@ -20,19 +20,25 @@
 //! - [`lock`]: the lock manager: fair in-process queues, and with PostgreSQL
 //!   session-level advisory locks held many per session on the lock
 //!   sessions, fencing tokens, leases under faults.
-//! - [`api`]: the tonic handlers, thin.
+//! - [`service`]: the use cases the handlers call: submit a run or
+//!   configure a check under its system's lock, read health, page through
+//!   runs and transitions, watch transitions.
+//! - [`api`]: the tonic handlers, thin: parse, call, convert.
 //! - [`middleware`]: the one tower stack in front of the services.
-//! - [`error`]: the one error enum and its mapping to gRPC statuses.
+//! - [`error`]: the one error enum (causes kept as sources) and its mapping
+//!   to gRPC statuses.
 //! - [`probe`]: `vitals probe`, a one-shot grpc.health.v1 check.
 //! - [`telemetry`]: log set-up (`RUST_LOG`, text or JSON lines).
 //! - [`app`]: the server as a value tests start on port 0.
 //!
-//! Dependencies point inward: `api` uses `domain`, `store` and `lock`, and
-//! reads the request deadline [`middleware`] hands it;
-//! `store` and `lock` use `domain`; `domain` uses nothing of ours. A request
-//! takes its lock (from the lock manager) before a work connection, never
-//! the reverse. Only [`db`], [`store`] and [`lock`] know which backend runs
-//! ([`app`] opens it).
+//! Dependencies point inward: `api` parses into `domain` values, calls
+//! `service` (or, for WithLock, the lock manager directly: one call per
+//! stream message) and reads the request deadline [`middleware`] hands it;
+//! `service` uses `store` and `lock`; `store` and `lock` use `domain`;
+//! `domain` uses nothing of ours. A request takes its lock (from the lock
+//! manager) before a work connection, never the reverse, and [`service`] is
+//! where that order is written. Only [`db`], [`store`] and [`lock`] know
+//! which backend runs ([`app`] opens it).
 
 pub mod api;
 pub mod app;
@@ -44,6 +50,7 @@ pub mod error;
 pub mod lock;
 pub mod middleware;
 pub mod probe;
+pub mod service;
 pub mod store;
 pub mod telemetry;
 

@@ -50,7 +50,9 @@ impl Violations {
         if !self.0.is_empty() {
             return Err(crate::error::Error::InvalidArgument(self.0));
         }
-        value().ok_or_else(|| crate::error::Error::Internal("parsed request incomplete".into()))
+        value().ok_or(crate::error::Error::Invariant(
+            "a request without violations parses completely",
+        ))
     }
 }
 

@@ -1,5 +1,6 @@
-//! `vitals.v1.HealthCheckService`: parse, call the store under the system's
-//! lock, convert back. No rules live here.
+//! `vitals.v1.HealthCheckService`: parse the request into domain values
+//! (every violation at once), call the use case in
+//! [`crate::service::health`], convert the result back. No rules live here.
 
 use std::pin::Pin;
 
@@ -14,12 +15,12 @@ use super::{
     page_token::{self, Kind},
 };
 use crate::{
-    domain::{CheckId, Latency, MAX_RUNS_CONSIDERED, RunId, RunMessage, SystemId, evaluate},
+    domain::{CheckId, Latency, MAX_RUNS_CONSIDERED, RunId, RunMessage, SystemId},
     error::Error,
-    lock::Locks,
     middleware::RequestDeadline,
     proto::{self, health_check_service_server::HealthCheckService},
-    store::{CheckUpdate, NewRun, RunCursor, Store, TransitionFeed},
+    service::HealthService,
+    store::{CheckUpdate, NewRun, RunCursor},
 };
 
 /// Runs may be observed at most this far in the future (clock skew allowance).
@@ -32,16 +33,14 @@ const MAX_PAGE_SIZE: u32 = 1000;
 /// The handler state.
 #[derive(Debug, Clone)]
 pub struct HealthApi {
-    store: Store,
-    locks: Locks,
-    feed: TransitionFeed,
+    /// What each RPC does once parsed.
+    service: HealthService,
 }
 
 impl HealthApi {
-    /// Handlers over `store`, serialised per system by `locks`; watchers
-    /// follow `feed`.
-    pub fn new(store: Store, locks: Locks, feed: TransitionFeed) -> Self {
-        HealthApi { store, locks, feed }
+    /// Handlers calling `service`.
+    pub fn new(service: HealthService) -> Self {
+        HealthApi { service }
     }
 }
 
@@ -80,7 +79,7 @@ impl HealthCheckService for HealthApi {
         }
         let thresholds = v.take_all(thresholds_in("thresholds", req.thresholds));
         let thresholds = v.finish(|| thresholds)?.unwrap_or_default();
-        let evaluation = evaluate(&statuses, &thresholds);
+        let evaluation = self.service.evaluate(&statuses, &thresholds);
         Ok(Response::new(proto::EvaluateHealthResponse {
             status: status_out(evaluation.status) as i32,
             evaluation: Some(evaluation_out(&evaluation)),
@@ -136,13 +135,7 @@ impl HealthCheckService for HealthApi {
             })
         })?;
 
-        let outcome = self
-            .locks
-            .with_system_lock(&new.system_id, deadline, || self.store.submit_run(&new))
-            .await?;
-        if let Some(t) = &outcome.transition {
-            tracing::info!(system_id = %t.system_id, from = t.from.as_str(), to = t.to.as_str(), sequence = t.sequence, "system status changed");
-        }
+        let outcome = self.service.submit_run(&new, deadline).await?;
         Ok(Response::new(proto::SubmitRunResponse {
             system_health: Some(system_out(&outcome.health)),
             transition: outcome.transition.as_ref().map(transition_out),
@@ -157,13 +150,7 @@ impl HealthCheckService for HealthApi {
     ) -> Result<Response<proto::GetSystemHealthResponse>, Status> {
         let req = request.into_inner();
         let system_id = SystemId::parse("system_id", req.system_id).map_err(|v| Error::InvalidArgument(vec![v]))?;
-        let health = self
-            .store
-            .system(&system_id)
-            .await?
-            .ok_or_else(|| Error::SystemNotFound {
-                system_id: system_id.into_inner(),
-            })?;
+        let health = self.service.system(&system_id).await?;
         Ok(Response::new(proto::GetSystemHealthResponse {
             system_health: Some(system_out(&health)),
         }))
@@ -195,26 +182,24 @@ impl HealthCheckService for HealthApi {
             )
         };
         let (system_id, check_id, cursor) = v.finish(|| Some((system_id?, check_id?, cursor?)))?;
-        let mut runs = self
-            .store
-            .list_runs(&system_id, check_id.as_ref(), cursor.as_ref(), limit + 1)
+        let page = self
+            .service
+            .list_runs(&system_id, check_id.as_ref(), cursor.as_ref(), limit)
             .await?;
-        let next_page_token = if runs.len() > limit as usize {
-            runs.truncate(limit as usize);
-            runs.last()
-                .map(|r| {
-                    page_token::encode(
-                        Kind::Runs,
-                        &filter,
-                        &page_token::run_cursor_body(r.observed_at, &r.run_id),
-                    )
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = page
+            .items
+            .last()
+            .filter(|_| page.more)
+            .map(|r| {
+                page_token::encode(
+                    Kind::Runs,
+                    &filter,
+                    &page_token::run_cursor_body(r.observed_at, &r.run_id),
+                )
+            })
+            .unwrap_or_default();
         Ok(Response::new(proto::ListRunsResponse {
-            runs: runs.iter().map(run_out).collect(),
+            runs: page.items.iter().map(run_out).collect(),
             next_page_token,
         }))
     }
@@ -244,21 +229,15 @@ impl HealthCheckService for HealthApi {
             )
         };
         let (system_id, before) = v.finish(|| Some((system_id?, before?)))?;
-        let mut transitions = self
-            .store
-            .list_transitions(system_id.as_ref(), before, limit + 1)
-            .await?;
-        let next_page_token = if transitions.len() > limit as usize {
-            transitions.truncate(limit as usize);
-            transitions
-                .last()
-                .map(|t| page_token::encode(Kind::Transitions, &filter, &t.sequence.to_be_bytes()))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let page = self.service.list_transitions(system_id.as_ref(), before, limit).await?;
+        let next_page_token = page
+            .items
+            .last()
+            .filter(|_| page.more)
+            .map(|t| page_token::encode(Kind::Transitions, &filter, &t.sequence.to_be_bytes()))
+            .unwrap_or_default();
         Ok(Response::new(proto::ListTransitionsResponse {
-            transitions: transitions.iter().map(transition_out).collect(),
+            transitions: page.items.iter().map(transition_out).collect(),
             next_page_token,
         }))
     }
@@ -275,7 +254,7 @@ impl HealthCheckService for HealthApi {
         } else {
             Some(SystemId::parse("system_id", req.system_id).map_err(|v| Error::InvalidArgument(vec![v]))?)
         };
-        let subscription = self.feed.subscribe(system_id, req.after_sequence).await?;
+        let subscription = self.service.watch(system_id, req.after_sequence).await?;
         let stream = subscription.map(|item| {
             item.map(|t| proto::WatchTransitionsResponse {
                 transition: Some(transition_out(&t)),
@@ -303,10 +282,7 @@ impl HealthCheckService for HealthApi {
                 enabled: req.enabled,
             })
         })?;
-        let outcome = self
-            .locks
-            .with_system_lock(&update.system_id, deadline, || self.store.configure_check(&update))
-            .await?;
+        let outcome = self.service.configure_check(&update, deadline).await?;
         Ok(Response::new(proto::ConfigureCheckResponse {
             check: Some(check_out(&outcome.check)),
             system_health: Some(system_out(&outcome.health)),

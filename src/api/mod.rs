@@ -1,6 +1,6 @@
-//! The gRPC handlers: convert wire types to domain types, call the store or
-//! the lock service, convert back. Errors are mapped once, by
-//! `From<Error> for Status` in [`crate::error`].
+//! The gRPC handlers: convert wire types to domain types, call the use cases
+//! ([`crate::service`]) or the lock service, convert back. Errors are mapped
+//! once, by `From<Error> for Status` in [`crate::error`].
 
 mod convert;
 mod health;

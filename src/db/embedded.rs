@@ -28,6 +28,7 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
+use super::OpenError;
 use crate::{
     config::{Config, DatabaseTarget},
     error::{Error, PoolKind, Result},
@@ -53,25 +54,26 @@ pub struct EmbeddedDb {
 }
 
 /// Where the embedded store lives for `target`: its SQLite file.
-pub fn database_path(target: &DatabaseTarget) -> std::result::Result<PathBuf, String> {
+pub fn database_path(target: &DatabaseTarget) -> std::result::Result<PathBuf, OpenError> {
     match target {
         DatabaseTarget::Embedded(dir) => Ok(dir.join(DATABASE_FILE)),
         DatabaseTarget::EmbeddedUrl(url) => {
             let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-            let options = SqliteConnectOptions::from_str(url)
-                .map_err(|e| format!("DATABASE_URL is not a valid sqlite URL (sqlite://PATH): {e}"))?;
+            let options = SqliteConnectOptions::from_str(url).map_err(OpenError::SqliteUrl)?;
             let path = options.get_filename();
             if in_memory || path.as_os_str().is_empty() {
-                return Err(
-                    "DATABASE_URL: the embedded store needs a file (sqlite://PATH), not an in-memory database".into(),
-                );
+                return Err(OpenError::InMemory);
             }
             Ok(path.to_owned())
         }
-        DatabaseTarget::PostgresUrl(_) | DatabaseTarget::PostgresFromEnv => {
-            Err("PostgreSQL is configured, not the embedded store".into())
-        }
+        DatabaseTarget::PostgresUrl(_) | DatabaseTarget::PostgresFromEnv => Err(OpenError::NotEmbedded),
     }
+}
+
+/// How [`OpenError::InUse`] names the other process: its pid, as its lock
+/// file says, or nothing when the file says nothing.
+pub(super) fn holder_note(holder: Option<&str>) -> String {
+    holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
 }
 
 /// The lock file of the database file `path`: `vitals.db.lock` beside `vitals.db`.
@@ -90,35 +92,34 @@ struct DataDirLock {
 }
 
 impl DataDirLock {
-    fn acquire(lock_file: &Path, database: &Path) -> std::result::Result<Self, String> {
+    fn acquire(lock_file: &Path, database: &Path) -> std::result::Result<Self, OpenError> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(lock_file)
-            .map_err(|e| format!("cannot open the lock file {}: {e}", lock_file.display()))?;
+            .map_err(|source| OpenError::OpenLockFile {
+                path: lock_file.to_owned(),
+                source,
+            })?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 let holder = holder.trim();
-                let pid = if holder.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (pid {holder})")
-                };
-                return Err(format!(
-                    "the embedded store {} is in use by another vitals process{pid}, which holds {}; \
-                     embedded mode serves a single replica: stop the other process, give this one its own \
-                     VITALS_DATA_DIR, or run several replicas on PostgreSQL (DATABASE_URL)",
-                    database.display(),
-                    lock_file.display()
-                ));
+                return Err(OpenError::InUse {
+                    database: database.to_owned(),
+                    lock_file: lock_file.to_owned(),
+                    holder: (!holder.is_empty()).then(|| holder.to_owned()),
+                });
             }
-            Err(TryLockError::Error(e)) => {
-                return Err(format!("cannot lock {}: {e}", lock_file.display()));
+            Err(TryLockError::Error(source)) => {
+                return Err(OpenError::LockFile {
+                    path: lock_file.to_owned(),
+                    source,
+                });
             }
         }
         // Who holds it, for the message above; the lock itself is what counts.
@@ -136,11 +137,13 @@ impl EmbeddedDb {
     /// on first start) and migrates the database. Fails with a message for the
     /// operator: the directory cannot be created, another process holds it,
     /// the file cannot be opened or migrated.
-    pub async fn open(config: &Config) -> std::result::Result<Self, String> {
+    pub async fn open(config: &Config) -> std::result::Result<Self, OpenError> {
         let path = database_path(&config.database_target())?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDataDir {
+                dir: dir.to_owned(),
+                source,
+            })?;
         }
         let lock = Arc::new(DataDirLock::acquire(&lock_path(&path), &path)?);
 
@@ -165,7 +168,10 @@ impl EmbeddedDb {
             .idle_timeout(None)
             .connect_with(base.clone().create_if_missing(true))
             .await
-            .map_err(|e| format!("cannot open the embedded store {}: {e}", path.display()))?;
+            .map_err(|source| OpenError::OpenStore {
+                path: path.clone(),
+                source,
+            })?;
         let read_only = base.pragma("query_only", "ON");
         let readers = pool(config.pool_max)
             .idle_timeout(Some(config.pool_idle_timeout()))
@@ -180,12 +186,12 @@ impl EmbeddedDb {
             path,
             lock,
         };
-        if let Err(err) = db.migrate().await {
+        if let Err(source) = db.migrate().await {
             db.close().await;
-            return Err(format!(
-                "cannot migrate the embedded store {}: {err}",
-                db.path.display()
-            ));
+            return Err(OpenError::MigrateStore {
+                path: db.path.clone(),
+                source,
+            });
         }
         tracing::info!(
             database = %db.path.display(),
@@ -228,10 +234,7 @@ impl EmbeddedDb {
         sqlx::migrate!("./migrations/sqlite")
             .run(&self.writer)
             .await
-            .map_err(|e| match e {
-                sqlx::migrate::MigrateError::Execute(inner) => Error::from(inner),
-                other => Error::Internal(format!("migration failed: {other}")),
-            })
+            .map_err(Error::from)
     }
 
     /// Closes every connection, then gives up the data-directory lock.
@@ -265,7 +268,8 @@ mod tests {
     fn an_in_memory_sqlite_url_is_refused() {
         for url in ["sqlite::memory:", "sqlite://?mode=memory"] {
             let err = database_path(&DatabaseTarget::EmbeddedUrl(url.into())).unwrap_err();
-            assert!(err.contains("needs a file"), "{url}: {err}");
+            assert!(matches!(err, OpenError::InMemory), "{url}: {err:?}");
+            assert!(err.to_string().contains("needs a file"), "{url}: {err}");
         }
     }
 
@@ -275,6 +279,8 @@ mod tests {
         let config = Config::from_flags([format!("--database-url=sqlite://{}/v.db", dir.path().display())]).unwrap();
         let first = EmbeddedDb::open(&config).await.unwrap();
         let err = EmbeddedDb::open(&config).await.unwrap_err();
+        assert!(matches!(err, OpenError::InUse { .. }), "{err:?}");
+        let err = err.to_string();
         assert!(err.contains("in use by another vitals process"), "{err}");
         assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
         first.close().await;

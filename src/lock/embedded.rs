@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::{
     db::EmbeddedDb,
-    error::{Error, Result},
+    error::{Corrupt, Error, Result},
 };
 
 /// Fencing tokens reserved per write to the database.
@@ -56,7 +56,7 @@ impl FencingTokens {
             let last = u64::try_from(reserved)
                 .ok()
                 .filter(|last| *last >= TOKEN_BLOCK)
-                .ok_or_else(|| Error::Internal(format!("stored fencing token block {reserved} is invalid")))?;
+                .ok_or(Error::Corrupt(Corrupt::FencingTokenBlock(reserved)))?;
             *block = TokenBlock {
                 next: last - TOKEN_BLOCK + 1,
                 last,

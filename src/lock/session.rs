@@ -669,7 +669,9 @@ fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
                 None => {
                     // Taken but not handed out: nobody owns it.
                     live.orphans.push(id);
-                    Err(Error::Internal("fewer fencing tokens drawn than asked for".into()))
+                    Err(Error::Invariant(
+                        "a batch draws every fencing token its tries asked for",
+                    ))
                 }
             }
         } else {
@@ -682,8 +684,9 @@ fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
         }
     }
     for (count, reply) in batch.tokens {
-        let _ =
-            reply.send(draw(count).ok_or_else(|| Error::Internal("fewer fencing tokens drawn than asked for".into())));
+        let _ = reply.send(draw(count).ok_or(Error::Invariant(
+            "a batch draws every fencing token its tries asked for",
+        )));
     }
     for reply in batch.pings {
         let _ = reply.send(true);

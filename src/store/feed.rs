@@ -404,7 +404,7 @@ fn end_error(end: End, last: u64) -> Error {
     match end {
         End::TooSlow => Error::WatcherTooSlow { last_sequence: last },
         End::ShuttingDown => Error::ShuttingDown,
-        End::FeedStopped => Error::Internal("the transition feed stopped".into()),
+        End::FeedStopped => Error::FeedStopped,
     }
 }
 
@@ -468,7 +468,9 @@ impl Stream for Subscription {
             let Some(replay) = this.replay.as_mut() else {
                 // The replay ended without handing over or ending the
                 // watcher: it can only have panicked.
-                return this.finish(Error::Internal("a watcher's replay stopped".into()));
+                return this.finish(Error::Invariant(
+                    "a watcher's replay ends by handing over or ending the watcher",
+                ));
             };
             match replay.poll_recv(cx) {
                 Poll::Ready(Some(Ok(t))) if t.sequence > this.last => return this.deliver(t),
@@ -477,7 +479,9 @@ impl Stream for Subscription {
                 Poll::Ready(None) => {
                     this.replay = None;
                     if this.watcher.queue().replaying() {
-                        return this.finish(Error::Internal("a watcher's replay stopped".into()));
+                        return this.finish(Error::Invariant(
+                            "a watcher's replay ends by handing over or ending the watcher",
+                        ));
                     }
                 }
                 Poll::Pending => return Poll::Pending,
@@ -526,9 +530,9 @@ mod tests {
         let ended = tokio::time::timeout(Duration::from_secs(5), watcher.next())
             .await
             .expect("the watcher ends at once");
-        assert!(matches!(ended, Some(Err(Error::Internal(_)))), "{ended:?}");
+        assert!(matches!(ended, Some(Err(Error::FeedStopped))), "{ended:?}");
         assert!(watcher.next().await.is_none(), "and yields nothing more");
-        assert!(matches!(feed.subscribe(None, 0).await, Err(Error::Internal(_))));
+        assert!(matches!(feed.subscribe(None, 0).await, Err(Error::FeedStopped)));
         database.close().await;
     }
 

@@ -1,7 +1,7 @@
 //! Persistence of runs, checks, system health and transitions.
 //!
 //! The records here are what the API layer converts to and from the wire.
-//! [`Store`] is the one interface the API uses; the SQL lives in its two
+//! [`Store`] is the one interface the use cases ([`crate::service`]) use; the SQL lives in its two
 //! implementations, [`postgres`] and the embedded [`sqlite`]. Every write that
 //! can change a system's status runs inside that system's lock, taken by the
 //! caller through [`crate::lock`] before the store takes a work connection.

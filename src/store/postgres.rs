@@ -25,7 +25,7 @@ use super::{
 use crate::{
     db::WorkPool,
     domain::{CheckId, MAX_RUNS_CONSIDERED, RunId, Status, SystemId, Thresholds, evaluate},
-    error::{Error, Result},
+    error::{Corrupt, Error, Result},
 };
 
 /// The channel on which committed transitions are announced (payload: sequence).
@@ -48,7 +48,7 @@ pub struct PgStore {
 }
 
 fn status_of(raw: i16) -> Result<Status> {
-    Status::from_i16(raw).ok_or_else(|| Error::Internal(format!("stored status {raw} is not a status")))
+    Status::from_i16(raw).ok_or(Error::Corrupt(Corrupt::Status(i64::from(raw))))
 }
 
 fn u32_of(raw: i32) -> u32 {
@@ -73,8 +73,7 @@ fn run_from_row(row: &PgRow) -> Result<Run> {
 
 fn check_from_row(row: &PgRow) -> Result<CheckRecord> {
     let thresholds_text: String = row.try_get("thresholds")?;
-    let thresholds = decode_thresholds(&thresholds_text)
-        .ok_or_else(|| Error::Internal(format!("stored thresholds {thresholds_text:?} do not decode")))?;
+    let thresholds = decode_thresholds(&thresholds_text).ok_or_else(|| Corrupt::Thresholds(thresholds_text.clone()))?;
     let evaluation_text: String = row.try_get("evaluation")?;
     // A check created by ConfigureCheck before any run has no stored
     // evaluation yet; evaluating no runs is cheap and exact.
@@ -99,8 +98,7 @@ fn transition_from_row(row: &PgRow) -> Result<Transition> {
         from: status_of(row.try_get("from_status")?)?,
         to: status_of(row.try_get("to_status")?)?,
         transitioned_at: row.try_get("transitioned_at")?,
-        evaluation: decode_evaluation(&evaluation_text)
-            .ok_or_else(|| Error::Internal(format!("stored evaluation {evaluation_text:?} does not decode")))?,
+        evaluation: decode_evaluation(&evaluation_text).ok_or_else(|| Corrupt::Evaluation(evaluation_text.clone()))?,
     })
 }
 
@@ -225,7 +223,7 @@ impl PgStore {
             .iter()
             .find(|c| c.check_id == update.check_id.as_str())
             .cloned()
-            .ok_or_else(|| Error::Internal("configured check vanished".into()))?;
+            .ok_or(Error::Invariant("a configured check is in its system's health"))?;
         Ok(ConfigureOutcome {
             check,
             health,
@@ -491,7 +489,7 @@ async fn reevaluate(
         checks.push(check);
     }
     let (index, statuses, last_run_at) =
-        target.ok_or_else(|| Error::Internal("the re-evaluated check vanished".into()))?;
+        target.ok_or(Error::Invariant("the re-evaluated check is among its system's checks"))?;
     let check = &mut checks[index];
     let evaluation = evaluate(&statuses, &check.thresholds);
     let mut current = others.unwrap_or(Status::Healthy);

@@ -32,7 +32,7 @@ use super::{
 use crate::{
     db::EmbeddedDb,
     domain::{CheckId, MAX_RUNS_CONSIDERED, RunId, Status, SystemId, Thresholds, evaluate},
-    error::{Error, Result},
+    error::{Corrupt, Error, Result},
 };
 
 /// Transitions are kept this long, except each system's newest.
@@ -58,7 +58,7 @@ fn micros(t: DateTime<Utc>) -> i64 {
 }
 
 fn time_of(us: i64) -> Result<DateTime<Utc>> {
-    DateTime::from_timestamp_micros(us).ok_or_else(|| Error::Internal(format!("stored time {us} is out of range")))
+    DateTime::from_timestamp_micros(us).ok_or(Error::Corrupt(Corrupt::Time(us)))
 }
 
 /// Now, at the stored precision.
@@ -71,11 +71,11 @@ fn status_of(raw: i64) -> Result<Status> {
     i16::try_from(raw)
         .ok()
         .and_then(Status::from_i16)
-        .ok_or_else(|| Error::Internal(format!("stored status {raw} is not a status")))
+        .ok_or(Error::Corrupt(Corrupt::Status(raw)))
 }
 
 fn thresholds_of(text: &str) -> Result<Thresholds> {
-    decode_thresholds(text).ok_or_else(|| Error::Internal(format!("stored thresholds {text:?} do not decode")))
+    decode_thresholds(text).ok_or_else(|| Corrupt::Thresholds(text.to_owned()).into())
 }
 
 fn bigint(n: u64) -> i64 {
@@ -125,8 +125,7 @@ fn transition_from_row(row: &SqliteRow) -> Result<Transition> {
         from: status_of(row.try_get("from_status")?)?,
         to: status_of(row.try_get("to_status")?)?,
         transitioned_at: time_of(row.try_get("transitioned_at")?)?,
-        evaluation: decode_evaluation(&evaluation_text)
-            .ok_or_else(|| Error::Internal(format!("stored evaluation {evaluation_text:?} does not decode")))?,
+        evaluation: decode_evaluation(&evaluation_text).ok_or_else(|| Corrupt::Evaluation(evaluation_text.clone()))?,
     })
 }
 
@@ -263,7 +262,7 @@ impl SqliteStore {
             .iter()
             .find(|c| c.check_id == update.check_id.as_str())
             .cloned()
-            .ok_or_else(|| Error::Internal("configured check vanished".into()))?;
+            .ok_or(Error::Invariant("a configured check is in its system's health"))?;
         Ok(ConfigureOutcome {
             check,
             health,
@@ -537,7 +536,7 @@ async fn reevaluate(
 
     let health = system_in(tx, system_id.as_str())
         .await?
-        .ok_or_else(|| Error::Internal("system vanished inside its own transaction".into()))?;
+        .ok_or(Error::Invariant("a system is readable inside its own transaction"))?;
     Ok((health, transition))
 }
 

@@ -1,0 +1,341 @@
+//! The health-check use cases: submit a run and configure a check, each
+//! under its system's lock; read a system's health; page through runs and
+//! transitions; follow new transitions.
+//!
+//! The two writes are why this module exists. Each takes its system's lock
+//! from the lock manager first and only then lets the store take a work
+//! connection: that order keeps the upstream pool-starvation deadlock from
+//! forming, and reading the previous status inside the lock is what makes
+//! every change of a system's status appear exactly once, however many
+//! replicas evaluate it. The wait for the lock is bounded by the request's
+//! deadline (see [`Locks::with_system_lock`]), so a busy system answers
+//! `SYSTEM_BUSY` while the client still listens.
+
+use tokio::time::Instant;
+
+use crate::{
+    domain::{CheckId, Evaluation, Status, SystemId, Thresholds, evaluate},
+    error::{Error, Result},
+    lock::Locks,
+    store::{
+        CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, Store, SubmitOutcome, Subscription, SystemRecord,
+        Transition, TransitionFeed,
+    },
+};
+
+/// The health-check use cases of one replica.
+#[derive(Debug, Clone)]
+pub struct HealthService {
+    /// Runs, checks, health and transitions.
+    store: Store,
+    /// The systems' serialisation locks, taken before the store is written.
+    locks: Locks,
+    /// The one feed per replica that watchers follow.
+    feed: TransitionFeed,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// At most the page size, in the listing's order.
+    pub items: Vec<T>,
+    /// True when more follow the last item: the caller hands out a token
+    /// that resumes after it.
+    pub more: bool,
+}
+
+impl<T> Page<T> {
+    /// The page of `limit` from up to `limit + 1` items read: reading one
+    /// more than the page is how a listing learns that another page follows
+    /// without counting.
+    fn from_overfetch(mut items: Vec<T>, limit: u32) -> Self {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let more = items.len() > limit;
+        items.truncate(limit);
+        Page { items, more }
+    }
+}
+
+/// Says once, in the log, that a system's status changed, with the change.
+fn log_transition(t: &Transition) {
+    tracing::info!(
+        system_id = %t.system_id,
+        check_id = %t.check_id,
+        from = t.from.as_str(),
+        to = t.to.as_str(),
+        sequence = t.sequence,
+        "system status changed"
+    );
+}
+
+impl HealthService {
+    /// The use cases over `store`, serialised per system by `locks`;
+    /// watchers follow `feed`.
+    pub fn new(store: Store, locks: Locks, feed: TransitionFeed) -> Self {
+        HealthService { store, locks, feed }
+    }
+
+    /// Evaluates `statuses` (newest first) with `thresholds`; stores nothing.
+    pub fn evaluate(&self, statuses: &[Status], thresholds: &Thresholds) -> Evaluation {
+        evaluate(statuses, thresholds)
+    }
+
+    /// Records `run` and re-evaluates its check and system, under the
+    /// system's lock. `deadline`: the request's, which bounds the wait for
+    /// the lock (`SYSTEM_BUSY` before it). A duplicate writes nothing and
+    /// carries the transition its first delivery caused.
+    pub async fn submit_run(&self, run: &NewRun, deadline: Option<Instant>) -> Result<SubmitOutcome> {
+        let outcome = self
+            .locks
+            .with_system_lock(&run.system_id, deadline, || self.store.submit_run(run))
+            .await?;
+        if let Some(t) = outcome.transition.as_ref().filter(|_| !outcome.duplicate) {
+            log_transition(t);
+        }
+        Ok(outcome)
+    }
+
+    /// Creates or changes a check and re-evaluates its system, under the
+    /// system's lock (bounded by `deadline` as for [`Self::submit_run`]).
+    pub async fn configure_check(&self, update: &CheckUpdate, deadline: Option<Instant>) -> Result<ConfigureOutcome> {
+        let outcome = self
+            .locks
+            .with_system_lock(&update.system_id, deadline, || self.store.configure_check(update))
+            .await?;
+        if let Some(t) = &outcome.transition {
+            log_transition(t);
+        }
+        Ok(outcome)
+    }
+
+    /// The stored health of a system; `SYSTEM_NOT_FOUND` when no run or
+    /// check of it was ever stored.
+    pub async fn system(&self, system_id: &SystemId) -> Result<SystemRecord> {
+        self.store
+            .system(system_id)
+            .await?
+            .ok_or_else(|| Error::SystemNotFound {
+                system_id: system_id.as_str().to_owned(),
+            })
+    }
+
+    /// Up to `limit` runs of a system (of one check, with `check_id`), newest
+    /// first, after `after`.
+    pub async fn list_runs(
+        &self,
+        system_id: &SystemId,
+        check_id: Option<&CheckId>,
+        after: Option<&RunCursor>,
+        limit: u32,
+    ) -> Result<Page<Run>> {
+        let runs = self
+            .store
+            .list_runs(system_id, check_id, after, limit.saturating_add(1))
+            .await?;
+        Ok(Page::from_overfetch(runs, limit))
+    }
+
+    /// Up to `limit` transitions (of one system, with `system_id`), highest
+    /// sequence first, below `before`.
+    pub async fn list_transitions(
+        &self,
+        system_id: Option<&SystemId>,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Page<Transition>> {
+        let transitions = self
+            .store
+            .list_transitions(system_id, before, limit.saturating_add(1))
+            .await?;
+        Ok(Page::from_overfetch(transitions, limit))
+    }
+
+    /// The transitions after `after_sequence` (of one system, with
+    /// `system_id`): the stored ones, then new ones as they commit.
+    pub async fn watch(&self, system_id: Option<SystemId>, after_sequence: u64) -> Result<Subscription> {
+        self.feed.subscribe(system_id, after_sequence).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::Duration;
+
+    use chrono::DateTime;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::{
+        config::Config,
+        db::Database,
+        domain::{RunId, RunMessage},
+        store::{TransitionNotifier, WatchLimits},
+    };
+
+    /// The use cases on a fresh embedded store in `dir`, as the application
+    /// wires them.
+    async fn service(dir: &tempfile::TempDir) -> (HealthService, Locks, Database) {
+        let url = format!("--database-url=sqlite://{}/vitals.db", dir.path().display());
+        let config = Config::from_flags([url]).unwrap();
+        let database = Database::open(&config).await.unwrap();
+        let locks = Locks::for_database(&database, &config);
+        let notifier = TransitionNotifier::default();
+        let store = Store::open(&database, notifier.clone());
+        let feed = TransitionFeed::new(store.clone(), &notifier, WatchLimits::from_config(&config));
+        (HealthService::new(store, locks.clone(), feed), locks, database)
+    }
+
+    fn system(id: &str) -> SystemId {
+        SystemId::parse("system_id", id.to_owned()).unwrap()
+    }
+
+    /// A run `seconds` after a fixed moment, so runs order as written.
+    fn run(run_id: &str, system_id: &str, status: Status, seconds: i64) -> NewRun {
+        NewRun {
+            run_id: RunId::parse("run_id", run_id.to_owned()).unwrap(),
+            system_id: system(system_id),
+            check_id: CheckId::parse("check_id", "http".to_owned()).unwrap(),
+            status,
+            observed_at: DateTime::from_timestamp(1_700_000_000 + seconds, 0).unwrap(),
+            observed_at_given: true,
+            latency: None,
+            message: RunMessage::parse("message", String::new()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_page_says_more_follow_only_when_the_extra_item_was_read() {
+        assert_eq!(
+            Page::from_overfetch(vec![1, 2, 3], 2),
+            Page {
+                items: vec![1, 2],
+                more: true
+            }
+        );
+        assert_eq!(
+            Page::from_overfetch(vec![1, 2], 2),
+            Page {
+                items: vec![1, 2],
+                more: false
+            }
+        );
+        assert_eq!(
+            Page::from_overfetch(Vec::<u8>::new(), 2),
+            Page {
+                items: vec![],
+                more: false
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_submission_behind_a_held_system_lock_is_busy_before_its_deadline_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (service, locks, database) = service(&dir).await;
+        let (held_tx, held_rx) = oneshot::channel();
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let holder = tokio::spawn({
+            let locks = locks.clone();
+            async move {
+                locks
+                    .with_system_lock(&system("checkout"), None, || async move {
+                        let _ = held_tx.send(());
+                        let _ = release_rx.await;
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        held_rx.await.expect("the holder takes the lock");
+
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(1);
+        let refused = service
+            .submit_run(&run("r1", "checkout", Status::Unhealthy, 0), Some(deadline))
+            .await;
+        assert!(
+            matches!(&refused, Err(Error::SystemBusy { system_id }) if system_id == "checkout"),
+            "{refused:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "refused before the deadline, while the client listens"
+        );
+        assert!(
+            matches!(
+                service.system(&system("checkout")).await,
+                Err(Error::SystemNotFound { .. })
+            ),
+            "nothing was written"
+        );
+
+        // Another system is not held up by it.
+        let other = service
+            .submit_run(&run("r2", "payments", Status::Healthy, 0), Some(deadline))
+            .await
+            .unwrap();
+        assert!(!other.duplicate);
+
+        release_tx.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        let accepted = service
+            .submit_run(
+                &run("r1", "checkout", Status::Unhealthy, 0),
+                Some(Instant::now() + Duration::from_secs(1)),
+            )
+            .await
+            .unwrap();
+        assert!(!accepted.duplicate);
+        assert_eq!(service.system(&system("checkout")).await.unwrap().checks.len(), 1);
+        database.close().await;
+    }
+
+    #[tokio::test]
+    async fn listings_page_through_everything_once_and_the_last_page_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (service, _locks, database) = service(&dir).await;
+        for (i, status) in [Status::Healthy, Status::Unhealthy, Status::Unhealthy, Status::Healthy]
+            .into_iter()
+            .enumerate()
+        {
+            let seconds = i64::try_from(i).unwrap();
+            service
+                .submit_run(&run(&format!("r{i}"), "checkout", status, seconds), None)
+                .await
+                .unwrap();
+        }
+
+        let first = service.list_runs(&system("checkout"), None, None, 3).await.unwrap();
+        assert_eq!(first.items.len(), 3);
+        assert!(first.more);
+        let last = first.items.last().unwrap();
+        let cursor = RunCursor {
+            observed_at: last.observed_at,
+            run_id: last.run_id.clone(),
+        };
+        let second = service
+            .list_runs(&system("checkout"), None, Some(&cursor), 3)
+            .await
+            .unwrap();
+        assert_eq!(second.items.len(), 1);
+        assert!(!second.more);
+        let mut seen: Vec<_> = first
+            .items
+            .iter()
+            .chain(&second.items)
+            .map(|r| r.run_id.clone())
+            .collect();
+        seen.sort();
+        assert_eq!(seen, ["r0", "r1", "r2", "r3"]);
+
+        // healthy -> degraded (second failure) -> healthy: two transitions.
+        let transitions = service.list_transitions(None, None, 1).await.unwrap();
+        assert_eq!(transitions.items.len(), 1);
+        assert!(transitions.more);
+        let all = service.list_transitions(None, None, 2).await.unwrap();
+        assert_eq!(all.items.len(), 2);
+        assert!(!all.more);
+        database.close().await;
+    }
+}
