@@ -4,7 +4,8 @@
 //!
 //! Shutdown is a sequence: health NOT_SERVING and new business RPCs refused,
 //! watchers ended with `SHUTTING_DOWN` (a watch has no end of its own to wait
-//! for), stop accepting, drain in-flight RPCs for up to `VITALS_SHUTDOWN_GRACE_MS`,
+//! for), the retention pass stopped (after the delete in progress, a short
+//! one), stop accepting, drain in-flight RPCs for up to `VITALS_SHUTDOWN_GRACE_MS`,
 //! end what is left (open lock streams end with `SHUTTING_DOWN` and their
 //! locks are released; the lock sessions close), close the pools (embedded:
 //! the SQLite connections, then the data directory's lock). The process is
@@ -24,7 +25,7 @@ use crate::{
     middleware::{Edge, EdgeLayer},
     proto::{self, health_check_service_server::HealthCheckServiceServer, lock_service_server::LockServiceServer},
     service::HealthService,
-    store::{Store, TransitionFeed, TransitionNotifier, WatchLimits},
+    store::{RetentionPass, Store, TransitionFeed, TransitionNotifier, WatchLimits},
 };
 
 /// Errors that stop the server from starting or running.
@@ -66,7 +67,9 @@ pub const CLOSE_LIMIT: Duration = Duration::from_millis(800);
 /// have to deliver `SHUTTING_DOWN` before their connections are cut.
 const STREAMS_END_LIMIT: Duration = Duration::from_millis(400);
 
-/// Runs per retention batch; small enough to never hold locks for long.
+/// Rows per retention delete: one check's oldest runs through its index, a
+/// few milliseconds of the embedded store's writer (see
+/// [`crate::store::retention`]).
 const RETENTION_BATCH: u32 = 1000;
 
 /// A built, bound, not yet serving vitals.
@@ -199,15 +202,23 @@ impl Application {
         // once the drain grace is over.
         let (stopping_tx, stopping_rx) = watch::channel(false);
 
-        let readiness = tokio::spawn(readiness_loop(
+        let mut readiness = tokio::spawn(readiness_loop(
             database.clone(),
             config.clone(),
             edge.clone(),
             health_reporter.clone(),
             stopping_rx.clone(),
         ));
-        let following = feed.start(&database, stopping_rx.clone());
-        let retention = tokio::spawn(retention_loop(store.clone(), config.run_retention, stopping_rx.clone()));
+        let mut following = feed.start(&database, stopping_rx.clone());
+        // Retention stops as soon as shutdown begins, not after the drain: it
+        // must not hold the embedded writer while requests finish.
+        let (retention_stop_tx, retention_stop_rx) = watch::channel(false);
+        let mut retention = tokio::spawn(retention_loop(
+            store.clone(),
+            config.run_retention,
+            Duration::from_millis(config.retention_interval_ms),
+            retention_stop_rx,
+        ));
         let max_bytes = usize::try_from(config.max_request_bytes).unwrap_or(4 << 20);
         let health_checks = HealthService::new(store, locks.clone(), feed.clone());
         let health_api =
@@ -238,6 +249,7 @@ impl Application {
         let stop_accepting = async move {
             shutdown.await;
             tracing::info!("shutting down: draining in-flight requests");
+            let _ = retention_stop_tx.send(true);
             shutdown_edge.start_draining();
             // Watchers never finish on their own: ended now, their clients
             // resume elsewhere at once and their connections can close
@@ -298,7 +310,20 @@ impl Application {
         };
         locks.shut_down();
         let _ = stopping_tx.send(true);
-        let _ = tokio::join!(readiness, retention, following);
+        // The background tasks end at their next step; a database that does
+        // not answer must not keep the process beyond the close limit.
+        let ending = tokio::time::Instant::now();
+        let tasks_ended = tokio::time::timeout(close_limit, async {
+            let _ = tokio::join!(&mut readiness, &mut retention, &mut following);
+        })
+        .await;
+        if tasks_ended.is_err() {
+            tracing::warn!("background tasks still busy at exit; ending them");
+            readiness.abort();
+            retention.abort();
+            following.abort();
+        }
+        close_limit = close_limit.saturating_sub(ending.elapsed());
         if tokio::time::timeout(close_limit, database.close()).await.is_err() {
             tracing::warn!("database connections still busy at exit; closing them with the process");
         }
@@ -354,28 +379,36 @@ async fn readiness_loop(
     }
 }
 
-/// Deletes old runs and transitions in bounded batches.
-async fn retention_loop(store: Store, retention: Duration, mut stopping: watch::Receiver<bool>) {
-    const EVERY: Duration = Duration::from_secs(300);
+/// Runs a retention pass every `every` until `stop` says shutdown began,
+/// checking it between the pass's steps (see [`crate::store::retention`]),
+/// so a stop waits for one short step at most.
+async fn retention_loop(store: Store, retention: Duration, every: Duration, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            () = tokio::time::sleep(EVERY) => {}
-            _ = stopping.changed() => return,
+            () = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
         }
-        loop {
-            match store.prune(retention, RETENTION_BATCH).await {
-                Ok(deleted) if deleted >= u64::from(RETENTION_BATCH) => continue,
-                Ok(deleted) => {
-                    if deleted > 0 {
-                        tracing::info!(deleted, "retention pruned old rows");
-                    }
-                    break;
-                }
-                Err(err) => {
-                    tracing::debug!(error = %err, "retention pass failed; will retry");
-                    break;
-                }
+        let started = tokio::time::Instant::now();
+        let mut pass = RetentionPass::new(retention, RETENTION_BATCH);
+        while !pass.is_done() {
+            if *stop.borrow() {
+                tracing::debug!(deleted = pass.stats().deleted, "retention pass stopped by shutdown");
+                return;
             }
+            if let Err(err) = store.prune_step(&mut pass).await {
+                tracing::debug!(error = %err, "retention pass failed; will retry");
+                break;
+            }
+        }
+        let stats = pass.stats();
+        if stats.deleted > 0 {
+            tracing::info!(
+                deleted = stats.deleted,
+                batches = stats.batches,
+                elapsed_ms = started.elapsed().as_millis(),
+                longest_batch_ms = stats.longest_batch.as_millis(),
+                "retention pruned old rows"
+            );
         }
     }
 }

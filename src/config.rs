@@ -128,6 +128,10 @@ pub struct Config {
     #[arg(long = "run-retention", env = "VITALS_RUN_RETENTION", value_name = "VITALS_RUN_RETENTION", default_value = "7d", value_parser = parse_retention)]
     pub run_retention: Duration,
 
+    /// Time between retention passes (the first pass starts this long after start-up).
+    #[arg(long = "retention-interval-ms", env = "VITALS_RETENTION_INTERVAL_MS", value_name = "VITALS_RETENTION_INTERVAL_MS", default_value_t = 300_000, value_parser = millis_in(10, 86_400_000))]
+    pub retention_interval_ms: u64,
+
     /// How long shutdown waits for in-flight RPCs before closing them.
     #[arg(long = "shutdown-grace-ms", env = "VITALS_SHUTDOWN_GRACE_MS", value_name = "VITALS_SHUTDOWN_GRACE_MS", default_value_t = 10_000, value_parser = millis_in(0, 600_000))]
     pub shutdown_grace_ms: u64,

@@ -11,6 +11,7 @@
 mod codec;
 pub mod feed;
 pub mod postgres;
+pub mod retention;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -24,6 +25,7 @@ use chrono::{DateTime, Utc};
 
 pub use feed::{FeedStats, Subscription, TransitionFeed, TransitionNotifier, WatchLimits};
 pub use postgres::PgStore;
+pub use retention::{PassStats, RetentionPass};
 pub use sqlite::SqliteStore;
 
 /// The store of one vitals process: the same operations on either backend.
@@ -118,16 +120,6 @@ impl Store {
         match self {
             Store::Postgres(s) => s.transitions_after(system_id, after, limit).await,
             Store::Embedded(s) => s.transitions_after(system_id, after, limit).await,
-        }
-    }
-
-    /// Deletes up to `batch` runs older than `retention` (never a check's
-    /// newest 100) and old transitions (never a system's newest). Returns
-    /// how many rows went.
-    pub async fn prune(&self, retention: Duration, batch: u32) -> Result<u64> {
-        match self {
-            Store::Postgres(s) => s.prune(retention, batch).await,
-            Store::Embedded(s) => s.prune(retention, batch).await,
         }
     }
 }

@@ -21,6 +21,7 @@ use sqlx::{PgConnection, Row, postgres::PgRow};
 use super::{
     CheckRecord, CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, SubmitOutcome, SystemRecord, Transition,
     codec::{decode_evaluation, decode_thresholds, encode_evaluation, encode_thresholds},
+    retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
 };
 use crate::{
     db::WorkPool,
@@ -35,9 +36,6 @@ pub const TRANSITIONS_CHANNEL: &str = "vitals_transitions";
 // serialises the assignment of transition sequences, so that sequences commit
 // in order. A transaction-level lock on the work connection, held only for
 // the tail of a transaction that already changed a status, which is rare.
-
-/// Transitions are kept this long, except each system's newest.
-const TRANSITION_RETENTION_DAYS: i32 = 90;
 
 /// The PostgreSQL implementation of the store.
 #[derive(Debug, Clone)]
@@ -305,40 +303,142 @@ impl PgStore {
         rows.iter().map(transition_from_row).collect()
     }
 
-    /// Deletes up to `batch` runs older than `retention` (never a check's
-    /// newest 100) and old transitions (never a system's newest). Returns
-    /// how many rows went.
-    pub async fn prune(&self, retention: Duration, batch: u32) -> Result<u64> {
+    /// A page of at most `limit` checks after `after` in key order, each
+    /// marked when it has runs observed before `runs_before` that are not
+    /// among its newest (see [`super::retention`]).
+    pub(crate) async fn retention_checks(
+        &self,
+        after: &(String, String),
+        limit: u32,
+        runs_before: DateTime<Utc>,
+    ) -> Result<Vec<CheckCandidate>> {
+        let rows = sqlx::query(
+            "SELECT p.system_id, p.check_id, \
+                    CASE WHEN p.oldest < $3 THEN ( \
+                        SELECT 1 FROM runs k WHERE k.system_id = p.system_id AND k.check_id = p.check_id \
+                        LIMIT 1 OFFSET $4) IS NOT NULL \
+                    ELSE false END AS prunable \
+             FROM (SELECT c.system_id, c.check_id, \
+                          (SELECT min(o.observed_at) FROM runs o \
+                           WHERE o.system_id = c.system_id AND o.check_id = c.check_id) AS oldest \
+                   FROM checks c WHERE (c.system_id, c.check_id) > ($1, $2) \
+                   ORDER BY c.system_id, c.check_id LIMIT $5) p \
+             ORDER BY p.system_id, p.check_id",
+        )
+        .bind(after.0.as_str())
+        .bind(after.1.as_str())
+        .bind(runs_before)
+        .bind(RUNS_KEPT)
+        .bind(i64::from(limit))
+        .fetch_all(self.work.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(CheckCandidate {
+                    system_id: row.try_get("system_id")?,
+                    check_id: row.try_get("check_id")?,
+                    prunable: row.try_get("prunable")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes at most `batch` of the check's runs observed before
+    /// `runs_before` and not among its newest, oldest first, through the
+    /// check's index. Returns how many went and how long the statement took.
+    pub(crate) async fn delete_old_runs(
+        &self,
+        system_id: &str,
+        check_id: &str,
+        runs_before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<(u64, Duration)> {
         let mut conn = self.work.acquire().await?;
-        let runs = sqlx::query(
+        let started = std::time::Instant::now();
+        let deleted = sqlx::query(
             "DELETE FROM runs WHERE run_id IN ( \
                  SELECT r.run_id FROM runs r \
-                 WHERE r.observed_at < now() - make_interval(secs => $1) \
+                 WHERE r.system_id = $1 AND r.check_id = $2 AND r.observed_at < $3 \
                    AND (r.observed_at, r.run_id) < ( \
-                       SELECT k.observed_at, k.run_id FROM runs k \
-                       WHERE k.system_id = r.system_id AND k.check_id = r.check_id \
-                       ORDER BY k.observed_at DESC, k.run_id DESC OFFSET $2 - 1 LIMIT 1) \
-                 LIMIT $3)",
+                       SELECT k.observed_at, k.run_id FROM runs k WHERE k.system_id = $1 AND k.check_id = $2 \
+                       ORDER BY k.observed_at DESC, k.run_id DESC LIMIT 1 OFFSET $4 - 1) \
+                 ORDER BY r.observed_at, r.run_id LIMIT $5)",
         )
-        .bind(retention.as_secs_f64())
-        .bind(i64::try_from(MAX_RUNS_CONSIDERED).unwrap_or(100))
+        .bind(system_id)
+        .bind(check_id)
+        .bind(runs_before)
+        .bind(RUNS_KEPT)
         .bind(i64::from(batch))
         .execute(&mut *conn)
         .await?
         .rows_affected();
-        let transitions = sqlx::query(
+        Ok((deleted, started.elapsed()))
+    }
+
+    /// A page of at most `limit` systems after `after` in key order, each with
+    /// its newest transition's sequence when its oldest transition was
+    /// recorded before `transitions_before` and is not that newest one.
+    pub(crate) async fn retention_systems(
+        &self,
+        after: &str,
+        limit: u32,
+        transitions_before: DateTime<Utc>,
+    ) -> Result<Vec<SystemCandidate>> {
+        let rows = sqlx::query(
+            "SELECT p.system_id, \
+                    CASE WHEN p.oldest < p.newest AND \
+                              (SELECT t.transitioned_at FROM transitions t WHERE t.sequence = p.oldest) < $2 \
+                         THEN p.newest END AS prunable_below \
+             FROM (SELECT s.system_id, \
+                          (SELECT min(t.sequence) FROM transitions t WHERE t.system_id = s.system_id) AS oldest, \
+                          (SELECT max(t.sequence) FROM transitions t WHERE t.system_id = s.system_id) AS newest \
+                   FROM systems s WHERE s.system_id > $1 ORDER BY s.system_id LIMIT $3) p \
+             ORDER BY p.system_id",
+        )
+        .bind(after)
+        .bind(transitions_before)
+        .bind(i64::from(limit))
+        .fetch_all(self.work.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(SystemCandidate {
+                    system_id: row.try_get("system_id")?,
+                    prunable_below: row.try_get("prunable_below")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Looks at the system's `batch` oldest transitions below sequence
+    /// `below` and deletes those recorded before `transitions_before`.
+    /// Sequences follow commit order, so these are the old ones; a batch that
+    /// meets a younger one stops there. Returns how many went and how long the
+    /// statement took.
+    pub(crate) async fn delete_old_transitions(
+        &self,
+        system_id: &str,
+        below: i64,
+        transitions_before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<(u64, Duration)> {
+        let mut conn = self.work.acquire().await?;
+        let started = std::time::Instant::now();
+        let deleted = sqlx::query(
             "DELETE FROM transitions WHERE sequence IN ( \
-                 SELECT t.sequence FROM transitions t \
-                 WHERE t.transitioned_at < now() - make_interval(days => $1) \
-                   AND t.sequence < (SELECT max(n.sequence) FROM transitions n WHERE n.system_id = t.system_id) \
-                 LIMIT $2)",
+                 SELECT f.sequence FROM ( \
+                     SELECT t.sequence, t.transitioned_at FROM transitions t \
+                     WHERE t.system_id = $1 AND t.sequence < $2 ORDER BY t.sequence LIMIT $4) f \
+                 WHERE f.transitioned_at < $3)",
         )
-        .bind(TRANSITION_RETENTION_DAYS)
+        .bind(system_id)
+        .bind(below)
+        .bind(transitions_before)
         .bind(i64::from(batch))
         .execute(&mut *conn)
         .await?
         .rows_affected();
-        Ok(runs + transitions)
+        Ok((deleted, started.elapsed()))
     }
 }
 

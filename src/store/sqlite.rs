@@ -28,15 +28,13 @@ use super::{
     CheckRecord, CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, SubmitOutcome, SystemRecord, Transition,
     TransitionNotifier,
     codec::{decode_evaluation, decode_thresholds, encode_evaluation, encode_thresholds},
+    retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
 };
 use crate::{
     db::EmbeddedDb,
     domain::{CheckId, MAX_RUNS_CONSIDERED, RunId, Status, SystemId, Thresholds, evaluate},
     error::{Corrupt, Error, Result},
 };
-
-/// Transitions are kept this long, except each system's newest.
-const TRANSITION_RETENTION: chrono::TimeDelta = chrono::TimeDelta::days(90);
 
 const RUN_COLUMNS: &str = "run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at";
 const CHECK_COLUMNS: &str = "check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at";
@@ -357,48 +355,146 @@ impl SqliteStore {
         rows.iter().map(transition_from_row).collect()
     }
 
-    /// Deletes up to `batch` runs older than `retention` (never a check's
-    /// newest 100) and old transitions (never a system's newest). Returns
-    /// how many rows went.
-    pub async fn prune(&self, retention: Duration, batch: u32) -> Result<u64> {
-        let now = now();
-        let runs_before = chrono::TimeDelta::from_std(retention)
-            .ok()
-            .and_then(|r| now.checked_sub_signed(r))
-            .unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let transitions_before = now
-            .checked_sub_signed(TRANSITION_RETENTION)
-            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    /// A page of at most `limit` checks after `after` in key order, each
+    /// marked when it has runs observed before `runs_before` that are not
+    /// among its newest (see [`super::retention`]). Read on a reader
+    /// connection: finding what to delete never holds the writer.
+    pub(crate) async fn retention_checks(
+        &self,
+        after: &(String, String),
+        limit: u32,
+        runs_before: DateTime<Utc>,
+    ) -> Result<Vec<CheckCandidate>> {
+        let mut conn = self.db.reader().await?;
+        let rows = sqlx::query(
+            "SELECT p.system_id, p.check_id, \
+                    CASE WHEN p.oldest < $3 THEN ( \
+                        SELECT 1 FROM runs k WHERE k.system_id = p.system_id AND k.check_id = p.check_id \
+                        LIMIT 1 OFFSET $4) IS NOT NULL \
+                    ELSE 0 END AS prunable \
+             FROM (SELECT c.system_id, c.check_id, \
+                          (SELECT min(o.observed_at) FROM runs o \
+                           WHERE o.system_id = c.system_id AND o.check_id = c.check_id) AS oldest \
+                   FROM checks c WHERE (c.system_id, c.check_id) > ($1, $2) \
+                   ORDER BY c.system_id, c.check_id LIMIT $5) p \
+             ORDER BY p.system_id, p.check_id",
+        )
+        .bind(after.0.as_str())
+        .bind(after.1.as_str())
+        .bind(micros(runs_before))
+        .bind(RUNS_KEPT)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(CheckCandidate {
+                    system_id: row.try_get("system_id")?,
+                    check_id: row.try_get("check_id")?,
+                    prunable: row.try_get("prunable")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes at most `batch` of the check's runs observed before
+    /// `runs_before` and not among its newest, oldest first, through the
+    /// check's index. Returns how many went and how long the writer was held.
+    pub(crate) async fn delete_old_runs(
+        &self,
+        system_id: &str,
+        check_id: &str,
+        runs_before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<(u64, Duration)> {
         let mut conn = self.db.writer().await?;
-        let runs = sqlx::query(
+        let started = std::time::Instant::now();
+        let deleted = sqlx::query(
             "DELETE FROM runs WHERE run_id IN ( \
                  SELECT r.run_id FROM runs r \
-                 WHERE r.observed_at < $1 \
+                 WHERE r.system_id = $1 AND r.check_id = $2 AND r.observed_at < $3 \
                    AND (r.observed_at, r.run_id) < ( \
-                       SELECT k.observed_at, k.run_id FROM runs k \
-                       WHERE k.system_id = r.system_id AND k.check_id = r.check_id \
-                       ORDER BY k.observed_at DESC, k.run_id DESC LIMIT 1 OFFSET $2 - 1) \
-                 LIMIT $3)",
+                       SELECT k.observed_at, k.run_id FROM runs k WHERE k.system_id = $1 AND k.check_id = $2 \
+                       ORDER BY k.observed_at DESC, k.run_id DESC LIMIT 1 OFFSET $4 - 1) \
+                 ORDER BY r.observed_at, r.run_id LIMIT $5)",
         )
+        .bind(system_id)
+        .bind(check_id)
         .bind(micros(runs_before))
-        .bind(i64::try_from(MAX_RUNS_CONSIDERED).unwrap_or(100))
+        .bind(RUNS_KEPT)
         .bind(i64::from(batch))
         .execute(&mut *conn)
         .await?
         .rows_affected();
-        let transitions = sqlx::query(
-            "DELETE FROM transitions WHERE sequence IN ( \
-                 SELECT t.sequence FROM transitions t \
-                 WHERE t.transitioned_at < $1 \
-                   AND t.sequence < (SELECT max(n.sequence) FROM transitions n WHERE n.system_id = t.system_id) \
-                 LIMIT $2)",
+        Ok((deleted, started.elapsed()))
+    }
+
+    /// A page of at most `limit` systems after `after` in key order, each with
+    /// its newest transition's sequence when its oldest transition was
+    /// recorded before `transitions_before` and is not that newest one. Read
+    /// on a reader connection.
+    pub(crate) async fn retention_systems(
+        &self,
+        after: &str,
+        limit: u32,
+        transitions_before: DateTime<Utc>,
+    ) -> Result<Vec<SystemCandidate>> {
+        let mut conn = self.db.reader().await?;
+        let rows = sqlx::query(
+            "SELECT p.system_id, \
+                    CASE WHEN p.oldest < p.newest AND \
+                              (SELECT t.transitioned_at FROM transitions t WHERE t.sequence = p.oldest) < $2 \
+                         THEN p.newest END AS prunable_below \
+             FROM (SELECT s.system_id, \
+                          (SELECT min(t.sequence) FROM transitions t WHERE t.system_id = s.system_id) AS oldest, \
+                          (SELECT max(t.sequence) FROM transitions t WHERE t.system_id = s.system_id) AS newest \
+                   FROM systems s WHERE s.system_id > $1 ORDER BY s.system_id LIMIT $3) p \
+             ORDER BY p.system_id",
         )
+        .bind(after)
+        .bind(micros(transitions_before))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(SystemCandidate {
+                    system_id: row.try_get("system_id")?,
+                    prunable_below: row.try_get("prunable_below")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Looks at the system's `batch` oldest transitions below sequence
+    /// `below` and deletes those recorded before `transitions_before`.
+    /// Sequences follow commit order, so these are the old ones; a batch that
+    /// meets a younger one stops there. Returns how many went and how long the
+    /// writer was held.
+    pub(crate) async fn delete_old_transitions(
+        &self,
+        system_id: &str,
+        below: i64,
+        transitions_before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<(u64, Duration)> {
+        let mut conn = self.db.writer().await?;
+        let started = std::time::Instant::now();
+        let deleted = sqlx::query(
+            "DELETE FROM transitions WHERE sequence IN ( \
+                 SELECT f.sequence FROM ( \
+                     SELECT t.sequence, t.transitioned_at FROM transitions t \
+                     WHERE t.system_id = $1 AND t.sequence < $2 ORDER BY t.sequence LIMIT $4) f \
+                 WHERE f.transitioned_at < $3)",
+        )
+        .bind(system_id)
+        .bind(below)
         .bind(micros(transitions_before))
         .bind(i64::from(batch))
         .execute(&mut *conn)
         .await?
         .rows_affected();
-        Ok(runs + transitions)
+        Ok((deleted, started.elapsed()))
     }
 }
 
@@ -563,46 +659,6 @@ mod tests {
             latency: None,
             message: RunMessage::parse("message", String::new()).unwrap(),
         }
-    }
-
-    #[tokio::test]
-    async fn retention_deletes_old_runs_but_never_a_checks_newest_100() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, db) = store(&dir).await;
-        let old = now() - chrono::TimeDelta::days(30);
-        // 130 old runs of one check, 5 old runs of another, 3 recent runs.
-        for i in 0..130 {
-            let at = old + chrono::TimeDelta::seconds(i);
-            store
-                .submit_run(&run(&format!("a{i}"), "a", Status::Healthy, at))
-                .await
-                .unwrap();
-        }
-        for i in 0..5 {
-            let at = old + chrono::TimeDelta::seconds(i);
-            store
-                .submit_run(&run(&format!("b{i}"), "b", Status::Healthy, at))
-                .await
-                .unwrap();
-        }
-        for i in 0..3 {
-            let at = now() - chrono::TimeDelta::seconds(i);
-            store
-                .submit_run(&run(&format!("c{i}"), "c", Status::Healthy, at))
-                .await
-                .unwrap();
-        }
-        let week = Duration::from_secs(7 * 86_400);
-        assert_eq!(store.prune(week, 20).await.unwrap(), 20, "one batch");
-        assert_eq!(store.prune(week, 20).await.unwrap(), 10, "the rest");
-        assert_eq!(store.prune(week, 20).await.unwrap(), 0);
-        let system = SystemId::parse("system_id", "sys".to_owned()).unwrap();
-        let a = CheckId::parse("check_id", "a".to_owned()).unwrap();
-        let kept = store.list_runs(&system, Some(&a), None, 1000).await.unwrap();
-        assert_eq!(kept.len(), 100);
-        assert_eq!(kept.last().map(|r| r.run_id.as_str()), Some("a30"), "the oldest went");
-        assert_eq!(store.list_runs(&system, None, None, 1000).await.unwrap().len(), 108);
-        db.close().await;
     }
 
     #[tokio::test]

@@ -179,6 +179,21 @@ impl TestDb {
         }
     }
 
+    /// Runs `sql` (any number of statements, no parameters) on a direct
+    /// connection: rows written behind vitals' back.
+    pub async fn execute(&self, sql: &str) {
+        match self.backend {
+            Backend::Postgres => {
+                let mut conn = self.connect().await;
+                sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+            }
+            Backend::Embedded => {
+                let mut conn = self.connect_embedded().await;
+                sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+            }
+        }
+    }
+
     /// Stored transitions (sequence, system, check, from, to), in sequence order.
     pub async fn stored_transitions(&self) -> Vec<(i64, String, String, i16, i16)> {
         const SQL: &str =
@@ -285,9 +300,16 @@ impl TestApp {
         app
     }
 
-    /// Starts vitals without waiting for the database.
+    /// Starts vitals without waiting for the database. A flag in `extra`
+    /// replaces the base flag of the same name.
     pub async fn start_unready(database_url: &str, extra: &[&str]) -> TestApp {
-        let mut flags = base_flags(database_url);
+        let base = base_flags(database_url);
+        let mut flags: Vec<String> = base
+            .chunks(2)
+            .filter(|pair| !extra.contains(&pair[0].as_str()))
+            .flatten()
+            .cloned()
+            .collect();
         flags.extend(extra.iter().map(|s| (*s).to_owned()));
         let config = Config::from_flags(flags).expect("valid test configuration");
         let app = Application::build(config).await.expect("build the application");

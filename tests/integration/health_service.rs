@@ -1315,21 +1315,49 @@ async fn list_transitions_pages_newest_first_through_gap_free_sequences_that_fol
 
 // ---- retention ----
 
-both_backends!(retention_deletes_runs_past_the_retention_but_never_a_checks_newest_100);
-/// The retention pass of the store, driven directly (the server runs it every
-/// five minutes).
-async fn retention_deletes_runs_past_the_retention_but_never_a_checks_newest_100(backend: Backend) {
-    use vitals::{
-        db::Database,
-        domain::{CheckId, RunId, RunMessage, Status, SystemId},
-        store::{NewRun, Store, TransitionNotifier},
-    };
-    let db = TestDb::create(backend).await;
+/// A migrated database of `backend` and its store, as the server opens them
+/// (the retention tests drive the store directly).
+async fn migrated_store(db: &TestDb) -> (vitals::db::Database, vitals::store::Store) {
     let config = vitals::Config::from_flags(["--database-url", db.url.as_str()]).unwrap();
-    let database = Database::open(&config).await.unwrap();
+    let database = vitals::db::Database::open(&config).await.unwrap();
     database.migrate().await.unwrap();
-    let store = Store::open(&database, TransitionNotifier::default());
-    let new_run = |run_id: String, check: &str, observed_at: chrono::DateTime<chrono::Utc>| NewRun {
+    let store = vitals::store::Store::open(&database, vitals::store::TransitionNotifier::default());
+    (database, store)
+}
+
+/// An SQL expression for the time `days` ago, as `backend` stores times.
+fn days_ago_sql(backend: Backend, days: u32) -> String {
+    match backend {
+        Backend::Postgres => format!("(now() - interval '{days} days')"),
+        Backend::Embedded => format!("(unixepoch('now', '-{days} days') * 1000000)"),
+    }
+}
+
+/// Runs one retention pass of `store` to its end; returns what each delete
+/// statement of it removed.
+async fn retention_pass(store: &vitals::store::Store, retention: Duration, batch: u32) -> Vec<u64> {
+    let mut pass = vitals::store::RetentionPass::new(retention, batch);
+    let mut deletes = Vec::new();
+    while !pass.is_done() {
+        let batches = pass.stats().batches;
+        let deleted = store.prune_step(&mut pass).await.unwrap();
+        if pass.stats().batches > batches {
+            deletes.push(deleted);
+        }
+    }
+    deletes
+}
+
+both_backends!(retention_deletes_old_runs_and_transitions_but_never_a_checks_newest_100_or_a_systems_newest);
+/// The retention pass of the store, driven directly (the server runs one
+/// every `VITALS_RETENTION_INTERVAL_MS`).
+async fn retention_deletes_old_runs_and_transitions_but_never_a_checks_newest_100_or_a_systems_newest(
+    backend: Backend,
+) {
+    use vitals::domain::{CheckId, RunId, RunMessage, Status, SystemId};
+    let db = TestDb::create(backend).await;
+    let (database, store) = migrated_store(&db).await;
+    let new_run = |run_id: String, check: &str, observed_at: chrono::DateTime<chrono::Utc>| vitals::store::NewRun {
         run_id: RunId::parse("run_id", run_id).unwrap(),
         system_id: SystemId::parse("system_id", "retained".into()).unwrap(),
         check_id: CheckId::parse("check_id", check.into()).unwrap(),
@@ -1361,11 +1389,29 @@ async fn retention_deletes_runs_past_the_retention_but_never_a_checks_newest_100
             .await
             .unwrap();
     }
+    // Transitions past the 90 days: three of `retained` (the newest stays),
+    // one of `flapping` before a recent one, the only one of `quiet`.
+    let (old, recent) = (days_ago_sql(backend, 100), days_ago_sql(backend, 1));
+    db.execute(&format!(
+        "INSERT INTO systems (system_id, status, evaluated_at) VALUES ('flapping', 1, {recent}), ('quiet', 1, {old}); \
+         INSERT INTO transitions (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation) \
+         VALUES (1001, 'retained', 'a', 1, 2, {old}, ''), (1002, 'retained', 'a', 2, 1, {old}, ''), \
+                (1003, 'retained', 'a', 1, 2, {old}, ''), (1004, 'flapping', 'x', 1, 3, {old}, ''), \
+                (1005, 'flapping', 'x', 3, 1, {recent}, ''), (1006, 'quiet', 'q', 1, 2, {old}, '');"
+    ))
+    .await;
 
     let week = Duration::from_secs(7 * 86_400);
-    assert_eq!(store.prune(week, 20).await.unwrap(), 20, "a batch at most");
-    assert_eq!(store.prune(week, 20).await.unwrap(), 10, "the rest");
-    assert_eq!(store.prune(week, 20).await.unwrap(), 0, "nothing more");
+    assert_eq!(
+        retention_pass(&store, week, 20).await,
+        [20, 10, 1, 2],
+        "check a's 30 oldest runs in batches of at most 20, then the old transitions of flapping and retained"
+    );
+    assert_eq!(
+        retention_pass(&store, week, 20).await,
+        [] as [u64; 0],
+        "a pass over what is kept deletes nothing and runs no delete"
+    );
     assert_eq!(
         count_rows(&db, "SELECT count(*) FROM runs WHERE check_id = $1", "a").await,
         100
@@ -1384,7 +1430,105 @@ async fn retention_deletes_runs_past_the_retention_but_never_a_checks_newest_100
         count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "retained").await,
         108
     );
+    let sequences: Vec<i64> = stored_transitions(&db).await.iter().map(|t| t.0).collect();
+    assert_eq!(sequences, [1003, 1005, 1006], "each system's newest stays");
     database.close().await;
+}
+
+both_backends!(multi_thread: shutdown_during_a_long_retention_pass_ends_within_the_grace_and_close_limit);
+/// A retention pass over many old runs stops between two deletes when
+/// shutdown begins, so the server still ends within
+/// `VITALS_SHUTDOWN_GRACE_MS` plus [`vitals::app::CLOSE_LIMIT`]; the next
+/// pass finishes the job with the same rules.
+async fn shutdown_during_a_long_retention_pass_ends_within_the_grace_and_close_limit(backend: Backend) {
+    const CHECKS: u32 = 100;
+    const RUNS_PER_CHECK: u32 = 2_000;
+    const GRACE_MS: u64 = 200;
+    let db = TestDb::create(backend).await;
+    let (database, _store) = migrated_store(&db).await;
+    database.close().await;
+    // Every run is 30 days old; latency_us numbers a check's runs, oldest 0.
+    let old = days_ago_sql(backend, 30);
+    let (numbers, checks_sql, runs_sql) = match backend {
+        Backend::Postgres => (
+            String::new(),
+            format!(
+                "INSERT INTO checks (system_id, check_id, thresholds) \
+                 SELECT 'old', 'c' || c, 'c:1:2:5' FROM generate_series(1, {CHECKS}) c;"
+            ),
+            format!(
+                "INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us) \
+                 SELECT 'r' || c || '-' || i, 'old', 'c' || c, 1, {old} + i * interval '1 second', i \
+                 FROM generate_series(1, {CHECKS}) c, generate_series(0, {RUNS_PER_CHECK} - 1) i;"
+            ),
+        ),
+        Backend::Embedded => (
+            format!("WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < {RUNS_PER_CHECK}) "),
+            format!(
+                "INSERT INTO checks (system_id, check_id, thresholds, updated_at) \
+                 SELECT 'old', 'c' || i, 'c:1:2:5', 0 FROM n WHERE i < {CHECKS};"
+            ),
+            format!(
+                "INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, recorded_at) \
+                 SELECT 'r' || c.i || '-' || r.i, 'old', 'c' || c.i, 1, {old} + r.i * 1000000, r.i, 0 \
+                 FROM n c, n r WHERE c.i < {CHECKS};"
+            ),
+        ),
+    };
+    db.execute(&format!("{numbers}{checks_sql} {numbers}{runs_sql}")).await;
+    let seeded = i64::from(CHECKS * RUNS_PER_CHECK);
+    let kept = i64::from(CHECKS * 100);
+    let runs = || db.scalar("SELECT count(*) FROM runs WHERE system_id = $1", "old");
+    assert_eq!(runs().await, seeded);
+
+    let grace = GRACE_MS.to_string();
+    let flags = [
+        "--run-retention",
+        "1d",
+        "--retention-interval-ms",
+        "10",
+        "--shutdown-grace-ms",
+        grace.as_str(),
+    ];
+    let app = TestApp::start(&db, &flags).await;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while runs().await == seeded {
+        assert!(std::time::Instant::now() < deadline, "retention never started");
+        tokio::task::yield_now().await;
+    }
+    let stopping = std::time::Instant::now();
+    app.stop().await;
+    let took = stopping.elapsed();
+    let bound = Duration::from_millis(GRACE_MS) + vitals::app::CLOSE_LIMIT;
+    let left = runs().await;
+    assert!(
+        took <= bound,
+        "shutdown took {took:?} during a retention pass, more than the grace plus the close limit ({bound:?})"
+    );
+    assert!(
+        left > kept,
+        "the pass was still running when shutdown began ({left} runs left)"
+    );
+
+    // The next pass resumes and keeps each check's newest 100 exactly.
+    let app = TestApp::start(&db, &flags).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while runs().await > kept {
+        assert!(std::time::Instant::now() < deadline, "the next pass never finished");
+        tokio::task::yield_now().await;
+    }
+    app.stop().await;
+    assert_eq!(runs().await, kept);
+    assert_eq!(
+        count_rows(
+            &db,
+            &format!("SELECT count(*) FROM runs WHERE system_id = $1 AND latency_us >= {RUNS_PER_CHECK} - 100"),
+            "old"
+        )
+        .await,
+        kept,
+        "the newest 100 of every check stay"
+    );
 }
 
 // ---- concurrency across replicas ----
