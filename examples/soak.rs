@@ -167,6 +167,21 @@ impl Drop for Cluster {
 
 struct Vitals(Child);
 
+/// How long vitals may take from its start to SERVING.
+const START_LIMIT: Duration = Duration::from_secs(30);
+
+impl Vitals {
+    /// Panics, naming its log, when the vitals process has exited.
+    fn assert_running(&mut self, log_path: &Path) {
+        if let Ok(Some(status)) = self.0.try_wait() {
+            panic!(
+                "vitals exited ({status}) before serving; its log: {}",
+                log_path.display()
+            );
+        }
+    }
+}
+
 impl Drop for Vitals {
     fn drop(&mut self) {
         let _ = Command::new("kill").arg(self.0.id().to_string()).status();
@@ -247,7 +262,7 @@ async fn main() {
     let port = free_port();
     // vitals' own log (warnings and errors), kept after the run.
     let log_path = std::env::temp_dir().join(format!("vitals-soak-{}.log", std::process::id()));
-    let vitals = Vitals(
+    let mut vitals = Vitals(
         Command::new(&args.vitals_bin)
             .env("DATABASE_URL", cluster.url())
             .env("VITALS_LISTEN_ADDR", format!("127.0.0.1:{port}"))
@@ -267,10 +282,20 @@ async fn main() {
     let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
         .tcp_nodelay(true);
+    // vitals may fail to start (a port taken meanwhile, a bad binary) or never
+    // reach its database: both waits are bounded, and a vitals that exited is
+    // reported at once.
+    let deadline = Instant::now() + START_LIMIT;
     let channel = loop {
         if let Ok(c) = endpoint.connect().await {
             break c;
         }
+        vitals.assert_running(&log_path);
+        assert!(
+            Instant::now() < deadline,
+            "vitals did not accept connections on port {port} within {START_LIMIT:?}; its log: {}",
+            log_path.display()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     // Wait for SERVING before the clock starts.
@@ -284,6 +309,12 @@ async fn main() {
         if serving {
             break;
         }
+        vitals.assert_running(&log_path);
+        assert!(
+            Instant::now() < deadline,
+            "vitals did not report SERVING within {START_LIMIT:?}; its log: {}",
+            log_path.display()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

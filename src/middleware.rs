@@ -119,13 +119,17 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 ///
 /// The refusal answers on the request's headers, so its DATA frames may
 /// arrive after the body was dropped. h2 charges every small DATA frame
-/// against a per-connection budget and refunds the charge when the frame is
-/// read, but not for a frame that arrives for a dropped body (h2 0.4.20): a
-/// few thousand refusals, as during a database outage or under load
-/// shedding, would exhaust it, and h2 would end the client's whole connection
-/// with GOAWAY ENHANCE_YOUR_CALM, failing every call on it with a transport
-/// error instead of the refusal's status. Holding the body until the client
-/// ends it keeps its frames read and refunded.
+/// against a per-connection budget (512 KiB with hyper's 1 MiB connection
+/// window) and refunds the charge when the frame is read, but not for a frame
+/// that arrives for a dropped body on a stream h2 has reset and still
+/// remembers (the last 50 streams, for a second; h2 0.4.20). Refused unary
+/// calls whose one-frame bodies arrive after their refusal exhaust it in
+/// about 45 s of refusals at 50 a second or more, as during a database
+/// outage under load; a refused streaming call's messages much sooner. h2
+/// then ends the client's whole connection with GOAWAY ENHANCE_YOUR_CALM,
+/// failing every call on it with a transport error instead of the refusal's
+/// status. Holding the body until the client ends it keeps its frames read
+/// and refunded.
 fn drain<B>(body: B)
 where
     B: http_body::Body + Send + 'static,

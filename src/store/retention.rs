@@ -25,6 +25,15 @@ use crate::{domain::MAX_RUNS_CONSIDERED, error::Result};
 /// Transitions are kept this long, except each system's newest.
 pub const TRANSITION_RETENTION: TimeDelta = TimeDelta::days(90);
 
+/// How long one delete should take at most (on the embedded store, how long
+/// it holds the writer): after a slower one the pass halves its batch, down
+/// to [`MIN_BATCH`] rows; after one under a quarter of this it doubles it
+/// again, up to the batch it was given.
+pub const BATCH_TIME_TARGET: Duration = Duration::from_millis(50);
+
+/// The fewest rows a delete is asked for.
+pub const MIN_BATCH: u32 = 10;
+
 /// Checks (or systems) read per page when looking for something to delete.
 /// A page costs one short read: an index lookup of each check's oldest run
 /// and, only for a check with runs past the retention, a count of its runs
@@ -82,8 +91,10 @@ pub struct RetentionPass {
     runs_before: DateTime<Utc>,
     /// Transitions recorded before this may go.
     transitions_before: DateTime<Utc>,
-    /// Rows per delete statement at most.
+    /// Rows the next delete statement may delete.
     batch: u32,
+    /// What `batch` may grow back to.
+    max_batch: u32,
     /// Checks and systems found with rows to delete, in key order.
     targets: VecDeque<Target>,
     /// The key after which the next page of checks starts; `None` once every
@@ -98,7 +109,8 @@ pub struct RetentionPass {
 impl RetentionPass {
     /// A pass starting now that deletes runs older than `retention` and
     /// transitions older than [`TRANSITION_RETENTION`], at most `batch` rows
-    /// (at least one) per delete statement.
+    /// (at least one) per delete statement, fewer while deletes take longer
+    /// than [`BATCH_TIME_TARGET`].
     pub fn new(retention: Duration, batch: u32) -> Self {
         let now = Utc::now();
         let before = |age: Option<TimeDelta>| {
@@ -109,6 +121,7 @@ impl RetentionPass {
             runs_before: before(TimeDelta::from_std(retention).ok()),
             transitions_before: before(Some(TRANSITION_RETENTION)),
             batch: batch.max(1),
+            max_batch: batch.max(1),
             targets: VecDeque::new(),
             checks_after: Some((String::new(), String::new())),
             systems_after: Some(String::new()),
@@ -135,6 +148,16 @@ impl RetentionPass {
         if deleted < u64::from(self.batch) {
             self.targets.pop_front();
         }
+        if took > BATCH_TIME_TARGET {
+            self.batch = (self.batch / 2).max(MIN_BATCH.min(self.max_batch));
+        } else if took < BATCH_TIME_TARGET / 4 && deleted >= u64::from(self.batch) {
+            self.batch = self.batch.saturating_mul(2).min(self.max_batch);
+        }
+    }
+
+    /// Rows the next delete may delete.
+    pub fn batch(&self) -> u32 {
+        self.batch
     }
 }
 
@@ -211,6 +234,23 @@ mod tests {
         assert!(!pass.is_done());
         assert_eq!(pass.batch, 1, "a batch deletes at least one row");
         assert!(pass.runs_before > pass.transitions_before);
+    }
+
+    #[test]
+    fn a_slow_delete_halves_the_batch_and_quick_full_ones_grow_it_back() {
+        let mut pass = RetentionPass::new(Duration::from_secs(60), 1000);
+        pass.record(1000, BATCH_TIME_TARGET * 2);
+        assert_eq!(pass.batch(), 500);
+        for _ in 0..10 {
+            pass.record(0, BATCH_TIME_TARGET * 2);
+        }
+        assert_eq!(pass.batch(), MIN_BATCH, "never below the minimum");
+        pass.record(3, Duration::ZERO);
+        assert_eq!(pass.batch(), MIN_BATCH, "a short batch says nothing about a full one");
+        for _ in 0..10 {
+            pass.record(u64::from(pass.batch()), Duration::ZERO);
+        }
+        assert_eq!(pass.batch(), 1000, "never above the batch it was given");
     }
 
     #[test]

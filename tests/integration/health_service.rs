@@ -1402,11 +1402,12 @@ async fn retention_deletes_old_runs_and_transitions_but_never_a_checks_newest_10
     .await;
 
     let week = Duration::from_secs(7 * 86_400);
-    assert_eq!(
-        retention_pass(&store, week, 20).await,
-        [20, 10, 1, 2],
-        "check a's 30 oldest runs in batches of at most 20, then the old transitions of flapping and retained"
-    );
+    // Check a's 30 oldest runs, in batches of at most 20 (fewer when a
+    // delete is slow), then the old transitions of flapping and retained.
+    let deletes = retention_pass(&store, week, 20).await;
+    assert!(deletes.iter().all(|&n| n <= 20), "{deletes:?}");
+    assert_eq!(deletes.iter().sum::<u64>(), 33, "{deletes:?}");
+    assert!(deletes.len() >= 4, "{deletes:?}");
     assert_eq!(
         retention_pass(&store, week, 20).await,
         [] as [u64; 0],

@@ -21,5 +21,6 @@ mod lock_faults;
 mod lock_service;
 mod probe;
 mod proxy;
+mod raw_h2;
 mod watchers;
 mod withlock;
