@@ -99,24 +99,37 @@ async fn pass(store: &Store, label: &str, batch: u32) -> Result<(), Box<dyn std:
     let started = Instant::now();
     let mut pass = RetentionPass::new(Duration::from_secs(7 * 86_400), batch);
     let mut longest_read = Duration::ZERO;
+    // Each delete step as the caller sees it: with the embedded store this
+    // includes waiting for the writer behind a submission.
+    let mut deletes = Vec::new();
     while !pass.is_done() {
         let batches = pass.stats().batches;
         let step = Instant::now();
         store.prune_step(&mut pass).await?;
         if pass.stats().batches == batches {
             longest_read = longest_read.max(step.elapsed());
+        } else {
+            deletes.push(step.elapsed());
         }
     }
+    deletes.sort();
+    let percentile = |p: usize| {
+        deletes
+            .get((deletes.len() * p / 100).min(deletes.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
     let took = started.elapsed();
     let _ = done_tx.send(true);
     let (submitted, slowest) = submitter.await??;
     let stats = pass.stats();
     println!(
-        "{label}: {:.2} s, {} rows deleted in {} deletes, longest delete {:.1} ms, longest read {:.1} ms; \
-         meanwhile {submitted} runs submitted, slowest {:.1} ms",
+        "{label}: {:.2} s, {} rows deleted in {} deletes (p50 {:.1} ms, p99 {:.1} ms), longest delete {:.1} ms, \
+         longest read {:.1} ms; meanwhile {submitted} runs submitted, slowest {:.1} ms",
         took.as_secs_f64(),
         stats.deleted,
         stats.batches,
+        percentile(50),
+        percentile(99),
         stats.longest_batch.as_secs_f64() * 1e3,
         longest_read.as_secs_f64() * 1e3,
         slowest.as_secs_f64() * 1e3,

@@ -5,7 +5,7 @@
 //! log is kept in a file (`VITALS_SOAK_RUST_LOG` sets its filter).
 //!
 //! With `--lock-cycles N` it runs N WithLock acquire/release cycles instead
-//! (issue 4: nothing grows per acquisition) and compares vitals' memory and
+//! (nothing may grow per acquisition) and compares vitals' memory and
 //! its lock sessions after the first 1,000 cycles with those after all N.
 //!
 //! Run with `scripts/soak.sh` (builds the release binary first). It starts its
@@ -550,7 +550,7 @@ async fn cycles(channel: &Channel, clients: usize, count: u64) -> (Duration, BTr
     (started.elapsed(), failed)
 }
 
-/// Issue 4: memory and pool state after `total` acquire/release cycles equal
+/// Memory and pool state after `total` acquire/release cycles equal
 /// those after 1,000. RSS may move by allocator noise; 10 % is the bound.
 async fn lock_cycles(channel: &Channel, pid: u32, url: &str, clients: usize, total: u64) -> bool {
     const FIRST: u64 = 1_000;

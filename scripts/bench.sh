@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole benchmark of issue 8 and writes bench/results/results.{md,json}
+# Runs the whole benchmark (vitals against pgbench and etcd) and writes
+# bench/results/results.{md,json}
 # and bench/results/throughput-p99.png (see docs/PERFORMANCE.md).
 #
 #   scripts/bench.sh                 # everything, about 8 minutes on 2 cores
@@ -13,11 +14,14 @@
 # throw-away PostgreSQL cluster (or a fresh database on DATABASE_URL), vitals
 # and etcd. Every other argument goes to vitals-bench (`--help` lists them).
 #
-# Installs what is missing with apt-get when run as root: etcd-server (the
-# peer), protobuf-compiler and libprotobuf-dev (etcd-client's build needs
-# protoc and the google/protobuf/*.proto it imports),
-# postgresql-client (pgbench), postgresql (initdb, pg_ctl; only when
-# DATABASE_URL is unset) and fonts-dejavu-core (the plot's labels).
+# Installs what is missing with apt-get (--no-install-recommends) when run as
+# root: etcd-server (the peer), protobuf-compiler and libprotobuf-dev
+# (etcd-client's build needs protoc and the google/protobuf/*.proto it
+# imports; protoc only recommends them), postgresql (pgbench, and initdb and
+# pg_ctl for the throw-away cluster; Debian ships pgbench with the server,
+# not in postgresql-client, whose /usr/bin/pgbench is only pg_wrapper's link),
+# postgresql-client (psql, for a DATABASE_URL) and fonts-dejavu-core (the
+# plot's labels).
 #
 # Environment:
 #   DATABASE_URL      an admin URL to use instead of a throw-away cluster; a
@@ -44,10 +48,17 @@ if [[ -z ${PROTOC_INCLUDE:-} ]] && ! compgen -G '/usr/include/google/protobuf/de
     ! compgen -G '/usr/local/include/google/protobuf/descriptor.proto' >/dev/null; then
     missing+=(libprotobuf-dev)
 fi
-command -v pgbench >/dev/null || missing+=(postgresql-client)
-if [[ -z ${DATABASE_URL:-} ]] && ! compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null; then
+# A pgbench on PATH counts unless it is Debian's pg_wrapper link, which
+# works only once a server package brought the real one.
+has_pgbench() {
+    compgen -G '/usr/lib/postgresql/*/bin/pgbench' >/dev/null ||
+        { command -v pgbench >/dev/null && [[ $(readlink -f "$(command -v pgbench)") != */pg_wrapper ]]; }
+}
+if ! has_pgbench ||
+    { [[ -z ${DATABASE_URL:-} ]] && ! compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null; }; then
     missing+=(postgresql)
 fi
+command -v psql >/dev/null || missing+=(postgresql-client)
 if ! compgen -G '/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf' >/dev/null &&
     ! { command -v fc-match >/dev/null && [[ -n $(fc-match -f '%{file}' sans-serif 2>/dev/null) ]]; }; then
     missing+=(fonts-dejavu-core)

@@ -1,6 +1,6 @@
 //! `vitals-bench`: how close vitals comes to what PostgreSQL itself can do on
 //! the same machine (pgbench running the same SQL), and how it compares with
-//! a peer lock service (etcd's v3 Lock API). Issue 8.
+//! a peer lock service (etcd's v3 Lock API).
 //!
 //! One run starts everything it needs on loopback (a throw-away PostgreSQL
 //! cluster or a fresh database on `DATABASE_URL`, the vitals release binary,
@@ -77,8 +77,8 @@ struct Cli {
     /// Skip the etcd peer.
     #[arg(long)]
     no_etcd: bool,
-    /// Seconds of the `mixed` soak during which vitals' RSS is sampled (issue
-    /// 8 asks for 300; 0 skips the soak; `--workloads none` skips it too).
+    /// Seconds of the `mixed` soak during which vitals' RSS is sampled (the
+    /// RSS target asks for 300; 0 skips the soak; `--workloads none` skips it too).
     #[arg(long, env = "VITALS_BENCH_SOAK", default_value_t = 60.0)]
     soak: f64,
     /// Seconds at the start of the soak not judged (pools and caches fill).

@@ -44,7 +44,7 @@ pub(crate) struct Ratio {
     pub(crate) other_p99_ms: f64,
 }
 
-/// One target of issue 8 and whether this run met it.
+/// One target of the benchmark and whether this run met it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Target {
     pub(crate) target: String,
@@ -496,7 +496,7 @@ pub(crate) fn markdown(r: &Report) -> String {
         md.push('\n');
     }
 
-    let _ = writeln!(md, "## Targets (issue 8)\n");
+    let _ = writeln!(md, "## Targets\n");
     let _ = writeln!(md, "| target | goal | measured | met |\n|---|---|---|---|");
     for t in &r.targets {
         let met = match t.met {

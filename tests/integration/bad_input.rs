@@ -1,4 +1,4 @@
-//! Issue 5: hostile input. Random bytes and random valid-shaped messages go
+//! Hostile input. Random bytes and random valid-shaped messages go
 //! to every RPC through a real client; the server never panics, never answers
 //! INTERNAL for a client's mistake, and stays healthy.
 

@@ -1,4 +1,4 @@
-//! Issue 6: what is particular to a store that lives in one data directory —
+//! What is particular to a store that lives in one data directory —
 //! a restart continues where it stopped (run on both backends), and a second
 //! process on the same data directory refuses to start (the real binary).
 

@@ -1,4 +1,5 @@
-//! Issue 5: database loss mid-load and stalled critical sections.
+//! Database loss mid-load and stalled critical sections: every call still
+//! ends with a precise status, and the server serves again by itself.
 
 use std::{
     collections::BTreeSet,

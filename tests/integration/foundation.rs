@@ -1,4 +1,5 @@
-//! Issue 2: health, reflection, configuration, the two pools, shutdown.
+//! The server as a whole: health, reflection, configuration, the two pools,
+//! shutdown.
 
 use std::time::{Duration, Instant};
 

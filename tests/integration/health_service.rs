@@ -1,8 +1,8 @@
-//! Issue 3: HealthCheckService against the real server and database —
+//! HealthCheckService against the real server and database —
 //! ingestion, idempotency, thresholds, pagination, transitions across
 //! replicas and resumable watches.
 //!
-//! Issue 6: every body runs on PostgreSQL and on the embedded store
+//! Every body runs on PostgreSQL and on the embedded store
 //! ([`both_backends!`]). Where a test speaks of replicas, the embedded store
 //! (a single replica) runs them all on its one server ([`Replicas`]).
 

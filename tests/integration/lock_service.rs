@@ -1,4 +1,4 @@
-//! Issue 4: `vitals.v1.LockService` against the real server and database.
+//! `vitals.v1.LockService` against the real server and database.
 //!
 //! Mutual exclusion across replicas, the upstream 1.5.0 pool deadlock (and why
 //! locks and work never share connections), killed and stalled holders,
@@ -11,7 +11,7 @@
 //! sleep. The only sleeps are durations under test: a client's keep-alive
 //! pace, and how long a holder's critical section lasts.
 //!
-//! Issue 6: the bodies run on PostgreSQL and on the embedded store
+//! The bodies run on PostgreSQL and on the embedded store
 //! ([`both_backends!`]); tests of PostgreSQL's sessions run on PostgreSQL only.
 
 use std::{
