@@ -6,7 +6,8 @@
 //! can change a system's status runs inside that system's lock, taken by the
 //! caller through [`crate::lock`] before the store takes a work connection.
 //! [`feed`] reads new transitions once per replica and hands them to
-//! WatchTransitions' watchers.
+//! WatchTransitions' watchers. [`retention`] deletes old runs and transitions
+//! in short steps that a shutdown can stop between.
 
 mod codec;
 pub mod feed;

@@ -312,6 +312,7 @@ impl PgStore {
         limit: u32,
         runs_before: DateTime<Utc>,
     ) -> Result<Vec<CheckCandidate>> {
+        let mut conn = self.work.acquire().await?;
         let rows = sqlx::query(
             "SELECT p.system_id, p.check_id, \
                     CASE WHEN p.oldest < $3 THEN ( \
@@ -330,7 +331,7 @@ impl PgStore {
         .bind(runs_before)
         .bind(RUNS_KEPT)
         .bind(i64::from(limit))
-        .fetch_all(self.work.pool())
+        .fetch_all(&mut *conn)
         .await?;
         rows.iter()
             .map(|row| {
@@ -384,6 +385,7 @@ impl PgStore {
         limit: u32,
         transitions_before: DateTime<Utc>,
     ) -> Result<Vec<SystemCandidate>> {
+        let mut conn = self.work.acquire().await?;
         let rows = sqlx::query(
             "SELECT p.system_id, \
                     CASE WHEN p.oldest < p.newest AND \
@@ -398,7 +400,7 @@ impl PgStore {
         .bind(after)
         .bind(transitions_before)
         .bind(i64::from(limit))
-        .fetch_all(self.work.pool())
+        .fetch_all(&mut *conn)
         .await?;
         rows.iter()
             .map(|row| {
