@@ -22,7 +22,7 @@ use crate::{
     config::Config,
     db::{Database, OpenError},
     lock::Locks,
-    middleware::{Edge, EdgeLayer},
+    middleware::{EdgeLayer, Readiness},
     proto::{self, health_check_service_server::HealthCheckServiceServer, lock_service_server::LockServiceServer},
     service::HealthService,
     store::{RetentionPass, Store, TransitionFeed, TransitionNotifier, WatchLimits},
@@ -197,7 +197,7 @@ impl Application {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         set_health(&health_reporter, ServingStatus::NotServing).await;
 
-        let edge = Edge::new(config.max_concurrent_requests, config.request_timeout());
+        let gate = Readiness::new();
         // `stopping` tells background tasks to end; `abort` ends open streams
         // once the drain grace is over.
         let (stopping_tx, stopping_rx) = watch::channel(false);
@@ -205,7 +205,7 @@ impl Application {
         let mut readiness = tokio::spawn(readiness_loop(
             database.clone(),
             config.clone(),
-            edge.clone(),
+            gate.clone(),
             health_reporter.clone(),
             stopping_rx.clone(),
         ));
@@ -219,7 +219,11 @@ impl Application {
             Duration::from_millis(config.retention_interval_ms),
             retention_stop_rx,
         ));
-        let max_bytes = usize::try_from(config.max_request_bytes).unwrap_or(4 << 20);
+        // The edge refuses a larger message first, with its own status (see
+        // middleware::framing); tonic's limit only backs it up, on every
+        // service.
+        let max_bytes = config.max_request_size();
+        let health_service = health_service.max_decoding_message_size(max_bytes);
         let health_checks = HealthService::new(store, locks.clone(), feed.clone());
         let health_api =
             HealthCheckServiceServer::new(HealthApi::new(health_checks)).max_decoding_message_size(max_bytes);
@@ -239,18 +243,24 @@ impl Application {
                 builder.register_encoded_file_descriptor_set(set)
             })
         };
-        let reflection_v1 = reflection().build_v1().map_err(StartError::Reflection)?;
-        let reflection_v1alpha = reflection().build_v1alpha().map_err(StartError::Reflection)?;
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(StartError::Reflection)?
+            .max_decoding_message_size(max_bytes);
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(StartError::Reflection)?
+            .max_decoding_message_size(max_bytes);
 
         let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-        let shutdown_edge = edge.clone();
+        let shutdown_gate = gate.clone();
         let shutdown_reporter = health_reporter.clone();
         let shutdown_feed = feed.clone();
         let stop_accepting = async move {
             shutdown.await;
             tracing::info!("shutting down: draining in-flight requests");
             let _ = retention_stop_tx.send(true);
-            shutdown_edge.start_draining();
+            shutdown_gate.start_draining();
             // Watchers never finish on their own: ended now, their clients
             // resume elsewhere at once and their connections can close
             // within the grace.
@@ -264,7 +274,7 @@ impl Application {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(EdgeLayer::new(edge))
+            .layer(EdgeLayer::new(&config, gate))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -340,7 +350,7 @@ impl Application {
 async fn readiness_loop(
     database: Database,
     config: Config,
-    edge: Arc<Edge>,
+    gate: Arc<Readiness>,
     reporter: HealthReporter,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -362,8 +372,8 @@ async fn readiness_loop(
                 }
             }
         }
-        if up != edge.is_ready() && !*stopping.borrow() {
-            edge.set_ready(up);
+        if up != gate.is_ready() && !*stopping.borrow() {
+            gate.set_ready(up);
             if up {
                 tracing::info!("database reachable: serving");
                 set_health(&reporter, ServingStatus::Serving).await;

@@ -1,5 +1,13 @@
 //! The protobuf codec of vitals' gRPC services and clients: prost's, with
-//! small initial buffers for WithLock and WatchTransitions.
+//! small initial buffers for WithLock and WatchTransitions, and bytes that
+//! are not a message refused as the client's mistake.
+//!
+//! prost's decoder reports a message it cannot decode as INTERNAL with the
+//! decode error's text. Ours decodes with prost and turns its
+//! `prost::DecodeError` into INVALID_ARGUMENT / MALFORMED_REQUEST with an
+//! ErrorInfo, where the error is still a type. (Clients generated with this
+//! codec, the tests' and the load generator's, would report a reply they
+//! cannot decode the same way; vitals' replies are prost's own encoding.)
 //!
 //! tonic gives every stream an 8 KiB encode and an 8 KiB decode buffer up
 //! front. WithLock's messages are a few dozen bytes, a transition a few
@@ -13,8 +21,13 @@
 use std::{any::TypeId, marker::PhantomData};
 
 use prost::Message;
-use tonic::codec::{BufferSettings, Codec};
+use tonic::{
+    Status,
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder},
+};
 use tonic_prost::ProstCodec;
+
+use crate::error::Error;
 
 /// Initial size of a WithLock or WatchTransitions stream's encode and decode buffer.
 const LOCK_STREAM_BUFFER: usize = 256;
@@ -54,21 +67,98 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = <ProstCodec<T, U> as Codec>::Encoder;
-    type Decoder = <ProstCodec<T, U> as Codec>::Decoder;
+    type Decoder = ProtobufDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstCodec::<T, U>::raw_encoder(settings::<T, U>())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<T, U>::raw_decoder(settings::<T, U>())
+        ProtobufDecoder {
+            settings: settings::<T, U>(),
+            decodes: PhantomData,
+        }
+    }
+}
+
+/// Decodes a `U` with prost; bytes that are not one are MALFORMED_REQUEST.
+#[derive(Debug)]
+pub struct ProtobufDecoder<U> {
+    settings: BufferSettings,
+    decodes: PhantomData<U>,
+}
+
+impl<U: Message + Default> Decoder for ProtobufDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        match U::decode(buf) {
+            Ok(message) => Ok(Some(message)),
+            Err(err) => {
+                tracing::debug!(error = %err, "request message not decodable");
+                Err(Error::MalformedRequest("request message is not a valid protobuf encoding").into())
+            }
+        }
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.settings
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use bytes::Bytes;
+    use tonic::Code;
+    use tonic_types::StatusExt;
+
     use super::*;
     use crate::proto;
+
+    /// A body of one frame.
+    struct Once(Option<Bytes>);
+
+    impl http_body::Body for Once {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(self.0.take().map(|data| Ok(http_body::Frame::data(data))))
+        }
+    }
+
+    /// Decodes `payload` as one request message the way the server does.
+    async fn decode_request(payload: &[u8]) -> Result<proto::GetSystemHealthRequest, Status> {
+        let mut framed = vec![0];
+        framed.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        framed.extend_from_slice(payload);
+        let body = Once(Some(Bytes::from(framed)));
+        let decoder = SmallBufferCodec::<proto::SystemHealth, proto::GetSystemHealthRequest>::default().decoder();
+        let mut requests = tonic::Streaming::new_request(decoder, body, None, None);
+        requests.message().await.map(|m| m.expect("a message"))
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_the_message_are_malformed_request_with_an_error_info() {
+        // system_id (field 1, length-delimited) = 0xff 0xfe: not UTF-8.
+        let status = decode_request(&[0x0a, 2, 0xff, 0xfe]).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let info = status.get_details_error_info().expect("an ErrorInfo");
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("MALFORMED_REQUEST", "vitals.dev")
+        );
+        // A length running past the end.
+        let status = decode_request(&[0x0a, 9, b'a']).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let request = decode_request(&[0x0a, 1, b'a']).await.unwrap();
+        assert_eq!(request.system_id, "a");
+    }
 
     /// BufferSettings has no PartialEq; its Debug shows both fields.
     fn shown(settings: BufferSettings) -> String {

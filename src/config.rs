@@ -270,6 +270,11 @@ impl Config {
         Duration::from_millis(self.request_timeout_ms)
     }
 
+    /// The largest request message accepted, in bytes.
+    pub fn max_request_size(&self) -> usize {
+        usize::try_from(self.max_request_bytes).unwrap_or(usize::MAX)
+    }
+
     /// The longest wait a WithLock client may ask for.
     pub fn max_lock_wait(&self) -> Duration {
         Duration::from_millis(self.max_lock_wait_ms)

@@ -105,6 +105,25 @@ pub enum Error {
     #[error("shutting down")]
     ShuttingDown,
 
+    /// RESOURCE_EXHAUSTED, reason `OVERLOADED`: `VITALS_MAX_CONCURRENT_REQUESTS` business RPCs are in flight.
+    #[error("overloaded")]
+    Overloaded,
+
+    /// DEADLINE_EXCEEDED, reason `DEADLINE_EXCEEDED`, metadata `deadline_ms`: the unary RPC's deadline passed.
+    #[error("deadline exceeded after {after:?}")]
+    DeadlineExceeded {
+        /// The deadline the RPC had, from its start.
+        after: std::time::Duration,
+    },
+
+    /// RESOURCE_EXHAUSTED, reason `REQUEST_TOO_LARGE`: a request message declares more than `VITALS_MAX_REQUEST_BYTES`.
+    #[error("request message too large")]
+    RequestTooLarge,
+
+    /// INVALID_ARGUMENT, reason `MALFORMED_REQUEST`: the request is not a sequence of protobuf messages.
+    #[error("malformed request: {0}")]
+    MalformedRequest(&'static str),
+
     /// INTERNAL, reason `INTERNAL`: the database failed in a way that is no
     /// outage (a constraint, a type mismatch, a missing table). Logged, never sent.
     #[error("database error: {0}")]
@@ -190,6 +209,10 @@ impl Error {
             Error::SystemBusy { .. } => "SYSTEM_BUSY",
             Error::DatabaseUnavailable(_) => "DATABASE_UNAVAILABLE",
             Error::ShuttingDown => "SHUTTING_DOWN",
+            Error::Overloaded => "OVERLOADED",
+            Error::DeadlineExceeded { .. } => "DEADLINE_EXCEEDED",
+            Error::RequestTooLarge => "REQUEST_TOO_LARGE",
+            Error::MalformedRequest(_) => "MALFORMED_REQUEST",
             Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::FeedStopped | Error::Invariant(_) => {
                 "INTERNAL"
             }
@@ -199,18 +222,19 @@ impl Error {
     /// The gRPC code of this error.
     pub fn code(&self) -> Code {
         match self {
-            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::MalformedRequest(_) => Code::InvalidArgument,
             Error::LockProtocol(_) => Code::FailedPrecondition,
             Error::SystemNotFound { .. } => Code::NotFound,
             Error::RunConflict { .. } => Code::AlreadyExists,
             Error::LockNotAvailable { .. } | Error::LockLost { .. } | Error::WatcherTooSlow { .. } => Code::Aborted,
-            Error::WatcherLimitReached => Code::ResourceExhausted,
+            Error::WatcherLimitReached | Error::Overloaded | Error::RequestTooLarge => Code::ResourceExhausted,
             Error::PoolExhausted(_)
             | Error::LockLimitReached
             | Error::LockCapacityExhausted
             | Error::SystemBusy { .. }
             | Error::DatabaseUnavailable(_)
             | Error::ShuttingDown => Code::Unavailable,
+            Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::FeedStopped | Error::Invariant(_) => {
                 Code::Internal
             }
@@ -242,6 +266,10 @@ impl Error {
             Error::SystemBusy { system_id } => format!("system {system_id:?} is busy, retry"),
             Error::DatabaseUnavailable(_) => "database unavailable, retry".into(),
             Error::ShuttingDown => "server shutting down, retry elsewhere".into(),
+            Error::Overloaded => "too many requests in flight, retry later".into(),
+            Error::DeadlineExceeded { .. } => "deadline exceeded".into(),
+            Error::RequestTooLarge => "request message larger than the server accepts".into(),
+            Error::MalformedRequest(why) => (*why).into(),
             Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::FeedStopped | Error::Invariant(_) => {
                 "internal error".into()
             }
@@ -262,6 +290,9 @@ impl Error {
             }
             Error::WatcherTooSlow { last_sequence } => {
                 m.insert("last_sequence".into(), last_sequence.to_string());
+            }
+            Error::DeadlineExceeded { after } => {
+                m.insert("deadline_ms".into(), after.as_millis().to_string());
             }
             _ => {}
         }
