@@ -6,17 +6,20 @@
 //! | [request id](request_id) | outermost, so every later layer, the handler and their log lines run in the request's span, and every reply, a refusal too, echoes `x-request-id` |
 //! | [readiness gate](readiness) | business RPCs fail fast with UNAVAILABLE while the database is unreachable or the server drains, instead of waiting on dead connections; before the limit, so a refused RPC never holds a slot; health and reflection pass |
 //! | [in-flight limit](in_flight) | at most `VITALS_MAX_CONCURRENT_REQUESTS` business RPCs in flight (streams excepted: the lock manager's `VITALS_MAX_LOCKS` bounds WithLock, the feed's `VITALS_MAX_WATCHERS` WatchTransitions); past that RESOURCE_EXHAUSTED at once rather than a queue that hides overload |
-//! | [deadline](deadline) | unary business RPCs end with DEADLINE_EXCEEDED at the client's `grpc-timeout` or `VITALS_REQUEST_TIMEOUT_MS`, whichever is sooner; inside the limit, so a timed-out RPC frees its slot. The deadline is also handed to the handler ([`RequestDeadline`]), which ends its wait for a system's lock before it with SYSTEM_BUSY |
+//! | [deadline] | unary business RPCs end with DEADLINE_EXCEEDED at the client's `grpc-timeout` or `VITALS_REQUEST_TIMEOUT_MS`, whichever is sooner; inside the limit, so a timed-out RPC frees its slot. The deadline is also handed to the handler ([`RequestDeadline`]), which ends its wait for a system's lock before it with SYSTEM_BUSY |
 //! | [message framing](framing) | innermost, so only RPCs that run pay for it: a request message whose declared length exceeds `VITALS_MAX_REQUEST_BYTES` is refused with RESOURCE_EXHAUSTED as soon as its length prefix arrives, a body that ends inside a message with INVALID_ARGUMENT, each with an ErrorInfo |
 //!
 //! A message that is framed well but is not protobuf is refused with
 //! INVALID_ARGUMENT / MALFORMED_REQUEST by the codec that decodes it
 //! ([`crate::codec`]), where the decode error is a type rather than text.
 //! Refusals are our statuses from the start, so no layer rewrites tonic's
-//! statuses after the fact.
+//! statuses after the fact. (grpc.health.v1 and reflection decode with
+//! tonic's own codec: bytes sent to them that are not protobuf get tonic's
+//! INTERNAL. Their clients are probes and tools sending what they generate;
+//! telling that INTERNAL from a real one would take its message text.)
 //!
 //! A request refused by the gate or the limit has its body read to the end
-//! in the background ([`refusal`]): left unread, the refusals of an outage
+//! in the background (`refusal.rs`): left unread, the refusals of an outage
 //! make h2 tear the client's whole connection down.
 //!
 //! Streaming RPCs (WatchTransitions, WithLock) are bounded by their own rules
@@ -27,10 +30,10 @@
 //! # Why not tower's own `limit`, `load_shed` and `timeout`
 //! - `ConcurrencyLimit` takes its permit in `poll_ready`, before the request
 //!   and its path exist, so it cannot leave health, reflection and the
-//!   streams out; routing those around it needs a router that polls every branch
-//!   ready, which would take a permit for them all the same.
+//!   streams out; routing those around it needs a router that polls every
+//!   branch ready, which would take a permit for them all the same.
 //! - `LoadShed` refuses by dropping the request and failing with
-//!   `Overloaded`: the body goes unread (see [`refusal`]), and the error
+//!   `Overloaded`: the body goes unread (see above), and the error
 //!   becomes tonic's RESOURCE_EXHAUSTED without an ErrorInfo.
 //! - `Timeout` has one duration per layer, while ours is per request (the
 //!   client's `grpc-timeout` when sooner), must skip streams, must reach the
@@ -41,10 +44,12 @@
 //! contributes the `Layer`/`Service` traits and `ServiceBuilder`.
 //!
 //! # Cost
-//! The stack is on every request. No layer clones the inner service or
-//! boxes a future: each layer's future is a named type, and the only
-//! per-request allocations are the generated request id (when the client
-//! sent none) and the deadline's request extension, both as before.
+//! The stack is on every request. No layer clones the inner service, boxes
+//! a future or wraps the reply's body: each layer's future is a named type.
+//! The stack's only allocations for a request that runs are a generated
+//! request id (when the client sent none) and the deadline's request
+//! extension; the request body's wrapper is boxed by tonic's router in
+//! place of the body it wraps.
 
 use std::{sync::Arc, time::Duration};
 

@@ -12,6 +12,7 @@ use vitals::{lock::LocalLockStats, proto};
 use crate::{
     harness::{TestApp, TestDb, WORK_SESSIONS_BLOCKED, until_count},
     proxy::{Proxy, url_addr, url_via},
+    withlock::acquire,
 };
 
 /// Takes system `stuck`'s serialisation lock the way vitals names it in
@@ -211,6 +212,83 @@ async fn an_oversized_request_is_refused_with_resource_exhausted() {
         })
         .await
         .unwrap();
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_message_on_a_stream_or_to_grpc_health_is_refused_with_resource_exhausted_too() {
+    let db = TestDb::postgres().await;
+    let app = TestApp::start(&db, &["--max-request-bytes", "1024"]).await;
+    let refused = |err: tonic::Status| {
+        let reason = err.get_details_error_info().map(|info| info.reason);
+        (err.code(), reason)
+    };
+    let too_large = (Code::ResourceExhausted, Some("REQUEST_TOO_LARGE".to_owned()));
+
+    // Refused as the message streams in, before the handler decodes it (a
+    // key this long would be INVALID_ARGUMENT).
+    let mut locks = app.lock_client().await;
+    let err = locks
+        .with_lock(tokio_stream::iter([acquire(&"k".repeat(2000), None)]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused(err), too_large);
+
+    let mut health = app.grpc_health().await;
+    let err = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "s".repeat(2000),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused(err), too_large);
+    assert_eq!(app.serving_status("").await, ServingStatus::Serving);
+    app.stop().await;
+}
+
+/// The status of a raw reply: in its headers when it is trailers-only, or
+/// else in its trailers.
+async fn reply_status(reply: http::Response<tonic::body::Body>) -> tonic::Status {
+    use http_body::Body as _;
+    if let Some(status) = tonic::Status::from_header_map(reply.headers()) {
+        return status;
+    }
+    let mut body = std::pin::pin!(reply.into_body());
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        if let Ok(trailers) = frame.expect("a readable reply").into_trailers() {
+            return tonic::Status::from_header_map(&trailers).expect("a grpc-status");
+        }
+    }
+    panic!("the reply carried no grpc-status");
+}
+
+#[tokio::test]
+async fn a_request_body_that_ends_inside_its_message_is_invalid_argument() {
+    use tower::ServiceExt;
+    let db = TestDb::postgres().await;
+    let app = TestApp::start(&db, &[]).await;
+    let channel = app.channel().await;
+    // The prefix declares a 16-byte GetSystemHealthRequest; 3 bytes follow.
+    let request = http::Request::post("/vitals.v1.HealthCheckService/GetSystemHealth")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(String::from("\0\0\0\0\x10\x0a\x01a")))
+        .unwrap();
+    let status = reply_status(channel.clone().oneshot(request).await.unwrap()).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let info = status.get_details_error_info().expect("an ErrorInfo");
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        ("MALFORMED_REQUEST", "vitals.dev")
+    );
+    // The same message, whole, is answered.
+    let request = http::Request::post("/vitals.v1.HealthCheckService/GetSystemHealth")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(String::from("\0\0\0\0\x03\x0a\x01a")))
+        .unwrap();
+    let status = reply_status(channel.oneshot(request).await.unwrap()).await;
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
     app.stop().await;
 }
 
