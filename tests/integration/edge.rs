@@ -109,7 +109,7 @@ async fn past_the_concurrency_limit_business_rpcs_are_shed_while_health_and_refl
 /// frames (512 KiB here, about 2,200 frames) without ever refunding it; when
 /// it runs out, h2 ends the client's whole connection with GOAWAY
 /// ENHANCE_YOUR_CALM, failing every call on it. vitals reads a refused body
-/// to its end (`middleware::drain`), which refunds every frame.
+/// to its end (`drain` in `src/middleware/refusal.rs`), which refunds every frame.
 ///
 /// h2 charges only frames for the last 50 streams it reset, for a second
 /// (frames for older ones are answered with RST_STREAM and cost nothing), so
