@@ -546,7 +546,7 @@ async fn run(cli: Cli) -> Result<()> {
             bench
                 .report
                 .pgbench_scripts
-                .insert("submit".into(), Script::Submit { transitions_per_10k: 0 }.source());
+                .insert("submit".into(), Script::Submit { transitions_per_10k: 0 }.source()?);
         }
     }
 
@@ -569,7 +569,7 @@ async fn run(cli: Cli) -> Result<()> {
                         .await?;
                     bench.push(workload, "pgbench", c, r.summary, Some(r.cpu), None);
                 }
-                bench.report.pgbench_scripts.insert(workload.into(), script.source());
+                bench.report.pgbench_scripts.insert(workload.into(), script.source()?);
             }
         }
         if let Some(etcd) = &etcd {

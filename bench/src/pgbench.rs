@@ -12,25 +12,31 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use vitals::{
+    domain::MAX_RUNS_CONSIDERED,
+    lock::id::{CLIENT_KEY_PREFIX, INTERNAL_SPACE, SYSTEM_SPACE, TRANSITION_SEQUENCE},
+    store::postgres::sql::{INSERT_RUN, INSERT_TRANSITION, REEVALUATE_READ, REEVALUATE_WRITE},
+};
 
 use crate::{
     load::{Summary, summarise},
     services::{CpuTargets, CpuUse, cpu_window},
-    workloads::{CHECKS_PER_SYSTEM, SYSTEMS},
+    workloads::{CHECKS_PER_SYSTEM, CONTENDED_KEY, SYSTEMS},
 };
 
 /// pgbench turns every `:name` in a script into a parameter, even inside a
 /// string literal, so literals with a colon (lock keys, encoded thresholds)
 /// are passed as `-D` variables and bound as parameters, as vitals binds them.
-const DEFINES: [(&str, &str); 6] = [
-    ("lockprefix", "lock:bench-"),
-    ("lockone", "lock:bench-contended"),
-    ("healthprefix", "health:bench-sys-"),
-    ("thresholds", "c:1:2:5"),
-    ("evaluation", "3:2:100:5:0:0|c:1:2:5"),
-    ("seqlock", "vitals:transition-sequence"),
-];
+fn defines() -> Vec<(&'static str, String)> {
+    vec![
+        ("lockprefix", format!("{CLIENT_KEY_PREFIX}bench-")),
+        ("lockone", format!("{CLIENT_KEY_PREFIX}{CONTENDED_KEY}")),
+        // Thresholds::default() and an evaluation of it, as the store encodes them.
+        ("thresholds", "c:1:2:5".to_owned()),
+        ("evaluation", "3:2:100:5:0:0|c:1:2:5".to_owned()),
+    ]
+}
 
 /// `BEGIN; pg_advisory_xact_lock(random key); COMMIT`: what WithLock costs
 /// PostgreSQL when nothing else is in the way. Same key space and hashing as
@@ -47,36 +53,121 @@ SELECT pg_advisory_xact_lock(hashtextextended(:lockone::text, 0));
 COMMIT;
 ";
 
+/// `sql` with every `$n` replaced by `args[n - 1]`, ended with `;`: the
+/// store numbers its parameters, a pgbench script names variables (`:name`,
+/// which pgbench binds as parameters with `-M prepared`) or computes values
+/// in SQL. An argument other than a lone `:name` or number is put in
+/// parentheses, so that it stays one operand wherever the parameter stood.
+/// Quoted literals are left alone. Fails when a `$n` has no argument or an
+/// argument is never used: either means the store's statement changed.
+pub(crate) fn pgbench_sql(sql: &str, args: &[&str]) -> Result<String> {
+    let word = |w: &str| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let simple = |a: &str| a.strip_prefix(':').is_some_and(word) || (word(a) && a.chars().all(|c| c.is_ascii_digit()));
+    let mut used = vec![false; args.len()];
+    let mut out = String::with_capacity(sql.len() + 64);
+    let mut chars = sql.chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if c != '$' || quoted {
+            out.push(c);
+            continue;
+        }
+        let mut digits = String::new();
+        while let Some(&d) = chars.peek() {
+            if !d.is_ascii_digit() {
+                break;
+            }
+            digits.push(d);
+            chars.next();
+        }
+        let n: usize = digits
+            .parse()
+            .with_context(|| format!("a `$` not followed by a parameter number in {sql:?}"))?;
+        let arg = n
+            .checked_sub(1)
+            .and_then(|i| args.get(i))
+            .with_context(|| format!("${n} has no pgbench argument ({} given) in {sql:?}", args.len()))?;
+        used[n - 1] = true;
+        if simple(arg) {
+            out.push_str(arg);
+        } else {
+            out.push('(');
+            out.push_str(arg);
+            out.push(')');
+        }
+    }
+    if let Some(unused) = used.iter().position(|u| !u) {
+        bail!(
+            "pgbench argument {} ({:?}) matches no parameter of {sql:?}",
+            unused + 1,
+            args[unused]
+        );
+    }
+    out.push(';');
+    Ok(out)
+}
+
 /// SubmitRun's SQL work, statement for statement as `PgStore::submit_run`
-/// and `reevaluate` send it: the run insert with the system row lock, the
-/// check upsert with the system's checks and the check's newest 100 runs, the
-/// check update with the system upsert (and the transition-sequence lock when
-/// the status changed), under the system's `pg_advisory_xact_lock`, on one
-/// connection. The transition insert (after the transition-sequence lock)
+/// and `reevaluate` send it (the very constants of
+/// `vitals::store::postgres::sql`): the run insert with the system row lock,
+/// the check upsert with the system's checks and the check's newest 100
+/// runs, the check update with the system upsert (and the
+/// transition-sequence lock when the status changed), on one connection,
+/// under the system's serialisation lock (vitals takes it on a lock session;
+/// here a transaction lock on the same two keys). The transition insert
 /// runs in the same share of transactions as it did in vitals' own run at
 /// this concurrency (`-D tpm`, per 10,000).
-fn submit() -> String {
+fn submit() -> Result<String> {
     let systems = SYSTEMS - 1;
     let checks = CHECKS_PER_SYSTEM - 1;
     let sys = "'bench-sys-' || :s::text";
     let chk = "'check-' || :c::text";
-    let cols = "check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at";
-    format!(
+    let runs = MAX_RUNS_CONSIDERED.to_string();
+    let (space, sequence) = (INTERNAL_SPACE.to_string(), TRANSITION_SEQUENCE.to_string());
+    let changed = ":t::int <= :tpm::int";
+    let insert_run = pgbench_sql(
+        INSERT_RUN,
+        &["gen_random_uuid()::text", sys, chk, ":st", "now()", "250000", "''"],
+    )?;
+    let read = pgbench_sql(REEVALUATE_READ, &[sys, chk, ":thresholds", &runs])?;
+    let write = pgbench_sql(
+        REEVALUATE_WRITE,
+        &[
+            sys,
+            chk,
+            ":st",
+            ":evaluation",
+            &runs,
+            "now()",
+            ":st",
+            &space,
+            changed,
+            &sequence,
+        ],
+    )?;
+    let transition = pgbench_sql(
+        INSERT_TRANSITION,
+        &[sys, chk, "1", ":st", ":evaluation", "gen_random_uuid()::text"],
+    )?;
+    Ok(format!(
         r"\set s random(0, {systems})
 \set c random(0, {checks})
 \set st random(1, 3)
 \set t random(1, 10000)
 BEGIN;
-SELECT pg_advisory_xact_lock(hashtextextended(:healthprefix::text || :s::text, 0));
-WITH inserted AS (INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message) VALUES (gen_random_uuid()::text, {sys}, {chk}, :st, now(), 250000, '') ON CONFLICT (run_id) DO NOTHING RETURNING recorded_at), locked AS (SELECT status FROM systems WHERE system_id = {sys} FOR UPDATE) SELECT (SELECT recorded_at FROM inserted) AS recorded_at, (SELECT status FROM locked) AS previous;
-WITH created AS (INSERT INTO checks (system_id, check_id, thresholds) VALUES ({sys}, {chk}, :thresholds) ON CONFLICT (system_id, check_id) DO NOTHING RETURNING {cols}), target AS (SELECT {cols} FROM created UNION ALL SELECT {cols} FROM checks WHERE system_id = {sys} AND check_id = {chk} LIMIT 1), recent AS (SELECT status, observed_at, run_id FROM runs WHERE system_id = {sys} AND check_id = {chk} ORDER BY observed_at DESC, run_id DESC LIMIT 100) SELECT {cols}, true AS target, (SELECT array_agg(status ORDER BY observed_at DESC, run_id DESC) FROM recent) AS recent_statuses, (SELECT max(observed_at) FROM recent) AS recent_last FROM target UNION ALL SELECT {cols}, false, NULL, NULL FROM checks WHERE system_id = {sys} AND check_id <> {chk} ORDER BY check_id;
-WITH updated AS (UPDATE checks SET status = :st, evaluation = :evaluation, runs_considered = 100, last_run_at = now(), updated_at = now() WHERE system_id = {sys} AND check_id = {chk}), upserted AS (INSERT INTO systems (system_id, status, evaluated_at) VALUES ({sys}, :st, now()) ON CONFLICT (system_id) DO UPDATE SET status = excluded.status, evaluated_at = excluded.evaluated_at RETURNING evaluated_at) SELECT evaluated_at, (SELECT count(*) FROM (SELECT pg_advisory_xact_lock(hashtextextended(:seqlock::text, 0)) WHERE :t::int <= :tpm::int) l) AS sequence_locked FROM upserted;
+SELECT pg_advisory_xact_lock({SYSTEM_SPACE}, hashtext({sys}));
+{insert_run}
+{read}
+{write}
 \if :t <= :tpm
-WITH t AS (INSERT INTO transitions (sequence, system_id, check_id, from_status, to_status, evaluation, run_id) SELECT coalesce(max(sequence), 0) + 1, {sys}, {chk}, 1, :st, :evaluation, gen_random_uuid()::text FROM transitions RETURNING sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation) SELECT t.*, pg_notify('vitals_transitions', t.sequence::text) FROM t;
+{transition}
 \endif
 COMMIT;
 "
-    )
+    ))
 }
 
 /// Which baseline script.
@@ -99,18 +190,18 @@ impl Script {
         }
     }
 
-    fn text(self) -> String {
+    fn text(self) -> Result<String> {
         match self {
-            Script::LockRandom => LOCK_RANDOM.to_owned(),
-            Script::LockOne => LOCK_ONE.to_owned(),
+            Script::LockRandom => Ok(LOCK_RANDOM.to_owned()),
+            Script::LockOne => Ok(LOCK_ONE.to_owned()),
             Script::Submit { .. } => submit(),
         }
     }
 
     /// The script and its `-D` variables, for the report.
-    pub(crate) fn source(self) -> String {
-        let defines: Vec<String> = DEFINES.iter().map(|(k, v)| format!("-D {k}='{v}'")).collect();
-        format!("{}\n(pgbench {})", self.text(), defines.join(" "))
+    pub(crate) fn source(self) -> Result<String> {
+        let defines: Vec<String> = defines().iter().map(|(k, v)| format!("-D {k}='{v}'")).collect();
+        Ok(format!("{}\n(pgbench {})", self.text()?, defines.join(" ")))
     }
 }
 
@@ -142,7 +233,7 @@ impl Pgbench {
     ) -> Result<PgbenchResult> {
         fs::create_dir_all(&self.dir)?;
         let script_path = self.dir.join(format!("{}.sql", script.name()));
-        fs::write(&script_path, script.text())?;
+        fs::write(&script_path, script.text()?)?;
         let prefix = format!("log-{}-{clients}", script.name());
         for old in log_files(&self.dir, &prefix) {
             let _ = fs::remove_file(old);
@@ -158,7 +249,7 @@ impl Pgbench {
             .args(["-T", &seconds.to_string()])
             .arg("-f")
             .arg(&script_path);
-        for (name, value) in DEFINES {
+        for (name, value) in defines() {
             cmd.args(["-D", &format!("{name}={value}")]);
         }
         if let Script::Submit { transitions_per_10k } = script {
@@ -264,4 +355,70 @@ fn log_files(dir: &Path, prefix: &str) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_parameters_become_the_arguments_in_their_places() {
+        let args = [":a", "2", ":c", ":d", ":e", ":f", ":g", ":h", ":i", ":j"];
+        let sql = pgbench_sql(
+            "SELECT $10, $1, $2 WHERE x = $1 AND y IN ($3, $4, $5, $6, $7, $8, $9)",
+            &args,
+        )
+        .unwrap();
+        assert_eq!(
+            sql,
+            "SELECT :j, :a, 2 WHERE x = :a AND y IN (:c, :d, :e, :f, :g, :h, :i);"
+        );
+    }
+
+    #[test]
+    fn an_expression_argument_stays_one_operand() {
+        let sql = pgbench_sql("SELECT * FROM t WHERE a = $1 AND $2", &["'p-' || :s::text", ":t <= :u"]).unwrap();
+        assert_eq!(sql, "SELECT * FROM t WHERE a = ('p-' || :s::text) AND (:t <= :u);");
+    }
+
+    #[test]
+    fn a_dollar_inside_a_quoted_literal_is_not_a_parameter() {
+        let sql = pgbench_sql("SELECT 'costs $1', $1", &[":x"]).unwrap();
+        assert_eq!(sql, "SELECT 'costs $1', :x;");
+    }
+
+    #[test]
+    fn a_parameter_without_an_argument_or_an_argument_without_a_parameter_fails() {
+        let missing = pgbench_sql("SELECT $1, $2", &[":a"]).unwrap_err().to_string();
+        assert!(missing.contains("$2 has no pgbench argument"), "{missing}");
+        let unused = pgbench_sql("SELECT $1", &[":a", ":b"]).unwrap_err().to_string();
+        assert!(unused.contains("argument 2"), "{unused}");
+        assert!(pgbench_sql("SELECT $x", &[]).is_err());
+    }
+
+    #[test]
+    fn the_submit_script_runs_each_statement_of_the_store_with_every_parameter_replaced() {
+        let script = submit().unwrap();
+        for statement in [INSERT_RUN, REEVALUATE_READ, REEVALUATE_WRITE, INSERT_TRANSITION] {
+            // The text before the first parameter is the store's, unchanged.
+            let head = &statement[..statement.find('$').unwrap()];
+            assert_eq!(script.matches(head).count(), 1, "{head}");
+        }
+        let leftover = script
+            .split('$')
+            .skip(1)
+            .find(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+        assert!(
+            leftover.is_none(),
+            "a parameter left in the script: ${}",
+            leftover.unwrap_or_default()
+        );
+        assert!(script.contains(&format!(
+            "pg_advisory_xact_lock({INTERNAL_SPACE}, {TRANSITION_SEQUENCE})"
+        )));
+        assert!(script.contains(&format!("pg_advisory_xact_lock({SYSTEM_SPACE}, hashtext(")));
+        // pgbench needs every SQL command ended by a semicolon.
+        let commands = script.lines().filter(|l| !l.starts_with('\\')).count();
+        assert_eq!(script.matches(";\n").count(), commands);
+    }
 }

@@ -29,8 +29,10 @@ use crate::{
     error::{Corrupt, Error, Result},
 };
 
-/// The channel on which committed transitions are announced (payload: sequence).
-pub const TRANSITIONS_CHANNEL: &str = "vitals_transitions";
+pub mod sql;
+
+pub use sql::TRANSITIONS_CHANNEL;
+use sql::{CHECK_COLUMNS, TRANSITION_COLUMNS};
 
 // The transition-sequence lock ([`crate::lock::id::TRANSITION_SEQUENCE`])
 // serialises the assignment of transition sequences, so that sequences commit
@@ -101,8 +103,6 @@ fn transition_from_row(row: &PgRow) -> Result<Transition> {
 }
 
 const RUN_COLUMNS: &str = "run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at";
-const CHECK_COLUMNS: &str = "check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at";
-const TRANSITION_COLUMNS: &str = "sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation";
 
 impl PgStore {
     /// A store on the work pool.
@@ -143,22 +143,16 @@ impl PgStore {
         // The run insert and the system's row lock in one statement: the
         // insert needs nothing the lock protects, and every statement after
         // this one sees what the previous holder of the row committed.
-        let row = sqlx::query(
-            "WITH inserted AS ( \
-                 INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (run_id) DO NOTHING RETURNING recorded_at), \
-             locked AS (SELECT status FROM systems WHERE system_id = $2 FOR UPDATE) \
-             SELECT (SELECT recorded_at FROM inserted) AS recorded_at, (SELECT status FROM locked) AS previous",
-        )
-        .bind(new.run_id.as_str())
-        .bind(new.system_id.as_str())
-        .bind(new.check_id.as_str())
-        .bind(new.status.as_i16())
-        .bind(new.observed_at)
-        .bind(new.latency_us())
-        .bind(new.message.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
+        let row = sqlx::query(sql::INSERT_RUN)
+            .bind(new.run_id.as_str())
+            .bind(new.system_id.as_str())
+            .bind(new.check_id.as_str())
+            .bind(new.status.as_i16())
+            .bind(new.observed_at)
+            .bind(new.latency_us())
+            .bind(new.message.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
         let recorded_at: Option<DateTime<Utc>> = row.try_get("recorded_at")?;
 
         let Some(recorded_at) = recorded_at else {
@@ -290,16 +284,12 @@ impl PgStore {
     ) -> Result<Vec<Transition>> {
         self.transition_reads.fetch_add(1, Ordering::Relaxed);
         let mut conn = self.work.acquire().await?;
-        let rows = sqlx::query(&format!(
-            "SELECT {TRANSITION_COLUMNS} FROM transitions \
-             WHERE ($1::text IS NULL OR system_id = $1) AND sequence > $2 \
-             ORDER BY sequence LIMIT $3"
-        ))
-        .bind(system_id.map(SystemId::as_str))
-        .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&mut *conn)
-        .await?;
+        let rows = sqlx::query(sql::TRANSITIONS_AFTER)
+            .bind(system_id.map(SystemId::as_str))
+            .bind(i64::try_from(after).unwrap_or(i64::MAX))
+            .bind(i64::from(limit))
+            .fetch_all(&mut *conn)
+            .await?;
         rows.iter().map(transition_from_row).collect()
     }
 
@@ -544,31 +534,13 @@ async fn reevaluate(
     // Ordered by observed_at, so a late run slots into its place in history.
     // The created check is not visible to the same statement's scan of
     // `checks`, so it comes from RETURNING.
-    let rows = sqlx::query(&format!(
-        "WITH created AS ( \
-             INSERT INTO checks (system_id, check_id, thresholds) VALUES ($1, $2, $3) \
-             ON CONFLICT (system_id, check_id) DO NOTHING RETURNING {CHECK_COLUMNS}), \
-         target AS ( \
-             SELECT {CHECK_COLUMNS} FROM created \
-             UNION ALL SELECT {CHECK_COLUMNS} FROM checks WHERE system_id = $1 AND check_id = $2 \
-             LIMIT 1), \
-         recent AS ( \
-             SELECT status, observed_at, run_id FROM runs WHERE system_id = $1 AND check_id = $2 \
-             ORDER BY observed_at DESC, run_id DESC LIMIT $4) \
-         SELECT {CHECK_COLUMNS}, true AS target, \
-                (SELECT array_agg(status ORDER BY observed_at DESC, run_id DESC) FROM recent) AS recent_statuses, \
-                (SELECT max(observed_at) FROM recent) AS recent_last \
-         FROM target \
-         UNION ALL \
-         SELECT {CHECK_COLUMNS}, false, NULL, NULL FROM checks WHERE system_id = $1 AND check_id <> $2 \
-         ORDER BY check_id"
-    ))
-    .bind(system_id.as_str())
-    .bind(check_id.as_str())
-    .bind(encode_thresholds(&Thresholds::default()))
-    .bind(i64::try_from(MAX_RUNS_CONSIDERED).unwrap_or(100))
-    .fetch_all(&mut *tx)
-    .await?;
+    let rows = sqlx::query(sql::REEVALUATE_READ)
+        .bind(system_id.as_str())
+        .bind(check_id.as_str())
+        .bind(encode_thresholds(&Thresholds::default()))
+        .bind(i64::try_from(MAX_RUNS_CONSIDERED).unwrap_or(100))
+        .fetch_all(&mut *tx)
+        .await?;
 
     let mut checks = Vec::with_capacity(rows.len());
     let mut target = None;
@@ -608,48 +580,31 @@ async fn reevaluate(
     // The transition-sequence lock, when the status changed, is taken here
     // so that the transition insert (the next statement) reads the highest
     // sequence after the lock was granted.
-    let row = sqlx::query(
-        "WITH updated AS ( \
-             UPDATE checks SET status = $3, evaluation = $4, runs_considered = $5, last_run_at = $6, updated_at = now() \
-             WHERE system_id = $1 AND check_id = $2), \
-         upserted AS ( \
-             INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, $7, now()) \
-             ON CONFLICT (system_id) DO UPDATE SET status = excluded.status, evaluated_at = excluded.evaluated_at \
-             RETURNING evaluated_at) \
-         SELECT evaluated_at, \
-                (SELECT count(*) FROM (SELECT pg_advisory_xact_lock($8, $10) WHERE $9) l) AS sequence_locked \
-         FROM upserted",
-    )
-    .bind(system_id.as_str())
-    .bind(check_id.as_str())
-    .bind(evaluation.status.as_i16())
-    .bind(encode_evaluation(&evaluation))
-    .bind(i32::try_from(statuses.len()).unwrap_or(i32::MAX))
-    .bind(last_run_at)
-    .bind(current.as_i16())
-    .bind(crate::lock::id::INTERNAL_SPACE)
-    .bind(changed)
-    .bind(crate::lock::id::TRANSITION_SEQUENCE)
-    .fetch_one(&mut *tx)
-    .await?;
+    let row = sqlx::query(sql::REEVALUATE_WRITE)
+        .bind(system_id.as_str())
+        .bind(check_id.as_str())
+        .bind(evaluation.status.as_i16())
+        .bind(encode_evaluation(&evaluation))
+        .bind(i32::try_from(statuses.len()).unwrap_or(i32::MAX))
+        .bind(last_run_at)
+        .bind(current.as_i16())
+        .bind(crate::lock::id::INTERNAL_SPACE)
+        .bind(changed)
+        .bind(crate::lock::id::TRANSITION_SEQUENCE)
+        .fetch_one(&mut *tx)
+        .await?;
     let evaluated_at: DateTime<Utc> = row.try_get("evaluated_at")?;
 
     let transition = if changed {
-        let row = sqlx::query(&format!(
-            "WITH t AS ( \
-                 INSERT INTO transitions (sequence, system_id, check_id, from_status, to_status, evaluation, run_id) \
-                 SELECT coalesce(max(sequence), 0) + 1, $1, $2, $3, $4, $5, $6 FROM transitions \
-                 RETURNING {TRANSITION_COLUMNS}) \
-             SELECT t.*, pg_notify('{TRANSITIONS_CHANNEL}', t.sequence::text) FROM t"
-        ))
-        .bind(system_id.as_str())
-        .bind(check_id.as_str())
-        .bind(from.as_i16())
-        .bind(current.as_i16())
-        .bind(encode_evaluation(&evaluation))
-        .bind(caused_by.map(RunId::as_str))
-        .fetch_one(&mut *tx)
-        .await?;
+        let row = sqlx::query(sql::INSERT_TRANSITION)
+            .bind(system_id.as_str())
+            .bind(check_id.as_str())
+            .bind(from.as_i16())
+            .bind(current.as_i16())
+            .bind(encode_evaluation(&evaluation))
+            .bind(caused_by.map(RunId::as_str))
+            .fetch_one(&mut *tx)
+            .await?;
         Some(transition_from_row(&row)?)
     } else {
         None
