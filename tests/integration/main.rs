@@ -22,5 +22,6 @@ mod lock_service;
 mod probe;
 mod proxy;
 mod raw_h2;
+mod round_trips;
 mod watchers;
 mod withlock;
