@@ -6,9 +6,11 @@
 # nothing grows per acquisition: vitals' memory and lock sessions after the
 # first 1,000 are compared with those after all N. Not part of scripts/test.sh.
 #
-# Usage: scripts/soak.sh [--minutes N] [--concurrency N] [--lock-cycles N]
+# Usage: scripts/soak.sh [--minutes N] [--concurrency N] [--lock-cycles N] [--log FILE]
+#
+# It is `vitals-bench soak`, built and run by scripts/bench.sh with the
+# benchmark's set-up (a throw-away PostgreSQL cluster it can restart, vitals
+# on loopback, both stopped at exit); `scripts/bench.sh soak --help` lists
+# every option.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-cargo build --release --locked --bin vitals --example soak
-target_dir=${CARGO_TARGET_DIR:-target}
-exec "$target_dir/release/examples/soak" --vitals-bin "$target_dir/release/vitals" "$@"
+exec "$(dirname "${BASH_SOURCE[0]}")/bench.sh" soak "$@"

@@ -209,8 +209,6 @@ impl Script {
 pub(crate) struct PgbenchResult {
     pub(crate) summary: Summary,
     pub(crate) cpu: CpuUse,
-    /// pgbench's own tps line (including the warm-up), for cross-checking.
-    pub(crate) reported_tps: Option<f64>,
 }
 
 /// Runs pgbench.
@@ -273,11 +271,6 @@ impl Pgbench {
         let cpu = cpu.await.unwrap_or_default();
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let reported_tps = stdout
-            .lines()
-            .find(|l| l.starts_with("tps = "))
-            .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next()?.parse().ok());
-
         let mut completions = Vec::new();
         let mut codes = BTreeMap::<String, u64>::new();
         for file in log_files(&self.dir, &prefix) {
@@ -340,7 +333,6 @@ impl Pgbench {
         Ok(PgbenchResult {
             summary: summarise(latencies_ns, codes, window),
             cpu,
-            reported_tps,
         })
     }
 }

@@ -1,4 +1,9 @@
 //! The results: one JSON document, one Markdown page and one plot.
+//!
+//! What is committed (bench/results/) is the Markdown page and a summary of
+//! the JSON document: the figures docs/PERFORMANCE.md cites. The whole
+//! document (every RSS sample, CPU breakdowns, example round trips) and the
+//! plot go to `raw/` under the same directory, which git ignores.
 
 use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
 
@@ -425,6 +430,272 @@ impl Report {
         }
         self.targets = targets;
     }
+}
+
+/// Writes results.md and summary.json into `out_dir`, and the plot and
+/// (with `raw_json`) the whole report as results.json into `out_dir/raw`.
+/// Returns what it wrote, relative to `out_dir`. A plot that cannot be drawn
+/// (no font) is reported and skipped.
+pub(crate) fn write(r: &Report, out_dir: &Path, raw_json: bool) -> Result<Vec<String>> {
+    let raw = out_dir.join("raw");
+    fs::create_dir_all(&raw).with_context(|| format!("creating {}", raw.display()))?;
+    let mut written = Vec::new();
+    let mut put = |name: &str, text: String| -> Result<()> {
+        let path = out_dir.join(name);
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        written.push(name.to_owned());
+        Ok(())
+    };
+    put("results.md", markdown(r))?;
+    put("summary.json", summary(r)?)?;
+    if raw_json {
+        put("raw/results.json", serde_json::to_string_pretty(r)?)?;
+    }
+    if !r.cells.is_empty() {
+        match plot(r, &raw.join("throughput-p99.png")) {
+            Ok(()) => written.push("raw/throughput-p99.png".to_owned()),
+            Err(err) => eprintln!("vitals-bench: no plot: {err:#}"),
+        }
+    }
+    Ok(written.iter().map(|w| format!("{}/{w}", out_dir.display())).collect())
+}
+
+/// A JSON object written one field per line, and a list one element per
+/// line: small, and a new run's diff reads cell by cell.
+struct Lines(String);
+
+impl Lines {
+    fn new() -> Self {
+        Lines(String::from("{\n"))
+    }
+
+    fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<()> {
+        let _ = writeln!(self.0, "  {key:?}: {},", serde_json::to_string(value)?);
+        Ok(())
+    }
+
+    fn list<T: Serialize>(&mut self, key: &str, items: impl IntoIterator<Item = T>) -> Result<()> {
+        let items = items
+            .into_iter()
+            .map(|item| serde_json::to_string(&item).map(|json| format!("    {json}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if items.is_empty() {
+            let _ = writeln!(self.0, "  {key:?}: [],");
+        } else {
+            let _ = writeln!(self.0, "  {key:?}: [\n{}\n  ],", items.join(",\n"));
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> String {
+        if self.0.ends_with(",\n") {
+            self.0.truncate(self.0.len() - 2);
+            self.0.push('\n');
+        }
+        self.0.push_str("}\n");
+        self.0
+    }
+}
+
+/// Rounded to `places` decimals, for a summary that diffs well.
+fn round(x: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (x * scale).round() / scale
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// A cell as the summary keeps it.
+#[derive(Serialize)]
+struct CellLine<'a> {
+    workload: &'a str,
+    system: &'a str,
+    clients: usize,
+    per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    codes: &'a BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_cores: Option<CpuLine>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transitions_share: Option<f64>,
+}
+
+/// Cores busy during a cell, those of 0.00 left out.
+#[derive(Serialize)]
+struct CpuLine {
+    #[serde(skip_serializing_if = "is_zero")]
+    client: f64,
+    #[serde(skip_serializing_if = "is_zero")]
+    vitals: f64,
+    #[serde(skip_serializing_if = "is_zero")]
+    postgres: f64,
+    #[serde(skip_serializing_if = "is_zero")]
+    etcd: f64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pgbench: f64,
+    other: f64,
+}
+
+impl<'a> From<&'a Cell> for CellLine<'a> {
+    fn from(c: &'a Cell) -> Self {
+        CellLine {
+            workload: &c.workload,
+            system: &c.system,
+            clients: c.clients,
+            per_s: round(c.summary.throughput, 0),
+            p50_ms: round(c.summary.p50_ms, 3),
+            p99_ms: round(c.summary.p99_ms, 3),
+            max_ms: round(c.summary.max_ms, 1),
+            codes: &c.summary.codes,
+            cpu_cores: c.cpu.as_ref().map(|u| CpuLine {
+                client: round(u.client, 2),
+                vitals: round(u.vitals, 2),
+                postgres: round(u.postgres, 2),
+                etcd: round(u.etcd, 2),
+                pgbench: round(u.pgbench, 2),
+                other: round(u.other, 2),
+            }),
+            transitions_share: c.transitions_share.map(|t| round(t, 3)),
+        }
+    }
+}
+
+/// The memory soak without its samples.
+#[derive(Serialize)]
+struct MemoryLine {
+    clients: usize,
+    soak_seconds: f64,
+    warmup_seconds: f64,
+    baseline_kb: u64,
+    min_kb: u64,
+    max_kb: u64,
+    last_kb: u64,
+    max_deviation_pct: f64,
+    slope_kb_per_min: f64,
+    within_10_pct: bool,
+}
+
+/// One round of held locks, without the samples and failure details.
+#[derive(Serialize)]
+struct HeldLine<'a> {
+    backend: &'a str,
+    round: usize,
+    requested: usize,
+    acquired: usize,
+    rss_before_kb: u64,
+    rss_held_kb: u64,
+    rss_released_kb: u64,
+    per_lock_kib: f64,
+    per_lock_since_first_kib: f64,
+    acquire_per_s: f64,
+    release_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lock_backends: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    advisory_locks: Option<i64>,
+}
+
+/// Round trips of one kind of request, without the example.
+#[derive(Serialize)]
+struct RoundTripLine<'a> {
+    kind: &'a str,
+    requests: usize,
+    mean: f64,
+    min: usize,
+    max: usize,
+    by_pool: BTreeMap<&'a str, f64>,
+}
+
+/// vitals against a baseline, the ratio only.
+#[derive(Serialize)]
+struct RatioLine<'a> {
+    workload: &'a str,
+    clients: usize,
+    against: &'a str,
+    ratio: f64,
+}
+
+/// summary.json: the figures of a run, without what only explains them (RSS
+/// samples, load averages, example round trips). results.md renders the
+/// whole report; summary.json is what a program compares across runs.
+pub(crate) fn summary(r: &Report) -> Result<String> {
+    let m = &r.machine;
+    let mut out = Lines::new();
+    out.field("started_at", &r.started_at)?;
+    out.field("total_seconds", &round(r.total_seconds, 0))?;
+    out.field("vitals_commit", &m.vitals_commit)?;
+    out.field(
+        "machine",
+        &format!(
+            "{} ({} cores), {:.0} GiB, Linux {}",
+            m.cpu_model, m.cores, m.memory_gib, m.kernel
+        ),
+    )?;
+    out.field("postgres", &m.postgres)?;
+    out.field("postgres_settings", &m.postgres_settings)?;
+    out.field("etcd", &m.etcd)?;
+    out.field("settings", &r.settings)?;
+    out.list("targets", &r.targets)?;
+    out.list(
+        "ratios",
+        r.ratios.iter().map(|x| RatioLine {
+            workload: &x.workload,
+            clients: x.clients,
+            against: &x.against,
+            ratio: round(x.throughput_ratio, 3),
+        }),
+    )?;
+    out.list("cells", r.cells.iter().map(CellLine::from))?;
+    out.field(
+        "memory",
+        &r.memory.as_ref().map(|m| MemoryLine {
+            clients: m.clients,
+            soak_seconds: m.soak_seconds,
+            warmup_seconds: m.warmup_seconds,
+            baseline_kb: m.baseline_kb,
+            min_kb: m.min_kb,
+            max_kb: m.max_kb,
+            last_kb: m.last_kb,
+            max_deviation_pct: round(m.max_deviation_pct, 2),
+            slope_kb_per_min: round(m.slope_kb_per_min, 1),
+            within_10_pct: m.within_10_pct,
+        }),
+    )?;
+    out.list(
+        "held_locks",
+        r.held_locks.iter().map(|h| HeldLine {
+            backend: &h.backend,
+            round: h.round,
+            requested: h.requested,
+            acquired: h.acquired,
+            rss_before_kb: h.rss_before_kb,
+            rss_held_kb: h.rss_held_kb,
+            rss_released_kb: h.rss_released_kb,
+            per_lock_kib: round(h.per_lock_bytes / 1024.0, 2),
+            per_lock_since_first_kib: round(h.per_lock_since_first_bytes / 1024.0, 2),
+            acquire_per_s: round(h.acquire_per_s, 0),
+            release_per_s: round(h.release_per_s, 0),
+            lock_backends: h.lock_backends,
+            advisory_locks: h.advisory_locks,
+        }),
+    )?;
+    out.list(
+        "round_trips",
+        r.round_trips.iter().map(|t| RoundTripLine {
+            kind: &t.kind,
+            requests: t.requests,
+            mean: round(t.round_trips_mean, 2),
+            min: t.round_trips_min,
+            max: t.round_trips_max,
+            by_pool: t.by_pool.iter().map(|(k, v)| (k.as_str(), round(*v, 2))).collect(),
+        }),
+    )?;
+    out.field("pgbench_scripts", &r.pgbench_scripts)?;
+    Ok(out.finish())
 }
 
 /// 12345.6 -> "12,346".
@@ -912,4 +1183,58 @@ fn panel(
         .draw()
         .map_err(err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_keeps_the_figures_and_leaves_out_the_samples() {
+        let samples = (0..60u32).map(|s| (f64::from(s), 13_000 + u64::from(s))).collect();
+        let mut r = Report {
+            memory: Memory::from_samples(32, 60.0, 15.0, samples),
+            ..Report::default()
+        };
+        r.cells.push(Cell {
+            workload: "submit".into(),
+            system: "vitals".into(),
+            clients: 32,
+            summary: Summary {
+                requests: 13_154,
+                seconds: 7.0,
+                throughput: 1_879.14,
+                p50_ms: 14.1234,
+                p90_ms: 30.8,
+                p99_ms: 51.3,
+                max_ms: 77.54,
+                codes: BTreeMap::from([("OK".to_owned(), 13_154)]),
+            },
+            cpu: Some(CpuUse {
+                vitals: 0.523,
+                ..CpuUse::default()
+            }),
+            vitals_rss_kb: Some(13_000),
+            loadavg: "1.00 1.00 1.00".into(),
+            transitions_share: Some(0.1412),
+        });
+        let text = summary(&r).unwrap();
+        let s: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let cell = &s["cells"][0];
+        assert_eq!(cell["per_s"], 1_879.0);
+        assert_eq!(cell["p50_ms"], 14.123);
+        assert_eq!(cell["codes"]["OK"], 13_154);
+        assert_eq!(cell["cpu_cores"]["vitals"], 0.52);
+        assert!(cell["cpu_cores"].get("etcd").is_none());
+        assert_eq!(cell["transitions_share"], 0.141);
+        assert!(cell.get("loadavg").is_none());
+        assert_eq!(s["memory"]["baseline_kb"], 13_015);
+        assert!(s["memory"].get("samples").is_none());
+        // One cell per line, in the order of the fields.
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(r#"    {"workload":"submit","system":"vitals","clients":32,"#)),
+            "{text}"
+        );
+    }
 }

@@ -40,6 +40,24 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// [`run`] without blocking the runtime's thread.
+async fn run_async(cmd: Command, what: &str) -> Result<String> {
+    let out = tokio::process::Command::from(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("{what}: could not start"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -157,17 +175,33 @@ struct Cluster {
     data: PathBuf,
     pg_ctl: PathBuf,
     as_postgres: bool,
+    /// The server's options (`pg_ctl -o`) and log, to start it again.
+    opts: String,
+    log: PathBuf,
+}
+
+impl Cluster {
+    /// `pg_ctl` with `args` after the data directory, as its owner.
+    fn pg_ctl(&self, args: &[&str]) -> Command {
+        let mut cmd = pg_command(self.as_postgres, &self.pg_ctl);
+        cmd.arg("-D").arg(&self.data).args(args);
+        cmd
+    }
+
+    fn start_command(&self) -> Command {
+        let mut cmd = self.pg_ctl(&["-w", "-t", "60", "-o", &self.opts, "-l"]);
+        cmd.arg(&self.log).arg("start");
+        cmd
+    }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let mut cmd = pg_command(self.as_postgres, &self.pg_ctl);
-        cmd.args(["-D"])
-            .arg(&self.data)
-            .args(["-m", "fast", "-w", "-t", "30", "stop"])
+        let _ = self
+            .pg_ctl(&["-m", "fast", "-w", "-t", "30", "stop"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let _ = cmd.status();
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -313,16 +347,10 @@ impl Postgres {
             data: data.clone(),
             pg_ctl: bindir.join("pg_ctl"),
             as_postgres,
+            opts,
+            log: dir.join("server.log"),
         };
-        run(
-            pg_command(as_postgres, &cluster.pg_ctl)
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(dir.join("server.log"))
-                .args(["-w", "-t", "60", "-o", &opts, "start"]),
-            "pg_ctl start",
-        )?;
+        run(&mut cluster.start_command(), "pg_ctl start")?;
         let postmaster_pid = fs::read_to_string(data.join("postmaster.pid"))
             .ok()
             .and_then(|s| s.lines().next()?.trim().parse().ok());
@@ -347,6 +375,21 @@ impl Postgres {
             _cluster: Some(cluster),
             _external: None,
         })
+    }
+
+    /// Stops the cluster the benchmark started (fast shutdown: sessions are
+    /// ended), keeps it down for `down`, and starts it again on the same
+    /// port. Returns how long it was unreachable.
+    pub(crate) async fn restart(&self, down: Duration) -> Result<Duration> {
+        let cluster = self
+            ._cluster
+            .as_ref()
+            .context("only a cluster the benchmark started can be restarted (not one on DATABASE_URL)")?;
+        let started = Instant::now();
+        run_async(cluster.pg_ctl(&["-m", "fast", "-w", "-t", "60", "stop"]), "pg_ctl stop").await?;
+        tokio::time::sleep(down).await;
+        run_async(cluster.start_command(), "pg_ctl start").await?;
+        Ok(started.elapsed())
     }
 
     /// Runs one SQL query with psql and returns its unaligned output.
@@ -412,6 +455,19 @@ impl Vitals {
         name: &str,
         env: &[(&str, String)],
     ) -> Result<Self> {
+        let log = work_dir.join(format!("{name}.log"));
+        Self::start_logged(bin, database_url, work_dir, log, env).await
+    }
+
+    /// [`Vitals::start_with`], its output going to `log` (which may lie
+    /// outside the work directory, to outlive it).
+    pub(crate) async fn start_logged(
+        bin: &Path,
+        database_url: &str,
+        work_dir: &Path,
+        log: PathBuf,
+        env: &[(&str, String)],
+    ) -> Result<Self> {
         if !bin.exists() {
             bail!(
                 "vitals binary {} not found: build it with `cargo build --release --locked` (or pass --vitals-bin)",
@@ -434,7 +490,7 @@ impl Vitals {
         for (key, value) in env {
             cmd.env(key, value);
         }
-        let mut proc = Proc::spawn("vitals", &mut cmd, work_dir.join(format!("{name}.log")), work_dir)?;
+        let mut proc = Proc::spawn("vitals", &mut cmd, log, work_dir)?;
         wait_serving(addr, &mut proc).await?;
         Ok(Vitals { addr, proc })
     }
