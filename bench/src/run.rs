@@ -694,8 +694,8 @@ impl Bench {
     /// RSS per held WithLock lock: on the PostgreSQL vitals, then on a fresh
     /// one on the embedded store.
     async fn held_locks(&mut self) -> Result<()> {
-        // The workloads' connections are closed, as a replica's would be
-        // that only held locks.
+        // Closed first, so that what vitals keeps for the workloads'
+        // connections is not counted as the held locks' cost.
         self.channels.clear();
         let (hold, rounds) = (self.opts.hold, self.opts.hold_rounds);
         let prefix = format!("bench-held-{}", self.nonce);
