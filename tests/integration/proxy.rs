@@ -217,8 +217,6 @@ pub struct Trip {
     pub statements: Vec<String>,
     /// Whether the client prepared a statement in it.
     pub prepared: bool,
-    /// When the client's first message of the round trip passed the proxy.
-    pub started: Instant,
     /// When the server's `ReadyForQuery` passed the proxy.
     pub ended: Instant,
 }
@@ -251,10 +249,13 @@ struct Conn {
     prepared: HashMap<String, String>,
     /// The SQL of the statement last bound.
     bound: String,
-    /// Since the last ReadyForQuery.
+    /// The statements run since the last ReadyForQuery.
     statements: Vec<String>,
+    /// Whether a statement was prepared since the last ReadyForQuery.
     parsed: bool,
-    since: Option<Instant>,
+    /// The client sent something the server has not answered with
+    /// `ReadyForQuery` yet.
+    in_flight: bool,
     /// The first ReadyForQuery ends the start-up, not a round trip.
     started_up: bool,
     /// One-byte answers to SSL or GSS encryption requests the server owes.
@@ -277,7 +278,7 @@ impl Wire {
             .unwrap()
             .conns
             .values()
-            .filter(|c| c.since.is_some())
+            .filter(|c| c.in_flight)
             .count()
     }
 
@@ -291,7 +292,7 @@ impl Wire {
             .conns
             .values()
             .filter(|c| c.app == app && c.started_up)
-            .all(|c| c.since.is_none() && c.pinged_last)
+            .all(|c| !c.in_flight && c.pinged_last)
     }
 
     fn open(&self) -> usize {
@@ -309,7 +310,7 @@ impl Wire {
     fn client_message(&self, conn: usize, tag: u8, body: &[u8]) {
         let mut state = self.state.lock().unwrap();
         let Some(c) = state.conns.get_mut(&conn) else { return };
-        c.since.get_or_insert_with(Instant::now);
+        c.in_flight = true;
         match tag {
             b'Q' => c.statements.push(cstr(body).0.to_owned()),
             b'P' => {
@@ -328,7 +329,7 @@ impl Wire {
                 c.statements.push(sql);
             }
             // Terminate: the connection ends, nothing answers it.
-            b'X' => c.since = None,
+            b'X' => c.in_flight = false,
             _ => {}
         }
     }
@@ -336,7 +337,7 @@ impl Wire {
     fn ready_for_query(&self, conn: usize) {
         let mut state = self.state.lock().unwrap();
         let Some(c) = state.conns.get_mut(&conn) else { return };
-        let started = c.since.take();
+        c.in_flight = false;
         let statements = std::mem::take(&mut c.statements);
         let prepared = std::mem::take(&mut c.parsed);
         if !c.started_up {
@@ -350,7 +351,6 @@ impl Wire {
             app: c.app.clone(),
             statements,
             prepared,
-            started: started.unwrap_or_else(Instant::now),
             ended: Instant::now(),
         };
         state.trips.push(trip);

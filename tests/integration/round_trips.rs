@@ -124,8 +124,8 @@ async fn quiet(wire: &Wire, conn: &mut PgConnection) {
     while wire.in_flight() > 0 || !wire.all_pinged("vitals-work") {
         assert!(
             Instant::now() < deadline,
-            "vitals did not go quiet: {:#?}",
-            wire.trips()
+            "vitals did not go quiet; the last round trips: {:#?}",
+            wire.trips().iter().rev().take(20).collect::<Vec<_>>()
         );
         tokio::task::yield_now().await;
     }
