@@ -10,7 +10,7 @@ use tonic_types::StatusExt;
 use vitals::{lock::LocalLockStats, proto};
 
 use crate::{
-    harness::{TestApp, TestDb, WORK_SESSIONS_BLOCKED, until_count},
+    harness::{PATIENCE, TestApp, TestDb, WORK_SESSIONS_BLOCKED, eventually, until_count},
     proxy::{Proxy, url_addr, url_via},
     withlock::acquire,
 };
@@ -51,19 +51,19 @@ impl FilledSlots {
                 client.submit_run(stuck_run(&format!("stuck-{i}"))).await.map(|_| ())
             }));
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
         let want = LocalLockStats {
             keys: 1,
             waiting: n - 1,
         };
-        while app.local_lock_stats() != want {
-            assert!(
-                Instant::now() < deadline,
-                "the runs never all waited: {:?}, expected {want:?}",
-                app.local_lock_stats()
-            );
-            tokio::task::yield_now().await;
-        }
+        eventually(PATIENCE, "every run waits on the held lock", async || {
+            let stats = app.local_lock_stats();
+            if stats == want {
+                Ok(())
+            } else {
+                Err(format!("{stats:?}, expected {want:?}"))
+            }
+        })
+        .await;
         FilledSlots { holder, runs }
     }
 
@@ -93,7 +93,14 @@ async fn past_the_concurrency_limit_business_rpcs_are_shed_while_health_and_refl
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert_eq!(err.get_details_error_info().unwrap().reason, "OVERLOADED");
-    assert!(started.elapsed() < Duration::from_millis(500));
+    // Shed at once: without shedding the call would wait for the held slots,
+    // which are never let go before the assertion. The bound leaves room for
+    // a new connection on a loaded 2-core machine.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "shed after {:?}",
+        started.elapsed()
+    );
     assert_eq!(
         app.serving_status("vitals.v1.HealthCheckService").await,
         ServingStatus::Serving

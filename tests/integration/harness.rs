@@ -217,22 +217,63 @@ impl TestDb {
     }
 }
 
-/// Returns once the count `sql` reads on `conn` equals `expected`: a state
-/// observed inside PostgreSQL (a session queued on a lock, say) instead of
-/// assumed after a sleep. Panics naming `what` after 10 s.
-pub async fn until_count(conn: &mut PgConnection, sql: &str, expected: i64, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// How long a test waits for something that should happen promptly. Only a
+/// guard that turns a hang into a failure, never the thing under test, so it
+/// is generous: a loaded 2-core CI machine runs the whole suite at once.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The pause between two tries of a polled condition: short against the
+/// waits it serves, long enough that polling does not take a core from the
+/// servers under test (a `yield_now` loop against PostgreSQL does).
+const POLL_PAUSE: Duration = Duration::from_millis(10);
+
+/// Polls `probe` until it returns `Ok`, pausing briefly between tries, and
+/// returns its value: a state observed (a lock table, a count in PostgreSQL)
+/// rather than assumed after a sleep. Panics after `within`, naming `what`
+/// was awaited (a state: "the lock table is empty") and the last `Err`,
+/// what was seen instead.
+pub async fn eventually<T, E: std::fmt::Display>(
+    within: Duration,
+    what: &str,
+    mut probe: impl AsyncFnMut() -> Result<T, E>,
+) -> T {
+    let deadline = Instant::now() + within;
     loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "timed out after {within:?} waiting until {what}: {seen}"
+            ),
+        }
+        tokio::time::sleep(POLL_PAUSE).await;
+    }
+}
+
+/// [`eventually`] for a condition read without I/O.
+pub async fn until(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    eventually(within, what, async || {
+        if condition() {
+            Ok(())
+        } else {
+            Err("the condition still does not hold")
+        }
+    })
+    .await;
+}
+
+/// Returns once the count `sql` reads on `conn` equals `expected` (a session
+/// queued on a lock, say). Panics naming `what` after [`PATIENCE`].
+pub async fn until_count(conn: &mut PgConnection, sql: &str, expected: i64, what: &str) {
+    eventually(PATIENCE, what, async || {
         let count: i64 = sqlx::query_scalar(sql).fetch_one(&mut *conn).await.unwrap();
         if count == expected {
-            return;
+            Ok(())
+        } else {
+            Err(format!("the count is {count}, expected {expected}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: count stayed {count}, expected {expected}"
-        );
-        tokio::task::yield_now().await;
-    }
+    })
+    .await;
 }
 
 /// Counts this test database's work-pool sessions blocked on a lock.

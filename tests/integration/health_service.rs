@@ -13,20 +13,18 @@ use prost_types::Timestamp;
 use tonic::{Code, Status, Streaming, transport::Channel};
 use tonic_types::StatusExt;
 use vitals::proto::{
-    self, ConfigureCheckRequest, ConfigureCheckResponse, EvaluateHealthRequest, EvaluationMode, EvaluationRule,
-    GetSystemHealthRequest, HealthStatus, HealthTransition, ListRunsRequest, ListRunsResponse, ListTransitionsRequest,
-    Run, SubmitRunRequest, SubmitRunResponse, SystemHealth, Thresholds, WatchTransitionsRequest,
-    WatchTransitionsResponse, health_check_service_client::HealthCheckServiceClient, thresholds::Mode,
+    self, ConfigureCheckRequest, ConfigureCheckResponse, EvaluateHealthRequest, EvaluateHealthResponse, EvaluationMode,
+    EvaluationRule, GetSystemHealthRequest, HealthStatus, HealthTransition, ListRunsRequest, ListRunsResponse,
+    ListTransitionsRequest, Run, SubmitRunRequest, SubmitRunResponse, SystemHealth, Thresholds,
+    WatchTransitionsRequest, WatchTransitionsResponse, health_check_service_client::HealthCheckServiceClient,
+    thresholds::Mode,
 };
 
 use HealthStatus::{Degraded, Healthy, Unhealthy};
 
-use crate::harness::{Backend, Replicas, TestApp, TestDb};
+use crate::harness::{Backend, PATIENCE, Replicas, TestApp, TestDb, eventually};
 
 type Client = HealthCheckServiceClient<Channel>;
-
-/// How long a test waits for something that should happen at once.
-const PATIENCE: Duration = Duration::from_secs(20);
 
 // ---- helpers ----
 
@@ -159,6 +157,24 @@ async fn count_rows(db: &TestDb, sql: &str, system: &str) -> i64 {
     db.scalar(sql, system).await
 }
 
+/// Stored runs of `system`.
+async fn runs_of(db: &TestDb, system: &str) -> i64 {
+    count_rows(db, "SELECT count(*) FROM runs WHERE system_id = $1", system).await
+}
+
+/// Stored transitions of `system`.
+async fn transitions_of(db: &TestDb, system: &str) -> i64 {
+    count_rows(db, "SELECT count(*) FROM transitions WHERE system_id = $1", system).await
+}
+
+/// A fresh database of `backend`, a server on it, and a client of that server.
+async fn serve(backend: Backend) -> (TestDb, TestApp, Client) {
+    let db = TestDb::create(backend).await;
+    let app = TestApp::start(&db, &[]).await;
+    let client = app.health_client().await;
+    (db, app, client)
+}
+
 /// Stored transitions (sequence, system, check, from, to), in sequence order.
 async fn stored_transitions(db: &TestDb) -> Vec<(i64, String, String, i16, i16)> {
     db.stored_transitions().await
@@ -278,9 +294,7 @@ async fn flap(mut client: Client, system: String, cycles: usize, t0: i64) {
 
 both_backends!(failing_runs_take_a_new_system_through_degraded_to_unhealthy_and_a_success_brings_it_back);
 async fn failing_runs_take_a_new_system_through_degraded_to_unhealthy_and_a_success_brings_it_back(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (db, app, mut client) = serve(backend).await;
     let t0 = base_time();
 
     // The run's status, then the system's status the reply must report.
@@ -360,16 +374,14 @@ async fn failing_runs_take_a_new_system_through_degraded_to_unhealthy_and_a_succ
         EvaluationRule::RecoveryConfirmed
     );
 
-    let stored = count_rows(&db, "SELECT count(*) FROM transitions WHERE system_id = $1", "checkout").await;
+    let stored = transitions_of(&db, "checkout").await;
     assert_eq!(stored, 3);
     app.stop().await;
 }
 
 both_backends!(the_health_of_a_system_never_seen_is_not_found_with_reason_system_not_found);
 async fn the_health_of_a_system_never_seen_is_not_found_with_reason_system_not_found(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (_db, app, mut client) = serve(backend).await;
     submit(&mut client, run("known", "http", "r1", Healthy, None)).await;
 
     let err = client
@@ -393,9 +405,7 @@ async fn the_health_of_a_system_never_seen_is_not_found_with_reason_system_not_f
 
 both_backends!(a_run_with_missing_fields_or_observed_too_far_in_the_future_is_refused_naming_every_field);
 async fn a_run_with_missing_fields_or_observed_too_far_in_the_future_is_refused_naming_every_field(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (db, app, mut client) = serve(backend).await;
     let future = at(chrono::Utc::now().timestamp() + 600);
     let mut req = run("", "http", "r1", HealthStatus::Unspecified, Some(future));
     req.latency = Some(prost_types::Duration { seconds: -1, nanos: 0 });
@@ -458,22 +468,14 @@ async fn every_run_delivered_twice_is_stored_once_and_the_second_reply_is_a_dupl
         transitions += usize::from(first.transition.is_some());
     }
     assert_eq!(transitions, 3, "healthy -> degraded -> unhealthy -> healthy");
-    assert_eq!(
-        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "billing").await,
-        6
-    );
-    assert_eq!(
-        count_rows(&db, "SELECT count(*) FROM transitions WHERE system_id = $1", "billing").await,
-        3
-    );
+    assert_eq!(runs_of(&db, "billing").await, 6);
+    assert_eq!(transitions_of(&db, "billing").await, 3);
     replicas.stop().await;
 }
 
 both_backends!(reusing_a_run_id_with_different_content_is_already_exists_with_reason_run_id_conflict);
 async fn reusing_a_run_id_with_different_content_is_already_exists_with_reason_run_id_conflict(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (db, app, mut client) = serve(backend).await;
     let t0 = base_time();
     let mut original = run("search", "query", "r1", Healthy, Some(at(t0)));
     original.message = "fine".into();
@@ -531,9 +533,7 @@ async fn reusing_a_run_id_with_different_content_is_already_exists_with_reason_r
 
 both_backends!(a_retry_of_a_request_without_observed_at_is_still_a_duplicate);
 async fn a_retry_of_a_request_without_observed_at_is_still_a_duplicate(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (db, app, mut client) = serve(backend).await;
     let mut req = run("mail", "smtp", "no-clock", Degraded, None);
     req.message = "timeout".into();
 
@@ -547,18 +547,13 @@ async fn a_retry_of_a_request_without_observed_at_is_still_a_duplicate(backend: 
         first.run.as_ref().unwrap().observed_at,
         "the stored observed_at is kept, not the retry's now"
     );
-    assert_eq!(
-        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "mail").await,
-        1
-    );
+    assert_eq!(runs_of(&db, "mail").await, 1);
     app.stop().await;
 }
 
 both_backends!(a_retry_of_a_run_reports_the_transition_that_run_caused_and_no_other);
 async fn a_retry_of_a_run_reports_the_transition_that_run_caused_and_no_other(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (db, app, mut client) = serve(backend).await;
     let t0 = base_time();
     // The first failure is a blip; the second degrades the system.
     let blip = run("orders", "api", "o-1", Degraded, Some(at(t0)));
@@ -606,9 +601,7 @@ async fn a_retry_of_a_run_reports_the_transition_that_run_caused_and_no_other(ba
 
 both_backends!(an_observed_at_before_year_1_or_after_9999_is_refused_naming_the_field_on_every_backend);
 async fn an_observed_at_before_year_1_or_after_9999_is_refused_naming_the_field_on_every_backend(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (db, app, mut client) = serve(backend).await;
     let year_one = -62_135_596_800;
     let refused = [
         // About 251,000 BC: PostgreSQL's timestamptz ends at 4713 BC.
@@ -648,10 +641,7 @@ async fn an_observed_at_before_year_1_or_after_9999_is_refused_naming_the_field_
             .unwrap_err();
         assert_eq!(violated_fields(&err), ["observed_at"], "{what}");
     }
-    assert_eq!(
-        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "old").await,
-        0
-    );
+    assert_eq!(runs_of(&db, "old").await, 0);
 
     // The first instant of year 1 is stored as sent, retried as a duplicate,
     // and listings page across it.
@@ -694,9 +684,7 @@ both_backends!(a_latency_above_24_hours_is_refused_and_an_accepted_one_is_stored
 async fn a_latency_above_24_hours_is_refused_and_an_accepted_one_is_stored_replied_and_retried_as_one_value(
     backend: Backend,
 ) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (_db, app, mut client) = serve(backend).await;
     let t0 = base_time();
     let with_latency = |run_id: &str, seconds: i64, nanos: i32| {
         let mut req = run("timed", "c", run_id, Healthy, Some(at(t0)));
@@ -750,9 +738,7 @@ async fn a_latency_above_24_hours_is_refused_and_an_accepted_one_is_stored_repli
 
 both_backends!(a_run_without_a_run_id_gets_a_generated_one_and_is_never_taken_for_a_duplicate);
 async fn a_run_without_a_run_id_gets_a_generated_one_and_is_never_taken_for_a_duplicate(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (db, app, mut client) = serve(backend).await;
     let req = run("cron", "job", "", Healthy, Some(at(base_time())));
     let first = submit(&mut client, req.clone()).await;
     let second = submit(&mut client, req).await;
@@ -763,10 +749,7 @@ async fn a_run_without_a_run_id_gets_a_generated_one_and_is_never_taken_for_a_du
     );
     assert!(!first_id.is_empty());
     assert_ne!(first_id, second_id);
-    assert_eq!(
-        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "cron").await,
-        2
-    );
+    assert_eq!(runs_of(&db, "cron").await, 2);
     app.stop().await;
 }
 
@@ -774,9 +757,7 @@ async fn a_run_without_a_run_id_gets_a_generated_one_and_is_never_taken_for_a_du
 
 both_backends!(a_late_run_slots_into_place_by_observed_at_and_can_cause_the_transition);
 async fn a_late_run_slots_into_place_by_observed_at_and_can_cause_the_transition(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (_db, app, mut client) = serve(backend).await;
     let t0 = base_time();
 
     // Newest first by observed_at: F(30) H(10) -> a one-failure blip over a success: healthy.
@@ -819,9 +800,7 @@ async fn a_late_run_slots_into_place_by_observed_at_and_can_cause_the_transition
 
 both_backends!(switching_a_check_to_window_thresholds_re_evaluates_it_and_reports_the_transition);
 async fn switching_a_check_to_window_thresholds_re_evaluates_it_and_reports_the_transition(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (_db, app, mut client) = serve(backend).await;
     let t0 = base_time();
 
     // Alternating failures never make a streak: healthy in consecutive mode.
@@ -885,9 +864,7 @@ async fn switching_a_check_to_window_thresholds_re_evaluates_it_and_reports_the_
 
 both_backends!(a_disabled_check_stops_counting_towards_its_system_until_it_is_enabled_again);
 async fn a_disabled_check_stops_counting_towards_its_system_until_it_is_enabled_again(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (db, app, mut client) = serve(backend).await;
     let t0 = base_time();
     let toggle = |enabled: bool| ConfigureCheckRequest {
         system_id: "shop".into(),
@@ -944,9 +921,7 @@ async fn a_disabled_check_stops_counting_towards_its_system_until_it_is_enabled_
 
 both_backends!(invalid_thresholds_are_refused_with_a_field_violation_for_each_offending_field);
 async fn invalid_thresholds_are_refused_with_a_field_violation_for_each_offending_field(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (_db, app, mut client) = serve(backend).await;
     let cases: [(&str, Thresholds, &[&str]); 6] = [
         (
             "ping",
@@ -1006,19 +981,21 @@ async fn invalid_thresholds_are_refused_with_a_field_violation_for_each_offendin
 
 both_backends!(evaluate_health_returns_the_verdict_with_the_rule_and_streaks_that_decided_it);
 async fn evaluate_health_returns_the_verdict_with_the_rule_and_streaks_that_decided_it(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
-    let evaluate = |statuses: &[HealthStatus], thresholds: Option<Thresholds>| EvaluateHealthRequest {
-        statuses: statuses.iter().map(|s| *s as i32).collect(),
-        thresholds,
-    };
+    let (_db, app, mut client) = serve(backend).await;
+    /// What EvaluateHealth answers for `statuses` under `thresholds`.
+    async fn evaluate(
+        client: &mut Client,
+        statuses: &[HealthStatus],
+        thresholds: Option<Thresholds>,
+    ) -> EvaluateHealthResponse {
+        let request = EvaluateHealthRequest {
+            statuses: statuses.iter().map(|s| *s as i32).collect(),
+            thresholds,
+        };
+        client.evaluate_health(request).await.unwrap().into_inner()
+    }
 
-    let reply = client
-        .evaluate_health(evaluate(&[Unhealthy, Degraded, Healthy], None))
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = evaluate(&mut client, &[Unhealthy, Degraded, Healthy], None).await;
     assert_eq!(reply.status(), Degraded);
     let e = reply.evaluation.unwrap();
     assert_eq!(e.mode(), EvaluationMode::Consecutive);
@@ -1034,11 +1011,7 @@ async fn evaluate_health_returns_the_verdict_with_the_rule_and_streaks_that_deci
     let statuses = [
         Healthy, Healthy, Degraded, Degraded, Unhealthy, Degraded, Degraded, Healthy,
     ];
-    let reply = client
-        .evaluate_health(evaluate(&statuses, Some(consecutive(3, 2, 5))))
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = evaluate(&mut client, &statuses, Some(consecutive(3, 2, 5))).await;
     assert_eq!(reply.status(), Unhealthy);
     let e = reply.evaluation.unwrap();
     assert_eq!(e.rule(), EvaluationRule::RecoveryNotConfirmed);
@@ -1048,11 +1021,7 @@ async fn evaluate_health_returns_the_verdict_with_the_rule_and_streaks_that_deci
     );
 
     // A single failure under the default thresholds is a blip.
-    let reply = client
-        .evaluate_health(evaluate(&[Degraded, Healthy], None))
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = evaluate(&mut client, &[Degraded, Healthy], None).await;
     assert_eq!(reply.status(), Healthy);
     assert_eq!(reply.evaluation.unwrap().rule(), EvaluationRule::BelowDegradedThreshold);
 
@@ -1060,17 +1029,13 @@ async fn evaluate_health_returns_the_verdict_with_the_rule_and_streaks_that_deci
     let statuses = [
         Healthy, Degraded, Healthy, Unhealthy, Healthy, Degraded, Degraded, Degraded,
     ];
-    let reply = client
-        .evaluate_health(evaluate(&statuses, Some(window(5, 2, 3))))
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = evaluate(&mut client, &statuses, Some(window(5, 2, 3))).await;
     assert_eq!(reply.status(), Degraded);
     let e = reply.evaluation.unwrap();
     assert_eq!(e.mode(), EvaluationMode::Window);
     assert_eq!((e.failures_in_window, e.runs_considered), (2, 5));
 
-    let reply = client.evaluate_health(evaluate(&[], None)).await.unwrap().into_inner();
+    let reply = evaluate(&mut client, &[], None).await;
     assert_eq!(reply.status(), Healthy);
     assert_eq!(reply.evaluation.unwrap().rule(), EvaluationRule::NoRuns);
     app.stop().await;
@@ -1078,9 +1043,7 @@ async fn evaluate_health_returns_the_verdict_with_the_rule_and_streaks_that_deci
 
 both_backends!(evaluate_health_refuses_more_than_100_statuses_and_unspecified_ones);
 async fn evaluate_health_refuses_more_than_100_statuses_and_unspecified_ones(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (_db, app, mut client) = serve(backend).await;
 
     let hundred = vec![Degraded as i32; 100];
     let reply = client
@@ -1186,9 +1149,7 @@ async fn list_runs_walks_every_run_exactly_once_newest_first_across_pages(backen
 
 both_backends!(a_tampered_page_token_or_one_replayed_against_another_listing_is_invalid_argument);
 async fn a_tampered_page_token_or_one_replayed_against_another_listing_is_invalid_argument(backend: Backend) {
-    let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &[]).await;
-    let mut client = app.health_client().await;
+    let (_db, app, mut client) = serve(backend).await;
     let t0 = base_time();
     for system in ["alpha", "beta"] {
         for (i, status) in [Degraded, Degraded, Healthy, Degraded, Degraded]
@@ -1427,10 +1388,7 @@ async fn retention_deletes_old_runs_and_transitions_but_never_a_checks_newest_10
         0,
         "the oldest went"
     );
-    assert_eq!(
-        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "retained").await,
-        108
-    );
+    assert_eq!(runs_of(&db, "retained").await, 108);
     let sequences: Vec<i64> = stored_transitions(&db).await.iter().map(|t| t.0).collect();
     assert_eq!(sequences, [1003, 1005, 1006], "each system's newest stays");
     database.close().await;
@@ -1479,7 +1437,7 @@ async fn shutdown_during_a_long_retention_pass_ends_within_the_grace_and_close_l
     db.execute(&format!("{numbers}{checks_sql} {numbers}{runs_sql}")).await;
     let seeded = i64::from(CHECKS * RUNS_PER_CHECK);
     let kept = i64::from(CHECKS * 100);
-    let runs = || db.scalar("SELECT count(*) FROM runs WHERE system_id = $1", "old");
+    let runs = || runs_of(&db, "old");
     assert_eq!(runs().await, seeded);
 
     let grace = GRACE_MS.to_string();
@@ -1492,11 +1450,14 @@ async fn shutdown_during_a_long_retention_pass_ends_within_the_grace_and_close_l
         grace.as_str(),
     ];
     let app = TestApp::start(&db, &flags).await;
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while runs().await == seeded {
-        assert!(std::time::Instant::now() < deadline, "retention never started");
-        tokio::task::yield_now().await;
-    }
+    eventually(PATIENCE, "retention has started", async || {
+        if runs().await == seeded {
+            Err("no run deleted yet")
+        } else {
+            Ok(())
+        }
+    })
+    .await;
     let stopping = std::time::Instant::now();
     app.stop().await;
     let took = stopping.elapsed();
@@ -1513,11 +1474,15 @@ async fn shutdown_during_a_long_retention_pass_ends_within_the_grace_and_close_l
 
     // The next pass resumes and keeps each check's newest 100 exactly.
     let app = TestApp::start(&db, &flags).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while runs().await > kept {
-        assert!(std::time::Instant::now() < deadline, "the next pass never finished");
-        tokio::task::yield_now().await;
-    }
+    eventually(Duration::from_secs(60), "the next pass has finished", async || {
+        let left = runs().await;
+        if left > kept {
+            Err(format!("{left} runs left"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
     app.stop().await;
     assert_eq!(runs().await, kept);
     assert_eq!(
@@ -1570,10 +1535,7 @@ async fn storm_of_200_failures(backend: Backend, flags: &[&str]) -> Vec<String> 
     }
     eprintln!("200-run burst ({backend:?}) with {flags:?}: {elapsed:?}, attempts refused and retried: {by_reason:?}");
 
-    assert_eq!(
-        count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", "storm").await,
-        200
-    );
+    assert_eq!(runs_of(&db, "storm").await, 200);
     let stored = stored_transitions(&db).await;
     let changes: Vec<_> = stored.iter().map(|t| (t.3, t.4)).collect();
     assert_eq!(changes, [(1, 2), (2, 3)], "one row per status change: {stored:?}");

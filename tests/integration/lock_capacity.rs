@@ -18,77 +18,15 @@ use tokio::{
     sync::mpsc,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status, Streaming, transport::Endpoint};
+use tonic::{Code, Status, transport::Endpoint};
 use tonic_types::StatusExt;
 use vitals::{
     lock::ACQUIRE_MESSAGE_TIMEOUT,
     proto::{self, with_lock_response::Event},
 };
 
-use crate::harness::{Backend, Replicas, TestApp, TestDb, admin_url};
-use crate::withlock::{LockClient, acquire, keep_alive, release};
-
-/// One open WithLock stream.
-struct LockStream {
-    /// What the client sends; dropping it half-closes the stream.
-    requests: mpsc::Sender<proto::WithLockRequest>,
-    replies: Streaming<proto::WithLockResponse>,
-}
-
-impl LockStream {
-    /// Opens a stream whose first message is `first`; resolves once the
-    /// server has decided about it (headers, or an error).
-    async fn open(client: &mut LockClient, first: proto::WithLockRequest) -> Result<LockStream, Status> {
-        let (requests, rx) = mpsc::channel(4);
-        requests.send(first).await.expect("the channel is open");
-        let replies = client.with_lock(ReceiverStream::new(rx)).await?.into_inner();
-        Ok(LockStream { requests, replies })
-    }
-
-    /// Takes `key`; resolves once `acquired` has arrived.
-    async fn take(client: &mut LockClient, key: &str, wait: Option<Duration>) -> Result<LockStream, Status> {
-        let mut stream = Self::open(client, acquire(key, wait)).await?;
-        match stream.next().await? {
-            Some(Event::Acquired(_)) => Ok(stream),
-            other => panic!("expected acquired for {key:?}, got {other:?}"),
-        }
-    }
-
-    async fn send(&self, request: proto::WithLockRequest) {
-        self.requests.send(request).await.expect("the stream is still open");
-    }
-
-    /// The next server event; `None` when the stream ended OK.
-    async fn next(&mut self) -> Result<Option<Event>, Status> {
-        Ok(self
-            .replies
-            .message()
-            .await?
-            .map(|m| m.event.expect("every reply carries an event")))
-    }
-
-    /// Releases and returns once the server confirmed and ended the stream OK.
-    async fn release(mut self) {
-        self.send(release()).await;
-        match self.next().await {
-            Ok(Some(Event::Released(_))) => {}
-            other => panic!("expected released, got {other:?}"),
-        }
-        assert!(
-            matches!(self.next().await, Ok(None)),
-            "the stream ends OK after released"
-        );
-    }
-}
-
-/// Checks the code and `ErrorInfo.reason` of `status`.
-fn assert_reason(status: &Status, code: Code, reason: &str) {
-    assert_eq!(status.code(), code, "{status:?}");
-    let info = status
-        .get_details_error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.reason, reason, "{status:?}");
-}
+use crate::harness::{Backend, PATIENCE, Replicas, TestApp, TestDb, admin_url, eventually, until};
+use crate::withlock::{Held, LockClient, LockStream, acquire, assert_reason, keep_alive, lock};
 
 /// `channels` lock clients on connections of their own: the load is spread
 /// over several HTTP/2 connections, as many clients would spread it.
@@ -132,15 +70,6 @@ async fn lock_backends(conn: &mut PgConnection) -> i64 {
     .expect("read pg_stat_activity")
 }
 
-/// Polls `f` until it is true, failing with `what` after `limit`.
-async fn until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Ten thousand locks.
 // ---------------------------------------------------------------------------
@@ -149,20 +78,17 @@ async fn until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 /// stream that has gone half the lease (120 s in the test) without one, and
 /// waits for each `kept_alive`. On a loaded machine the first of ten
 /// thousand locks can otherwise come near its lease before it is released.
-async fn keep_alive_the_oldest(held: &mut [(Instant, LockStream)], in_flight: usize) {
+async fn keep_alive_the_oldest(held: &mut [(Instant, Held)], in_flight: usize) {
     const HALF_LEASE: Duration = Duration::from_secs(60);
-    let due: Vec<&mut (Instant, LockStream)> = held.iter_mut().filter(|(at, _)| at.elapsed() > HALF_LEASE).collect();
+    let due: Vec<&mut (Instant, Held)> = held.iter_mut().filter(|(at, _)| at.elapsed() > HALF_LEASE).collect();
     if due.is_empty() {
         return;
     }
     let (n, started) = (due.len(), Instant::now());
     futures::stream::iter(due)
-        .for_each_concurrent(in_flight, |(at, stream)| async move {
-            stream.send(keep_alive()).await;
-            match stream.next().await {
-                Ok(Some(Event::KeptAlive(_))) => *at = Instant::now(),
-                other => panic!("expected kept_alive, got {other:?}"),
-            }
+        .for_each_concurrent(in_flight, |(at, held)| async move {
+            held.keep_alive().await;
+            *at = Instant::now();
         })
         .await;
     eprintln!("ten thousand locks: kept {n} locks alive in {:?}", started.elapsed());
@@ -198,15 +124,11 @@ async fn ten_thousand_locks_are_held_at_once_on_default_settings_and_excluded_on
     let clients = lock_clients(app, CHANNELS).await;
     let rss_before = rss_bytes();
     let started = Instant::now();
-    let results: Vec<Result<(Instant, LockStream), Status>> = futures::stream::iter(0..LOCKS)
+    let results: Vec<Result<(Instant, Held), Status>> = futures::stream::iter(0..LOCKS)
         .map(|i| {
             let mut client = clients[i % CHANNELS].clone();
             let key = key(i);
-            async move {
-                LockStream::take(&mut client, &key, None)
-                    .await
-                    .map(|s| (Instant::now(), s))
-            }
+            async move { lock(&mut client, &key, None).await.map(|s| (Instant::now(), s)) }
         })
         .buffer_unordered(IN_FLIGHT)
         .collect()
@@ -220,7 +142,7 @@ async fn ten_thousand_locks_are_held_at_once_on_default_settings_and_excluded_on
         failures.len(),
         failures.first()
     );
-    let mut held: Vec<(Instant, LockStream)> = results.into_iter().map(Result::unwrap).collect();
+    let mut held: Vec<(Instant, Held)> = results.into_iter().map(Result::unwrap).collect();
     eprintln!(
         "ten thousand locks ({backend:?}): {LOCKS} acquired in {took:?} ({:.0} locks/s) over {CHANNELS} connections, \
          {IN_FLIGHT} in flight",
@@ -279,7 +201,9 @@ async fn ten_thousand_locks_are_held_at_once_on_default_settings_and_excluded_on
     for outcome in &tries {
         match outcome {
             Ok(_) => panic!("a key held on the first replica was granted on the second"),
-            Err(status) => assert_reason(status, Code::Aborted, "LOCK_NOT_AVAILABLE"),
+            Err(status) => {
+                assert_reason(status, Code::Aborted, "LOCK_NOT_AVAILABLE");
+            }
         }
     }
 
@@ -291,10 +215,12 @@ async fn ten_thousand_locks_are_held_at_once_on_default_settings_and_excluded_on
     let started = Instant::now();
     let (confirmed, ended): (Vec<_>, Vec<_>) = held.into_iter().enumerate().partition(|(i, _)| i % SAMPLE_EVERY == 0);
     drop(ended);
-    futures::stream::iter(confirmed.into_iter().map(|(_, (_, stream))| stream))
-        .for_each_concurrent(IN_FLIGHT, LockStream::release)
+    futures::stream::iter(confirmed.into_iter().map(|(_, (_, held))| held))
+        .for_each_concurrent(IN_FLIGHT, |held| async move {
+            held.release().await;
+        })
         .await;
-    until(Duration::from_secs(20), "the lock table never emptied", || {
+    until(Duration::from_secs(20), "the lock table is empty", || {
         app.local_lock_stats().keys == 0
     })
     .await;
@@ -309,21 +235,21 @@ async fn ten_thousand_locks_are_held_at_once_on_default_settings_and_excluded_on
         0,
         "the second replica holds nothing"
     );
-    until(Duration::from_secs(5), "the budget never became whole again", || {
+    until(PATIENCE, "the budget is whole again", || {
         app.lock_budget_available() == max_locks
     })
     .await;
     if backend == Backend::Postgres {
         let mut conn = db.connect().await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = client_locks_held(&mut conn).await;
-            if left == (0, 0) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "advisory locks left: {left:?}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(
+            PATIENCE,
+            "no advisory lock is left",
+            async || match client_locks_held(&mut conn).await {
+                (0, 0) => Ok(()),
+                left => Err(format!("advisory locks left: {left:?}")),
+            },
+        )
+        .await;
         eprintln!(
             "ten thousand locks (Postgres): no advisory lock left after {:?}",
             started.elapsed()
@@ -358,7 +284,7 @@ async fn two_thousand_streams_that_never_send_acquire_do_not_delay_a_submitrun(b
             (outcome, opened.elapsed())
         }));
     }
-    until(Duration::from_secs(10), "the idle streams never all opened", || {
+    until(PATIENCE, "every idle stream is open", || {
         app.lock_budget_available() == whole - IDLE
     })
     .await;
@@ -437,18 +363,14 @@ async fn keep_alives_do_not_cost_a_database_round_trip_each() {
     let db = TestDb::postgres().await;
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.lock_client().await;
-    let mut held = LockStream::take(&mut client, "kept-alive", None).await.unwrap();
+    let mut held = lock(&mut client, "kept-alive", None).await.unwrap();
     let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
 
     // The same window without keep-alives: heartbeats, readiness pings.
     let (background, _) = commits_during(&mut admin, &db.name, async {}).await;
     let (with_keep_alives, burst) = commits_during(&mut admin, &db.name, async {
         for _ in 0..KEEP_ALIVES {
-            held.send(keep_alive()).await;
-            match held.next().await {
-                Ok(Some(Event::KeptAlive(_))) => {}
-                other => panic!("expected kept_alive, got {other:?}"),
-            }
+            held.keep_alive().await;
         }
     })
     .await;
@@ -578,9 +500,9 @@ async fn sigterm_with_held_locks_ends_lock_streams_with_shutting_down_and_exits_
     let mut other = child.lock_client().await;
 
     // A holder that sends nothing after its acquire (the lease is 30 s).
-    let mut silent = LockStream::take(&mut other, "sigterm-silent", None).await.unwrap();
+    let mut silent = lock(&mut other, "sigterm-silent", None).await.unwrap();
     // A holder that keeps its lease alive.
-    let keeper = LockStream::take(&mut client, "sigterm-keeper", None).await.unwrap();
+    let keeper = lock(&mut client, "sigterm-keeper", None).await.unwrap();
     // A waiter queued behind the silent holder, on the keeper's connection.
     let (waiter_requests, rx) = mpsc::channel(1);
     waiter_requests
@@ -598,7 +520,7 @@ async fn sigterm_with_held_locks_ends_lock_streams_with_shutting_down_and_exits_
     let LockStream {
         requests: keeper_requests,
         replies: mut keeper_replies,
-    } = keeper;
+    } = keeper.stream;
     keeper_requests.send(keep_alive()).await.unwrap();
     match keeper_replies.message().await {
         Ok(Some(proto::WithLockResponse {
@@ -622,7 +544,7 @@ async fn sigterm_with_held_locks_ends_lock_streams_with_shutting_down_and_exits_
         }
     });
     let silent = tokio::spawn(async move {
-        let outcome = silent.next().await;
+        let outcome = silent.stream.next().await;
         (outcome, Instant::now())
     });
 
@@ -689,14 +611,14 @@ async fn sigterm_with_held_locks_ends_lock_streams_with_shutting_down_and_exits_
     if backend == Backend::Postgres {
         // PostgreSQL ends the closed sessions' backends on its own time.
         let mut conn = db.connect().await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (_, any) = client_locks_held(&mut conn).await;
-            if any == 0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{any} advisory locks outlived the binary");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(
+            PATIENCE,
+            "no advisory lock outlives the binary",
+            async || match client_locks_held(&mut conn).await {
+                (_, 0) => Ok(()),
+                (_, any) => Err(format!("{any} advisory locks are left")),
+            },
+        )
+        .await;
     }
 }

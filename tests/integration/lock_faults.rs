@@ -9,100 +9,16 @@
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, Executor, PgConnection};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status, Streaming, transport::Channel};
-use tonic_types::{ErrorInfo, StatusExt};
-use vitals::proto::{self, health_check_service_client::HealthCheckServiceClient, with_lock_response::Event};
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::StatusExt;
+use vitals::proto::{health_check_service_client::HealthCheckServiceClient, with_lock_response::Event};
 
 use crate::{
     cluster::PrivateCluster,
-    harness::{Backend, TestApp, TestDb, until_count},
+    harness::{Backend, PATIENCE, TestApp, TestDb, eventually, until, until_count},
     proxy::{Proxy, url_addr, url_via},
-    withlock::{LockClient, acquire, keep_alive, release},
+    withlock::{Held, LockClient, assert_reason, keep_alive, lock, submit},
 };
-
-// ---------------------------------------------------------------------------
-// A WithLock client.
-// ---------------------------------------------------------------------------
-
-/// A granted lock on an open WithLock stream.
-struct Held {
-    key: String,
-    token: u64,
-    /// What the client sends; dropping it half-closes the stream.
-    requests: mpsc::Sender<proto::WithLockRequest>,
-    replies: Streaming<proto::WithLockResponse>,
-}
-
-/// Takes `key`, waiting at most `wait` (`None`: the server's default).
-async fn lock(client: &mut LockClient, key: &str, wait: Option<Duration>) -> Result<Held, Status> {
-    let (requests, rx) = mpsc::channel(8);
-    requests.send(acquire(key, wait)).await.expect("the channel is open");
-    let mut replies = client.with_lock(ReceiverStream::new(rx)).await?.into_inner();
-    match replies.message().await?.and_then(|m| m.event) {
-        Some(Event::Acquired(acquired)) => Ok(Held {
-            key: key.to_owned(),
-            token: acquired.fencing_token,
-            requests,
-            replies,
-        }),
-        other => panic!("expected acquired for {key:?}, got {other:?}"),
-    }
-}
-
-impl Held {
-    async fn send(&self, request: proto::WithLockRequest) {
-        self.requests.send(request).await.expect("the stream is still open");
-    }
-
-    /// The next server event; `None` when the stream ended OK.
-    async fn next(&mut self) -> Result<Option<Event>, Status> {
-        Ok(self
-            .replies
-            .message()
-            .await?
-            .map(|m| m.event.expect("every reply carries an event")))
-    }
-
-    /// Sends keep_alive and expects kept_alive: the lock is held.
-    async fn assert_kept_alive(&mut self) {
-        self.send(keep_alive()).await;
-        match self.next().await {
-            Ok(Some(Event::KeptAlive(_))) => {}
-            other => panic!("{:?} is still held: expected kept_alive, got {other:?}", self.key),
-        }
-    }
-
-    /// Sends release and waits until the server has confirmed it.
-    async fn release(mut self) {
-        self.send(release()).await;
-        match self.next().await {
-            Ok(Some(Event::Released(_))) => {}
-            other => panic!("expected released for {:?}, got {other:?}", self.key),
-        }
-    }
-}
-
-/// Checks the code and `ErrorInfo.reason` of `status` and returns the `ErrorInfo`.
-fn assert_reason(status: &Status, code: Code, reason: &str) -> ErrorInfo {
-    assert_eq!(status.code(), code, "{status:?}");
-    let info = status
-        .get_details_error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.reason, reason, "{status:?}");
-    info
-}
-
-fn submit(run_id: &str, system_id: &str) -> proto::SubmitRunRequest {
-    proto::SubmitRunRequest {
-        run_id: run_id.into(),
-        system_id: system_id.into(),
-        check_id: "c".into(),
-        status: proto::HealthStatus::Healthy as i32,
-        ..Default::default()
-    }
-}
 
 // ---------------------------------------------------------------------------
 // What PostgreSQL sees.
@@ -189,7 +105,7 @@ async fn killing_a_lock_session_tells_every_holder_on_it_lock_lost_within_a_seco
     );
 
     let (lost, kept): (Vec<Held>, Vec<Held>) = held.into_iter().partition(|h| on_victim.contains(&&h.key));
-    let old_max = lost.iter().map(|h| h.token).max().unwrap();
+    let old_max = lost.iter().map(|h| h.token()).max().unwrap();
     let killed_at = Instant::now();
     let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(victim)
@@ -198,7 +114,7 @@ async fn killing_a_lock_session_tells_every_holder_on_it_lock_lost_within_a_seco
         .unwrap();
     assert!(terminated);
     let told = futures::future::join_all(lost.into_iter().map(|mut h| async move {
-        let result = tokio::time::timeout(Duration::from_secs(5), h.next()).await;
+        let result = tokio::time::timeout(Duration::from_secs(5), h.stream.next()).await;
         (h.key.clone(), result, killed_at.elapsed())
     }))
     .await;
@@ -218,7 +134,7 @@ async fn killing_a_lock_session_tells_every_holder_on_it_lock_lost_within_a_seco
     // The other session's locks are untouched, to the client and in PostgreSQL.
     let mut kept = kept;
     for h in &mut kept {
-        h.assert_kept_alive().await;
+        h.keep_alive().await;
     }
     let kept_keys: Vec<String> = kept.iter().map(|h| h.key.clone()).collect();
     let still = key_holders(&mut conn, &kept_keys).await;
@@ -231,7 +147,7 @@ async fn killing_a_lock_session_tells_every_holder_on_it_lock_lost_within_a_seco
         let h = lock(&mut client, key, Some(Duration::from_secs(5)))
             .await
             .expect("a lost key can be taken again");
-        assert!(h.token > old_max, "{} after {old_max}", h.token);
+        assert!(h.token() > old_max, "{} after {old_max}", h.token());
         again.push(h);
     }
     let retaken: Vec<String> = on_victim.iter().map(|k| (*k).clone()).collect();
@@ -257,7 +173,7 @@ async fn grants(app: &TestApp, keys: &[&str], rounds: usize) -> Vec<u64> {
             let h = lock(&mut client, key, Some(Duration::from_secs(5)))
                 .await
                 .expect("granted");
-            tokens.push(h.token);
+            tokens.push(h.token());
             h.release().await;
         }
     }
@@ -294,10 +210,10 @@ async fn fencing_tokens_rise_across_a_postgresql_crash_restart() {
 
     // One lock still held at the crash: its holder is told it is lost.
     let mut held = lock(&mut a.lock_client().await, "crash-held", None).await.unwrap();
-    let max_before = max_before.max(held.token);
+    let max_before = max_before.max(held.token());
     let crashed_at = Instant::now();
     cluster.crash().await;
-    let status = tokio::time::timeout(Duration::from_secs(5), held.next())
+    let status = tokio::time::timeout(Duration::from_secs(5), held.stream.next())
         .await
         .expect("the holder hears about the crash")
         .expect_err("the stream ends with an error");
@@ -348,20 +264,20 @@ async fn a_frozen_database_link_tells_the_holder_lock_lost_no_later_than_another
     let b = TestApp::start(&db, &flags).await;
 
     let mut holder = lock(&mut a.lock_client().await, KEY, None).await.unwrap();
-    let a_token = holder.token;
+    let a_token = holder.token();
     // The holder keeps alive every 300 ms on its own and notes when it hears the end.
     let keeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(300));
         loop {
             tokio::select! {
-                reply = holder.next() => match reply {
+                reply = holder.stream.next() => match reply {
                     Ok(Some(Event::KeptAlive(_))) => {}
                     Ok(other) => panic!("expected kept_alive or an error, got {other:?}"),
                     Err(status) => return (status, Instant::now()),
                 },
                 _ = tick.tick() => {
                     // The stream may be ending already; its status follows.
-                    let _ = holder.requests.send(keep_alive()).await;
+                    let _ = holder.stream.requests.send(keep_alive()).await;
                 }
             }
         }
@@ -395,7 +311,7 @@ async fn a_frozen_database_link_tells_the_holder_lock_lost_no_later_than_another
         "the holder heard LOCK_LOST {:?} after the other replica was granted",
         lost_at - granted_at
     );
-    assert!(granted.token > a_token);
+    assert!(granted.token() > a_token);
     granted.release().await;
     proxy.thaw();
     b.stop().await;
@@ -502,7 +418,7 @@ async fn a_grant_that_finds_postgresqls_lock_table_full_answers_lock_capacity_ex
         i64::try_from(held.len()).unwrap(),
         "advisory locks of vitals-lock backends"
     );
-    futures::future::join_all(held.iter_mut().map(Held::assert_kept_alive)).await;
+    futures::future::join_all(held.iter_mut().map(Held::keep_alive)).await;
 
     let mut health: HealthCheckServiceClient<Channel> = app.health_client().await;
     // A run needs lock-table room too (its system lock, its transaction's
@@ -535,19 +451,18 @@ async fn a_grant_that_finds_postgresqls_lock_table_full_answers_lock_capacity_ex
         .expect("SubmitRun runs once the lock table has room");
     // The run's system lock is let go after its COMMIT, a moment after the
     // reply: wait for it, then only the clients' locks remain.
-    let deadline = Instant::now() + Duration::from_secs(5);
     let want = i64::try_from(held.len()).unwrap();
-    loop {
+    eventually(PATIENCE, "only the held streams' advisory locks remain", async || {
         let advisory = advisory_locks_of(&mut conn, &pids).await;
         if advisory == want {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "advisory locks of vitals-lock backends: {advisory}, {want} held streams"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "advisory locks of vitals-lock backends: {advisory}, {want} held streams"
-        );
-        tokio::task::yield_now().await;
-    }
+    })
+    .await;
     futures::future::join_all(held.into_iter().map(Held::release)).await;
     app.stop().await;
 }
@@ -652,11 +567,7 @@ async fn raw_sql_lock_holders_and_vitals_holders_of_a_key_exclude_each_other() {
         (h, Instant::now())
     });
     // The waiter is at the head of the local queue, trying PostgreSQL.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.local_lock_stats().keys < 1 {
-        assert!(Instant::now() < deadline, "the waiter never queued");
-        tokio::task::yield_now().await;
-    }
+    until(PATIENCE, "the waiter is queued", || app.local_lock_stats().keys >= 1).await;
     let committed_at = Instant::now();
     sql.execute("COMMIT").await.unwrap();
     let (held, granted_at) = waiter.await.unwrap();
@@ -713,7 +624,9 @@ async fn acquirers_that_give_up_at_any_moment_never_leave_a_lock_held() {
                 let patience = Duration::from_micros((round * 97 + i as u64 * 131) % 1500);
                 let attempt = lock(&mut client, key, Some(Duration::from_secs(2)));
                 match tokio::time::timeout(patience, attempt).await {
-                    Ok(Ok(held)) if round % 3 == 0 => held.release().await,
+                    Ok(Ok(held)) if round % 3 == 0 => {
+                        held.release().await;
+                    }
                     // Granted and dropped, refused, or abandoned mid-way.
                     _ => {}
                 }

@@ -23,135 +23,24 @@ use std::{
 };
 
 use sqlx::{Executor, PgConnection};
-use tokio::sync::{Barrier, mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status, Streaming, transport::Channel};
-use tonic_types::{ErrorInfo, StatusExt};
+use tokio::sync::{Barrier, oneshot};
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::StatusExt;
 use vitals::{
     Config,
     db::Pools,
     lock::{LocalLockStats, Locks},
     proto::{
-        self, health_check_service_client::HealthCheckServiceClient, lock_service_client::LockServiceClient,
+        health_check_service_client::HealthCheckServiceClient, lock_service_client::LockServiceClient,
         with_lock_response::Event,
     },
 };
 
 use crate::{
-    harness::{Backend, Replicas, TestApp, TestDb},
+    harness::{Backend, PATIENCE, Replicas, TestApp, TestDb, eventually},
     proxy::Proxy,
-    withlock::{LockClient, acquire, keep_alive, release},
+    withlock::{Held, LockClient, LockStream, acquire, assert_reason, keep_alive, lock, release, std_duration, submit},
 };
-
-// ---------------------------------------------------------------------------
-// A WithLock client, the way a service using vitals would write one.
-// ---------------------------------------------------------------------------
-
-fn std_duration(d: Option<prost_types::Duration>) -> Duration {
-    Duration::try_from(d.expect("a duration is set")).expect("a non-negative duration")
-}
-
-/// One open WithLock stream.
-struct Session {
-    /// What the client sends; dropping it half-closes the stream.
-    requests: mpsc::Sender<proto::WithLockRequest>,
-    replies: Streaming<proto::WithLockResponse>,
-}
-
-impl Session {
-    /// Opens a stream whose first message is `first`. The server answers
-    /// (headers or an error) once it has decided about the first message.
-    async fn open(client: &mut LockClient, first: proto::WithLockRequest) -> Result<Session, Status> {
-        let (requests, rx) = mpsc::channel(8);
-        requests.send(first).await.expect("the channel is open");
-        let replies = client.with_lock(ReceiverStream::new(rx)).await?.into_inner();
-        Ok(Session { requests, replies })
-    }
-
-    async fn send(&self, request: proto::WithLockRequest) {
-        self.requests.send(request).await.expect("the stream is still open");
-    }
-
-    /// The next server event; `None` when the stream ended OK.
-    async fn next(&mut self) -> Result<Option<Event>, Status> {
-        Ok(self
-            .replies
-            .message()
-            .await?
-            .map(|m| m.event.expect("every reply carries an event")))
-    }
-}
-
-/// A granted lock.
-struct Held {
-    session: Session,
-    acquired: proto::Acquired,
-}
-
-/// Takes `key`, waiting at most `wait` (`None`: the server's default).
-async fn lock(client: &mut LockClient, key: &str, wait: Option<Duration>) -> Result<Held, Status> {
-    let mut session = Session::open(client, acquire(key, wait)).await?;
-    match session.next().await? {
-        Some(Event::Acquired(acquired)) => Ok(Held { session, acquired }),
-        other => panic!("expected acquired for {key:?}, got {other:?}"),
-    }
-}
-
-impl Held {
-    fn token(&self) -> u64 {
-        self.acquired.fencing_token
-    }
-
-    /// Sends keep_alive and returns the `lease_expires_at` of the one
-    /// `kept_alive` the server answers it with.
-    async fn keep_alive(&mut self) -> SystemTime {
-        self.session.send(keep_alive()).await;
-        match self.session.next().await {
-            Ok(Some(Event::KeptAlive(kept))) => {
-                let at = kept.lease_expires_at.expect("kept_alive carries lease_expires_at");
-                SystemTime::try_from(at).expect("a representable lease_expires_at")
-            }
-            other => panic!("expected kept_alive, got {other:?}"),
-        }
-    }
-
-    /// Sends release and returns `held_for` once the server has confirmed
-    /// and ended the stream OK. Anything else before `released` (an
-    /// unread `kept_alive`, say) fails the test.
-    async fn release(mut self) -> Duration {
-        self.session.send(release()).await;
-        let held_for = match self.session.next().await {
-            Ok(Some(Event::Released(released))) => std_duration(released.held_for),
-            other => panic!("expected released, got {other:?}"),
-        };
-        assert!(
-            matches!(self.session.next().await, Ok(None)),
-            "the stream ends OK after released"
-        );
-        held_for
-    }
-}
-
-/// Checks the code and `ErrorInfo.reason` of `status` and returns the `ErrorInfo`.
-fn assert_reason(status: &Status, code: Code, reason: &str) -> ErrorInfo {
-    assert_eq!(status.code(), code, "{status:?}");
-    let info = status
-        .get_details_error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.reason, reason, "{status:?}");
-    assert_eq!(info.domain, vitals::error::ERROR_DOMAIN);
-    info
-}
-
-fn submit(run_id: &str, system_id: &str) -> proto::SubmitRunRequest {
-    proto::SubmitRunRequest {
-        run_id: run_id.into(),
-        system_id: system_id.into(),
-        check_id: "c".into(),
-        status: proto::HealthStatus::Healthy as i32,
-        ..Default::default()
-    }
-}
 
 // ---------------------------------------------------------------------------
 // What the server and PostgreSQL see.
@@ -175,15 +64,15 @@ async fn advisory_locks(conn: &mut PgConnection) -> (i64, i64) {
 /// holder of the same replica: observed rather than assumed after a sleep.
 /// Both backends queue waiters in process.
 async fn until_waiting(app: &TestApp, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.local_lock_stats().waiting != n {
-        assert!(
-            Instant::now() < deadline,
-            "the lock table never had {n} waiter(s): {:?}",
-            app.local_lock_stats()
-        );
-        tokio::task::yield_now().await;
-    }
+    eventually(PATIENCE, &format!("the lock table has {n} waiter(s)"), async || {
+        let stats = app.local_lock_stats();
+        if stats.waiting == n {
+            Ok(())
+        } else {
+            Err(format!("{stats:?}"))
+        }
+    })
+    .await;
 }
 
 /// Where a test looks at what lock traffic left behind: the server's lock
@@ -398,8 +287,10 @@ async fn fencing_tokens_keep_rising_across_a_restart_on_the_same_database(backen
 async fn with_two_connections_per_pool_200_concurrent_locks_and_runs_finish_or_fail_fast_and_the_server_recovers() {
     const CONNECTION_TIMEOUT: Duration = Duration::from_millis(1000);
     /// What an operation may take beyond the connection timeout: its own work
-    /// on a loaded two-core machine. Upstream's hang is unbounded.
-    const SLACK: Duration = Duration::from_millis(1000);
+    /// and its turn behind the other runs of its system, on a loaded two-core
+    /// machine (one second has been missed by milliseconds there). Upstream's
+    /// hang is unbounded, so a few seconds still tell the two apart.
+    const SLACK: Duration = Duration::from_secs(3);
     let db = TestDb::postgres().await;
     let app = TestApp::start(
         &db,
@@ -692,7 +583,7 @@ async fn a_holder_that_stalls_past_the_lease_loses_the_lock_and_hears_lock_lost(
     assert_eq!(std_duration(stalled.acquired.lease), Duration::from_millis(600));
 
     // The holder sends nothing and only listens.
-    let status = stalled.session.next().await.expect_err("the stream ends with an error");
+    let status = stalled.stream.next().await.expect_err("the stream ends with an error");
     let after = granted_at.elapsed();
     eprintln!("stalled holder: LOCK_LOST after {after:?} (lease 600ms)");
     let info = assert_reason(&status, Code::Aborted, "LOCK_LOST");
@@ -834,7 +725,7 @@ async fn a_stream_that_does_not_start_with_acquire_fails_its_precondition(backen
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.lock_client().await;
     for first in [keep_alive(), release()] {
-        let err = Session::open(&mut client, first.clone())
+        let err = LockStream::open(&mut client, first.clone())
             .await
             .err()
             .unwrap_or_else(|| panic!("{first:?} first was accepted"));
@@ -852,8 +743,8 @@ async fn a_second_acquire_fails_its_precondition_and_frees_the_lock(backend: Bac
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.lock_client().await;
     let mut held = lock(&mut client, "twice", None).await.unwrap();
-    held.session.send(acquire("twice", None)).await;
-    let err = held.session.next().await.expect_err("a second acquire is refused");
+    held.stream.send(acquire("twice", None)).await;
+    let err = held.stream.next().await.expect_err("a second acquire is refused");
     assert_reason(&err, Code::FailedPrecondition, "LOCK_PROTOCOL_VIOLATION");
     assert!(err.get_details_precondition_failure().is_some(), "{err:?}");
     // By the time the client hears it, the lock is free.
@@ -893,7 +784,7 @@ async fn half_closing_the_stream_releases_the_lock(backend: Backend) {
     let app = TestApp::start(&db, &[]).await;
     let mut client = app.lock_client().await;
     let Held {
-        session: Session { requests, mut replies },
+        stream: LockStream { requests, mut replies },
         ..
     } = lock(&mut client, "half-closed", None).await.unwrap();
     // Half-close: the client will send nothing more.
@@ -916,15 +807,19 @@ async fn half_closing_the_stream_releases_the_lock(backend: Backend) {
 
 /// Returns once `app`'s client budget has exactly `n` free places.
 async fn until_budget_available(app: &TestApp, n: usize, after: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.lock_budget_available() != n {
-        assert!(
-            Instant::now() < deadline,
-            "after {after}: {} free place(s) in the budget, expected {n}",
-            app.lock_budget_available()
-        );
-        tokio::task::yield_now().await;
-    }
+    eventually(
+        PATIENCE,
+        &format!("the budget has {n} free place(s) after {after}"),
+        async || {
+            let available = app.lock_budget_available();
+            if available == n {
+                Ok(())
+            } else {
+                Err(format!("{available} free place(s)"))
+            }
+        },
+    )
+    .await;
 }
 
 /// Checks that `err` is the budget's refusal, with a RetryInfo.
@@ -1032,7 +927,7 @@ async fn every_way_a_withlock_stream_ends_gives_its_place_in_the_budget_back(bac
     lock(&mut client, "free", None).await.unwrap().release().await;
     until_budget_available(&app, 1, "release").await;
     let Held {
-        session: Session { requests, mut replies },
+        stream: LockStream { requests, mut replies },
         ..
     } = lock(&mut client, "free", None).await.unwrap();
     drop(requests);
@@ -1052,14 +947,14 @@ async fn every_way_a_withlock_stream_ends_gives_its_place_in_the_budget_back(bac
     let err = lock(&mut client, "", None).await.err().unwrap();
     assert_reason(&err, Code::InvalidArgument, "INVALID_ARGUMENT");
     until_budget_available(&app, 1, "an invalid key").await;
-    let err = Session::open(&mut client, keep_alive()).await.err().unwrap();
+    let err = LockStream::open(&mut client, keep_alive()).await.err().unwrap();
     assert_reason(&err, Code::FailedPrecondition, "LOCK_PROTOCOL_VIOLATION");
     until_budget_available(&app, 1, "keep_alive before acquire").await;
 
     // A second acquire on a held lock.
     let mut twice = lock(&mut client, "free", None).await.unwrap();
-    twice.session.send(acquire("free", None)).await;
-    let err = twice.session.next().await.expect_err("a second acquire is refused");
+    twice.stream.send(acquire("free", None)).await;
+    let err = twice.stream.next().await.expect_err("a second acquire is refused");
     assert_reason(&err, Code::FailedPrecondition, "LOCK_PROTOCOL_VIOLATION");
     until_budget_available(&app, 1, "a second acquire").await;
 

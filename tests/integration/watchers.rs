@@ -17,22 +17,9 @@ use vitals::proto::{
     health_check_service_client::HealthCheckServiceClient, thresholds::Mode,
 };
 
-use crate::harness::{Backend, TestApp, TestDb, admin_url};
+use crate::harness::{Backend, PATIENCE, TestApp, TestDb, admin_url, until};
 
 type Client = HealthCheckServiceClient<Channel>;
-
-/// How long a test waits for something that should happen at once.
-const PATIENCE: Duration = Duration::from_secs(20);
-
-/// Polls `condition` every few milliseconds until it holds; panics naming
-/// `what` after [`PATIENCE`].
-async fn until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 /// A check of `system` on which every run flips the system's status (one
 /// failure degrades, one success heals).
@@ -141,7 +128,7 @@ async fn five_hundred_watchers_of_one_system_cost_one_database_read_per_transiti
         first.iter().all(|s| *s == 1),
         "every watcher replays the first transition"
     );
-    until("every watcher replayed and follows the feed", || {
+    until(PATIENCE, "every watcher replayed and follows the feed", || {
         let stats = app.feed_stats();
         stats.watchers == WATCHERS && stats.registered == WATCHERS && stats.replaying == 0
     })
@@ -171,7 +158,10 @@ async fn five_hundred_watchers_of_one_system_cost_one_database_read_per_transiti
         "{reads} reads for {TRANSITIONS} transitions and {WATCHERS} watchers"
     );
     drop(streams);
-    until("every watcher's place is free again", || app.feed_stats().watchers == 0).await;
+    until(PATIENCE, "every watcher's place is free again", || {
+        app.feed_stats().watchers == 0
+    })
+    .await;
     app.stop().await;
 }
 
@@ -221,7 +211,10 @@ async fn a_watcher_past_vitals_max_watchers_is_refused_with_resource_exhausted_a
 
     // A watcher that goes away frees its place.
     open.pop();
-    until("the closed watcher's place is free", || app.feed_stats().watchers == 2).await;
+    until(PATIENCE, "the closed watcher's place is free", || {
+        app.feed_stats().watchers == 2
+    })
+    .await;
     let mut again = watch(&mut client, "limited", 0)
         .await
         .expect("a watcher in the freed place");
@@ -251,7 +244,7 @@ async fn a_watcher_that_stops_reading_is_ended_as_too_slow_after_its_last_delive
     let mut stalled = watch(&mut HealthCheckServiceClient::new(stalled_channel), "slow", 0)
         .await
         .expect("WatchTransitions");
-    until("the watcher follows the feed", || {
+    until(PATIENCE, "the watcher follows the feed", || {
         app.feed_stats().registered == 1 && app.feed_stats().replaying == 0
     })
     .await;
@@ -324,7 +317,10 @@ async fn watchers_end_with_shutting_down_as_soon_as_the_server_starts_draining(b
     for system in ["", "quiet"] {
         watchers.push(watch(&mut client, system, 0).await.expect("WatchTransitions"));
     }
-    until("both watchers follow the feed", || app.feed_stats().registered == 2).await;
+    until(PATIENCE, "both watchers follow the feed", || {
+        app.feed_stats().registered == 2
+    })
+    .await;
 
     let started = Instant::now();
     let stopping = tokio::spawn(app.stop());
@@ -351,7 +347,10 @@ async fn a_listener_killed_with_pg_terminate_backend_reconnects_with_backoff_and
     let mut stream = watch(&mut writer, "relisten", 0).await.expect("WatchTransitions");
     assert_eq!(flip(&mut writer, "relisten", 1).await, 1);
     assert_eq!(next_sequence(&mut stream).await, 1);
-    until("the listener listens", || app.feed_stats().listener_connects == 1).await;
+    until(PATIENCE, "the listener listens", || {
+        app.feed_stats().listener_connects == 1
+    })
+    .await;
 
     // Enough idle work connections that nothing needs a new one while the
     // database refuses them.
@@ -389,7 +388,7 @@ async fn a_listener_killed_with_pg_terminate_backend_reconnects_with_backoff_and
     // Committed while nobody listens.
     assert_eq!(flip(&mut writer, "relisten", 2).await, 2);
     assert_eq!(flip(&mut writer, "relisten", 3).await, 3);
-    until("the listener tried to reconnect four times", || {
+    until(PATIENCE, "the listener tried to reconnect four times", || {
         app.feed_stats().listener_attempts >= attempts_before + 4
     })
     .await;
@@ -411,7 +410,10 @@ async fn a_listener_killed_with_pg_terminate_backend_reconnects_with_backoff_and
         .execute(&mut admin)
         .await
         .unwrap();
-    until("the listener listens again", || app.feed_stats().listener_connects == 2).await;
+    until(PATIENCE, "the listener listens again", || {
+        app.feed_stats().listener_connects == 2
+    })
+    .await;
     assert_eq!(next_sequence(&mut stream).await, 2);
     assert_eq!(next_sequence(&mut stream).await, 3);
 
