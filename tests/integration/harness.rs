@@ -19,7 +19,11 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteRow},
 };
 use tokio::{sync::oneshot, task::JoinHandle};
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Code, Status,
+    transport::{Channel, Endpoint},
+};
+use tonic_types::{ErrorInfo, StatusExt};
 use vitals::{
     Application, Config,
     lock::{LocalLockStats, Locks},
@@ -274,6 +278,18 @@ pub async fn until_count(conn: &mut PgConnection, sql: &str, expected: i64, what
         }
     })
     .await;
+}
+
+/// Checks the code, `ErrorInfo.reason` and `ErrorInfo.domain` of `status`
+/// and returns the `ErrorInfo`.
+pub fn assert_reason(status: &Status, code: Code, reason: &str) -> ErrorInfo {
+    assert_eq!(status.code(), code, "{status:?}");
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.reason, reason, "{status:?}");
+    assert_eq!(info.domain, vitals::error::ERROR_DOMAIN);
+    info
 }
 
 /// Counts this test database's work-pool sessions blocked on a lock.

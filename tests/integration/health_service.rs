@@ -22,7 +22,7 @@ use vitals::proto::{
 
 use HealthStatus::{Degraded, Healthy, Unhealthy};
 
-use crate::harness::{Backend, PATIENCE, Replicas, TestApp, TestDb, eventually};
+use crate::harness::{Backend, PATIENCE, Replicas, TestApp, TestDb, assert_reason, eventually};
 
 type Client = HealthCheckServiceClient<Channel>;
 
@@ -133,15 +133,9 @@ fn consecutive(healthy: u32, degraded: u32, unhealthy: u32) -> Thresholds {
     }
 }
 
-fn assert_refused(err: &Status, code: Code, reason: &str) {
-    assert_eq!(err.code(), code, "{err:?}");
-    let info = err.get_details_error_info().expect("every error carries ErrorInfo");
-    assert_eq!(info.reason, reason, "{err:?}");
-}
-
 /// The fields of the BadRequest of an INVALID_ARGUMENT, sorted.
 fn violated_fields(err: &Status) -> Vec<String> {
-    assert_refused(err, Code::InvalidArgument, "INVALID_ARGUMENT");
+    assert_reason(err, Code::InvalidArgument, "INVALID_ARGUMENT");
     let mut fields: Vec<String> = err
         .get_details_bad_request()
         .expect("INVALID_ARGUMENT carries a BadRequest")
@@ -390,7 +384,7 @@ async fn the_health_of_a_system_never_seen_is_not_found_with_reason_system_not_f
         })
         .await
         .unwrap_err();
-    assert_refused(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
+    assert_reason(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
     assert_eq!(
         err.get_details_error_info()
             .unwrap()
@@ -498,7 +492,7 @@ async fn reusing_a_run_id_with_different_content_is_already_exists_with_reason_r
         let mut req = original.clone();
         change(&mut req);
         let err = client.submit_run(req).await.unwrap_err();
-        assert_refused(&err, Code::AlreadyExists, "RUN_ID_CONFLICT");
+        assert_reason(&err, Code::AlreadyExists, "RUN_ID_CONFLICT");
         assert_eq!(
             err.get_details_error_info()
                 .unwrap()
@@ -525,7 +519,7 @@ async fn reusing_a_run_id_with_different_content_is_already_exists_with_reason_r
         })
         .await
         .unwrap_err();
-    assert_refused(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
+    assert_reason(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
     // The original content is still a plain duplicate.
     assert!(submit(&mut client, original).await.duplicate);
     app.stop().await;
@@ -973,7 +967,7 @@ async fn invalid_thresholds_are_refused_with_a_field_violation_for_each_offendin
         })
         .await
         .unwrap_err();
-    assert_refused(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
+    assert_reason(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
     app.stop().await;
 }
 
@@ -1621,7 +1615,7 @@ async fn a_busy_system_answers_system_busy_within(
     let started = std::time::Instant::now();
     let err = client.submit_run(request).await.unwrap_err();
     let took = started.elapsed();
-    assert_refused(&err, Code::Unavailable, "SYSTEM_BUSY");
+    assert_reason(&err, Code::Unavailable, "SYSTEM_BUSY");
     assert!(
         err.get_details_retry_info().and_then(|r| r.retry_delay).is_some(),
         "SYSTEM_BUSY carries RetryInfo: {err:?}"

@@ -25,8 +25,8 @@ use vitals::{
     proto::{self, with_lock_response::Event},
 };
 
-use crate::harness::{Backend, PATIENCE, Replicas, TestApp, TestDb, admin_url, eventually, until};
-use crate::withlock::{Held, LockClient, LockStream, acquire, assert_reason, keep_alive, lock};
+use crate::harness::{Backend, PATIENCE, Replicas, TestApp, TestDb, admin_url, assert_reason, eventually, until};
+use crate::withlock::{Held, LockClient, LockStream, acquire, keep_alive, lock};
 
 /// `channels` lock clients on connections of their own: the load is spread
 /// over several HTTP/2 connections, as many clients would spread it.

@@ -15,9 +15,9 @@ use vitals::proto::{health_check_service_client::HealthCheckServiceClient, with_
 
 use crate::{
     cluster::PrivateCluster,
-    harness::{Backend, PATIENCE, TestApp, TestDb, eventually, until, until_count},
+    harness::{Backend, PATIENCE, TestApp, TestDb, assert_reason, eventually, until, until_count},
     proxy::{Proxy, url_addr, url_via},
-    withlock::{Held, LockClient, assert_reason, keep_alive, lock, submit},
+    withlock::{Held, LockClient, keep_alive, lock, submit},
 };
 
 // ---------------------------------------------------------------------------

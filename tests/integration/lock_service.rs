@@ -37,9 +37,9 @@ use vitals::{
 };
 
 use crate::{
-    harness::{Backend, PATIENCE, Replicas, TestApp, TestDb, eventually},
+    harness::{Backend, PATIENCE, Replicas, TestApp, TestDb, assert_reason, eventually},
     proxy::Proxy,
-    withlock::{Held, LockClient, LockStream, acquire, assert_reason, keep_alive, lock, release, std_duration, submit},
+    withlock::{Held, LockClient, LockStream, acquire, keep_alive, lock, release, std_duration, submit},
 };
 
 // ---------------------------------------------------------------------------

@@ -1,13 +1,12 @@
 //! A WithLock client, the way a service using vitals would write one, shared
 //! by the lock test modules: the messages it sends, an open stream, a granted
-//! lock, and the check of a refusal's `ErrorInfo`.
+//! lock.
 
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status, Streaming, transport::Channel};
-use tonic_types::{ErrorInfo, StatusExt};
+use tonic::{Status, Streaming, transport::Channel};
 use vitals::proto::{
     self, lock_service_client::LockServiceClient, with_lock_request::Action, with_lock_response::Event,
 };
@@ -54,18 +53,6 @@ pub fn submit(run_id: &str, system_id: &str) -> proto::SubmitRunRequest {
 /// A proto duration as a std one; it must be set and non-negative.
 pub fn std_duration(d: Option<prost_types::Duration>) -> Duration {
     Duration::try_from(d.expect("a duration is set")).expect("a non-negative duration")
-}
-
-/// Checks the code, `ErrorInfo.reason` and `ErrorInfo.domain` of `status`
-/// and returns the `ErrorInfo`.
-pub fn assert_reason(status: &Status, code: Code, reason: &str) -> ErrorInfo {
-    assert_eq!(status.code(), code, "{status:?}");
-    let info = status
-        .get_details_error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.reason, reason, "{status:?}");
-    assert_eq!(info.domain, vitals::error::ERROR_DOMAIN);
-    info
 }
 
 /// One open WithLock stream.
