@@ -18,7 +18,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 use vitals::proto;
 
-use crate::harness::{TestApp, TestDb};
+use crate::harness::{TestApp, TestDb, assert_reason};
 
 /// Sends and receives message bodies as raw bytes.
 #[derive(Debug, Clone, Default)]
@@ -145,12 +145,7 @@ async fn a_string_field_that_is_not_utf8_is_invalid_argument() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    let info = err.get_details_error_info().expect("an ErrorInfo");
-    assert_eq!(
-        (info.reason.as_str(), info.domain.as_str()),
-        ("MALFORMED_REQUEST", "vitals.dev")
-    );
+    assert_reason(&err, Code::InvalidArgument, "MALFORMED_REQUEST");
     app.stop().await;
 }
 

@@ -10,7 +10,7 @@ use tonic_types::StatusExt;
 use vitals::{lock::LocalLockStats, proto};
 
 use crate::{
-    harness::{PATIENCE, TestApp, TestDb, WORK_SESSIONS_BLOCKED, eventually, until_count},
+    harness::{PATIENCE, TestApp, TestDb, WORK_SESSIONS_BLOCKED, assert_reason, eventually, until_count},
     proxy::{Proxy, url_addr, url_via},
     withlock::acquire,
 };
@@ -91,8 +91,7 @@ async fn past_the_concurrency_limit_business_rpcs_are_shed_while_health_and_refl
         .evaluate_health(proto::EvaluateHealthRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted);
-    assert_eq!(err.get_details_error_info().unwrap().reason, "OVERLOADED");
+    assert_reason(&err, Code::ResourceExhausted, "OVERLOADED");
     // Shed at once: without shedding the call would wait for the held slots,
     // which are never let go before the assertion. The bound leaves room for
     // a new connection on a loaded 2-core machine.
@@ -205,12 +204,7 @@ async fn an_oversized_request_is_refused_with_resource_exhausted() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    let info = err.get_details_error_info().expect("an ErrorInfo");
-    assert_eq!(
-        (info.reason.as_str(), info.domain.as_str()),
-        ("REQUEST_TOO_LARGE", "vitals.dev")
-    );
+    assert_reason(&err, Code::ResourceExhausted, "REQUEST_TOO_LARGE");
     // A request under the limit still works.
     client
         .evaluate_health(proto::EvaluateHealthRequest {
@@ -282,12 +276,7 @@ async fn a_request_body_that_ends_inside_its_message_is_invalid_argument() {
         .body(tonic::body::Body::new(String::from("\0\0\0\0\x10\x0a\x01a")))
         .unwrap();
     let status = reply_status(channel.clone().oneshot(request).await.unwrap()).await;
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let info = status.get_details_error_info().expect("an ErrorInfo");
-    assert_eq!(
-        (info.reason.as_str(), info.domain.as_str()),
-        ("MALFORMED_REQUEST", "vitals.dev")
-    );
+    assert_reason(&status, Code::InvalidArgument, "MALFORMED_REQUEST");
     // The same message, whole, is answered.
     let request = http::Request::post("/vitals.v1.HealthCheckService/GetSystemHealth")
         .header("content-type", "application/grpc")
@@ -497,8 +486,7 @@ async fn a_starved_work_pool_answers_unavailable_after_the_connection_timeout() 
         .get_system_health(proto::GetSystemHealthRequest { system_id: "s".into() })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert_eq!(err.get_details_error_info().unwrap().reason, "WORK_POOL_EXHAUSTED");
+    assert_reason(&err, Code::Unavailable, "WORK_POOL_EXHAUSTED");
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(250) && took < Duration::from_secs(2),

@@ -17,7 +17,7 @@ use vitals::proto::{
     health_check_service_client::HealthCheckServiceClient, thresholds::Mode,
 };
 
-use crate::harness::{Backend, PATIENCE, TestApp, TestDb, admin_url, until};
+use crate::harness::{Backend, PATIENCE, TestApp, TestDb, admin_url, assert_reason, until};
 
 type Client = HealthCheckServiceClient<Channel>;
 
@@ -99,13 +99,6 @@ async fn next_sequence(stream: &mut Streaming<WatchTransitionsResponse>) -> u64 
         .sequence
 }
 
-fn reason(status: &Status) -> String {
-    status
-        .get_details_error_info()
-        .map(|info| info.reason)
-        .unwrap_or_default()
-}
-
 both_backends!(five_hundred_watchers_of_one_system_cost_one_database_read_per_transition);
 async fn five_hundred_watchers_of_one_system_cost_one_database_read_per_transition(backend: Backend) {
     const WATCHERS: usize = 500;
@@ -185,8 +178,7 @@ async fn a_watcher_past_vitals_max_watchers_is_refused_with_resource_exhausted_a
     let refused = watch(&mut client, "", 0)
         .await
         .expect_err("a fourth watcher is refused");
-    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    assert_eq!(reason(&refused), "WATCHER_LIMIT_REACHED");
+    assert_reason(&refused, Code::ResourceExhausted, "WATCHER_LIMIT_REACHED");
     assert!(refused.get_details_retry_info().is_some(), "{refused:?}");
 
     // Three open watches and two places for unary calls: both are served.
@@ -279,9 +271,7 @@ async fn a_watcher_that_stops_reading_is_ended_as_too_slow_after_its_last_delive
             Err(status) => break status,
         }
     };
-    assert_eq!(status.code(), Code::Aborted, "{status:?}");
-    assert_eq!(reason(&status), "WATCHER_TOO_SLOW");
-    let info = status.get_details_error_info().expect("ErrorInfo");
+    let info = assert_reason(&status, Code::Aborted, "WATCHER_TOO_SLOW");
     let last: u64 = info.metadata["last_sequence"].parse().expect("a sequence");
     assert_eq!(
         delivered,
@@ -326,8 +316,7 @@ async fn watchers_end_with_shutting_down_as_soon_as_the_server_starts_draining(b
     let stopping = tokio::spawn(app.stop());
     for stream in &mut watchers {
         let status = next(stream).await.expect_err("the watch ends with a status");
-        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-        assert_eq!(reason(&status), "SHUTTING_DOWN");
+        assert_reason(&status, Code::Unavailable, "SHUTTING_DOWN");
     }
     assert!(
         started.elapsed() < Duration::from_millis(1500),
