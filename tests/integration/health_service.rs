@@ -89,6 +89,17 @@ async fn submit_retrying(client: &mut Client, req: SubmitRunRequest) -> (SubmitR
     }
 }
 
+/// A ConfigureCheck that sets the thresholds of `system`'s `check` and leaves
+/// `enabled` as it is.
+fn set_thresholds(system: &str, check: &str, thresholds: Thresholds) -> ConfigureCheckRequest {
+    ConfigureCheckRequest {
+        system_id: system.into(),
+        check_id: check.into(),
+        thresholds: Some(thresholds),
+        enabled: None,
+    }
+}
+
 async fn configure(client: &mut Client, req: ConfigureCheckRequest) -> ConfigureCheckResponse {
     client
         .configure_check(req)
@@ -564,16 +575,7 @@ async fn a_retry_of_a_run_reports_the_transition_that_run_caused_and_no_other(ba
     assert!(healing.transition.is_some());
     let second_blip = run("orders", "api", "o-4", Degraded, Some(at(t0 + 3)));
     assert!(submit(&mut client, second_blip.clone()).await.transition.is_none());
-    let reconfigured = configure(
-        &mut client,
-        ConfigureCheckRequest {
-            system_id: "orders".into(),
-            check_id: "api".into(),
-            thresholds: Some(consecutive(1, 1, 5)),
-            enabled: None,
-        },
-    )
-    .await;
+    let reconfigured = configure(&mut client, set_thresholds("orders", "api", consecutive(1, 1, 5))).await;
     assert!(reconfigured.transition.is_some(), "one failure now degrades");
 
     // A retry, as after a reply that never arrived, reports the transition
@@ -812,16 +814,7 @@ async fn switching_a_check_to_window_thresholds_re_evaluates_it_and_reports_the_
         assert!(r.transition.is_none());
     }
 
-    let reply = configure(
-        &mut client,
-        ConfigureCheckRequest {
-            system_id: "api".into(),
-            check_id: "ping".into(),
-            thresholds: Some(window(5, 3, 4)),
-            enabled: None,
-        },
-    )
-    .await;
+    let reply = configure(&mut client, set_thresholds("api", "ping", window(5, 3, 4))).await;
     let check = reply.check.unwrap();
     assert_eq!(check.thresholds, Some(window(5, 3, 4)));
     assert_eq!(check.status(), Degraded);
@@ -951,12 +944,7 @@ async fn invalid_thresholds_are_refused_with_a_field_violation_for_each_offendin
     ];
     for (check, thresholds, want) in cases {
         let err = client
-            .configure_check(ConfigureCheckRequest {
-                system_id: "strict".into(),
-                check_id: check.into(),
-                thresholds: Some(thresholds),
-                enabled: None,
-            })
+            .configure_check(set_thresholds("strict", check, thresholds))
             .await
             .unwrap_err();
         assert_eq!(violated_fields(&err), want, "{thresholds:?}");
@@ -1788,12 +1776,7 @@ async fn a_watcher_on_one_replica_is_woken_at_once_by_a_transition_committed_on_
     // A single failure degrades, a single success heals: every run flips.
     configure(
         &mut writer_client,
-        ConfigureCheckRequest {
-            system_id: "pager".into(),
-            check_id: "probe".into(),
-            thresholds: Some(consecutive(1, 1, 5)),
-            enabled: None,
-        },
+        set_thresholds("pager", "probe", consecutive(1, 1, 5)),
     )
     .await;
     submit(
