@@ -17,13 +17,13 @@
 //! more before it is used (a matter of the machine's speed). The readiness
 //! probe and the listening connection have pools of their own.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use sqlx::PgConnection;
 use vitals::{proto, store::postgres::sql::TRANSITIONS_AFTER};
 
 use crate::{
-    harness::{TestApp, TestDb, until_count},
+    harness::{PATIENCE, TestApp, TestDb, eventually, until_count},
     proxy::{Proxy, Trip, Wire, url_addr, url_via_plain},
 };
 
@@ -110,7 +110,7 @@ impl Window {
 /// held in the database (the system's lock released), nothing in flight on
 /// the wire, and every work connection pinged since its last statement
 /// (sqlx pings each connection given back to the pool; until then the
-/// request is not over). Fails after 10 s.
+/// request is not over). Fails after [`PATIENCE`].
 async fn quiet(wire: &Wire, conn: &mut PgConnection) {
     until_count(
         conn,
@@ -120,15 +120,17 @@ async fn quiet(wire: &Wire, conn: &mut PgConnection) {
         "the system's lock is released in PostgreSQL",
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while wire.in_flight() > 0 || !wire.all_pinged("vitals-work") {
-        assert!(
-            Instant::now() < deadline,
-            "vitals did not go quiet; the last round trips: {:#?}",
-            wire.trips().iter().rev().take(20).collect::<Vec<_>>()
-        );
-        tokio::task::yield_now().await;
-    }
+    eventually(PATIENCE, "vitals is quiet", async || {
+        if wire.in_flight() == 0 && wire.all_pinged("vitals-work") {
+            Ok(())
+        } else {
+            Err(format!(
+                "the last round trips: {:#?}",
+                wire.trips().iter().rev().take(20).collect::<Vec<_>>()
+            ))
+        }
+    })
+    .await;
 }
 
 /// The round trips of `trips[from..]` a SubmitRun answered at `replied`
