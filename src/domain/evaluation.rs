@@ -218,7 +218,10 @@ fn evaluate_consecutive(runs: &[Status], t: ConsecutiveThresholds) -> Evaluation
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::MIN_WINDOW_SIZE;
+    use crate::domain::{
+        MIN_WINDOW_SIZE,
+        thresholds::shorthand::{consecutive, window},
+    };
     use proptest::prelude::*;
 
     /// Statuses from a compact picture, newest first: `H`, `D`, `U`; spaces are ignored.
@@ -233,22 +236,6 @@ mod tests {
                 other => panic!("unknown status {other:?} in {picture:?}"),
             })
             .collect()
-    }
-
-    fn consecutive(healthy: u32, degraded: u32, unhealthy: u32) -> Thresholds {
-        Thresholds::Consecutive(ConsecutiveThresholds {
-            healthy_min_success_count: healthy,
-            degraded_min_failure_count: degraded,
-            unhealthy_min_failure_count: unhealthy,
-        })
-    }
-
-    fn window(size: u32, degraded: u32, unhealthy: u32) -> Thresholds {
-        Thresholds::Window(WindowThresholds {
-            window_size: size,
-            degraded_min_failure_count: degraded,
-            unhealthy_min_failure_count: unhealthy,
-        })
     }
 
     fn status(picture: &str, thresholds: Thresholds) -> Status {

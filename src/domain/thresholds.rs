@@ -187,11 +187,12 @@ fn degraded_above_unhealthy(field: String, unhealthy: u32) -> FieldViolation {
     )
 }
 
+/// Shorthands for thresholds in the domain's tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod shorthand {
+    use super::{ConsecutiveThresholds, Thresholds, WindowThresholds};
 
-    fn consecutive(healthy: u32, degraded: u32, unhealthy: u32) -> Thresholds {
+    pub(crate) fn consecutive(healthy: u32, degraded: u32, unhealthy: u32) -> Thresholds {
         Thresholds::Consecutive(ConsecutiveThresholds {
             healthy_min_success_count: healthy,
             degraded_min_failure_count: degraded,
@@ -199,13 +200,19 @@ mod tests {
         })
     }
 
-    fn window(size: u32, degraded: u32, unhealthy: u32) -> Thresholds {
+    pub(crate) fn window(size: u32, degraded: u32, unhealthy: u32) -> Thresholds {
         Thresholds::Window(WindowThresholds {
             window_size: size,
             degraded_min_failure_count: degraded,
             unhealthy_min_failure_count: unhealthy,
         })
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shorthand::{consecutive, window};
+    use super::*;
 
     /// The violations as `(field, description)` pairs, empty when valid.
     fn violations(thresholds: Thresholds) -> Vec<(String, String)> {
