@@ -29,6 +29,12 @@ pub(crate) fn free_port() -> Result<u16> {
 /// Runs `cmd`, failing with its output when it exits non-zero.
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd.output().with_context(|| format!("{what}: could not start"))?;
+    stdout_of(&out, what)
+}
+
+/// The standard output of a finished command, or its whole output as the
+/// error when it exited non-zero.
+fn stdout_of(out: &std::process::Output, what: &str) -> Result<String> {
     if !out.status.success() {
         bail!(
             "{what} failed ({}):\n{}{}",
@@ -47,15 +53,7 @@ async fn run_async(cmd: Command, what: &str) -> Result<String> {
         .output()
         .await
         .with_context(|| format!("{what}: could not start"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(&out, what)
 }
 
 fn is_root() -> bool {
