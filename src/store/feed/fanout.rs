@@ -757,20 +757,34 @@ mod tests {
         fn settle(&mut self) {
             self.register();
             for _ in 0..10_000 {
-                let before = (self.delivered.len(), self.head, self.replay_done, self.ended);
+                // The replay's own progress counts: a read that found the
+                // queue overflowed must be followed by another read.
+                let before = self.progress();
                 for s in [Step::FeedRead, Step::FeedPublish, Step::ReplayRead, Step::ReplayHandOn] {
                     self.step(&s);
                 }
                 for _ in 0..2 * PAGE + 2 {
                     self.step(&Step::Take);
                 }
-                let after = (self.delivered.len(), self.head, self.replay_done, self.ended);
+                let after = self.progress();
                 let feed_caught_up = self.feed_page.is_none() && self.head == self.table.len() as u64;
                 if after == before && feed_caught_up {
                     return;
                 }
             }
             panic!("the model did not settle");
+        }
+
+        fn progress(&self) -> (usize, u64, u64, bool, bool, Option<End>) {
+            let replay_pending = self.replay_page.is_some();
+            (
+                self.delivered.len(),
+                self.head,
+                self.replay_last,
+                replay_pending,
+                self.replay_done,
+                self.ended,
+            )
         }
 
         /// The matching sequences after `after_sequence`.
