@@ -12,6 +12,8 @@
 //! - `status`: [`Status`], ordered by severity, and [`worst`].
 //! - `thresholds`: [`Thresholds`] in their two modes, their defaults and their validation.
 //! - `evaluation`: [`evaluate`], which turns the newest runs of a check into an [`Evaluation`].
+//! - `window`: [`RunWindow`], a check's newest runs kept up to date one run at a time, so that a
+//!   submission evaluates without reading the history.
 //! - `ids`: validated newtypes ([`SystemId`], [`LockKey`], ...) parsed where input enters.
 //! - `latency`: [`Latency`], a run's reported duration, bounded and at the stored precision.
 //! - `violation`: [`FieldViolation`], one reason an input was rejected.
@@ -22,6 +24,7 @@ mod latency;
 mod status;
 mod thresholds;
 mod violation;
+mod window;
 
 pub use evaluation::{Evaluation, MAX_RUNS_CONSIDERED, Rule, evaluate, system_status};
 pub use ids::{CheckId, LockKey, Owner, RunId, RunMessage, SystemId};
@@ -29,3 +32,4 @@ pub use latency::{Latency, MAX_LATENCY};
 pub use status::{Status, worst};
 pub use thresholds::{ConsecutiveThresholds, MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, Mode, Thresholds, WindowThresholds};
 pub use violation::FieldViolation;
+pub use window::{Placement, RunWindow, WindowRun};
