@@ -22,7 +22,7 @@ use vitals::{
     Config,
     db::Database,
     domain::{CheckId, RunId, RunMessage, Status, SystemId},
-    store::{NewRun, RetentionPass, Store, TransitionNotifier},
+    store::{NewRun, RetentionPass, Store, TransitionNotifier, WriteRules},
 };
 
 #[derive(Debug, Parser)]
@@ -89,7 +89,10 @@ async fn pass(store: &Store, label: &str, batch: u32) -> Result<(), Box<dyn std:
                     message: RunMessage::parse("message", String::new()).expect("a valid message"),
                 };
                 let asked = Instant::now();
-                store.submit_run(&run).await.map_err(|e| e.to_string())?;
+                store
+                    .submit_run(&run, &WriteRules::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 slowest = slowest.max(asked.elapsed());
                 submitted += 1;
             }

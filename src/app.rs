@@ -25,7 +25,7 @@ use crate::{
     middleware::{EdgeLayer, Readiness},
     proto::{self, health_check_service_server::HealthCheckServiceServer, lock_service_server::LockServiceServer},
     service::HealthService,
-    store::{RetentionPass, Store, TransitionFeed, TransitionNotifier, WatchLimits},
+    store::{RetentionPass, Store, TransitionFeed, TransitionNotifier, WatchLimits, WriteRules},
 };
 
 /// Errors that stop the server from starting or running.
@@ -224,7 +224,10 @@ impl Application {
         // service.
         let max_bytes = config.max_request_size();
         let health_service = health_service.max_decoding_message_size(max_bytes);
-        let health_checks = HealthService::new(store, locks.clone(), feed.clone());
+        let rules = WriteRules {
+            max_checks_per_system: config.max_checks_per_system,
+        };
+        let health_checks = HealthService::new(store, locks.clone(), feed.clone(), rules);
         let health_api =
             HealthCheckServiceServer::new(HealthApi::new(health_checks)).max_decoding_message_size(max_bytes);
         let lock_api = LockServiceServer::new(LockApi::new(locks.clone())).max_decoding_message_size(max_bytes);

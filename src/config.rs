@@ -9,6 +9,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, ValueEnum};
 
+/// The largest `VITALS_MAX_CHECKS_PER_SYSTEM`: a reply with this many checks,
+/// every id as long as allowed, still fits a client's default 4 MiB message
+/// limit (tested in `api::convert`).
+pub const MAX_CHECKS_PER_SYSTEM: u32 = 10_000;
+
 /// Where the data lives, resolved from `DATABASE_URL`, the `PG*` variables or
 /// the embedded default.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +84,12 @@ pub struct Config {
     /// Client locks held or waited for at once on this replica (WithLock streams); past it LOCK_LIMIT_REACHED.
     #[arg(long = "max-locks", env = "VITALS_MAX_LOCKS", value_name = "VITALS_MAX_LOCKS", default_value_t = 10_000, value_parser = count_in(1, 1_000_000))]
     pub max_locks: u32,
+
+    /// Checks a system may have; a run or configuration that would add one more is refused with TOO_MANY_CHECKS.
+    /// Every SubmitRun and ConfigureCheck reply carries all of its system's checks: at the largest value it
+    /// still fits a client's default 4 MiB message limit.
+    #[arg(long = "max-checks-per-system", env = "VITALS_MAX_CHECKS_PER_SYSTEM", value_name = "VITALS_MAX_CHECKS_PER_SYSTEM", default_value_t = 1000, value_parser = count_in(1, MAX_CHECKS_PER_SYSTEM))]
+    pub max_checks_per_system: u32,
 
     /// WatchTransitions streams open at once on this replica; past it WATCHER_LIMIT_REACHED.
     #[arg(long = "max-watchers", env = "VITALS_MAX_WATCHERS", value_name = "VITALS_MAX_WATCHERS", default_value_t = 10_000, value_parser = count_in(1, 1_000_000))]
@@ -300,6 +311,19 @@ mod tests {
         assert_eq!(c.max_watchers, 10_000);
         assert_eq!(c.watcher_buffer, 256);
         assert_eq!(c.watcher_max_lag_ms, 10_000);
+        assert_eq!(c.max_checks_per_system, 1000);
+    }
+
+    #[test]
+    fn a_checks_per_system_limit_outside_its_range_is_refused_with_the_variable_name() {
+        for bad in ["0", "10001", "many"] {
+            let err = Config::from_flags([format!("--max-checks-per-system={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("VITALS_MAX_CHECKS_PER_SYSTEM"), "{bad}: {err}");
+        }
+        let c = Config::from_flags(["--max-checks-per-system", "10000"]).unwrap();
+        assert_eq!(c.max_checks_per_system, MAX_CHECKS_PER_SYSTEM);
     }
 
     #[test]

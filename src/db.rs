@@ -129,6 +129,42 @@ pub enum OpenError {
     },
 }
 
+/// The session settings of work connections: bounds, so that a statement
+/// whose request has ended, or is about to, does not wait on in the database
+/// holding locks.
+///
+/// - `statement_timeout`: no statement runs more than a second past the
+///   longest deadline a request can have (`VITALS_REQUEST_TIMEOUT_MS`); the
+///   second lets the request's own deadline answer first.
+/// - `lock_timeout`: a statement waits for another's row lock (a write of the
+///   same system that is still committing) no longer than a request waits
+///   for its system's lock: `DATABASE_LOCK_TIMEOUT_MS`, and no later than the
+///   `SYSTEM_BUSY` margin before the request's deadline. Such a write answers
+///   `SYSTEM_BUSY`, in time for the client to hear it.
+/// - `client_connection_check_interval`: a statement whose connection vitals
+///   closed (its request ended while it ran, see
+///   [`crate::store::PgStore`]) ends within a second instead of running on
+///   for nobody.
+/// - `plan_cache_mode`: every statement is planned once per session, for any
+///   parameters. PostgreSQL would otherwise plan SubmitRun's write anew on
+///   every call (a plan for its parameters looks a little cheaper than one
+///   for any), which cost more than executing it. The store writes
+///   statements whose plan does not depend on a parameter being NULL.
+pub fn work_session_settings(config: &Config) -> [(&'static str, String); 4] {
+    let deadline = Duration::from_millis(config.request_timeout_ms);
+    let lock_wait = config
+        .lock_timeout()
+        .min(deadline.saturating_sub(crate::lock::SYSTEM_BUSY_MARGIN))
+        // 0 would mean "wait forever".
+        .max(Duration::from_millis(1));
+    [
+        ("statement_timeout", (config.request_timeout_ms + 1000).to_string()),
+        ("lock_timeout", lock_wait.as_millis().to_string()),
+        ("client_connection_check_interval", "1000".to_owned()),
+        ("plan_cache_mode", "force_generic_plan".to_owned()),
+    ]
+}
+
 /// A pooled connection idle at least this long is pinged before the pool
 /// hands it out; one in steady use is not (sqlx also pings every connection
 /// when it goes back to the pool, so a busy connection was checked moments
@@ -263,7 +299,10 @@ impl Pools {
     /// NOT_SERVING until the database answers, instead of failing to start.
     pub fn connect_lazy(config: &Config) -> std::result::Result<Self, OpenError> {
         let base = base_options(config)?;
-        let work_options = base.clone().application_name("vitals-work");
+        let work_options = base
+            .clone()
+            .application_name("vitals-work")
+            .options(work_session_settings(config));
         let listen_options = base.clone().application_name("vitals-listen");
         let probe_options = base.clone().application_name("vitals-probe");
         let lock_options = base.application_name("vitals-lock").options([
@@ -351,6 +390,11 @@ impl Pools {
         let mut migrator = sqlx::migrate!("./migrations/postgres");
         migrator.set_locking(false);
         let mut conn = self.work.acquire().await?.detach();
+        // A migration may rewrite every row of a large table, and waits for
+        // the replica migrating before it: neither is a request.
+        sqlx::query("SELECT set_config('statement_timeout', '0', false), set_config('lock_timeout', '0', false)")
+            .execute(&mut conn)
+            .await?;
         sqlx::query("SELECT pg_advisory_lock($1, $2)")
             .bind(crate::lock::id::INTERNAL_SPACE)
             .bind(crate::lock::id::MIGRATIONS)
@@ -495,5 +539,39 @@ impl Database {
             Database::Postgres(pools) => pools.close().await,
             Database::Embedded(db) => db.close().await,
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn settings(flags: &[&str]) -> Vec<(&'static str, String)> {
+        let mut all = vec!["--database-url", "postgres://x/y"];
+        all.extend_from_slice(flags);
+        work_session_settings(&Config::from_flags(all).unwrap()).to_vec()
+    }
+
+    fn setting(all: &[(&'static str, String)], name: &str) -> String {
+        all.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone()).unwrap()
+    }
+
+    #[test]
+    fn work_sessions_end_statements_after_the_longest_request_deadline_and_lock_waits_before_it() {
+        let defaults = settings(&[]);
+        assert_eq!(setting(&defaults, "statement_timeout"), "16000");
+        // The lock wait (30 s) is cut to the margin before the deadline (15 s).
+        assert_eq!(setting(&defaults, "lock_timeout"), "14750");
+        assert_eq!(setting(&defaults, "client_connection_check_interval"), "1000");
+        assert_eq!(setting(&defaults, "plan_cache_mode"), "force_generic_plan");
+
+        let short_lock_wait = settings(&["--database-lock-timeout-ms", "200"]);
+        assert_eq!(setting(&short_lock_wait, "lock_timeout"), "200");
+
+        // A deadline inside the margin leaves the shortest wait, never 0 (no limit).
+        let tiny = settings(&["--request-timeout-ms", "100"]);
+        assert_eq!(setting(&tiny, "statement_timeout"), "1100");
+        assert_eq!(setting(&tiny, "lock_timeout"), "1");
     }
 }

@@ -43,6 +43,16 @@ pub enum Error {
         system_id: String,
     },
 
+    /// FAILED_PRECONDITION, reason `TOO_MANY_CHECKS`, with a `PreconditionFailure`: the run or
+    /// the configuration would add a check to a system that has `VITALS_MAX_CHECKS_PER_SYSTEM`.
+    #[error("too many checks")]
+    TooManyChecks {
+        /// The system.
+        system_id: String,
+        /// The most checks a system may have.
+        limit: u32,
+    },
+
     /// ALREADY_EXISTS, reason `RUN_ID_CONFLICT`: the run_id is stored with other content.
     #[error("run id conflict")]
     RunConflict {
@@ -166,6 +176,9 @@ pub enum Corrupt {
     /// An evaluation column that does not decode.
     #[error("stored evaluation {0:?} does not decode")]
     Evaluation(String),
+    /// A check's run window that does not decode, or breaks a window's rules.
+    #[error("stored run window {0:?} does not decode")]
+    Window(String),
     /// The embedded store's fencing-token reservation below one block.
     #[error("stored fencing token block {0} is invalid")]
     FencingTokenBlock(i64),
@@ -197,6 +210,7 @@ impl Error {
             Error::InvalidArgument(_) => "INVALID_ARGUMENT",
             Error::LockProtocol(_) => "LOCK_PROTOCOL_VIOLATION",
             Error::SystemNotFound { .. } => "SYSTEM_NOT_FOUND",
+            Error::TooManyChecks { .. } => "TOO_MANY_CHECKS",
             Error::RunConflict { .. } => "RUN_ID_CONFLICT",
             Error::LockNotAvailable { .. } => "LOCK_NOT_AVAILABLE",
             Error::LockLost { .. } => "LOCK_LOST",
@@ -223,7 +237,7 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument(_) | Error::MalformedRequest(_) => Code::InvalidArgument,
-            Error::LockProtocol(_) => Code::FailedPrecondition,
+            Error::LockProtocol(_) | Error::TooManyChecks { .. } => Code::FailedPrecondition,
             Error::SystemNotFound { .. } => Code::NotFound,
             Error::RunConflict { .. } => Code::AlreadyExists,
             Error::LockNotAvailable { .. } | Error::LockLost { .. } | Error::WatcherTooSlow { .. } => Code::Aborted,
@@ -250,6 +264,9 @@ impl Error {
             }
             Error::LockProtocol(v) => format!("{}: {}", v.field, v.description),
             Error::SystemNotFound { system_id } => format!("system {system_id:?} not found"),
+            Error::TooManyChecks { system_id, limit } => {
+                format!("system {system_id:?} has {limit} checks, the most a system may have")
+            }
             Error::RunConflict { run_id } => {
                 format!("run {run_id:?} already exists with different content")
             }
@@ -284,6 +301,10 @@ impl Error {
             }
             Error::RunConflict { run_id } => {
                 m.insert("run_id".into(), run_id.clone());
+            }
+            Error::TooManyChecks { system_id, limit } => {
+                m.insert("system_id".into(), system_id.clone());
+                m.insert("limit".into(), limit.to_string());
             }
             Error::LockNotAvailable { key } | Error::LockLost { key, .. } => {
                 m.insert("key".into(), key.clone());
@@ -343,8 +364,10 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
             // 08: connection exceptions; 57P0x: admin shutdown, crash
             // shutdown, cannot connect now; 53: insufficient resources (too
             // many connections, out of (shared) memory: a full lock table,
-            // disk full).
-            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+            // disk full); 57014: a statement cancelled, by the work
+            // sessions' statement_timeout (the database is too slow to
+            // answer within a request's deadline) or an administrator.
+            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") || code == "57014"
         }),
         _ => false,
     }
@@ -396,6 +419,13 @@ impl From<Error> for Status {
             }
             Error::LockProtocol(v) => {
                 details.add_precondition_failure_violation("LOCK_PROTOCOL", v.field.clone(), v.description.clone());
+            }
+            Error::TooManyChecks { system_id, limit } => {
+                details.add_precondition_failure_violation(
+                    "TOO_MANY_CHECKS",
+                    system_id.clone(),
+                    format!("a system has at most {limit} checks (VITALS_MAX_CHECKS_PER_SYSTEM)"),
+                );
             }
             Error::PoolExhausted(_) | Error::DatabaseUnavailable(_) | Error::SystemBusy { .. } => {
                 details.set_retry_info(Some(std::time::Duration::from_millis(100)));
@@ -465,6 +495,28 @@ mod tests {
         let bad = status.get_details_bad_request().unwrap();
         let fields: Vec<_> = bad.field_violations.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["a", "b"]);
+    }
+
+    #[test]
+    fn too_many_checks_is_a_failed_precondition_naming_the_system_and_the_limit() {
+        let s = Status::from(Error::TooManyChecks {
+            system_id: "checkout".into(),
+            limit: 1000,
+        });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "TOO_MANY_CHECKS");
+        assert_eq!(info.metadata.get("system_id").map(String::as_str), Some("checkout"));
+        assert_eq!(info.metadata.get("limit").map(String::as_str), Some("1000"));
+        let violation = &s.get_details_precondition_failure().unwrap().violations[0];
+        assert_eq!(
+            (violation.r#type.as_str(), violation.subject.as_str()),
+            ("TOO_MANY_CHECKS", "checkout")
+        );
+        assert!(
+            s.get_details_retry_info().is_none(),
+            "retrying the same run cannot help"
+        );
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! - [`db`]: the database: PostgreSQL's two pools (work, lock) and their
 //!   session settings, or the embedded SQLite store of a single replica.
 //! - [`store`]: persistence of runs, checks, health and transitions, one
-//!   interface over a PostgreSQL and an embedded implementation; and the
+//!   interface over a PostgreSQL and an embedded implementation, whose writes
+//!   follow one path (load, decide in [`domain`], write) over the statements
+//!   each backend implements; and the
 //!   one feed per replica that reads new transitions once and hands them
 //!   to every WatchTransitions watcher.
 //! - [`lock`]: the lock manager: fair in-process queues, and with PostgreSQL

@@ -15,8 +15,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use vitals::{
     domain::MAX_RUNS_CONSIDERED,
-    lock::id::{CLIENT_KEY_PREFIX, INTERNAL_SPACE, SYSTEM_SPACE, TRANSITION_SEQUENCE},
-    store::postgres::sql::{INSERT_RUN, INSERT_TRANSITION, REEVALUATE_READ, REEVALUATE_WRITE},
+    lock::id::{CLIENT_KEY_PREFIX, SYSTEM_SPACE},
+    store::postgres::sql::{LOAD_SYSTEM, WRITE_SYSTEM},
 };
 
 use crate::{
@@ -35,7 +35,29 @@ fn defines() -> Vec<(&'static str, String)> {
         // Thresholds::default() and an evaluation of it, as the store encodes them.
         ("thresholds", "c:1:2:5".to_owned()),
         ("evaluation", "3:2:100:5:0:0|c:1:2:5".to_owned()),
+        ("window", full_window()),
     ]
+}
+
+/// A full run window as the store encodes it (`src/store/codec.rs`): the
+/// newest 100 runs, newest first, each `<observed_at µs>\x1f<status>\x1f<run
+/// id>`, joined by `\x1e`, with run ids as long as the generated ones
+/// (UUIDs). It is what every baseline write stores for its check: the bytes
+/// vitals writes, and a window vitals reads back when it runs on the same
+/// database afterwards (its times are in the past, so new runs go first).
+fn full_window() -> String {
+    const NEWEST_US: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z
+    (0..i64::try_from(MAX_RUNS_CONSIDERED).unwrap_or(100))
+        .map(|i| {
+            format!(
+                "{}\u{1f}{}\u{1f}00000000-0000-7000-8000-{:012}",
+                NEWEST_US - i * 5_000_000,
+                1 + i % 3,
+                99 - i
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\u{1e}")
 }
 
 /// `BEGIN; pg_advisory_xact_lock(random key); COMMIT`: what WithLock costs
@@ -110,63 +132,67 @@ pub(crate) fn pgbench_sql(sql: &str, args: &[&str]) -> Result<String> {
     Ok(out)
 }
 
-/// SubmitRun's SQL work, statement for statement as `PgStore::submit_run`
-/// and `reevaluate` send it (the very constants of
-/// `vitals::store::postgres::sql`): the run insert with the system row lock,
-/// the check upsert with the system's checks and the check's newest 100
-/// runs, the check update with the system upsert (and the
-/// transition-sequence lock when the status changed), on one connection,
-/// under the system's serialisation lock (vitals takes it on a lock session;
-/// here a transaction lock on the same two keys). The transition insert
-/// runs in the same share of transactions as it did in vitals' own run at
-/// this concurrency (`-D tpm`, per 10,000).
-fn submit() -> Result<String> {
+/// The system and check of a baseline transaction, as SQL expressions.
+const SYSTEM: &str = "'bench-sys-' || :s::text";
+const CHECK: &str = "'check-' || :c::text";
+
+/// The random system, check and status of a baseline transaction.
+fn pick() -> String {
     let systems = SYSTEMS - 1;
     let checks = CHECKS_PER_SYSTEM - 1;
-    let sys = "'bench-sys-' || :s::text";
-    let chk = "'check-' || :c::text";
+    format!(
+        r"\set s random(0, {systems})
+\set c random(0, {checks})
+\set st random(1, 3)
+"
+    )
+}
+
+/// SubmitRun's SQL work as vitals does it: the very statements of the store
+/// (`vitals::store::postgres::sql`), the load and the write, each committing
+/// on its own, under the system's serialisation lock on the same two keys
+/// (vitals holds it on a lock session; here a session lock of the same
+/// connection, taken and released by a statement each). The write stores a
+/// full run window, under the version the load read (`\aset`: every row
+/// carries it; none for a new system, whose write then inserts it), and
+/// records a transition in the same share of transactions as vitals did in
+/// its own run at this concurrency (`-D tpm`, per 10,000).
+fn submit() -> Result<String> {
+    let load = pgbench_sql(LOAD_SYSTEM, &[SYSTEM, CHECK])?;
+    let load = load.strip_suffix(';').unwrap_or(&load);
     let runs = MAX_RUNS_CONSIDERED.to_string();
-    let (space, sequence) = (INTERNAL_SPACE.to_string(), TRANSITION_SEQUENCE.to_string());
-    let changed = ":t::int <= :tpm::int";
-    let insert_run = pgbench_sql(
-        INSERT_RUN,
-        &["gen_random_uuid()::text", sys, chk, ":st", "now()", "250000", "''"],
-    )?;
-    let read = pgbench_sql(REEVALUATE_READ, &[sys, chk, ":thresholds", &runs])?;
     let write = pgbench_sql(
-        REEVALUATE_WRITE,
+        WRITE_SYSTEM,
         &[
-            sys,
-            chk,
+            SYSTEM,
+            CHECK,
+            ":st",
+            ":version",
+            ":thresholds",
+            "true",
             ":st",
             ":evaluation",
             &runs,
             "now()",
+            ":window",
+            "gen_random_uuid()::text",
             ":st",
-            &space,
-            changed,
-            &sequence,
+            "now()",
+            "250000",
+            "''",
+            ":t::int <= :tpm::int",
+            "1",
         ],
     )?;
-    let transition = pgbench_sql(
-        INSERT_TRANSITION,
-        &[sys, chk, "1", ":st", ":evaluation", "gen_random_uuid()::text"],
-    )?;
     Ok(format!(
-        r"\set s random(0, {systems})
-\set c random(0, {checks})
-\set st random(1, 3)
-\set t random(1, 10000)
-BEGIN;
-SELECT pg_advisory_xact_lock({SYSTEM_SPACE}, hashtext({sys}));
-{insert_run}
-{read}
+        r"{pick}\set t random(1, 10000)
+\set version 0
+SELECT pg_advisory_lock({SYSTEM_SPACE}, hashtext({SYSTEM}));
+{load} \aset
 {write}
-\if :t <= :tpm
-{transition}
-\endif
-COMMIT;
-"
+SELECT pg_advisory_unlock({SYSTEM_SPACE}, hashtext({SYSTEM}));
+",
+        pick = pick()
     ))
 }
 
@@ -198,9 +224,16 @@ impl Script {
         }
     }
 
-    /// The script and its `-D` variables, for the report.
+    /// The script and its `-D` variables, for the report (the run window
+    /// abridged).
     pub(crate) fn source(self) -> Result<String> {
-        let defines: Vec<String> = defines().iter().map(|(k, v)| format!("-D {k}='{v}'")).collect();
+        let defines: Vec<String> = defines()
+            .iter()
+            .map(|(k, v)| match *k {
+                "window" => format!("-D {k}='<{} runs, {} bytes>'", MAX_RUNS_CONSIDERED, v.len()),
+                _ => format!("-D {k}='{v}'"),
+            })
+            .collect();
         Ok(format!("{}\n(pgbench {})", self.text()?, defines.join(" ")))
     }
 }
@@ -391,7 +424,7 @@ mod tests {
     #[test]
     fn the_submit_script_runs_each_statement_of_the_store_with_every_parameter_replaced() {
         let script = submit().unwrap();
-        for statement in [INSERT_RUN, REEVALUATE_READ, REEVALUATE_WRITE, INSERT_TRANSITION] {
+        for statement in [LOAD_SYSTEM, WRITE_SYSTEM] {
             // The text before the first parameter is the store's, unchanged.
             let head = &statement[..statement.find('$').unwrap()];
             assert_eq!(script.matches(head).count(), 1, "{head}");
@@ -405,12 +438,28 @@ mod tests {
             "a parameter left in the script: ${}",
             leftover.unwrap_or_default()
         );
-        assert!(script.contains(&format!(
-            "pg_advisory_xact_lock({INTERNAL_SPACE}, {TRANSITION_SEQUENCE})"
-        )));
-        assert!(script.contains(&format!("pg_advisory_xact_lock({SYSTEM_SPACE}, hashtext(")));
-        // pgbench needs every SQL command ended by a semicolon.
+        assert!(script.contains(&format!("pg_advisory_lock({SYSTEM_SPACE}, hashtext(")));
+        assert!(script.contains(&format!("pg_advisory_unlock({SYSTEM_SPACE}, hashtext(")));
+        // pgbench needs every SQL command ended by a semicolon, or by
+        // `\aset` in its place.
         let commands = script.lines().filter(|l| !l.starts_with('\\')).count();
-        assert_eq!(script.matches(";\n").count(), commands);
+        assert_eq!(
+            script.matches(";\n").count() + script.matches(" \\aset\n").count(),
+            commands
+        );
+        assert_eq!(script.matches(" \\aset\n").count(), 1);
+    }
+
+    #[test]
+    fn the_window_is_a_full_window_in_the_stores_encoding() {
+        let window = full_window();
+        let runs: Vec<&str> = window.split('\u{1e}').collect();
+        assert_eq!(runs.len(), MAX_RUNS_CONSIDERED);
+        let times: Vec<i64> = runs
+            .iter()
+            .map(|r| r.split('\u{1f}').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(times.windows(2).all(|t| t[0] > t[1]), "newest first");
+        assert!(runs.iter().all(|r| r.split('\u{1f}').count() == 3));
     }
 }

@@ -244,3 +244,87 @@ pub(crate) fn transition_out(t: &Transition) -> proto::HealthTransition {
         evaluation: Some(evaluation_out(&t.evaluation)),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::config::MAX_CHECKS_PER_SYSTEM;
+
+    /// The largest id a client may choose (256 bytes), distinct per `n`.
+    fn longest_id(n: u32) -> String {
+        format!("{n:0>256}")
+    }
+
+    #[test]
+    fn a_reply_with_the_most_checks_a_system_may_have_fits_a_clients_default_message_limit() {
+        let latest = Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap() + chrono::TimeDelta::microseconds(999_999);
+        let thresholds = Thresholds::Window(WindowThresholds {
+            window_size: u32::MAX,
+            degraded_min_failure_count: u32::MAX,
+            unhealthy_min_failure_count: u32::MAX,
+        });
+        let evaluation = Evaluation {
+            status: Status::Unhealthy,
+            mode: Mode::Window,
+            runs_considered: u32::MAX,
+            leading_failure_streak: u32::MAX,
+            leading_success_streak: u32::MAX,
+            failures_in_window: u32::MAX,
+            rule: Rule::RecoveryNotConfirmed,
+            thresholds,
+        };
+        let checks = (0..MAX_CHECKS_PER_SYSTEM)
+            .map(|n| CheckRecord {
+                check_id: longest_id(n),
+                thresholds,
+                enabled: true,
+                evaluation,
+                runs_considered: u32::MAX,
+                last_run_at: Some(latest),
+            })
+            .collect();
+        let system = SystemRecord {
+            system_id: longest_id(0),
+            status: Status::Unhealthy,
+            checks,
+            evaluated_at: Some(latest),
+        };
+        let run = Run {
+            run_id: longest_id(1),
+            system_id: longest_id(0),
+            check_id: longest_id(2),
+            status: Status::Unhealthy,
+            observed_at: latest,
+            latency: Some(Duration::from_secs(86_400)),
+            message: "m".repeat(4096),
+            recorded_at: latest,
+        };
+        let transition = Transition {
+            sequence: u64::MAX,
+            system_id: longest_id(0),
+            check_id: longest_id(2),
+            from: Status::Degraded,
+            to: Status::Unhealthy,
+            transitioned_at: latest,
+            evaluation,
+        };
+        let reply = proto::SubmitRunResponse {
+            system_health: Some(system_out(&system)),
+            transition: Some(transition_out(&transition)),
+            duplicate: true,
+            run: Some(run_out(&run)),
+        };
+        let size = reply.encoded_len();
+        assert!(size < 4 * 1024 * 1024, "{size} bytes");
+        // ConfigureCheck's reply is the same system plus one of its checks.
+        let configured = proto::ConfigureCheckResponse {
+            check: reply.system_health.as_ref().map(|s| s.checks[0].clone()),
+            system_health: reply.system_health,
+            transition: reply.transition,
+        };
+        assert!(configured.encoded_len() < 4 * 1024 * 1024);
+    }
+}

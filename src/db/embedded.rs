@@ -213,6 +213,18 @@ impl EmbeddedDb {
             .map_err(|e| Error::acquire(PoolKind::Work, e))
     }
 
+    /// The writer connection in a new `BEGIN IMMEDIATE` transaction (the
+    /// write lock is taken at once, so nothing can commit between its reads
+    /// and its commit), or `WORK_POOL_EXHAUSTED` after the acquire timeout.
+    /// Dropped without a commit, it rolls back before the connection serves
+    /// the next writer.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>> {
+        self.writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| Error::acquire(PoolKind::Work, e))
+    }
+
     /// A reader connection, or `WORK_POOL_EXHAUSTED` after the acquire timeout.
     pub async fn reader(&self) -> Result<PoolConnection<Sqlite>> {
         self.readers

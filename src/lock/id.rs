@@ -22,7 +22,10 @@ pub const INTERNAL_SPACE: i32 = 0x7669_7461;
 /// The first `int4` of systems' serialisation locks (`"vits"`); the second
 /// is `hashtext(system_id)`.
 pub const SYSTEM_SPACE: i32 = 0x7669_7473;
-/// `(INTERNAL_SPACE, TRANSITION_SEQUENCE)`: serialises transition sequence numbers.
+/// `(INTERNAL_SPACE, TRANSITION_SEQUENCE)`: serialised transition sequence
+/// numbers until they came from the `transition_sequence` counter row; kept
+/// reserved so that no other internal lock takes its number while replicas
+/// of both versions may meet during an upgrade.
 pub const TRANSITION_SEQUENCE: i32 = 1;
 /// `(INTERNAL_SPACE, MIGRATIONS)`: serialises migrations across replicas.
 pub const MIGRATIONS: i32 = 2;

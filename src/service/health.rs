@@ -19,7 +19,7 @@ use crate::{
     lock::Locks,
     store::{
         CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, Store, SubmitOutcome, Subscription, SystemRecord,
-        Transition, TransitionFeed,
+        Transition, TransitionFeed, WriteRules,
     },
 };
 
@@ -32,6 +32,8 @@ pub struct HealthService {
     locks: Locks,
     /// The one feed per replica that watchers follow.
     feed: TransitionFeed,
+    /// Limits every write checks (checks per system).
+    rules: WriteRules,
 }
 
 /// One page of a listing.
@@ -69,10 +71,15 @@ fn log_transition(t: &Transition) {
 }
 
 impl HealthService {
-    /// The use cases over `store`, serialised per system by `locks`;
-    /// watchers follow `feed`.
-    pub fn new(store: Store, locks: Locks, feed: TransitionFeed) -> Self {
-        HealthService { store, locks, feed }
+    /// The use cases over `store`, serialised per system by `locks`, each
+    /// write within `rules`; watchers follow `feed`.
+    pub fn new(store: Store, locks: Locks, feed: TransitionFeed, rules: WriteRules) -> Self {
+        HealthService {
+            store,
+            locks,
+            feed,
+            rules,
+        }
     }
 
     /// Evaluates `statuses` (newest first) with `thresholds`; stores nothing.
@@ -87,7 +94,7 @@ impl HealthService {
     pub async fn submit_run(&self, run: &NewRun, deadline: Option<Instant>) -> Result<SubmitOutcome> {
         let outcome = self
             .locks
-            .with_system_lock(&run.system_id, deadline, || self.store.submit_run(run))
+            .with_system_lock(&run.system_id, deadline, || self.store.submit_run(run, &self.rules))
             .await?;
         if let Some(t) = outcome.transition.as_ref().filter(|_| !outcome.duplicate) {
             log_transition(t);
@@ -100,7 +107,9 @@ impl HealthService {
     pub async fn configure_check(&self, update: &CheckUpdate, deadline: Option<Instant>) -> Result<ConfigureOutcome> {
         let outcome = self
             .locks
-            .with_system_lock(&update.system_id, deadline, || self.store.configure_check(update))
+            .with_system_lock(&update.system_id, deadline, || {
+                self.store.configure_check(update, &self.rules)
+            })
             .await?;
         if let Some(t) = &outcome.transition {
             log_transition(t);
@@ -183,7 +192,10 @@ mod tests {
         let notifier = TransitionNotifier::default();
         let store = Store::open(&database, notifier.clone());
         let feed = TransitionFeed::new(store.clone(), &notifier, WatchLimits::from_config(&config));
-        (HealthService::new(store, locks.clone(), feed), locks, database)
+        let rules = WriteRules {
+            max_checks_per_system: config.max_checks_per_system,
+        };
+        (HealthService::new(store, locks.clone(), feed, rules), locks, database)
     }
 
     fn system(id: &str) -> SystemId {

@@ -1,10 +1,20 @@
-//! Compact text encodings of thresholds and evaluations for storage.
+//! Compact text encodings of thresholds, evaluations and run windows for
+//! storage.
 //!
-//! They are small fixed records read on every evaluation; a short text column
+//! They are small records read on every evaluation; a short text column
 //! keeps them readable in `psql` and portable to the embedded store without a
 //! JSON dependency.
 
-use crate::domain::{ConsecutiveThresholds, Evaluation, Mode, Rule, Status, Thresholds, WindowThresholds};
+use crate::domain::{
+    ConsecutiveThresholds, Evaluation, Mode, Rule, RunWindow, Status, Thresholds, WindowRun, WindowThresholds,
+};
+
+/// Separates the runs of an encoded window (ASCII record separator). Ids
+/// never contain control characters, so neither separator can occur inside
+/// a field.
+const RUN_SEPARATOR: char = '\u{1e}';
+/// Separates the fields of one run (ASCII unit separator).
+const FIELD_SEPARATOR: char = '\u{1f}';
 
 /// `c:<success>:<degraded>:<unhealthy>` or `w:<window>:<degraded>:<unhealthy>`.
 pub(crate) fn encode_thresholds(t: &Thresholds) -> String {
@@ -102,6 +112,47 @@ pub(crate) fn decode_evaluation(s: &str) -> Option<Evaluation> {
     })
 }
 
+/// A check's run window, newest first: `<observed_at µs>␟<status>␟<run_id>`
+/// per run, joined by `␞`; empty without runs. The migration that built the
+/// windows from the runs table writes the same text.
+pub(crate) fn encode_window(window: &RunWindow) -> String {
+    let mut out = String::with_capacity(window.len() * 40);
+    for (i, run) in window.runs().iter().enumerate() {
+        if i > 0 {
+            out.push(RUN_SEPARATOR);
+        }
+        out.push_str(&run.observed_at_micros.to_string());
+        out.push(FIELD_SEPARATOR);
+        out.push_str(&run.status.as_i16().to_string());
+        out.push(FIELD_SEPARATOR);
+        out.push_str(&run.run_id);
+    }
+    out
+}
+
+/// The window [`encode_window`] wrote; `None` for anything else, a window
+/// out of order or over its size included.
+pub(crate) fn decode_window(s: &str) -> Option<RunWindow> {
+    if s.is_empty() {
+        return Some(RunWindow::default());
+    }
+    let runs = s
+        .split(RUN_SEPARATOR)
+        .map(|run| {
+            let mut fields = run.splitn(3, FIELD_SEPARATOR);
+            let observed_at_micros = fields.next()?.parse::<i64>().ok()?;
+            let status = Status::from_i16(fields.next()?.parse::<i16>().ok()?)?;
+            let run_id = fields.next().filter(|id| !id.is_empty())?.to_owned();
+            Some(WindowRun {
+                observed_at_micros,
+                run_id,
+                status,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    RunWindow::from_newest_first(runs)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -120,6 +171,48 @@ mod tests {
             let statuses = [Status::Unhealthy, Status::Degraded, Status::Healthy, Status::Unhealthy];
             let e = evaluate(&statuses, &thresholds);
             assert_eq!(decode_evaluation(&encode_evaluation(&e)).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn windows_round_trip_through_their_text() {
+        let mut window = RunWindow::default();
+        assert_eq!(encode_window(&window), "");
+        assert_eq!(decode_window(""), Some(window.clone()));
+        for (at, id, status) in [
+            (-62_135_596_800_000_000, "year one", Status::Degraded),
+            (1_700_000_000_123_456, "r:1|2", Status::Unhealthy),
+            (1_700_000_000_123_456, "r:1|3", Status::Healthy),
+        ] {
+            window.place(WindowRun {
+                observed_at_micros: at,
+                run_id: id.to_owned(),
+                status,
+            });
+        }
+        let text = encode_window(&window);
+        assert_eq!(
+            text,
+            "1700000000123456\u{1f}1\u{1f}r:1|3\u{1e}1700000000123456\u{1f}3\u{1f}r:1|2\u{1e}\
+             -62135596800000000\u{1f}2\u{1f}year one"
+        );
+        assert_eq!(decode_window(&text), Some(window));
+    }
+
+    #[test]
+    fn a_window_that_a_window_could_not_have_written_does_not_decode() {
+        for bad in [
+            "x\u{1f}1\u{1f}a",
+            "1\u{1f}9\u{1f}a",
+            "1\u{1f}1\u{1f}",
+            "1\u{1f}1",
+            "1\u{1f}1\u{1f}a\u{1e}",
+            // Oldest first.
+            "1\u{1f}1\u{1f}a\u{1e}2\u{1f}1\u{1f}b",
+            // One id twice.
+            "2\u{1f}1\u{1f}a\u{1e}1\u{1f}1\u{1f}a",
+        ] {
+            assert_eq!(decode_window(bad), None, "{bad:?}");
         }
     }
 

@@ -4,13 +4,17 @@
 //! [`Store`] is the one interface the use cases ([`crate::service`]) use; the SQL lives in its two
 //! implementations, [`postgres`] and the embedded [`sqlite`]. Every write that
 //! can change a system's status runs inside that system's lock, taken by the
-//! caller through [`crate::lock`] before the store takes a work connection.
+//! caller through [`crate::lock`] before the store takes a work connection,
+//! and follows the one write path of `pipeline` (load, decide with
+//! [`crate::domain`], write), whose statements are all that the backends
+//! implement differently.
 //! [`feed`] reads new transitions once per replica and hands them to
 //! WatchTransitions' watchers. [`retention`] deletes old runs and transitions
 //! in short steps that a shutdown can stop between.
 
 mod codec;
 pub mod feed;
+mod pipeline;
 pub mod postgres;
 pub mod retention;
 pub mod sqlite;
@@ -25,6 +29,7 @@ use crate::{
 use chrono::{DateTime, Utc};
 
 pub use feed::{FeedStats, Subscription, TransitionFeed, TransitionNotifier, WatchLimits};
+pub use pipeline::WriteRules;
 pub use postgres::PgStore;
 pub use retention::{PassStats, RetentionPass};
 pub use sqlite::SqliteStore;
@@ -58,21 +63,21 @@ impl Store {
         }
     }
 
-    /// Records a run and re-evaluates its check and system. The caller holds
-    /// the system's lock.
-    pub async fn submit_run(&self, new: &NewRun) -> Result<SubmitOutcome> {
+    /// Records a run and re-evaluates its check and system, within `rules`.
+    /// The caller holds the system's lock.
+    pub async fn submit_run(&self, new: &NewRun, rules: &WriteRules) -> Result<SubmitOutcome> {
         match self {
-            Store::Postgres(s) => s.submit_run(new).await,
-            Store::Embedded(s) => s.submit_run(new).await,
+            Store::Postgres(s) => s.submit_run(new, rules).await,
+            Store::Embedded(s) => s.submit_run(new, rules).await,
         }
     }
 
-    /// Creates or updates a check and re-evaluates its system. The caller
-    /// holds the system's lock.
-    pub async fn configure_check(&self, update: &CheckUpdate) -> Result<ConfigureOutcome> {
+    /// Creates or updates a check and re-evaluates its system, within
+    /// `rules`. The caller holds the system's lock.
+    pub async fn configure_check(&self, update: &CheckUpdate, rules: &WriteRules) -> Result<ConfigureOutcome> {
         match self {
-            Store::Postgres(s) => s.configure_check(update).await,
-            Store::Embedded(s) => s.configure_check(update).await,
+            Store::Postgres(s) => s.configure_check(update, rules).await,
+            Store::Embedded(s) => s.configure_check(update, rules).await,
         }
     }
 

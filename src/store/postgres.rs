@@ -1,11 +1,13 @@
 //! The PostgreSQL store: every statement vitals runs on the work pool.
 //!
-//! Methods that change a system's health expect the caller to hold that
-//! system's lock (see [`crate::lock::Locks::with_system_lock`]); they then lock the
-//! system's row and read the previous status under both locks, which is what
-//! makes each transition appear exactly once however many replicas evaluate
-//! the same system (the row lock covers the moments the advisory lock does
-//! not, see [`lock_system`]).
+//! The writes (SubmitRun, ConfigureCheck) follow [`super::pipeline`]; this
+//! module gives it two statements, [`sql::LOAD_SYSTEM`] and
+//! [`sql::WRITE_SYSTEM`], each committing on its own: no BEGIN, no COMMIT, two
+//! round trips on the reply's path. The write applies only if the system's
+//! version is still the one the load read, which is what keeps each
+//! transition exactly once when the system's lock alone cannot (a holder
+//! cancelled while its write commits releases the lock early, a write
+//! stalled past the lease lets it go).
 
 use std::{
     sync::{
@@ -20,24 +22,20 @@ use sqlx::{PgConnection, Row, postgres::PgRow};
 
 use super::{
     CheckRecord, CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, SubmitOutcome, SystemRecord, Transition,
-    codec::{decode_evaluation, decode_thresholds, encode_evaluation, encode_thresholds},
+    codec::{decode_evaluation, decode_thresholds, decode_window, encode_evaluation, encode_thresholds, encode_window},
+    pipeline::{self, Loaded, Statements, SystemState, Write, WriteRules, Written},
     retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
 };
 use crate::{
     db::WorkPool,
-    domain::{CheckId, MAX_RUNS_CONSIDERED, RunId, Status, SystemId, Thresholds, evaluate},
-    error::{Corrupt, Error, Result},
+    domain::{CheckId, RunId, RunWindow, Status, SystemId, evaluate},
+    error::{Corrupt, Error, Result, sqlstate},
 };
 
 pub mod sql;
 
 pub use sql::TRANSITIONS_CHANNEL;
 use sql::{CHECK_COLUMNS, TRANSITION_COLUMNS};
-
-// The transition-sequence lock ([`crate::lock::id::TRANSITION_SEQUENCE`])
-// serialises the assignment of transition sequences, so that sequences commit
-// in order. A transaction-level lock on the work connection, held only for
-// the tail of a transaction that already changed a status, which is rare.
 
 /// The PostgreSQL implementation of the store.
 #[derive(Debug, Clone)]
@@ -118,109 +116,16 @@ impl PgStore {
         self.transition_reads.load(Ordering::Relaxed)
     }
 
-    /// Records a run and re-evaluates its check and system. The caller holds
-    /// the system's lock.
-    ///
-    /// A connection found lost before COMMIT was sent (its backend died while
-    /// it was idle in the pool) committed nothing, so the whole transaction
-    /// is run once more on a connection the pool checks first; SubmitRun is
-    /// idempotent by run id in any case.
-    pub async fn submit_run(&self, new: &NewRun) -> Result<SubmitOutcome> {
-        let mut committing = false;
-        match self.submit_run_once(new, &mut committing).await {
-            Err(err) if !committing && self.work.health().check(&err) => {
-                tracing::debug!(error = %err, "work connection found broken; retrying SubmitRun on another");
-                self.submit_run_once(new, &mut committing).await
-            }
-            outcome => outcome,
-        }
-    }
-
-    async fn submit_run_once(&self, new: &NewRun, committing: &mut bool) -> Result<SubmitOutcome> {
-        let mut conn = self.work.acquire().await?;
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-
-        // The run insert and the system's row lock in one statement: the
-        // insert needs nothing the lock protects, and every statement after
-        // this one sees what the previous holder of the row committed.
-        let row = sqlx::query(sql::INSERT_RUN)
-            .bind(new.run_id.as_str())
-            .bind(new.system_id.as_str())
-            .bind(new.check_id.as_str())
-            .bind(new.status.as_i16())
-            .bind(new.observed_at)
-            .bind(new.latency_us())
-            .bind(new.message.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-        let recorded_at: Option<DateTime<Utc>> = row.try_get("recorded_at")?;
-
-        let Some(recorded_at) = recorded_at else {
-            let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = $1"))
-                .bind(new.run_id.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
-            let stored = run_from_row(&row)?;
-            let health = system_in(&mut tx, stored.system_id.as_str()).await?;
-            let transition = transition_caused_by(&mut tx, &stored).await?;
-            tx.rollback().await?;
-            return new.resubmitted(stored, health, transition);
-        };
-        let run = new.recorded(recorded_at);
-
-        let previous = match row.try_get::<Option<i16>, _>("previous")? {
-            Some(raw) => status_of(raw)?,
-            // A new system: its row is created (and locked) here.
-            None => create_system(&mut tx, new.system_id.as_str()).await?,
-        };
-
-        let (health, transition) =
-            reevaluate(&mut tx, &new.system_id, &new.check_id, previous, Some(&new.run_id)).await?;
-        *committing = true;
-        tx.commit().await?;
-        Ok(SubmitOutcome {
-            run,
-            health,
-            transition,
-            duplicate: false,
-        })
+    /// Records a run and re-evaluates its check and system (see
+    /// [`super::pipeline`]). The caller holds the system's lock.
+    pub async fn submit_run(&self, new: &NewRun, rules: &WriteRules) -> Result<SubmitOutcome> {
+        pipeline::submit_run(self, new, rules).await
     }
 
     /// Creates or updates a check and re-evaluates its system. The caller
     /// holds the system's lock.
-    pub async fn configure_check(&self, update: &CheckUpdate) -> Result<ConfigureOutcome> {
-        let mut conn = self.work.acquire().await?;
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let previous = lock_system(&mut tx, update.system_id.as_str()).await?;
-        sqlx::query(
-            "INSERT INTO checks (system_id, check_id, thresholds, enabled) \
-             VALUES ($1, $2, coalesce($3, $4), coalesce($5, true)) \
-             ON CONFLICT (system_id, check_id) DO UPDATE SET \
-                 thresholds = coalesce($3, checks.thresholds), \
-                 enabled = coalesce($5, checks.enabled), \
-                 updated_at = now() \
-",
-        )
-        .bind(update.system_id.as_str())
-        .bind(update.check_id.as_str())
-        .bind(update.thresholds.as_ref().map(encode_thresholds))
-        .bind(encode_thresholds(&Thresholds::default()))
-        .bind(update.enabled)
-        .execute(&mut *tx)
-        .await?;
-        let (health, transition) = reevaluate(&mut tx, &update.system_id, &update.check_id, previous, None).await?;
-        tx.commit().await?;
-        let check = health
-            .checks
-            .iter()
-            .find(|c| c.check_id == update.check_id.as_str())
-            .cloned()
-            .ok_or(Error::Invariant("a configured check is in its system's health"))?;
-        Ok(ConfigureOutcome {
-            check,
-            health,
-            transition,
-        })
+    pub async fn configure_check(&self, update: &CheckUpdate, rules: &WriteRules) -> Result<ConfigureOutcome> {
+        pipeline::configure_check(self, update, rules).await
     }
 
     /// The stored health of a system, or `None` if it has never been seen.
@@ -238,10 +143,21 @@ impl PgStore {
         limit: u32,
     ) -> Result<Vec<Run>> {
         let mut conn = self.work.acquire().await?;
+        // Only the conditions that apply: work sessions plan every
+        // statement once for any parameters (generic plans), and a condition
+        // a NULL switches off would keep the plan from the matching index.
+        let check = if check_id.is_some() {
+            "AND check_id = $2"
+        } else {
+            "AND $2::text IS NULL"
+        };
+        let cursor = if after.is_some() {
+            "AND (observed_at, run_id) < ($3, $4)"
+        } else {
+            "AND $3::timestamptz IS NULL AND $4::text IS NULL"
+        };
         let rows = sqlx::query(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs \
-             WHERE system_id = $1 AND ($2::text IS NULL OR check_id = $2) \
-               AND ($3::timestamptz IS NULL OR (observed_at, run_id) < ($3, $4)) \
+            "SELECT {RUN_COLUMNS} FROM runs WHERE system_id = $1 {check} {cursor} \
              ORDER BY observed_at DESC, run_id DESC LIMIT $5"
         ))
         .bind(system_id.as_str())
@@ -262,9 +178,19 @@ impl PgStore {
         limit: u32,
     ) -> Result<Vec<Transition>> {
         let mut conn = self.work.acquire().await?;
+        // Only the conditions that apply (see `list_runs`).
+        let system = if system_id.is_some() {
+            "system_id = $1"
+        } else {
+            "$1::text IS NULL"
+        };
+        let before_sequence = if before.is_some() {
+            "sequence < $2"
+        } else {
+            "$2::bigint IS NULL"
+        };
         let rows = sqlx::query(&format!(
-            "SELECT {TRANSITION_COLUMNS} FROM transitions \
-             WHERE ($1::text IS NULL OR system_id = $1) AND ($2::bigint IS NULL OR sequence < $2) \
+            "SELECT {TRANSITION_COLUMNS} FROM transitions WHERE {system} AND {before_sequence} \
              ORDER BY sequence DESC LIMIT $3"
         ))
         .bind(system_id.map(SystemId::as_str))
@@ -284,7 +210,13 @@ impl PgStore {
     ) -> Result<Vec<Transition>> {
         self.transition_reads.fetch_add(1, Ordering::Relaxed);
         let mut conn = self.work.acquire().await?;
-        let rows = sqlx::query(sql::TRANSITIONS_AFTER)
+        // Only the conditions that apply (see `list_runs`).
+        let statement = if system_id.is_some() {
+            sql::TRANSITIONS_AFTER_OF_SYSTEM
+        } else {
+            sql::TRANSITIONS_AFTER
+        };
+        let rows = sqlx::query(statement)
             .bind(system_id.map(SystemId::as_str))
             .bind(i64::try_from(after).unwrap_or(i64::MAX))
             .bind(i64::from(limit))
@@ -442,7 +374,7 @@ async fn system_in(conn: &mut PgConnection, system_id: &str) -> Result<Option<Sy
         .await?;
     let Some(system) = system else { return Ok(None) };
     let checks = sqlx::query(&format!(
-        "SELECT {CHECK_COLUMNS} FROM checks WHERE system_id = $1 ORDER BY check_id"
+        "SELECT {CHECK_COLUMNS} FROM checks WHERE system_id = $1 ORDER BY check_id COLLATE \"C\""
     ))
     .bind(system_id)
     .fetch_all(&mut *conn)
@@ -471,150 +403,171 @@ async fn transition_caused_by(conn: &mut PgConnection, run: &Run) -> Result<Opti
     row.as_ref().map(transition_from_row).transpose()
 }
 
-/// Locks the system's row until the end of the transaction and returns its
-/// status: the status the next transition starts from. A new system gets its
-/// row here, with the baseline `healthy`.
+/// The constraint a stale write violates: [`sql::WRITE_SYSTEM`] sets the version
+/// of a system it read at an older version to 0, which this refuses.
+const STALE_WRITE: &str = "systems_stale_write";
+
+/// The history's key: a run id stored already.
+const RUNS_KEY: &str = "runs_pkey";
+
+/// SQLSTATE of a lock wait that reached `lock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// A work connection whose statements commit one by one, as a write uses it.
 ///
-/// The system's lock already serialises writers; this row
-/// lock makes that serialisation hold even when the system's lock is released
-/// before this transaction has finished committing (a request cancelled during
-/// its COMMIT releases the system's lock while the server completes the
-/// commit). A writer that gets the system's lock then
-/// waits here for the commit, and every statement after this one sees it.
-/// Callers take it before any other lock of the system's rows. SubmitRun
-/// takes the same row lock inside its run insert (one round trip fewer) and
-/// calls [`create_system`] itself when the row does not exist yet.
-async fn lock_system(tx: &mut PgConnection, system_id: &str) -> Result<Status> {
-    let locked = sqlx::query("SELECT status FROM systems WHERE system_id = $1 FOR UPDATE")
-        .bind(system_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    match locked {
-        Some(row) => status_of(row.try_get("status")?),
-        None => create_system(tx, system_id).await,
+/// Dropped while a statement is in flight (its request ended: the deadline
+/// passed, the client went away), it is closed instead of going back to the
+/// pool, where sqlx would wait for the statement to finish: PostgreSQL then
+/// ends the statement within a second (`client_connection_check_interval`)
+/// rather than letting it wait on for a lock, holding its own, for nobody.
+#[derive(Debug)]
+pub struct WriteConnection {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    /// True from a statement's start until its reply was read.
+    in_flight: bool,
+}
+
+impl WriteConnection {
+    /// The connection, for one statement: call [`Self::done`] when its
+    /// future completed.
+    fn start(&mut self) -> &mut PgConnection {
+        self.in_flight = true;
+        &mut self.conn
+    }
+
+    fn done(&mut self) {
+        self.in_flight = false;
     }
 }
 
-/// The second half of [`lock_system`] for a system without a row: creates it
-/// with the baseline `healthy` and locks it. ON CONFLICT DO UPDATE locks a row
-/// another writer created meanwhile and returns its newest version.
-async fn create_system(tx: &mut PgConnection, system_id: &str) -> Result<Status> {
-    let row = sqlx::query(
-        "INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, $2, now()) \
-         ON CONFLICT (system_id) DO UPDATE SET status = systems.status RETURNING status",
-    )
-    .bind(system_id)
-    .bind(Status::Healthy.as_i16())
-    .fetch_one(&mut *tx)
-    .await?;
-    status_of(row.try_get("status")?)
-}
-
-/// Re-evaluates one check from its newest runs, then its system; writes the
-/// transition when the system's status changed from `previous`. Runs inside
-/// the caller's transaction, under the system's lock and after
-/// [`lock_system`], which read `previous` (so every statement here sees what
-/// the previous writer committed). Creates the check, with default
-/// thresholds, if it does not exist yet. `caused_by` is the run being
-/// submitted (none for a configuration change); the transition records it,
-/// so that a duplicate of the run can report it.
-///
-/// Two statements, three with a transition: one reads the system's checks
-/// and the check's newest runs, one writes the check and the system (and
-/// takes the transition-sequence lock when the status changed), one inserts
-/// the transition. The reply's health is built from what they read and wrote
-/// instead of read back.
-async fn reevaluate(
-    tx: &mut PgConnection,
-    system_id: &SystemId,
-    check_id: &CheckId,
-    previous: Status,
-    caused_by: Option<&RunId>,
-) -> Result<(SystemRecord, Option<Transition>)> {
-    // Ordered by observed_at, so a late run slots into its place in history.
-    // The created check is not visible to the same statement's scan of
-    // `checks`, so it comes from RETURNING.
-    let rows = sqlx::query(sql::REEVALUATE_READ)
-        .bind(system_id.as_str())
-        .bind(check_id.as_str())
-        .bind(encode_thresholds(&Thresholds::default()))
-        .bind(i64::try_from(MAX_RUNS_CONSIDERED).unwrap_or(100))
-        .fetch_all(&mut *tx)
-        .await?;
-
-    let mut checks = Vec::with_capacity(rows.len());
-    let mut target = None;
-    let mut others: Option<Status> = None;
-    for row in &rows {
-        let check = check_from_row(row)?;
-        if row.try_get::<bool, _>("target")? {
-            let statuses = row
-                .try_get::<Option<Vec<i16>>, _>("recent_statuses")?
-                .unwrap_or_default()
-                .into_iter()
-                .map(status_of)
-                .collect::<Result<Vec<_>>>()?;
-            let last_run_at: Option<DateTime<Utc>> = row.try_get("recent_last")?;
-            target = Some((checks.len(), statuses, last_run_at));
-        } else if check.enabled {
-            let status: Status = status_of(row.try_get("status")?)?;
-            others = Some(others.map_or(status, |o| o.max(status)));
+impl Drop for WriteConnection {
+    fn drop(&mut self) {
+        if self.in_flight {
+            self.conn.close_on_drop();
         }
-        checks.push(check);
     }
-    let (index, statuses, last_run_at) =
-        target.ok_or(Error::Invariant("the re-evaluated check is among its system's checks"))?;
-    let check = &mut checks[index];
-    let evaluation = evaluate(&statuses, &check.thresholds);
-    let mut current = others.unwrap_or(Status::Healthy);
-    if check.enabled {
-        current = current.max(evaluation.status);
+}
+
+impl Statements for PgStore {
+    type Unit = WriteConnection;
+
+    async fn begin(&self) -> Result<Self::Unit> {
+        Ok(WriteConnection {
+            conn: self.work.acquire().await?,
+            in_flight: false,
+        })
     }
-    let runs_considered = u32::try_from(statuses.len()).unwrap_or(u32::MAX);
-    check.evaluation = evaluation;
-    check.runs_considered = runs_considered;
-    check.last_run_at = last_run_at;
 
-    let from = previous;
-    let changed = from != current;
-    // The transition-sequence lock, when the status changed, is taken here
-    // so that the transition insert (the next statement) reads the highest
-    // sequence after the lock was granted.
-    let row = sqlx::query(sql::REEVALUATE_WRITE)
-        .bind(system_id.as_str())
-        .bind(check_id.as_str())
-        .bind(evaluation.status.as_i16())
-        .bind(encode_evaluation(&evaluation))
-        .bind(i32::try_from(statuses.len()).unwrap_or(i32::MAX))
-        .bind(last_run_at)
-        .bind(current.as_i16())
-        .bind(crate::lock::id::INTERNAL_SPACE)
-        .bind(changed)
-        .bind(crate::lock::id::TRANSITION_SEQUENCE)
-        .fetch_one(&mut *tx)
-        .await?;
-    let evaluated_at: DateTime<Utc> = row.try_get("evaluated_at")?;
-
-    let transition = if changed {
-        let row = sqlx::query(sql::INSERT_TRANSITION)
+    async fn load(&self, conn: &mut Self::Unit, system_id: &SystemId, check_id: &CheckId) -> Result<Loaded> {
+        let rows = sqlx::query(sql::LOAD_SYSTEM)
             .bind(system_id.as_str())
             .bind(check_id.as_str())
-            .bind(from.as_i16())
-            .bind(current.as_i16())
-            .bind(encode_evaluation(&evaluation))
-            .bind(caused_by.map(RunId::as_str))
-            .fetch_one(&mut *tx)
-            .await?;
-        Some(transition_from_row(&row)?)
-    } else {
-        None
-    };
+            .fetch_all(conn.start())
+            .await;
+        conn.done();
+        let rows = rows?;
+        let Some(first) = rows.first() else {
+            return Ok(Loaded {
+                system: None,
+                checks: Vec::new(),
+                window: RunWindow::default(),
+            });
+        };
+        let system = SystemState {
+            status: status_of(first.try_get("system_status")?)?,
+            version: first.try_get("version")?,
+        };
+        let mut window = RunWindow::default();
+        let mut checks = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.try_get::<Option<String>, _>("check_id")?.is_none() {
+                continue;
+            }
+            if let Some(text) = row.try_get::<Option<String>, _>("run_window")? {
+                window = decode_window(&text).ok_or(Corrupt::Window(text))?;
+            }
+            checks.push(check_from_row(row)?);
+        }
+        Ok(Loaded {
+            system: Some(system),
+            checks,
+            window,
+        })
+    }
 
-    let health = SystemRecord {
-        system_id: system_id.as_str().to_owned(),
-        status: current,
-        checks,
-        evaluated_at: Some(evaluated_at),
-    };
-    Ok((health, transition))
+    async fn write(&self, conn: &mut Self::Unit, write: &Write<'_>) -> Result<Written> {
+        let check = write.check;
+        let run = write.run;
+        let row = sqlx::query(sql::WRITE_SYSTEM)
+            .bind(write.system_id.as_str())
+            .bind(check.check_id.as_str())
+            .bind(write.status.as_i16())
+            .bind(write.loaded_version)
+            .bind(encode_thresholds(&check.thresholds))
+            .bind(check.enabled)
+            .bind(check.evaluation.status.as_i16())
+            .bind(encode_evaluation(&check.evaluation))
+            .bind(i32::try_from(check.runs_considered).unwrap_or(i32::MAX))
+            .bind(check.last_run_at)
+            .bind(encode_window(write.window))
+            .bind(run.map(|r| r.run_id.as_str()))
+            .bind(run.map(|r| r.status.as_i16()))
+            .bind(run.map(|r| r.observed_at))
+            .bind(run.and_then(NewRun::latency_us))
+            .bind(run.map(|r| r.message.as_str()))
+            .bind(write.transition_from.is_some())
+            .bind(write.transition_from.map(Status::as_i16))
+            .fetch_optional(conn.start())
+            .await;
+        conn.done();
+        let row = match row {
+            Ok(Some(row)) => row,
+            Err(err) if violates(&err, STALE_WRITE) => return Ok(Written::Stale),
+            Err(err) if violates(&err, RUNS_KEY) => return Ok(Written::RunIdTaken),
+            // Another write of the system held its row past `lock_timeout`.
+            Err(err) if sqlstate(&err).as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                return Err(Error::SystemBusy {
+                    system_id: write.system_id.as_str().to_owned(),
+                });
+            }
+            Ok(None) => return Err(Error::Invariant("a write that was not refused wrote its system")),
+            Err(err) => return Err(err.into()),
+        };
+        let sequence: Option<i64> = row.try_get("sequence")?;
+        Ok(Written::Applied {
+            at: row.try_get("evaluated_at")?,
+            sequence: sequence.map(|s| u64::try_from(s).unwrap_or(0)),
+        })
+    }
+
+    async fn commit(&self, _conn: Self::Unit, _wrote_transition: bool) -> Result<()> {
+        // The write committed with its statement; NOTIFY went with it.
+        Ok(())
+    }
+
+    async fn stored_run(&self, conn: &mut Self::Unit, run_id: &RunId) -> Result<Option<Run>> {
+        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = $1"))
+            .bind(run_id.as_str())
+            .fetch_optional(&mut *conn.conn)
+            .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn system(&self, conn: &mut Self::Unit, system_id: &str) -> Result<Option<SystemRecord>> {
+        system_in(&mut conn.conn, system_id).await
+    }
+
+    async fn transition_caused_by(&self, conn: &mut Self::Unit, run: &Run) -> Result<Option<Transition>> {
+        transition_caused_by(&mut conn.conn, run).await
+    }
+
+    fn lost_before_writing(&self, err: &Error) -> bool {
+        self.work.health().check(err)
+    }
+}
+
+/// True when `err` is a violation of `constraint`.
+fn violates(err: &sqlx::Error, constraint: &str) -> bool {
+    err.as_database_error()
+        .is_some_and(|db| db.constraint() == Some(constraint))
 }

@@ -1,15 +1,14 @@
 //! The embedded store: the same records and rules as [`super::postgres`], on
 //! the SQLite file of [`EmbeddedDb`].
 //!
-//! Methods that change a system's health expect the caller to hold that
-//! system's lock (see [`crate::lock::Locks::with_system_lock`]). They then write
-//! in one `BEGIN IMMEDIATE` transaction on the single writer connection, so
-//! the previous status they read is the last committed one and nothing can
-//! commit between that read and their own commit: each transition appears
-//! exactly once, and transition sequences (max + 1 inside that transaction)
-//! commit in order. A cancelled request cannot break this either: its
-//! transaction commits or rolls back before the writer connection serves the
-//! next writer.
+//! The writes (SubmitRun, ConfigureCheck) follow [`super::pipeline`], whose
+//! statements run here in one `BEGIN IMMEDIATE` transaction on the single
+//! writer connection, so the previous status they read is the last committed
+//! one and nothing can commit between that read and their own commit: each
+//! transition appears exactly once, and transition sequences (max + 1 inside
+//! that transaction) commit in order. A cancelled request cannot break this
+//! either: its transaction commits or rolls back before the writer connection
+//! serves the next writer.
 //!
 //! Times are stored as INTEGER microseconds since the epoch.
 
@@ -27,12 +26,13 @@ use sqlx::{Connection, Row, SqliteConnection, sqlite::SqliteRow};
 use super::{
     CheckRecord, CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, SubmitOutcome, SystemRecord, Transition,
     TransitionNotifier,
-    codec::{decode_evaluation, decode_thresholds, encode_evaluation, encode_thresholds},
+    codec::{decode_evaluation, decode_thresholds, decode_window, encode_evaluation, encode_thresholds, encode_window},
+    pipeline::{self, Loaded, Statements, SystemState, Write, WriteRules, Written},
     retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
 };
 use crate::{
     db::EmbeddedDb,
-    domain::{CheckId, MAX_RUNS_CONSIDERED, RunId, Status, SystemId, Thresholds, evaluate},
+    domain::{CheckId, RunId, RunWindow, Status, SystemId, Thresholds, evaluate},
     error::{Corrupt, Error, Result},
 };
 
@@ -142,130 +142,16 @@ impl SqliteStore {
         self.transition_reads.load(Ordering::Relaxed)
     }
 
-    /// Records a run and re-evaluates its check and system. The caller holds
-    /// the system's lock.
-    pub async fn submit_run(&self, new: &NewRun) -> Result<SubmitOutcome> {
-        let mut conn = self.db.writer().await?;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let now = now();
-
-        let inserted = sqlx::query(
-            "INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (run_id) DO NOTHING",
-        )
-        .bind(new.run_id.as_str())
-        .bind(new.system_id.as_str())
-        .bind(new.check_id.as_str())
-        .bind(new.status.as_i16())
-        .bind(micros(new.observed_at))
-        .bind(new.latency_us())
-        .bind(new.message.as_str())
-        .bind(micros(now))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-
-        if inserted == 0 {
-            let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = $1"))
-                .bind(new.run_id.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
-            let stored = run_from_row(&row)?;
-            let health = system_in(&mut tx, stored.system_id.as_str()).await?;
-            let transition = transition_caused_by(&mut tx, &stored).await?;
-            tx.rollback().await?;
-            return new.resubmitted(stored, health, transition);
-        }
-        let run = new.recorded(now);
-
-        let previous = system_status(&mut tx, new.system_id.as_str(), now).await?;
-
-        // The check exists from its first run on, with default thresholds.
-        let thresholds: String = sqlx::query_scalar(
-            "INSERT INTO checks (system_id, check_id, thresholds, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (system_id, check_id) DO UPDATE SET thresholds = checks.thresholds \
-             RETURNING thresholds",
-        )
-        .bind(new.system_id.as_str())
-        .bind(new.check_id.as_str())
-        .bind(encode_thresholds(&Thresholds::default()))
-        .bind(micros(now))
-        .fetch_one(&mut *tx)
-        .await?;
-        let thresholds = thresholds_of(&thresholds)?;
-
-        let (health, transition) = reevaluate(
-            &mut tx,
-            &new.system_id,
-            &new.check_id,
-            &thresholds,
-            previous,
-            now,
-            Some(&new.run_id),
-        )
-        .await?;
-        tx.commit().await?;
-        if transition.is_some() {
-            self.notifier.notify();
-        }
-        Ok(SubmitOutcome {
-            run,
-            health,
-            transition,
-            duplicate: false,
-        })
+    /// Records a run and re-evaluates its check and system (see
+    /// [`super::pipeline`]). The caller holds the system's lock.
+    pub async fn submit_run(&self, new: &NewRun, rules: &WriteRules) -> Result<SubmitOutcome> {
+        pipeline::submit_run(self, new, rules).await
     }
 
     /// Creates or updates a check and re-evaluates its system. The caller
     /// holds the system's lock.
-    pub async fn configure_check(&self, update: &CheckUpdate) -> Result<ConfigureOutcome> {
-        let mut conn = self.db.writer().await?;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let now = now();
-        let previous = system_status(&mut tx, update.system_id.as_str(), now).await?;
-        let thresholds: String = sqlx::query_scalar(
-            "INSERT INTO checks (system_id, check_id, thresholds, enabled, updated_at) \
-             VALUES ($1, $2, coalesce($3, $4), coalesce($5, 1), $6) \
-             ON CONFLICT (system_id, check_id) DO UPDATE SET \
-                 thresholds = coalesce($3, checks.thresholds), \
-                 enabled = coalesce($5, checks.enabled), \
-                 updated_at = $6 \
-             RETURNING thresholds",
-        )
-        .bind(update.system_id.as_str())
-        .bind(update.check_id.as_str())
-        .bind(update.thresholds.as_ref().map(encode_thresholds))
-        .bind(encode_thresholds(&Thresholds::default()))
-        .bind(update.enabled)
-        .bind(micros(now))
-        .fetch_one(&mut *tx)
-        .await?;
-        let thresholds = thresholds_of(&thresholds)?;
-        let (health, transition) = reevaluate(
-            &mut tx,
-            &update.system_id,
-            &update.check_id,
-            &thresholds,
-            previous,
-            now,
-            None,
-        )
-        .await?;
-        tx.commit().await?;
-        if transition.is_some() {
-            self.notifier.notify();
-        }
-        let check = health
-            .checks
-            .iter()
-            .find(|c| c.check_id == update.check_id.as_str())
-            .cloned()
-            .ok_or(Error::Invariant("a configured check is in its system's health"))?;
-        Ok(ConfigureOutcome {
-            check,
-            health,
-            transition,
-        })
+    pub async fn configure_check(&self, update: &CheckUpdate, rules: &WriteRules) -> Result<ConfigureOutcome> {
+        pipeline::configure_check(self, update, rules).await
     }
 
     /// The stored health of a system, or `None` if it has never been seen.
@@ -535,105 +421,178 @@ async fn transition_caused_by(conn: &mut SqliteConnection, run: &Run) -> Result<
     row.as_ref().map(transition_from_row).transpose()
 }
 
-/// The system's status, the one the next transition starts from; a new
-/// system gets its row here, with the baseline `healthy`. Inside the write
-/// transaction, so no other writer can change it before the commit.
-async fn system_status(tx: &mut SqliteConnection, system_id: &str, now: DateTime<Utc>) -> Result<Status> {
-    let status: i64 = sqlx::query_scalar(
-        "INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, $2, $3) \
-         ON CONFLICT (system_id) DO UPDATE SET status = systems.status RETURNING status",
-    )
-    .bind(system_id)
-    .bind(Status::Healthy.as_i16())
-    .bind(micros(now))
-    .fetch_one(&mut *tx)
-    .await?;
-    status_of(status)
-}
+/// What a write reads of a system (see the PostgreSQL store's
+/// `LOAD_SYSTEM`): its status and version, every check by `check_id`, the run
+/// window of check `$2` only.
+const LOAD_SYSTEM: &str = "SELECT s.status AS system_status, s.version, \
+        c.check_id, c.thresholds, c.enabled, c.status, c.evaluation, c.runs_considered, c.last_run_at, \
+        CASE WHEN c.check_id = $2 THEN c.run_window END AS run_window \
+    FROM systems s LEFT JOIN checks c ON c.system_id = s.system_id \
+    WHERE s.system_id = $1 ORDER BY c.check_id";
 
-/// Re-evaluates one check from its newest runs, then its system; writes the
-/// transition when the system's status changed from `previous`. Runs inside
-/// the caller's write transaction, after [`system_status`] read `previous`.
-/// `caused_by` is the run being submitted (none for a configuration change);
-/// the transition records it, so that a duplicate of the run can report it.
-async fn reevaluate(
-    tx: &mut SqliteConnection,
-    system_id: &SystemId,
-    check_id: &CheckId,
-    thresholds: &Thresholds,
-    previous: Status,
-    now: DateTime<Utc>,
-    caused_by: Option<&RunId>,
-) -> Result<(SystemRecord, Option<Transition>)> {
-    // Ordered by observed_at, so a late run slots into its place in history.
-    let rows = sqlx::query(
-        "SELECT status, observed_at FROM runs WHERE system_id = $1 AND check_id = $2 \
-         ORDER BY observed_at DESC, run_id DESC LIMIT $3",
-    )
-    .bind(system_id.as_str())
-    .bind(check_id.as_str())
-    .bind(i64::try_from(MAX_RUNS_CONSIDERED).unwrap_or(100))
-    .fetch_all(&mut *tx)
-    .await?;
-    let statuses = rows
-        .iter()
-        .map(|r| status_of(r.try_get("status")?))
-        .collect::<Result<Vec<_>>>()?;
-    let last_run_at: Option<i64> = rows.first().map(|r| r.try_get("observed_at")).transpose()?;
-    let evaluation = evaluate(&statuses, thresholds);
+impl Statements for SqliteStore {
+    /// The writer connection's `BEGIN IMMEDIATE` transaction: nothing else
+    /// commits between its load and its commit.
+    type Unit = sqlx::Transaction<'static, sqlx::Sqlite>;
 
-    sqlx::query(
-        "UPDATE checks SET status = $3, evaluation = $4, runs_considered = $5, last_run_at = $6, updated_at = $7 \
-         WHERE system_id = $1 AND check_id = $2",
-    )
-    .bind(system_id.as_str())
-    .bind(check_id.as_str())
-    .bind(evaluation.status.as_i16())
-    .bind(encode_evaluation(&evaluation))
-    .bind(i64::try_from(statuses.len()).unwrap_or(i64::MAX))
-    .bind(last_run_at)
-    .bind(micros(now))
-    .execute(&mut *tx)
-    .await?;
-    // One connection, one transaction: the UPDATE above is visible here.
-    let worst: Option<i64> = sqlx::query_scalar("SELECT max(status) FROM checks WHERE system_id = $1 AND enabled")
-        .bind(system_id.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
-    let current = worst.map(status_of).transpose()?.unwrap_or(Status::Healthy);
+    async fn begin(&self) -> Result<Self::Unit> {
+        self.db.begin_write().await
+    }
 
-    sqlx::query("UPDATE systems SET status = $2, evaluated_at = $3 WHERE system_id = $1")
-        .bind(system_id.as_str())
-        .bind(current.as_i16())
+    async fn load(&self, tx: &mut Self::Unit, system_id: &SystemId, check_id: &CheckId) -> Result<Loaded> {
+        let rows = sqlx::query(LOAD_SYSTEM)
+            .bind(system_id.as_str())
+            .bind(check_id.as_str())
+            .fetch_all(&mut **tx)
+            .await?;
+        let Some(first) = rows.first() else {
+            return Ok(Loaded {
+                system: None,
+                checks: Vec::new(),
+                window: RunWindow::default(),
+            });
+        };
+        let system = SystemState {
+            status: status_of(first.try_get("system_status")?)?,
+            version: first.try_get("version")?,
+        };
+        let mut window = RunWindow::default();
+        let mut checks = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.try_get::<Option<String>, _>("check_id")?.is_none() {
+                continue;
+            }
+            if let Some(text) = row.try_get::<Option<String>, _>("run_window")? {
+                window = decode_window(&text).ok_or(Corrupt::Window(text))?;
+            }
+            checks.push(check_from_row(row)?);
+        }
+        Ok(Loaded {
+            system: Some(system),
+            checks,
+            window,
+        })
+    }
+
+    async fn write(&self, tx: &mut Self::Unit, write: &Write<'_>) -> Result<Written> {
+        let now = now();
+        let check = write.check;
+        // The run first: a run id already stored ends the write before
+        // anything else was written (the caller rolls back in any case).
+        if let Some(run) = write.run {
+            let inserted = sqlx::query(
+                "INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(run.run_id.as_str())
+            .bind(write.system_id.as_str())
+            .bind(check.check_id.as_str())
+            .bind(run.status.as_i16())
+            .bind(micros(run.observed_at))
+            .bind(run.latency_us())
+            .bind(run.message.as_str())
+            .bind(micros(now))
+            .execute(&mut **tx)
+            .await;
+            match inserted {
+                Ok(_) => {}
+                Err(err) if err.as_database_error().is_some_and(|db| db.is_unique_violation()) => {
+                    return Ok(Written::RunIdTaken);
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        let applied = sqlx::query(
+            "INSERT INTO systems (system_id, status, evaluated_at, version) VALUES ($1, $2, $3, 1) \
+             ON CONFLICT (system_id) DO UPDATE \
+                 SET status = excluded.status, evaluated_at = excluded.evaluated_at, version = systems.version + 1 \
+                 WHERE systems.version = $4 \
+             RETURNING version",
+        )
+        .bind(write.system_id.as_str())
+        .bind(write.status.as_i16())
         .bind(micros(now))
-        .execute(&mut *tx)
+        .bind(write.loaded_version)
+        .fetch_optional(&mut **tx)
         .await?;
-
-    let transition = if previous == current {
-        None
-    } else {
-        let row = sqlx::query(&format!(
-            "INSERT INTO transitions \
-                 (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, run_id) \
-             SELECT coalesce(max(sequence), 0) + 1, $1, $2, $3, $4, $5, $6, $7 FROM transitions \
-             RETURNING {TRANSITION_COLUMNS}"
-        ))
-        .bind(system_id.as_str())
-        .bind(check_id.as_str())
-        .bind(previous.as_i16())
-        .bind(current.as_i16())
+        if applied.is_none() {
+            return Ok(Written::Stale);
+        }
+        sqlx::query(
+            "INSERT INTO checks (system_id, check_id, thresholds, enabled, status, evaluation, runs_considered, \
+                                 last_run_at, run_window, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (system_id, check_id) DO UPDATE \
+                 SET thresholds = excluded.thresholds, enabled = excluded.enabled, status = excluded.status, \
+                     evaluation = excluded.evaluation, runs_considered = excluded.runs_considered, \
+                     last_run_at = excluded.last_run_at, run_window = excluded.run_window, \
+                     updated_at = excluded.updated_at",
+        )
+        .bind(write.system_id.as_str())
+        .bind(check.check_id.as_str())
+        .bind(encode_thresholds(&check.thresholds))
+        .bind(check.enabled)
+        .bind(check.evaluation.status.as_i16())
+        .bind(encode_evaluation(&check.evaluation))
+        .bind(i64::from(check.runs_considered))
+        .bind(check.last_run_at.map(micros))
+        .bind(encode_window(write.window))
         .bind(micros(now))
-        .bind(encode_evaluation(&evaluation))
-        .bind(caused_by.map(RunId::as_str))
-        .fetch_one(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        Some(transition_from_row(&row)?)
-    };
+        let sequence = match write.transition_from {
+            None => None,
+            // One writer: max + 1 inside its transaction commits in order.
+            Some(from) => {
+                let sequence: i64 = sqlx::query_scalar(
+                    "INSERT INTO transitions \
+                         (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, run_id) \
+                     SELECT coalesce(max(sequence), 0) + 1, $1, $2, $3, $4, $5, $6, $7 FROM transitions \
+                     RETURNING sequence",
+                )
+                .bind(write.system_id.as_str())
+                .bind(check.check_id.as_str())
+                .bind(from.as_i16())
+                .bind(write.status.as_i16())
+                .bind(micros(now))
+                .bind(encode_evaluation(&check.evaluation))
+                .bind(write.run.map(|r| r.run_id.as_str()))
+                .fetch_one(&mut **tx)
+                .await?;
+                Some(u64::try_from(sequence).unwrap_or(0))
+            }
+        };
+        Ok(Written::Applied { at: now, sequence })
+    }
 
-    let health = system_in(tx, system_id.as_str())
-        .await?
-        .ok_or(Error::Invariant("a system is readable inside its own transaction"))?;
-    Ok((health, transition))
+    async fn commit(&self, tx: Self::Unit, wrote_transition: bool) -> Result<()> {
+        tx.commit().await?;
+        if wrote_transition {
+            self.notifier.notify();
+        }
+        Ok(())
+    }
+
+    async fn stored_run(&self, tx: &mut Self::Unit, run_id: &RunId) -> Result<Option<Run>> {
+        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = $1"))
+            .bind(run_id.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn system(&self, tx: &mut Self::Unit, system_id: &str) -> Result<Option<SystemRecord>> {
+        system_in(tx, system_id).await
+    }
+
+    async fn transition_caused_by(&self, tx: &mut Self::Unit, run: &Run) -> Result<Option<Transition>> {
+        transition_caused_by(tx, run).await
+    }
+
+    fn lost_before_writing(&self, _err: &Error) -> bool {
+        // A local file: nothing to reconnect to.
+        false
+    }
 }
 
 #[cfg(test)]
@@ -666,7 +625,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, db) = store(&dir).await;
         let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
-        let outcome = store.submit_run(&run("r", "c", Status::Degraded, at)).await.unwrap();
+        let outcome = store
+            .submit_run(&run("r", "c", Status::Degraded, at), &WriteRules::default())
+            .await
+            .unwrap();
         assert_eq!(outcome.run.observed_at, at);
         let system = SystemId::parse("system_id", "sys".to_owned()).unwrap();
         let stored = store.list_runs(&system, None, None, 10).await.unwrap();

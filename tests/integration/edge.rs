@@ -329,15 +329,17 @@ async fn a_unary_rpc_stuck_on_the_database_ends_at_the_server_deadline() {
     let app = TestApp::start(&db, &["--request-timeout-ms", "300"]).await;
     let mut client = app.health_client().await;
     client.submit_run(stuck_run("before")).await.unwrap();
-    // Lock the system's row from outside, so SubmitRun, once it has the
-    // system's lock, waits in the database. (Waiting for the system's lock
-    // itself ends with SYSTEM_BUSY before the deadline.)
+    // Make the database slow for system `stuck`: its run inserts sleep. (A
+    // write waiting for another's row lock, like a wait for the system's
+    // lock, ends with SYSTEM_BUSY before the deadline; see faults.rs.)
     let mut conn = db.connect().await;
-    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
-    sqlx::query("SELECT 1 FROM systems WHERE system_id = 'stuck' FOR UPDATE")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    for sql in [
+        "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(5); RETURN NEW; END $$",
+        "CREATE TRIGGER stall BEFORE INSERT ON runs FOR EACH ROW WHEN (NEW.system_id = 'stuck') \
+         EXECUTE FUNCTION stall()",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
     let started = Instant::now();
     let err = client.submit_run(stuck_run("")).await.unwrap_err();
     let took = started.elapsed();
@@ -360,8 +362,12 @@ async fn a_unary_rpc_stuck_on_the_database_ends_at_the_server_deadline() {
         "took {:?}",
         started.elapsed()
     );
-    // Once the row is free the system works, and nothing stayed locked.
-    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+    // Once the database is quick again the system works, and nothing stayed
+    // locked.
+    sqlx::query("DROP TRIGGER stall ON runs")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     client.submit_run(stuck_run("after")).await.unwrap();
     app.stop().await;
 }

@@ -8,6 +8,7 @@ use std::{
 };
 
 use tonic::Code;
+use tonic_types::StatusExt;
 use vitals::proto;
 
 use crate::{
@@ -192,10 +193,128 @@ async fn a_critical_section_stalled_past_the_lease_lets_its_system_lock_go_and_w
     assert!(since_stall >= LEASE, "the lock was let go after {since_stall:?}");
     assert!(waited < LEASE + Duration::from_secs(2), "waited {waited:?}");
     sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
-    // The stalled request finishes one way or the other; it never hangs.
+    // The stalled request finishes; it never hangs. Its write was planned on
+    // the system as it was before the waiter's run; finding the system
+    // written since, it is planned again on the newer state instead of
+    // overwriting it: the check's window holds both runs. (Written as
+    // planned, it would hold only `stall`.)
     let outcome = tokio::time::timeout(Duration::from_secs(10), stalled)
         .await
         .expect("the stalled request ends");
-    let _ = outcome.unwrap();
+    let reply = outcome.unwrap().expect("the stalled run is stored").into_inner();
+    assert!(!reply.duplicate);
+    let health = reply.system_health.unwrap();
+    assert_eq!(health.checks.len(), 1);
+    assert_eq!(health.checks[0].runs_considered, 2, "{health:?}");
+    let mut client = app.health_client().await;
+    let stored = client
+        .get_system_health(proto::GetSystemHealthRequest {
+            system_id: "sys".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .system_health
+        .unwrap();
+    assert_eq!(stored, health);
+    app.stop().await;
+}
+
+/// Holds system `held`'s row in a session of its own, as a write of the
+/// system still committing would, until the returned connection rolls back.
+async fn hold_system_row(db: &TestDb) -> sqlx::PgConnection {
+    let mut blocker = db.connect().await;
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    let held: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM (SELECT FROM systems WHERE system_id = 'held' FOR UPDATE) s")
+            .fetch_one(&mut blocker)
+            .await
+            .unwrap();
+    assert_eq!(held, 1);
+    blocker
+}
+
+fn held_run(run_id: &str) -> proto::SubmitRunRequest {
+    proto::SubmitRunRequest {
+        run_id: run_id.into(),
+        system_id: "held".into(),
+        check_id: "c".into(),
+        status: proto::HealthStatus::Unhealthy as i32,
+        ..Default::default()
+    }
+}
+
+/// A client gives up while its run's write waits for a row lock: the write
+/// ends in the database within about a second of the request, instead of
+/// waiting on, holding its own locks, until the row is free or its
+/// statement_timeout. Fails without closing the connection of an abandoned
+/// write (the backend waits for the whole 10 s of `until_count`).
+#[tokio::test]
+async fn a_write_abandoned_by_its_client_while_it_waits_for_a_row_lock_ends_in_the_database() {
+    let db = TestDb::postgres().await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    client.submit_run(held_run("r0")).await.unwrap();
+    let mut blocker = hold_system_row(&db).await;
+
+    let mut impatient = client.clone();
+    let waiting = tokio::spawn(async move {
+        let mut request = tonic::Request::new(held_run("r1"));
+        request.set_timeout(Duration::from_millis(1500));
+        impatient.submit_run(request).await
+    });
+    let mut probe = db.connect().await;
+    until_count(
+        &mut probe,
+        WORK_SESSIONS_BLOCKED,
+        1,
+        "the write waits for the system's row",
+    )
+    .await;
+    let err = waiting.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{err:?}"
+    );
+    let gave_up = Instant::now();
+    until_count(&mut probe, WORK_SESSIONS_BLOCKED, 0, "the abandoned write ends").await;
+    let ended_after = gave_up.elapsed();
+    eprintln!("abandoned write ended {ended_after:?} after its client gave up");
+    assert!(ended_after < Duration::from_secs(5), "{ended_after:?}");
+
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE run_id = 'r1'")
+        .fetch_one(&mut probe)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "the abandoned write wrote nothing");
+    let reply = client.submit_run(held_run("r1")).await.unwrap().into_inner();
+    assert!(!reply.duplicate);
+    app.stop().await;
+}
+
+/// A write that waits for a row lock longer than a request may wait for its
+/// system answers SYSTEM_BUSY before the request's deadline (the work
+/// sessions' lock_timeout), and leaves nothing waiting.
+#[tokio::test]
+async fn a_write_waiting_for_a_row_lock_past_the_lock_wait_answers_system_busy_before_the_deadline() {
+    let db = TestDb::postgres().await;
+    let app = TestApp::start(&db, &["--request-timeout-ms", "1500"]).await;
+    let mut client = app.health_client().await;
+    client.submit_run(held_run("r0")).await.unwrap();
+    let mut blocker = hold_system_row(&db).await;
+
+    let started = Instant::now();
+    let err = client.submit_run(held_run("r1")).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.get_details_error_info().unwrap().reason, "SYSTEM_BUSY");
+    assert!(took < Duration::from_millis(1500), "answered after {took:?}");
+    let mut probe = db.connect().await;
+    until_count(&mut probe, WORK_SESSIONS_BLOCKED, 0, "nothing waits after SYSTEM_BUSY").await;
+
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    let reply = client.submit_run(held_run("r1")).await.unwrap().into_inner();
+    assert!(!reply.duplicate, "the refused write wrote nothing");
     app.stop().await;
 }

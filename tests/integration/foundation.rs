@@ -257,7 +257,14 @@ async fn the_two_pools_carry_their_own_application_name_and_session_settings() {
     for (name, lock_want, work_want) in [
         ("application_name", "vitals-lock", "vitals-work"),
         ("idle_session_timeout", "5321ms", "0"),
-        ("lock_timeout", "4321ms", "0"),
+        // Work: the wait for the system's lock (1.234 s, under the 15 s
+        // request deadline); no statement outlives that deadline by more
+        // than a second; either session ends what its vanished client sent.
+        ("lock_timeout", "4321ms", "1234ms"),
+        ("statement_timeout", "0", "16s"),
+        ("client_connection_check_interval", "1s", "1s"),
+        // Both plan each statement once per session.
+        ("plan_cache_mode", "force_generic_plan", "force_generic_plan"),
         ("synchronous_commit", "on", "off"),
         // The lock session probes only after the lease (4.321 s) and its margin.
         ("tcp_keepalives_idle", "16", "10"),

@@ -1315,20 +1315,28 @@ async fn retention_deletes_old_runs_and_transitions_but_never_a_checks_newest_10
     let at = |i: i64| old + chrono::TimeDelta::seconds(i);
     for i in 0..130 {
         store
-            .submit_run(&new_run(format!("a{i:03}"), "a", at(i)))
+            .submit_run(
+                &new_run(format!("a{i:03}"), "a", at(i)),
+                &vitals::store::WriteRules::default(),
+            )
             .await
             .unwrap();
     }
     for i in 0..5 {
-        store.submit_run(&new_run(format!("b{i}"), "b", at(i))).await.unwrap();
+        store
+            .submit_run(
+                &new_run(format!("b{i}"), "b", at(i)),
+                &vitals::store::WriteRules::default(),
+            )
+            .await
+            .unwrap();
     }
     for i in 0..3 {
         store
-            .submit_run(&new_run(
-                format!("c{i}"),
-                "c",
-                chrono::Utc::now() - chrono::TimeDelta::seconds(i),
-            ))
+            .submit_run(
+                &new_run(format!("c{i}"), "c", chrono::Utc::now() - chrono::TimeDelta::seconds(i)),
+                &vitals::store::WriteRules::default(),
+            )
             .await
             .unwrap();
     }
@@ -1741,7 +1749,9 @@ async fn a_client_giving_up_while_its_run_commits_never_lets_another_submission_
     }
 
     // The second failure of `probe` degrades the system, but its client stops
-    // waiting while the commit is still in progress.
+    // waiting while the commit is still in progress. vitals closes the
+    // abandoned write's connection, so PostgreSQL ends it if it has not
+    // committed yet; if it has, it stands.
     let mut impatient = tonic::Request::new(run("slow", "probe", "p1", Unhealthy, Some(at(t0 + 1))));
     impatient.set_timeout(Duration::from_millis(700));
     let err = client.submit_run(impatient).await.unwrap_err();
@@ -1751,15 +1761,17 @@ async fn a_client_giving_up_while_its_run_commits_never_lets_another_submission_
         "{err:?}"
     );
 
-    // The second failure of `other` must be evaluated after that commit: the
-    // system is already degraded, so nothing changes.
+    // The second failure of `other` is evaluated after the abandoned write
+    // ended, whichever way: the system is degraded once, and the one reply
+    // that says so is `o1`'s exactly when `p1` was not stored.
     let r = submit(&mut client, run("slow", "other", "o1", Degraded, Some(at(t0 + 1)))).await;
     assert_eq!(status_of(&r), Degraded);
-    assert!(r.transition.is_none(), "repeated transition {:?}", r.transition);
+    let p1_stored = count_rows(&db, "SELECT count(*) FROM runs WHERE run_id = $1", "p1").await == 1;
     assert_eq!(
-        count_rows(&db, "SELECT count(*) FROM runs WHERE run_id = $1", "p1").await,
-        1,
-        "the abandoned run was committed (else this test exercised nothing)"
+        r.transition.is_some(),
+        !p1_stored,
+        "p1 stored: {p1_stored}, o1's transition: {:?}",
+        r.transition
     );
     let stored = stored_transitions(&db).await;
     assert_eq!(stored.len(), 1, "{stored:?}");
@@ -1805,4 +1817,62 @@ async fn a_watcher_on_one_replica_is_woken_at_once_by_a_transition_committed_on_
         );
     }
     replicas.stop().await;
+}
+
+// ---- bounded work per system ----
+
+both_backends!(a_check_beyond_the_checks_per_system_limit_is_refused_with_too_many_checks_and_nothing_is_written);
+async fn a_check_beyond_the_checks_per_system_limit_is_refused_with_too_many_checks_and_nothing_is_written(
+    backend: Backend,
+) {
+    let db = TestDb::create(backend).await;
+    let app = TestApp::start(&db, &["--max-checks-per-system", "3"]).await;
+    let mut client = app.health_client().await;
+    let t0 = base_time();
+    for (i, check) in ["a", "b", "c"].into_iter().enumerate() {
+        let seconds = t0 + i64::try_from(i).unwrap();
+        submit(
+            &mut client,
+            run("full", check, &format!("{check}1"), Unhealthy, Some(at(seconds))),
+        )
+        .await;
+    }
+
+    let err = client
+        .submit_run(run("full", "d", "d1", Unhealthy, Some(at(t0 + 5))))
+        .await
+        .unwrap_err();
+    let info = assert_reason(&err, Code::FailedPrecondition, "TOO_MANY_CHECKS");
+    assert_eq!(info.metadata.get("system_id").map(String::as_str), Some("full"));
+    assert_eq!(info.metadata.get("limit").map(String::as_str), Some("3"));
+    let err = client
+        .configure_check(ConfigureCheckRequest {
+            system_id: "full".into(),
+            check_id: "d".into(),
+            thresholds: None,
+            enabled: Some(false),
+        })
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::FailedPrecondition, "TOO_MANY_CHECKS");
+
+    // Nothing of `d` was stored; the system's checks still work, and so does
+    // another system.
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM runs WHERE system_id = $1 AND check_id = 'd'",
+            "full"
+        )
+        .await,
+        0
+    );
+    let health = system_health(&mut client, "full").await;
+    let checks: Vec<_> = health.checks.iter().map(|c| c.check_id.as_str()).collect();
+    assert_eq!(checks, ["a", "b", "c"]);
+    let reply = submit(&mut client, run("full", "a", "a2", Unhealthy, Some(at(t0 + 6)))).await;
+    assert_eq!(status_of(&reply), Degraded, "a second failure of `a`");
+    assert_eq!(reply.system_health.unwrap().checks.len(), 3);
+    submit(&mut client, run("roomy", "d", "r1", Healthy, Some(at(t0)))).await;
+    app.stop().await;
 }

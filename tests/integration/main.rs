@@ -23,5 +23,6 @@ mod probe;
 mod proxy;
 mod raw_h2;
 mod round_trips;
+mod upgrade;
 mod watchers;
 mod withlock;

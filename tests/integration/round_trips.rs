@@ -28,16 +28,16 @@ use crate::{
 };
 
 /// Round trips of a SubmitRun that changes nothing: the system's lock
-/// granted and released on a lock session (2), and on a work connection
-/// `BEGIN`, the run insert, the check's read, the check and system write,
-/// `COMMIT` and sqlx's ping when the connection goes back to the pool (6).
-/// docs/PERFORMANCE.md, "Round trips to PostgreSQL per request".
-const ROUND_TRIPS: usize = 8;
+/// granted and released on a lock session (2), and on a work connection the
+/// load and the write, each committing on its own, and sqlx's ping when the
+/// connection goes back to the pool (3). docs/PERFORMANCE.md, "Round trips
+/// to PostgreSQL per request".
+const ROUND_TRIPS: usize = 5;
 /// Of those, before the reply: all but the lock's release and the ping.
-const BEFORE_REPLY: usize = 6;
-/// A SubmitRun that writes a transition inserts it too.
-const ROUND_TRIPS_WITH_TRANSITION: usize = 9;
-const BEFORE_REPLY_WITH_TRANSITION: usize = 7;
+const BEFORE_REPLY: usize = 3;
+/// A SubmitRun that writes a transition writes it in the same statement.
+const ROUND_TRIPS_WITH_TRANSITION: usize = 5;
+const BEFORE_REPLY_WITH_TRANSITION: usize = 3;
 
 /// Measured requests; half of them write a transition.
 const REQUESTS: usize = 24;

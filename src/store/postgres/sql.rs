@@ -1,5 +1,5 @@
-//! The statements of SubmitRun's work transaction, as [`PgStore`](super::PgStore)
-//! sends them.
+//! The statements of a write (SubmitRun, ConfigureCheck) and of the
+//! transition feed, as [`PgStore`](super::PgStore) sends them.
 //!
 //! They are public so that the benchmark's pgbench baseline (`bench/src/pgbench.rs`)
 //! runs the very SQL the store runs, and the round-trip test can tell the
@@ -36,90 +36,84 @@ pub(super) const TRANSITION_COLUMNS: &str = transition_columns!();
 /// The channel on which committed transitions are announced (payload: sequence).
 pub const TRANSITIONS_CHANNEL: &str = transitions_channel!();
 
-/// Inserts a run (idempotent on its id) and locks its system's row, in one
-/// statement: `$1` run id, `$2` system, `$3` check, `$4` status, `$5`
-/// observed at, `$6` latency in µs, `$7` message. Returns `recorded_at`
-/// (NULL for a run already stored) and the system's `previous` status
-/// (NULL for a new system).
-pub const INSERT_RUN: &str = "WITH inserted AS ( \
-         INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (run_id) DO NOTHING RETURNING recorded_at), \
-     locked AS (SELECT status FROM systems WHERE system_id = $2 FOR UPDATE) \
-     SELECT (SELECT recorded_at FROM inserted) AS recorded_at, (SELECT status FROM locked) AS previous";
+/// What a write reads of a system: its status and version, and every check
+/// (byte order of `check_id`, as the pipeline keeps them), the run window of
+/// check `$2` only. No row: the system was never written; one row without a
+/// check: a system without checks.
+pub const LOAD_SYSTEM: &str = "SELECT s.status AS system_status, s.version, \
+        c.check_id, c.thresholds, c.enabled, c.status, c.evaluation, c.runs_considered, c.last_run_at, \
+        CASE WHEN c.check_id = $2 THEN c.run_window END AS run_window \
+    FROM systems s LEFT JOIN checks c ON c.system_id = s.system_id \
+    WHERE s.system_id = $1 ORDER BY c.check_id COLLATE \"C\"";
 
-/// Creates the check when it is new and reads what re-evaluating it needs:
-/// `$1` system, `$2` check, `$3` default thresholds (encoded), `$4` runs
-/// considered at most. One row per check of the system, ordered by check;
-/// the target's row carries its newest statuses.
-pub const REEVALUATE_READ: &str = concat!(
-    "WITH created AS ( \
-         INSERT INTO checks (system_id, check_id, thresholds) VALUES ($1, $2, $3) \
-         ON CONFLICT (system_id, check_id) DO NOTHING RETURNING ",
-    check_columns!(),
-    "), \
-     target AS ( \
-         SELECT ",
-    check_columns!(),
-    " FROM created \
-         UNION ALL SELECT ",
-    check_columns!(),
-    " FROM checks WHERE system_id = $1 AND check_id = $2 \
-         LIMIT 1), \
-     recent AS ( \
-         SELECT status, observed_at, run_id FROM runs WHERE system_id = $1 AND check_id = $2 \
-         ORDER BY observed_at DESC, run_id DESC LIMIT $4) \
-     SELECT ",
-    check_columns!(),
-    ", true AS target, \
-            (SELECT array_agg(status ORDER BY observed_at DESC, run_id DESC) FROM recent) AS recent_statuses, \
-            (SELECT max(observed_at) FROM recent) AS recent_last \
-     FROM target \
-     UNION ALL \
-     SELECT ",
-    check_columns!(),
-    ", false, NULL, NULL FROM checks WHERE system_id = $1 AND check_id <> $2 \
-     ORDER BY check_id"
-);
+/// Everything a write stores, in one statement that commits on its own: the
+/// run (`$12`.., none when `$12` is `NULL`), the system (`$1`, status `$3`),
+/// provided its version is still `$4` (`NULL`: it had no row), the check
+/// (`$2`) and, when `$17`, the transition from `$18`. Returns the time of the
+/// write and the transition's sequence. Fails, undoing all of it, on
+/// `runs_pkey` when the run id is stored already, and on `systems_stale_write`
+/// when another write of the system committed since `$4` was read.
+///
+/// The parts run in a fixed order, each reading the one before, so locks are
+/// always taken in the same order: the run's key (a wait for a concurrent
+/// insert of the same id holds nothing of the system yet), the system's row,
+/// then the check's row and the transition counter. The transition's sequence
+/// is drawn from `transition_sequence`, whose row lock the statement holds
+/// until it commits: the next sequence is drawn only after this one is
+/// visible, so sequences are gap-free and commit in order.
+pub const WRITE_SYSTEM: &str = "WITH run AS ( \
+        INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at) \
+        SELECT $12::text, $1, $2, $13::smallint, $14::timestamptz, $15::bigint, $16::text, now() \
+        WHERE $12::text IS NOT NULL \
+        RETURNING run_id), \
+    sys AS ( \
+        INSERT INTO systems AS s (system_id, status, evaluated_at, version) \
+        SELECT $1, $3, now(), 1 WHERE $12::text IS NULL OR EXISTS (SELECT FROM run) \
+        ON CONFLICT (system_id) DO UPDATE \
+            SET status = excluded.status, evaluated_at = excluded.evaluated_at, \
+                version = CASE WHEN s.version = $4 THEN s.version + 1 ELSE 0 END \
+        RETURNING s.evaluated_at), \
+    chk AS ( \
+        INSERT INTO checks AS c \
+            (system_id, check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at, \
+             run_window, updated_at) \
+        SELECT $1, $2, $5::text, $6::boolean, $7::smallint, $8::text, $9::integer, $10::timestamptz, $11::text, \
+               evaluated_at FROM sys \
+        ON CONFLICT (system_id, check_id) DO UPDATE \
+            SET thresholds = excluded.thresholds, enabled = excluded.enabled, status = excluded.status, \
+                evaluation = excluded.evaluation, runs_considered = excluded.runs_considered, \
+                last_run_at = excluded.last_run_at, run_window = excluded.run_window, \
+                updated_at = excluded.updated_at), \
+    seq AS ( \
+        UPDATE transition_sequence SET last = last + 1 \
+        WHERE $17::boolean AND EXISTS (SELECT FROM sys) RETURNING last), \
+    tr AS ( \
+        INSERT INTO transitions \
+            (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, run_id) \
+        SELECT seq.last, $1, $2, $18::smallint, $3, sys.evaluated_at, $8::text, $12::text FROM seq, sys \
+        RETURNING sequence), \
+    notified AS (SELECT pg_notify('vitals_transitions', sequence::text) FROM tr) \
+    SELECT sys.evaluated_at, tr.sequence, (SELECT count(*) FROM notified) AS notified \
+    FROM sys LEFT JOIN tr ON true";
 
-/// Writes the re-evaluated check and its system, and takes the
-/// transition-sequence lock when the status changed: `$1` system, `$2`
-/// check, `$3` check status, `$4` evaluation (encoded), `$5` runs
-/// considered, `$6` last run at, `$7` system status, `$8` and `$10` the
-/// lock's two keys, `$9` whether the status changed. Returns `evaluated_at`.
-pub const REEVALUATE_WRITE: &str = "WITH updated AS ( \
-         UPDATE checks SET status = $3, evaluation = $4, runs_considered = $5, last_run_at = $6, updated_at = now() \
-         WHERE system_id = $1 AND check_id = $2), \
-     upserted AS ( \
-         INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, $7, now()) \
-         ON CONFLICT (system_id) DO UPDATE SET status = excluded.status, evaluated_at = excluded.evaluated_at \
-         RETURNING evaluated_at) \
-     SELECT evaluated_at, \
-            (SELECT count(*) FROM (SELECT pg_advisory_xact_lock($8, $10) WHERE $9) l) AS sequence_locked \
-     FROM upserted";
-
-/// Inserts a transition with the next sequence and announces it: `$1`
-/// system, `$2` check, `$3` from, `$4` to, `$5` evaluation (encoded), `$6`
-/// the run that caused it (or NULL).
-pub const INSERT_TRANSITION: &str = concat!(
-    "WITH t AS ( \
-         INSERT INTO transitions (sequence, system_id, check_id, from_status, to_status, evaluation, run_id) \
-         SELECT coalesce(max(sequence), 0) + 1, $1, $2, $3, $4, $5, $6 FROM transitions \
-         RETURNING ",
-    transition_columns!(),
-    ") \
-     SELECT t.*, pg_notify('",
-    transitions_channel!(),
-    "', t.sequence::text) FROM t"
-);
-
-/// The transitions after a sequence, of one system (`$1`) or of all (`$1`
-/// NULL): `$2` the sequence, `$3` how many at most. The transition feed's
-/// read and a watcher's replay.
+/// The transitions of all systems after a sequence: `$1` NULL, `$2` the
+/// sequence, `$3` how many at most. The transition feed's read (and a
+/// watcher's replay of all systems).
 pub const TRANSITIONS_AFTER: &str = concat!(
     "SELECT ",
     transition_columns!(),
     " FROM transitions \
-     WHERE ($1::text IS NULL OR system_id = $1) AND sequence > $2 \
+     WHERE $1::text IS NULL AND sequence > $2 \
+     ORDER BY sequence LIMIT $3"
+);
+
+/// The transitions of system `$1` after sequence `$2`, `$3` at most: a
+/// watcher's replay of one system, through the system's index.
+pub const TRANSITIONS_AFTER_OF_SYSTEM: &str = concat!(
+    "SELECT ",
+    transition_columns!(),
+    " FROM transitions \
+     WHERE system_id = $1 AND sequence > $2 \
      ORDER BY sequence LIMIT $3"
 );
 
@@ -141,18 +135,20 @@ mod tests {
 
     #[test]
     fn each_statement_numbers_the_parameters_its_documentation_lists() {
-        assert_eq!(highest_parameter(INSERT_RUN), 7);
-        assert_eq!(highest_parameter(REEVALUATE_READ), 4);
-        assert_eq!(highest_parameter(REEVALUATE_WRITE), 10);
-        assert_eq!(highest_parameter(INSERT_TRANSITION), 6);
+        assert_eq!(highest_parameter(LOAD_SYSTEM), 2);
+        assert_eq!(highest_parameter(WRITE_SYSTEM), 18);
         assert_eq!(highest_parameter(TRANSITIONS_AFTER), 3);
+        assert_eq!(highest_parameter(TRANSITIONS_AFTER_OF_SYSTEM), 3);
     }
 
     #[test]
     fn the_column_lists_are_spelled_out_in_the_statements_that_return_them() {
-        assert_eq!(REEVALUATE_READ.matches(CHECK_COLUMNS).count(), 5);
-        assert!(INSERT_TRANSITION.contains(&format!("RETURNING {TRANSITION_COLUMNS})")));
-        assert!(INSERT_TRANSITION.contains(&format!("pg_notify('{TRANSITIONS_CHANNEL}'")));
-        assert!(TRANSITIONS_AFTER.starts_with(&format!("SELECT {TRANSITION_COLUMNS} FROM transitions")));
+        for column in CHECK_COLUMNS.split(", ") {
+            assert!(LOAD_SYSTEM.contains(&format!("c.{column}")), "{column}");
+        }
+        assert!(WRITE_SYSTEM.contains(&format!("pg_notify('{TRANSITIONS_CHANNEL}'")));
+        for statement in [TRANSITIONS_AFTER, TRANSITIONS_AFTER_OF_SYSTEM] {
+            assert!(statement.starts_with(&format!("SELECT {TRANSITION_COLUMNS} FROM transitions")));
+        }
     }
 }

@@ -1,0 +1,52 @@
+-- SubmitRun evaluates a check from state the check keeps, instead of reading
+-- its newest runs from the runs table, which stays the history (ListRuns,
+-- retention): written, not read, when a run is submitted.
+
+-- The runs evaluation reads: the check's newest 100, newest first by
+-- observed_at, then by run_id in byte order, encoded by the store
+-- (src/store/codec.rs) as "<observed_at in µs>\x1f<status>\x1f<run_id>" per
+-- run, joined by \x1e. Run ids hold no control characters.
+ALTER TABLE checks ADD COLUMN run_window text NOT NULL DEFAULT '';
+
+-- Each write of a system (a run, a configuration change) increments its
+-- version. A write reads the system without locking it and is applied only if
+-- the version is still the one it read, so it can never be based on a state
+-- that another write replaced meanwhile, even if the system's lock was lost:
+-- a write that finds another version sets 0, which the constraint refuses,
+-- undoing the whole write.
+ALTER TABLE systems ADD COLUMN version bigint NOT NULL DEFAULT 1
+    CONSTRAINT systems_stale_write CHECK (version > 0);
+
+-- The newest transition sequence handed out. A write that records a
+-- transition increments it in the statement that inserts the transition and
+-- holds its row lock until that commits, so the next one is drawn only after
+-- it: sequences are gap-free and become visible in order.
+CREATE TABLE transition_sequence (
+    only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    last     bigint NOT NULL
+);
+INSERT INTO transition_sequence (last) SELECT coalesce(max(sequence), 0) FROM transitions;
+
+-- The windows of existing checks, from their runs. The newest 100 by
+-- observed_at are found through runs_by_check; only runs observed in the same
+-- microsecond as the 100th newest are then ordered by run_id in byte order.
+UPDATE checks c SET run_window = w.encoded
+FROM (
+    SELECT k.system_id, k.check_id,
+           string_agg(
+               round(extract(epoch FROM r.observed_at) * 1000000)::bigint::text
+                   || E'\x1f' || r.status::text || E'\x1f' || r.run_id,
+               E'\x1e' ORDER BY r.observed_at DESC, r.run_id COLLATE "C" DESC) AS encoded
+    FROM checks k
+    CROSS JOIN LATERAL (
+        SELECT n.observed_at, n.status, n.run_id FROM runs n
+        WHERE n.system_id = k.system_id AND n.check_id = k.check_id
+          AND n.observed_at >= coalesce(
+              (SELECT o.observed_at FROM runs o
+               WHERE o.system_id = k.system_id AND o.check_id = k.check_id
+               ORDER BY o.observed_at DESC LIMIT 1 OFFSET 99),
+              '-infinity')
+        ORDER BY n.observed_at DESC, n.run_id COLLATE "C" DESC
+        LIMIT 100) r
+    GROUP BY k.system_id, k.check_id) w
+WHERE c.system_id = w.system_id AND c.check_id = w.check_id;
