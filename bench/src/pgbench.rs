@@ -1,5 +1,6 @@
-//! The baseline: pgbench running the SQL that vitals runs, directly against
-//! the same database at the same concurrency.
+//! The baselines: pgbench running the SQL that vitals runs, and the minimal
+//! statement set of SubmitRun's durable work, directly against the same
+//! database at the same concurrency.
 //!
 //! Latencies come from pgbench's per-transaction log (`-l`), so the baseline
 //! gets the same percentiles and the same warm-up cut as the vitals cells.
@@ -196,6 +197,22 @@ SELECT pg_advisory_unlock({SYSTEM_SPACE}, hashtext({SYSTEM}));
     ))
 }
 
+/// The same durable work in its minimal form: under the system's lock,
+/// insert the run, read the check's newest 100 statuses with their times,
+/// upsert the system's status; one transaction, synchronous commit.
+fn submit_minimal() -> String {
+    format!(
+        r"{pick}BEGIN;
+SELECT pg_advisory_xact_lock({SYSTEM_SPACE}, hashtext({SYSTEM}));
+INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message) VALUES (gen_random_uuid()::text, {SYSTEM}, {CHECK}, :st, now(), 250000, '');
+SELECT status, observed_at FROM runs WHERE system_id = {SYSTEM} AND check_id = {CHECK} ORDER BY observed_at DESC, run_id DESC LIMIT {MAX_RUNS_CONSIDERED};
+INSERT INTO systems (system_id, status, evaluated_at) VALUES ({SYSTEM}, :st, now()) ON CONFLICT (system_id) DO UPDATE SET status = excluded.status, evaluated_at = excluded.evaluated_at;
+COMMIT;
+",
+        pick = pick()
+    )
+}
+
 /// Which baseline script.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Script {
@@ -205,6 +222,8 @@ pub(crate) enum Script {
     Submit {
         transitions_per_10k: u32,
     },
+    /// The minimal statement set of SubmitRun's durable work.
+    SubmitMinimal,
 }
 
 impl Script {
@@ -213,6 +232,7 @@ impl Script {
             Script::LockRandom => "lock-random",
             Script::LockOne => "lock-one",
             Script::Submit { .. } => "submit",
+            Script::SubmitMinimal => "submit-minimal",
         }
     }
 
@@ -221,6 +241,7 @@ impl Script {
             Script::LockRandom => Ok(LOCK_RANDOM.to_owned()),
             Script::LockOne => Ok(LOCK_ONE.to_owned()),
             Script::Submit { .. } => submit(),
+            Script::SubmitMinimal => Ok(submit_minimal()),
         }
     }
 
@@ -448,6 +469,16 @@ mod tests {
             commands
         );
         assert_eq!(script.matches(" \\aset\n").count(), 1);
+    }
+
+    #[test]
+    fn the_minimal_script_takes_the_systems_lock_in_one_transaction() {
+        let script = submit_minimal();
+        assert!(script.contains(&format!("pg_advisory_xact_lock({SYSTEM_SPACE}, hashtext(")));
+        let commands: Vec<&str> = script.lines().filter(|l| !l.starts_with('\\')).collect();
+        assert_eq!(commands.first(), Some(&"BEGIN;"));
+        assert_eq!(commands.last(), Some(&"COMMIT;"));
+        assert!(commands.iter().all(|c| c.ends_with(';')));
     }
 
     #[test]

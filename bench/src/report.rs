@@ -175,6 +175,11 @@ pub(crate) struct HeldLocks {
 /// The acceptance goal of RSS per held lock, bytes.
 pub(crate) const HELD_LOCK_GOAL_BYTES: f64 = 4096.0;
 
+/// SubmitRun/s at 32 clients before SubmitRun had one write path and kept
+/// each check's run window (docs/PERFORMANCE.md): the figure the target
+/// doubles.
+const SUBMIT_BEFORE: f64 = 1831.0;
+
 /// Round trips of one request kind, from the counting proxy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct RoundTripStat {
@@ -269,6 +274,7 @@ impl Report {
             ("lock-contended", "pgbench"),
             ("lock-contended", "etcd"),
             ("submit", "pgbench"),
+            ("submit", "pgbench-minimal"),
         ];
         let mut ratios = Vec::new();
         for (workload, against) in pairs {
@@ -353,6 +359,56 @@ impl Report {
             met: r.map(|r| r.throughput_ratio >= 0.60),
         });
         let s = self.find("submit", "vitals", 32);
+        targets.push(Target {
+            target: format!(
+                "submit, 32 clients, against {} /s before one write path (docs/PERFORMANCE.md)",
+                num(SUBMIT_BEFORE)
+            ),
+            goal: format!(">= 2x ({} /s)", num(2.0 * SUBMIT_BEFORE)),
+            measured: s.map_or("not measured".into(), |c| {
+                format!(
+                    "{:.2}x ({} /s)",
+                    c.summary.throughput / SUBMIT_BEFORE,
+                    num(c.summary.throughput)
+                )
+            }),
+            met: s.map(|c| c.summary.throughput >= 2.0 * SUBMIT_BEFORE),
+        });
+        let r = ratio("submit", "pgbench-minimal");
+        targets.push(Target {
+            target: "submit vs pgbench of the minimal statement set (lock, insert the run, read the check's 100 \
+                     newest statuses, upsert the system; one transaction), 32 clients"
+                .into(),
+            goal: ">= 50 %".into(),
+            measured: r.map_or("not measured".into(), |r| {
+                format!(
+                    "{:.0} % ({} vs {} /s)",
+                    r.throughput_ratio * 100.0,
+                    num(r.vitals_per_s),
+                    num(r.other_per_s)
+                )
+            }),
+            met: r.map(|r| r.throughput_ratio >= 0.50),
+        });
+        let per_request_ms = |c: &Cell, cores: fn(&CpuUse) -> f64| {
+            c.cpu
+                .as_ref()
+                .filter(|_| c.summary.throughput > 0.0)
+                .map(|cpu| cores(cpu) / c.summary.throughput * 1000.0)
+        };
+        let pg_ms = s.and_then(|c| per_request_ms(c, |cpu| cpu.postgres));
+        let vitals_ms = s.and_then(|c| per_request_ms(c, |cpu| cpu.vitals));
+        targets.push(Target {
+            target: "PostgreSQL CPU per SubmitRun, 32 clients".into(),
+            goal: "<= 0.3 ms".into(),
+            measured: pg_ms.map_or("not measured".into(), |ms| {
+                format!(
+                    "{ms:.3} ms (vitals {})",
+                    vitals_ms.map_or("?".into(), |v| format!("{v:.3} ms"))
+                )
+            }),
+            met: pg_ms.map(|ms| ms <= 0.3),
+        });
         targets.push(Target {
             target: "submit p99, 32 clients".into(),
             goal: "< 20 ms".into(),
@@ -1066,10 +1122,16 @@ fn register_font() -> Result<()> {
 }
 
 /// The plotted series: (label, workload, system, colour).
-const SERIES: [(&str, &str, &str, RGBColor); 10] = [
+const SERIES: [(&str, &str, &str, RGBColor); 11] = [
     ("vitals evaluate", "evaluate", "vitals", RGBColor(0, 0, 0)),
     ("vitals submit", "submit", "vitals", RGBColor(31, 119, 180)),
     ("pgbench submit", "submit", "pgbench", RGBColor(140, 190, 230)),
+    (
+        "pgbench submit, minimal",
+        "submit",
+        "pgbench-minimal",
+        RGBColor(23, 190, 207),
+    ),
     ("vitals lock", "lock-uncontended", "vitals", RGBColor(214, 39, 40)),
     ("pgbench lock", "lock-uncontended", "pgbench", RGBColor(255, 152, 150)),
     ("etcd lock", "lock-uncontended", "etcd", RGBColor(44, 160, 44)),

@@ -226,7 +226,7 @@ impl Options {
         let (pgbench, etcd) = (usize::from(self.run_pgbench), usize::from(self.run_etcd));
         clients
             * (usize::from(self.wants("evaluate"))
-                + usize::from(self.wants("submit")) * (1 + pgbench)
+                + usize::from(self.wants("submit")) * (1 + 2 * pgbench)
                 + usize::from(self.wants("lock")) * (2 + 2 * pgbench + 3 * etcd)
                 + usize::from(self.wants("mixed")))
     }
@@ -535,7 +535,8 @@ impl Bench {
     }
 
     /// pgbench running SubmitRun's SQL, writing transitions in the share
-    /// vitals wrote them at the same concurrency.
+    /// vitals wrote them at the same concurrency; then the minimal statement
+    /// set of the same durable work.
     async fn pgbench_submit(&mut self, shares: &BTreeMap<usize, f64>) -> Result<()> {
         for c in self.args.clients.clone() {
             let tpm = (shares.get(&c).copied().unwrap_or(0.5) * 10_000.0).round() as u32;
@@ -551,6 +552,16 @@ impl Bench {
         }
         let source = Script::Submit { transitions_per_10k: 0 }.source()?;
         self.report.pgbench_scripts.insert("submit".into(), source);
+        for c in self.args.clients.clone() {
+            let plan = self.opts.plan;
+            let r = self
+                .pgbench
+                .run(Script::SubmitMinimal, c, plan.warmup, plan.duration, self.cpu.clone())
+                .await?;
+            self.push("submit", "pgbench-minimal", c, r.summary, Some(r.cpu), None);
+        }
+        let source = Script::SubmitMinimal.source()?;
+        self.report.pgbench_scripts.insert("submit-minimal".into(), source);
         Ok(())
     }
 
@@ -865,8 +876,8 @@ mod tests {
 
     #[test]
     fn every_system_of_a_workload_is_a_cell_at_each_concurrency() {
-        // submit: vitals + pgbench; lock: 2 vitals + 2 pgbench + 3 etcd.
-        assert_eq!(options(&["--workloads", "submit,lock"]).unwrap().cells(2), 2 * (2 + 7));
+        // submit: vitals + 2 pgbench; lock: 2 vitals + 2 pgbench + 3 etcd.
+        assert_eq!(options(&["--workloads", "submit,lock"]).unwrap().cells(2), 2 * (3 + 7));
         assert_eq!(
             options(&["--workloads", "submit,lock", "--no-pgbench", "--no-etcd"])
                 .unwrap()
