@@ -66,7 +66,8 @@ pub(crate) struct Loaded {
     /// The system's stored status and version; `None` for a system never
     /// written.
     pub(crate) system: Option<SystemState>,
-    /// Every check of the system, ordered by `check_id` (byte order).
+    /// Every check of the system; ordered by `check_id` (byte order) once
+    /// [`load`] returns it, in any order as [`Statements::load`] does.
     pub(crate) checks: Vec<CheckRecord>,
     /// The run window of the check being written; empty for a new check.
     pub(crate) window: RunWindow,
@@ -129,7 +130,7 @@ pub(crate) trait Statements: Sync {
     /// write transaction).
     fn begin(&self) -> impl Future<Output = Result<Self::Unit>> + Send;
 
-    /// Reads the system, its checks and `check_id`'s window.
+    /// Reads the system, its checks (in any order) and `check_id`'s window.
     fn load(
         &self,
         unit: &mut Self::Unit,
@@ -234,7 +235,8 @@ fn busy(system_id: &SystemId) -> Error {
 async fn load<S: Statements>(s: &S, system_id: &SystemId, check_id: &CheckId) -> Result<(S::Unit, Loaded)> {
     async fn once<S: Statements>(s: &S, system_id: &SystemId, check_id: &CheckId) -> Result<(S::Unit, Loaded)> {
         let mut unit = s.begin().await?;
-        let loaded = s.load(&mut unit, system_id, check_id).await?;
+        let mut loaded = s.load(&mut unit, system_id, check_id).await?;
+        loaded.checks.sort_unstable_by(|a, b| a.check_id.cmp(&b.check_id));
         Ok((unit, loaded))
     }
     match once(s, system_id, check_id).await {

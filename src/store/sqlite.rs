@@ -422,13 +422,13 @@ async fn transition_caused_by(conn: &mut SqliteConnection, run: &Run) -> Result<
 }
 
 /// What a write reads of a system (see the PostgreSQL store's
-/// `LOAD_SYSTEM`): its status and version, every check by `check_id`, the run
-/// window of check `$2` only.
+/// `LOAD_SYSTEM`): its status and version, every check (the pipeline sorts
+/// them), the run window of check `$2` only.
 const LOAD_SYSTEM: &str = "SELECT s.status AS system_status, s.version, \
         c.check_id, c.thresholds, c.enabled, c.status, c.evaluation, c.runs_considered, c.last_run_at, \
         CASE WHEN c.check_id = $2 THEN c.run_window END AS run_window \
     FROM systems s LEFT JOIN checks c ON c.system_id = s.system_id \
-    WHERE s.system_id = $1 ORDER BY c.check_id";
+    WHERE s.system_id = $1";
 
 impl Statements for SqliteStore {
     /// The writer connection's `BEGIN IMMEDIATE` transaction: nothing else
