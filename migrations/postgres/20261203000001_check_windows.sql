@@ -33,26 +33,28 @@ CREATE TABLE transition_sequence (
 );
 INSERT INTO transition_sequence (last) SELECT coalesce(max(sequence), 0) FROM transitions;
 
--- The windows of existing checks, from their runs. The newest 100 by
--- observed_at are found through runs_by_check; only runs observed in the same
--- microsecond as the 100th newest are then ordered by run_id in byte order.
+-- Run ids compare byte by byte whatever the database's collation, as in a
+-- window and in the embedded store, so that ListRuns' pages, a window's runs
+-- observed in the same microsecond and retention's newest 100 of a check are
+-- in one order on every backend. Only the collation changes: the table is
+-- not rewritten, its indexes on run_id are rebuilt.
+ALTER TABLE runs ALTER COLUMN run_id TYPE text COLLATE "C";
+
+-- The windows of existing checks, from their runs: each check's newest 100,
+-- read in the window's order through runs_by_check (rebuilt above with run
+-- ids in byte order), so a check's older runs are not read.
 UPDATE checks c SET run_window = w.encoded
 FROM (
     SELECT k.system_id, k.check_id,
            string_agg(
                round(extract(epoch FROM r.observed_at) * 1000000)::bigint::text
                    || E'\x1f' || r.status::text || E'\x1f' || r.run_id,
-               E'\x1e' ORDER BY r.observed_at DESC, r.run_id COLLATE "C" DESC) AS encoded
+               E'\x1e' ORDER BY r.observed_at DESC, r.run_id DESC) AS encoded
     FROM checks k
     CROSS JOIN LATERAL (
         SELECT n.observed_at, n.status, n.run_id FROM runs n
         WHERE n.system_id = k.system_id AND n.check_id = k.check_id
-          AND n.observed_at >= coalesce(
-              (SELECT o.observed_at FROM runs o
-               WHERE o.system_id = k.system_id AND o.check_id = k.check_id
-               ORDER BY o.observed_at DESC LIMIT 1 OFFSET 99),
-              '-infinity')
-        ORDER BY n.observed_at DESC, n.run_id COLLATE "C" DESC
+        ORDER BY n.observed_at DESC, n.run_id DESC
         LIMIT 100) r
     GROUP BY k.system_id, k.check_id) w
 WHERE c.system_id = w.system_id AND c.check_id = w.check_id;

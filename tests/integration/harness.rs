@@ -127,14 +127,32 @@ impl TestDb {
 
     /// A fresh PostgreSQL database.
     pub async fn postgres() -> TestDb {
+        Self::postgres_created_with("").await
+    }
+
+    /// A fresh database of `backend` whose text order is not byte order: a
+    /// PostgreSQL database with ICU's root collation as its default (`"a" <
+    /// "B" < "b"`), where the test cluster's own is byte order. The embedded
+    /// store has no such setting; it compares text byte by byte.
+    pub async fn create_with_linguistic_collation(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Postgres => {
+                Self::postgres_created_with(" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'und'").await
+            }
+            Backend::Embedded => Self::embedded(),
+        }
+    }
+
+    /// A fresh PostgreSQL database, `options` appended to its CREATE DATABASE.
+    async fn postgres_created_with(options: &str) -> TestDb {
         let name = format!("vitals_test_{}", uuid::Uuid::new_v4().simple());
         let admin = admin_url();
         let mut conn = PgConnection::connect(&admin)
             .await
             .expect("connect to the admin database");
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
+        conn.execute(format!("CREATE DATABASE {name}{options}").as_str())
             .await
-            .expect("create the test database");
+            .unwrap_or_else(|e| panic!("create the test database{options}: {e}"));
         conn.close().await.ok();
         TestDb {
             backend: Backend::Postgres,

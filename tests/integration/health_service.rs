@@ -1129,6 +1129,61 @@ async fn list_runs_walks_every_run_exactly_once_newest_first_across_pages(backen
     app.stop().await;
 }
 
+both_backends!(runs_observed_in_the_same_microsecond_list_and_evaluate_in_run_id_byte_order_whatever_the_collation);
+async fn runs_observed_in_the_same_microsecond_list_and_evaluate_in_run_id_byte_order_whatever_the_collation(
+    backend: Backend,
+) {
+    let db = TestDb::create_with_linguistic_collation(backend).await;
+    if backend == Backend::Postgres {
+        let mut conn = db.connect().await;
+        let linguistic: bool = sqlx::query_scalar("SELECT 'a' < 'B'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            linguistic,
+            "the database must not sort text byte by byte, or this test shows nothing"
+        );
+    }
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.health_client().await;
+    let observed = at(base_time());
+
+    // One instant, so only run ids order them. Greatest first byte by byte;
+    // ICU's root collation would put `Z` first and `a` last. The five failures
+    // lead the check in byte order (unhealthy); `Z` would lead it otherwise
+    // (healthy).
+    let byte_order = ["é", "b", "a1", "a-1", "a", "Z", "B"];
+    let status = |id: &str| if matches!(id, "Z" | "B") { Healthy } else { Unhealthy };
+    let mut last = None;
+    for id in ["B", "a", "é", "Z", "a-1", "b", "a1"] {
+        last = Some(submit(&mut client, run("ties", "c", id, status(id), Some(observed))).await);
+    }
+    let health = last
+        .and_then(|r| r.system_health)
+        .expect("a reply with the system's health");
+    let check = &health.checks[0];
+    assert_eq!(check.status, Unhealthy as i32, "{check:?}");
+
+    for (check_id, page_size) in [("", 2), ("c", 3)] {
+        let (runs, _) = all_runs(&mut client, "ties", check_id, page_size).await;
+        let ids: Vec<_> = runs.iter().map(|r| r.run_id.as_str()).collect();
+        assert_eq!(ids, byte_order, "ListRuns of check {check_id:?}, pages of {page_size}");
+        // The check was evaluated over the runs ListRuns shows, in its order.
+        let evaluated = client
+            .evaluate_health(EvaluateHealthRequest {
+                statuses: runs.iter().map(|r| r.status).collect(),
+                thresholds: check.thresholds,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .evaluation;
+        assert_eq!(evaluated, check.evaluation);
+    }
+    app.stop().await;
+}
+
 both_backends!(a_tampered_page_token_or_one_replayed_against_another_listing_is_invalid_argument);
 async fn a_tampered_page_token_or_one_replayed_against_another_listing_is_invalid_argument(backend: Backend) {
     let (_db, app, mut client) = serve(backend).await;

@@ -37,8 +37,12 @@ const DOWNGRADE: [&str; 3] = [
 ];
 
 /// And on PostgreSQL, which draws transition sequences from a counter (the
-/// embedded store's one writer takes max + 1).
-const DOWNGRADE_POSTGRES: &str = "DROP TABLE transition_sequence";
+/// embedded store's one writer takes max + 1), and where run ids compared in
+/// the database's collation before (SQLite's were always byte order).
+const DOWNGRADE_POSTGRES: [&str; 2] = [
+    "DROP TABLE transition_sequence",
+    "ALTER TABLE runs ALTER COLUMN run_id TYPE text COLLATE \"default\"",
+];
 
 fn base_time() -> i64 {
     chrono::Utc::now().timestamp() - 3600
@@ -168,12 +172,14 @@ async fn windows(db: &TestDb) -> Vec<(String, String, String)> {
     }
 }
 
-/// The tables and columns of the test database.
+/// The tables and columns of the test database (with PostgreSQL, a
+/// column's collation when it has its own).
 async fn schema(db: &TestDb) -> Vec<(String, String)> {
     match db.backend {
         Backend::Postgres => sqlx::query_as(
-            "SELECT table_name::text, column_name::text || ' ' || data_type::text FROM information_schema.columns \
-             WHERE table_schema = 'public' ORDER BY 1, 2",
+            "SELECT table_name::text, \
+                    concat_ws(' ', column_name::text, data_type::text, 'collate ' || collation_name::text) \
+             FROM information_schema.columns WHERE table_schema = 'public' ORDER BY 1, 2",
         )
         .fetch_all(&mut db.connect().await)
         .await
@@ -333,7 +339,7 @@ async fn a_database_written_before_run_windows_migrates_to_the_same_statuses_tra
 
     execute(&db, &DOWNGRADE).await;
     if backend == Backend::Postgres {
-        execute(&db, &[DOWNGRADE_POSTGRES]).await;
+        execute(&db, &DOWNGRADE_POSTGRES).await;
     }
     let previous = previous_schema(backend).await;
     assert_eq!(
