@@ -224,10 +224,7 @@ impl Application {
         // service.
         let max_bytes = config.max_request_size();
         let health_service = health_service.max_decoding_message_size(max_bytes);
-        let rules = WriteRules {
-            max_checks_per_system: config.max_checks_per_system,
-        };
-        let health_checks = HealthService::new(store, locks.clone(), feed.clone(), rules);
+        let health_checks = HealthService::new(store, locks.clone(), feed.clone(), WriteRules::from_config(&config));
         let health_api =
             HealthCheckServiceServer::new(HealthApi::new(health_checks)).max_decoding_message_size(max_bytes);
         let lock_api = LockServiceServer::new(LockApi::new(locks.clone())).max_decoding_message_size(max_bytes);

@@ -14,6 +14,10 @@ use clap::{Args, ValueEnum};
 /// limit (tested in `api::convert`).
 pub const MAX_CHECKS_PER_SYSTEM: u32 = 10_000;
 
+/// `VITALS_MAX_CHECKS_PER_SYSTEM` when unset: far more checks than a system
+/// has in practice, with a tenth of the largest reply.
+pub const DEFAULT_MAX_CHECKS_PER_SYSTEM: u32 = 1000;
+
 /// Where the data lives, resolved from `DATABASE_URL`, the `PG*` variables or
 /// the embedded default.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +92,7 @@ pub struct Config {
     /// Checks a system may have; a run or configuration that would add one more is refused with TOO_MANY_CHECKS.
     /// Every SubmitRun and ConfigureCheck reply carries all of its system's checks: at the largest value it
     /// still fits a client's default 4 MiB message limit.
-    #[arg(long = "max-checks-per-system", env = "VITALS_MAX_CHECKS_PER_SYSTEM", value_name = "VITALS_MAX_CHECKS_PER_SYSTEM", default_value_t = 1000, value_parser = count_in(1, MAX_CHECKS_PER_SYSTEM))]
+    #[arg(long = "max-checks-per-system", env = "VITALS_MAX_CHECKS_PER_SYSTEM", value_name = "VITALS_MAX_CHECKS_PER_SYSTEM", default_value_t = DEFAULT_MAX_CHECKS_PER_SYSTEM, value_parser = count_in(1, MAX_CHECKS_PER_SYSTEM))]
     pub max_checks_per_system: u32,
 
     /// WatchTransitions streams open at once on this replica; past it WATCHER_LIMIT_REACHED.

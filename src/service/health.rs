@@ -192,9 +192,7 @@ mod tests {
         let notifier = TransitionNotifier::default();
         let store = Store::open(&database, notifier.clone());
         let feed = TransitionFeed::new(store.clone(), &notifier, WatchLimits::from_config(&config));
-        let rules = WriteRules {
-            max_checks_per_system: config.max_checks_per_system,
-        };
+        let rules = WriteRules::from_config(&config);
         (HealthService::new(store, locks.clone(), feed, rules), locks, database)
     }
 

@@ -33,6 +33,7 @@ use chrono::{DateTime, Utc};
 
 use super::{CheckRecord, CheckUpdate, ConfigureOutcome, NewRun, Run, SubmitOutcome, SystemRecord, Transition};
 use crate::{
+    config::{Config, DEFAULT_MAX_CHECKS_PER_SYSTEM},
     domain::{CheckId, Placement, RunId, RunWindow, Status, SystemId, Thresholds, WindowRun, evaluate, system_status},
     error::{Error, Result},
 };
@@ -52,10 +53,20 @@ pub struct WriteRules {
     pub max_checks_per_system: u32,
 }
 
+impl WriteRules {
+    /// The limits `config` sets.
+    pub fn from_config(config: &Config) -> Self {
+        WriteRules {
+            max_checks_per_system: config.max_checks_per_system,
+        }
+    }
+}
+
 impl Default for WriteRules {
+    /// The limits of a default configuration.
     fn default() -> Self {
         WriteRules {
-            max_checks_per_system: 1000,
+            max_checks_per_system: DEFAULT_MAX_CHECKS_PER_SYSTEM,
         }
     }
 }
