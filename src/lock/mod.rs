@@ -444,7 +444,7 @@ impl Locks {
     /// to its end), and every exhausted block is a durable commit on the
     /// path of a hand-off, while unused tokens only leave gaps.
     fn token_block(&self, id: LockId) -> u32 {
-        const BLOCK: u32 = 128;
+        const BLOCK: u32 = 1024;
         if self.inner.table.queued(id) == 0 { 1 } else { BLOCK }
     }
 
