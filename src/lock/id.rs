@@ -29,6 +29,12 @@ pub const SYSTEM_SPACE: i32 = 0x7669_7473;
 pub const TRANSITION_SEQUENCE: i32 = 1;
 /// `(INTERNAL_SPACE, MIGRATIONS)`: serialises migrations across replicas.
 pub const MIGRATIONS: i32 = 2;
+/// The first `int4` of waiters' interest (`"vitw"`): a replica whose
+/// acquirer waits for a lock held elsewhere holds a *shared* lock on
+/// `(INTEREST_SPACE, lock.interest())`, which tells the holding replica to
+/// let the lock go at the end of its streak of local hand-offs. Two locks
+/// may share an interest lock; that only ends a streak needlessly.
+pub const INTEREST_SPACE: i32 = 0x7669_7477;
 
 /// The identity of one lock: what PostgreSQL would lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,6 +68,25 @@ impl LockId {
         }
     }
 
+    /// The interest lock of this lock: `(INTEREST_SPACE, the returned int4)`.
+    pub(super) fn interest(self) -> (i32, i32) {
+        let folded = match self {
+            LockId::Client(h) => {
+                let h = h.cast_unsigned();
+                h ^ (h >> 32)
+            }
+            LockId::Internal { space, object } => {
+                (u64::from(space.cast_unsigned()) << 32 | u64::from(object.cast_unsigned()))
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    >> 32
+            }
+        };
+        // Truncation intended: the interest space has 32 bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let object = folded as u32;
+        (INTEREST_SPACE, object.cast_signed())
+    }
+
     /// Spreads locks over `n` sessions.
     pub(super) fn shard(self, n: usize) -> usize {
         let n = u64::try_from(n.max(1)).unwrap_or(1);
@@ -87,6 +112,19 @@ mod tests {
         let client = LockId::client("xxxxxxx={/koGGgb#^#");
         assert!(matches!(client, LockId::Client(_)));
         assert_ne!(client, LockId::system("checkout"));
+    }
+
+    #[test]
+    fn interest_locks_live_apart_from_every_other_internal_lock() {
+        for key in ["a", "b", "checkout", "x".repeat(100).as_str()] {
+            for id in [LockId::client(key), LockId::system(key)] {
+                let (space, _) = id.interest();
+                assert_eq!(space, INTEREST_SPACE);
+                assert_ne!(space, SYSTEM_SPACE);
+                assert_ne!(space, INTERNAL_SPACE);
+            }
+        }
+        assert_ne!(LockId::client("a").interest(), LockId::client("b").interest());
     }
 
     #[test]

@@ -165,6 +165,21 @@ impl std::fmt::Debug for HeldLock {
     }
 }
 
+/// An acquirer's announced interest in a lock held elsewhere, withdrawn
+/// when it stops waiting (granted, gave up or gone).
+struct Interest {
+    sessions: Option<Arc<Sessions>>,
+    id: LockId,
+}
+
+impl Drop for Interest {
+    fn drop(&mut self) {
+        if let Some(sessions) = self.sessions.take() {
+            sessions.uninterest(self.id);
+        }
+    }
+}
+
 /// A lock owned here, with its token.
 struct Grant {
     owned: Owned,
@@ -333,18 +348,29 @@ impl Locks {
         tries_until: Option<tokio::time::Instant>,
         token: bool,
     ) -> Result<Option<Grant>> {
-        let (mut owned, pause) = match self.inner.table.enter(id, deadline.is_some()) {
+        let (mut owned, mut pause, check) = match self.inner.table.enter(id, deadline.is_some()) {
             Entry::Busy => return Ok(None),
-            Entry::Owner(owned) => (owned, false),
+            Entry::Owner(owned) => (owned, false, false),
             Entry::Queued(mut queued) => {
                 let Some(deadline) = deadline else { return Ok(None) };
                 match tokio::time::timeout_at(deadline, queued.turn()).await {
-                    Ok(Some(turn)) => (turn.owned, turn.pause),
+                    Ok(Some(turn)) => (turn.owned, turn.pause, turn.check),
                     Ok(None) => return Err(Error::ShuttingDown),
                     Err(_elapsed) => return Ok(None),
                 }
             }
         };
+        if check && self.wanted_elsewhere(id, &owned).await {
+            if let (Backend::Postgres(sessions), Some(Remote::Session(hold, _))) =
+                (&self.inner.backend, owned.remote.take())
+            {
+                sessions.release(id, hold, None);
+            }
+            pause = true;
+        }
+        // Declared after `owned`, so dropped before it: the withdrawal
+        // reaches the session before the next local waiter's first try.
+        let mut interest = Interest { sessions: None, id };
         if pause {
             let until = tokio::time::Instant::now() + FAIR_PAUSE;
             tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
@@ -394,7 +420,8 @@ impl Locks {
                 }
                 (Backend::Postgres(sessions), _) => {
                     let count = if token { self.token_block(id) } else { 0 };
-                    match self.try_until(sessions, id, count, tries_until).await? {
+                    let waiting = interest.sessions.is_some();
+                    match self.try_until(sessions, id, count, waiting, tries_until).await? {
                         TryOutcome::Granted(hold, drawn) => {
                             let mut tokens = Tokens::from(drawn);
                             let t = if token { tokens.take() } else { None };
@@ -402,6 +429,10 @@ impl Locks {
                             return Ok(Some(Grant { owned, token: t }));
                         }
                         TryOutcome::Busy => {
+                            // Tried again, the try announces that this
+                            // replica waits, so the holder lets it go at the
+                            // end of its streak.
+                            interest.sessions.get_or_insert_with(|| sessions.clone());
                             let now = tokio::time::Instant::now();
                             match deadline {
                                 Some(deadline) if now < deadline => {
@@ -427,13 +458,31 @@ impl Locks {
         sessions: &Sessions,
         id: LockId,
         tokens: u32,
+        interest: bool,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<TryOutcome> {
         let bound = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.inner.lease);
-        match tokio::time::timeout_at(bound, sessions.try_lock(id, tokens)).await {
+        match tokio::time::timeout_at(bound, sessions.try_lock(id, tokens, interest)).await {
             Ok(outcome) => outcome,
             Err(_) if deadline.is_some() => Ok(TryOutcome::Busy),
             Err(_) => Err(Error::DatabaseUnavailable(None)),
+        }
+    }
+
+    /// At the end of a streak of local hand-offs of `id`, still held in
+    /// PostgreSQL: whether another replica announced that it waits for it.
+    /// A session that fails to answer within the lease counts as yes (the
+    /// lock is released, as it was before waiters announced themselves).
+    async fn wanted_elsewhere(&self, id: LockId, owned: &table::Owned) -> bool {
+        let (Backend::Postgres(sessions), Some(Remote::Session(hold, _))) = (&self.inner.backend, &owned.remote) else {
+            return false;
+        };
+        if hold.generation.is_lost() {
+            return false;
+        }
+        match tokio::time::timeout(self.inner.lease, sessions.wanted(hold, id)).await {
+            Ok(Ok(wanted)) => wanted,
+            Ok(Err(_)) | Err(_) => true,
         }
     }
 

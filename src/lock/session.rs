@@ -30,7 +30,7 @@
 //!   back what it holds from `pg_locks` and releases what nobody owns.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -59,8 +59,15 @@ pub const TURN_WAIT: Duration = Duration::from_millis(1);
 /// Commands taken per statement at most.
 const MAX_BATCH: usize = 4096;
 
-/// Releases, then tries, then draws the fencing tokens each granted client
-/// lock asked for (`$5`) plus `$8` more, all in one autocommitted statement.
+/// Releases (locks, and interest no longer held, `$9`/`$10`), announces
+/// this replica's interest in locks it waits for (`$11`/`$12`, shared locks
+/// in [`super::id::INTEREST_SPACE`]), finds which locks held here nobody
+/// else announced interest in (`$13`/`$14`: a momentary exclusive try of
+/// their interest lock; the rows marked `unwanted`), then tries, then draws
+/// the fencing tokens each granted client lock asked for (`$5`) plus `$8`
+/// more, all in one autocommitted statement. An interest lock is only ever
+/// held exclusively inside one `CASE`, so announcing one waits at most for
+/// that.
 /// The `CASE` on `released.n` makes every try wait for the releases. The
 /// tokens come from a sequence, which no session waits for. A sequence
 /// WAL-logs 32 values ahead, and only the `nextval` that writes that record
@@ -73,7 +80,13 @@ const MAX_BATCH: usize = 4096;
 const BATCH_SQL: &str = "\
 WITH released AS MATERIALIZED (
     SELECT (SELECT count(*) FROM unnest($1::int8[]) AS u(k) WHERE pg_advisory_unlock(u.k))
-         + (SELECT count(*) FROM unnest($2::int4[], $3::int4[]) AS u(a, b) WHERE pg_advisory_unlock(u.a, u.b)) AS n),
+         + (SELECT count(*) FROM unnest($2::int4[], $3::int4[]) AS u(a, b) WHERE pg_advisory_unlock(u.a, u.b))
+         + (SELECT count(*) FROM unnest($9::int4[], $10::int4[]) AS u(a, b) WHERE pg_advisory_unlock_shared(u.a, u.b))
+         + (SELECT count(*) FROM unnest($11::int4[], $12::int4[]) AS u(a, b)
+            WHERE pg_advisory_lock_shared(u.a, u.b)::text IS NOT NULL) AS n),
+unwanted AS MATERIALIZED (
+    SELECT t.a, t.b FROM released, unnest($13::int4[], $14::int4[]) AS t(a, b)
+    WHERE CASE WHEN released.n >= 0 AND pg_try_advisory_lock(t.a, t.b) THEN pg_advisory_unlock(t.a, t.b) ELSE false END),
 granted AS MATERIALIZED (
     SELECT t.k, NULL::int4 AS a, NULL::int4 AS b, t.tok
     FROM released, unnest($4::int8[], $5::int4[]) AS t(k, tok)
@@ -87,9 +100,11 @@ drawn AS MATERIALIZED (
     SELECT nextval('vitals_fencing_tokens') AS token FROM wanted, generate_series(1, wanted.n)),
 durable AS MATERIALIZED (
     SELECT CASE WHEN wanted.n > 0 THEN txid_current() END AS xid FROM wanted)
-SELECT k, a, b, NULL::int8 AS token, NULL::int8 AS xid FROM granted
+SELECT k, a, b, NULL::int8 AS token, NULL::int8 AS xid, false AS unwanted FROM granted
 UNION ALL
-SELECT NULL, NULL, NULL, token, (SELECT xid FROM durable) FROM drawn";
+SELECT NULL, NULL, NULL, token, (SELECT xid FROM durable), false FROM drawn
+UNION ALL
+SELECT NULL, a, b, NULL, NULL, true FROM unwanted";
 
 /// What this session holds, as `pg_locks` shows it.
 const HELD_SQL: &str = "SELECT objsubid::int4 AS sub, classid::int8 AS hi, objid::int8 AS lo FROM pg_locks \
@@ -192,7 +207,17 @@ enum Cmd {
     Try {
         id: LockId,
         tokens: u32,
+        /// The acquirer tried before and waits: announce its interest.
+        interest: bool,
         reply: oneshot::Sender<Result<TryOutcome>>,
+    },
+    /// The acquirer that announced interest in `id` stopped waiting.
+    Uninterest { id: LockId },
+    /// Whether another replica announced interest in `id`, held here.
+    Wanted {
+        id: LockId,
+        generation: u64,
+        reply: oneshot::Sender<Result<bool>>,
     },
     Token {
         generation: u64,
@@ -221,6 +246,8 @@ impl std::fmt::Debug for Cmd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Cmd::Try { .. } => "Try",
+            Cmd::Uninterest { .. } => "Uninterest",
+            Cmd::Wanted { .. } => "Wanted",
             Cmd::Token { .. } => "Token",
             Cmd::Unlock { .. } => "Unlock",
             Cmd::Ping { .. } => "Ping",
@@ -274,9 +301,20 @@ impl Sessions {
 
     /// Tries `id` on its session once; granted, it draws `tokens` fencing
     /// tokens in the same statement.
-    pub async fn try_lock(&self, id: LockId, tokens: u32) -> Result<TryOutcome> {
+    /// With `interest`, the acquirer waits for `id` (it tried before): the
+    /// session announces that to other replicas until [`Sessions::uninterest`]
+    /// or a grant.
+    pub async fn try_lock(&self, id: LockId, tokens: u32, interest: bool) -> Result<TryOutcome> {
         let (reply, rx) = oneshot::channel();
-        self.send(id.shard(self.senders.len()), Cmd::Try { id, tokens, reply });
+        self.send(
+            id.shard(self.senders.len()),
+            Cmd::Try {
+                id,
+                tokens,
+                interest,
+                reply,
+            },
+        );
         let mut pending = PendingTry {
             rx: Some(rx),
             id,
@@ -303,6 +341,19 @@ impl Sessions {
                 reply,
             },
         );
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// The acquirer that tried `id` with interest stopped waiting.
+    pub fn uninterest(&self, id: LockId) {
+        self.send(id.shard(self.senders.len()), Cmd::Uninterest { id });
+    }
+
+    /// Whether another replica waits for `id`, held on `hold`'s session.
+    pub async fn wanted(&self, hold: &SessionHold, id: LockId) -> Result<bool> {
+        let (reply, rx) = oneshot::channel();
+        let generation = hold.generation.number;
+        self.send(hold.index, Cmd::Wanted { id, generation, reply });
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
@@ -361,6 +412,11 @@ struct Live {
     held: HashMap<LockId, u32>,
     /// Granted to acquirers that had gone by the time the grant arrived.
     orphans: Vec<LockId>,
+    /// Locks whose interest this session announces (held shared in
+    /// PostgreSQL), for an acquirer of this replica that waits for them.
+    interest: HashSet<LockId>,
+    /// Interest to withdraw with the next statement (its acquirer was granted).
+    withdrawn: Vec<LockId>,
 }
 
 struct Session {
@@ -385,7 +441,17 @@ struct Batch {
     tries: Vec<(LockId, u32, oneshot::Sender<Result<TryOutcome>>)>,
     tokens: Vec<(u32, oneshot::Sender<Result<Vec<u64>>>)>,
     pings: Vec<oneshot::Sender<bool>>,
+    /// Interest to withdraw and to announce. The statement runs the two in
+    /// no particular order, so one batch never has both for a lock unless
+    /// the withdrawal came first (then either order leaves it held).
+    interest_off: Vec<LockId>,
+    interest_on: Vec<LockId>,
+    /// Whether other replicas wait, by interest lock.
+    wanted: Vec<((i32, i32), WantedReply)>,
 }
+
+/// The answer to [`Cmd::Wanted`].
+type WantedReply = oneshot::Sender<Result<bool>>;
 
 /// Why a statement failed.
 enum Failure {
@@ -399,7 +465,12 @@ impl Session {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
             let holding = self.live.as_ref().is_some_and(|l| !l.held.is_empty());
+            // Interest of an acquirer granted here is withdrawn at once, not
+            // with whatever statement comes next (maybe none for a while).
+            let withdrawing = self.live.as_ref().is_some_and(|l| !l.withdrawn.is_empty());
             let first = tokio::select! {
+                biased;
+                () = std::future::ready(()), if withdrawing => None,
                 cmd = self.rx.recv() => match cmd {
                     Some(cmd) => Some(cmd),
                     None => break,
@@ -448,6 +519,8 @@ impl Session {
             generation,
             held: HashMap::new(),
             orphans: Vec::new(),
+            interest: HashSet::new(),
+            withdrawn: Vec::new(),
         });
         Ok(())
     }
@@ -526,6 +599,7 @@ fn sort(cmds: Vec<Cmd>, live: &mut Live) -> Batch {
     let current = live.generation.number;
     let mut batch = Batch::default();
     let orphans = std::mem::take(&mut live.orphans);
+    batch.interest_off.append(&mut live.withdrawn);
     let unlocks = orphans
         .into_iter()
         .map(|id| Cmd::Unlock {
@@ -555,7 +629,34 @@ fn sort(cmds: Vec<Cmd>, live: &mut Live) -> Batch {
                 }
                 batch.acks.extend(ack);
             }
-            Cmd::Try { id, tokens, reply } => batch.tries.push((id, tokens, reply)),
+            Cmd::Try {
+                id,
+                tokens,
+                interest,
+                reply,
+            } => {
+                if interest && live.interest.insert(id) {
+                    batch.interest_on.push(id);
+                }
+                batch.tries.push((id, tokens, reply));
+            }
+            Cmd::Uninterest { id } => {
+                if live.interest.remove(&id) {
+                    match batch.interest_on.iter().position(|on| *on == id) {
+                        Some(at) => {
+                            batch.interest_on.swap_remove(at);
+                        }
+                        None => batch.interest_off.push(id),
+                    }
+                }
+            }
+            Cmd::Wanted { id, generation, reply } => {
+                if generation == current {
+                    batch.wanted.push((id.interest(), reply));
+                } else {
+                    let _ = reply.send(Err(gone()));
+                }
+            }
             Cmd::Token {
                 generation,
                 count,
@@ -583,6 +684,8 @@ fn sort(cmds: Vec<Cmd>, live: &mut Live) -> Batch {
 struct Granted {
     id: Option<LockId>,
     token: Option<i64>,
+    /// An interest lock nobody else holds (`id` is its pair then).
+    unwanted: bool,
 }
 
 async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::result::Result<Vec<Granted>, Failure> {
@@ -602,6 +705,9 @@ async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::resul
         }
     }
     let extra: i64 = batch.tokens.iter().map(|(count, _)| i64::from(*count)).sum();
+    let (wanted_a, wanted_b): (Vec<i32>, Vec<i32>) = batch.wanted.iter().map(|(pair, _)| *pair).unzip();
+    let (off_a, off_b): (Vec<i32>, Vec<i32>) = batch.interest_off.iter().map(|id| id.interest()).unzip();
+    let (on_a, on_b): (Vec<i32>, Vec<i32>) = batch.interest_on.iter().map(|id| id.interest()).unzip();
     // Bounded by the validity of what the session holds; a session holding
     // nothing has a whole window.
     let sent = Instant::now();
@@ -618,7 +724,13 @@ async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::resul
         .bind(&try_token)
         .bind(&try_a)
         .bind(&try_b)
-        .bind(extra);
+        .bind(extra)
+        .bind(&off_a)
+        .bind(&off_b)
+        .bind(&on_a)
+        .bind(&on_b)
+        .bind(&wanted_a)
+        .bind(&wanted_b);
     let rows = match tokio::time::timeout_at(deadline.into(), query.fetch_all(&mut live.conn)).await {
         Err(_) => return Err(Failure::Lost(gone())),
         Ok(Err(err)) if sqlstate(&err).as_deref() == Some(OUT_OF_SHARED_MEMORY) => return Err(Failure::Capacity),
@@ -644,6 +756,7 @@ async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::resul
             Ok(Granted {
                 id,
                 token: row.try_get("token")?,
+                unwanted: row.try_get::<Option<bool>, _>("unwanted")?.unwrap_or(false),
             })
         })();
         match decoded {
@@ -660,9 +773,13 @@ async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::resul
 /// Answers a batch that ran.
 fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
     let mut granted: HashMap<LockId, ()> = HashMap::new();
+    let mut unwanted: HashSet<(i32, i32)> = HashSet::new();
     let mut drawn = Vec::new();
     for row in rows {
         match (row.id, row.token) {
+            (Some(LockId::Internal { space, object }), _) if row.unwanted => {
+                unwanted.insert((space, object));
+            }
             (Some(id), _) => {
                 granted.insert(id, ());
             }
@@ -684,6 +801,9 @@ fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
     for (id, tokens, reply) in batch.tries {
         let outcome = if granted.contains_key(&id) {
             *live.held.entry(id).or_insert(0) += 1;
+            if live.interest.remove(&id) {
+                live.withdrawn.push(id);
+            }
             match draw(tokens) {
                 Some(drawn) => Ok(TryOutcome::Granted(hold.clone(), drawn)),
                 None => {
@@ -710,6 +830,9 @@ fn finish(live: &mut Live, batch: Batch, rows: Vec<Granted>) {
     }
     for reply in batch.pings {
         let _ = reply.send(true);
+    }
+    for (pair, reply) in batch.wanted {
+        let _ = reply.send(Ok(!unwanted.contains(&pair)));
     }
     for ack in batch.acks {
         let _ = ack.send(());
@@ -750,7 +873,11 @@ async fn reconcile(live: &mut Live, tried: &[LockId], timing: Timing) -> Result<
             LockId::Client((hi << 32 | lo).cast_signed())
         });
     }
-    stray.retain(|id| !live.held.contains_key(id));
+    // Interest locks are shared locks this session keeps on purpose.
+    stray.retain(|id| {
+        !live.held.contains_key(id)
+            && !matches!(id, LockId::Internal { space, .. } if *space == super::id::INTEREST_SPACE)
+    });
     stray.sort_unstable_by_key(|id| match *id {
         LockId::Client(k) => (0, k),
         LockId::Internal { space, object } => (1, i64::from(space) << 32 | i64::from(object)),
@@ -805,6 +932,10 @@ fn answer_capacity(live: &Live, batch: Batch) {
     for reply in batch.pings {
         let _ = reply.send(alive);
     }
+    // Unknown: let the lock go, as before interest was asked about.
+    for (_, reply) in batch.wanted {
+        let _ = reply.send(Ok(true));
+    }
     for ack in batch.acks {
         let _ = ack.send(());
     }
@@ -821,6 +952,9 @@ impl Batch {
         }
         for reply in self.pings {
             let _ = reply.send(false);
+        }
+        for (_, reply) in self.wanted {
+            let _ = reply.send(Err(gone()));
         }
         // The session is closed, which released everything.
         for ack in self.acks {
@@ -846,6 +980,11 @@ fn answer_stale(cmds: Vec<Cmd>) -> Vec<Cmd> {
             Cmd::Ping { reply, .. } => {
                 let _ = reply.send(false);
             }
+            Cmd::Wanted { reply, .. } => {
+                let _ = reply.send(Err(gone()));
+            }
+            // The interest went with the connection.
+            Cmd::Uninterest { .. } => {}
             cmd @ Cmd::Try { .. } => rest.push(cmd),
         }
     }
@@ -870,6 +1009,10 @@ fn fail(cmds: Vec<Cmd>) {
             Cmd::Ping { reply, .. } => {
                 let _ = reply.send(false);
             }
+            Cmd::Wanted { reply, .. } => {
+                let _ = reply.send(Err(gone()));
+            }
+            Cmd::Uninterest { .. } => {}
         }
     }
 }

@@ -9,10 +9,14 @@
 //! and a turn sent to a waiter that has just gone comes back and is passed on.
 //!
 //! A lock held in PostgreSQL is handed from one local holder to the next
-//! without a round trip, for at most [`MAX_STREAK`] of back-to-back
-//! hand-offs; then it is released in PostgreSQL and the next local waiter
-//! pauses [`FAIR_PAUSE`] before it tries again, so waiters on other replicas
-//! (who try every [`super::session::POLL`]) get their turn.
+//! without a round trip. After [`MAX_STREAK`] of back-to-back hand-offs the
+//! next local holder asks PostgreSQL whether another replica waits for the
+//! lock (waiters announce themselves, see [`super::id::INTEREST_SPACE`]):
+//! if one does, it releases the lock there and pauses [`FAIR_PAUSE`] before
+//! it tries again, so those waiters (who try every [`super::session::POLL`])
+//! get their turn; if none does, the streak goes on. Programs that wait in
+//! PostgreSQL itself announce nothing, so every [`KEEP_STREAKS`] + 1 streaks
+//! the lock is released and paused for anyway.
 
 use std::{
     collections::{HashMap, VecDeque, hash_map},
@@ -32,6 +36,9 @@ use super::{LockId, session::SessionHold};
 pub const MAX_STREAK: Duration = Duration::from_millis(200);
 /// How long the next local waiter lets other replicas try after such a release.
 pub const FAIR_PAUSE: Duration = Duration::from_millis(10);
+/// Streaks in a row that may end with the lock kept in PostgreSQL because no
+/// other replica waited; the next one releases it whatever the answer.
+pub const KEEP_STREAKS: u32 = 4;
 
 /// Where a locally owned lock is held beyond this process.
 #[derive(Debug)]
@@ -93,6 +100,8 @@ struct Slot {
     queue: VecDeque<(u64, oneshot::Sender<Turn>)>,
     /// When the current run of local hand-offs of a lock held in PostgreSQL began.
     streak_since: Option<Instant>,
+    /// Streaks in a row that ended with the lock kept in PostgreSQL.
+    kept: u32,
 }
 
 /// The local ownership of a lock, passed on when dropped.
@@ -111,8 +120,12 @@ pub struct Owned {
 pub struct Turn {
     /// The lock, and where it is already held.
     pub owned: Owned,
-    /// Let other replicas try first for [`FAIR_PAUSE`].
+    /// Released in PostgreSQL at the end of a streak: let other replicas try
+    /// first for [`FAIR_PAUSE`].
     pub pause: bool,
+    /// Still held in PostgreSQL at the end of a streak: ask whether another
+    /// replica waits for it, and if one does, release it and pause.
+    pub check: bool,
 }
 
 /// What [`Table::enter`] gives: the lock at once, or a place in its queue.
@@ -256,37 +269,42 @@ impl Inner {
             // locked: a later acquirer of the same lock, who can only enter
             // the table after this, sends its try after this release, so a
             // session never sees a try for a lock ahead of its release.
-            let (next, pause) = {
+            let (next, pause, check) = {
                 let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
                 let popped = slots.get_mut(&id).map(|slot| (slot.queue.pop_front(), slot));
                 let decided = match popped {
                     // Not in the table: nothing to hand on; release what is held.
-                    None => (None, remote.take(), false),
+                    None => (None, remote.take(), false, false),
                     Some((Some((_, tx)), slot)) => {
                         if matches!(remote, Some(Remote::Session(..))) {
                             let since = *slot.streak_since.get_or_insert_with(Instant::now);
-                            if since.elapsed() >= MAX_STREAK {
+                            if since.elapsed() < MAX_STREAK {
+                                (Some(tx), None, false, false)
+                            } else if slot.kept < KEEP_STREAKS {
                                 slot.streak_since = None;
-                                (Some(tx), remote.take(), true)
+                                slot.kept += 1;
+                                (Some(tx), None, false, true)
                             } else {
-                                (Some(tx), None, false)
+                                slot.streak_since = None;
+                                slot.kept = 0;
+                                (Some(tx), remote.take(), true, false)
                             }
                         } else {
                             slot.streak_since = None;
-                            (Some(tx), None, false)
+                            (Some(tx), None, false, false)
                         }
                     }
                     Some((None, _)) => {
                         slots.remove(&id);
-                        (None, remote.take(), false)
+                        (None, remote.take(), false, false)
                     }
                 };
-                let (next, release, pause) = decided;
+                let (next, release, pause, check) = decided;
                 match release {
                     Some(Remote::Session(hold, _)) => self.release.release(id, hold, ack.take()),
                     Some(Remote::Local) | None => {}
                 }
-                (next, pause)
+                (next, pause, check)
             };
             let Some(tx) = next else {
                 if let Some(ack) = ack.take() {
@@ -302,6 +320,7 @@ impl Inner {
                     armed: true,
                 },
                 pause,
+                check,
             };
             match tx.send(turn) {
                 Ok(()) => {

@@ -1,12 +1,18 @@
 //! Faults under the redesigned lock service: a lock session killed, a
 //! PostgreSQL crash, a frozen database link, PostgreSQL's lock table full,
-//! keys crafted to collide with vitals' own locks, and programs that lock
-//! the same keys with plain SQL.
+//! keys crafted to collide with vitals' own locks, programs that lock
+//! the same keys with plain SQL, and a key one replica keeps busy.
 //!
 //! Waiting is on something observable (a reply, `pg_locks`, the lock
 //! table), never on a sleep; the only sleeps are a client's keep-alive pace.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use sqlx::{Connection, Executor, PgConnection};
 use tonic::{Code, Status, transport::Channel};
@@ -656,4 +662,151 @@ async fn acquirers_that_give_up_at_any_moment_never_leave_a_lock_held() {
         }
     }
     tokio::join!(a.stop(), b.stop());
+}
+
+// ---------------------------------------------------------------------------
+// 8. A key kept busy by one replica's queue.
+// ---------------------------------------------------------------------------
+
+/// `clients` clients of `app` taking `key` one after the other until `stop`
+/// turns true (or `until` passes), counting grants in `granted`; each
+/// returns the fencing tokens it got.
+async fn keep_busy(
+    app: &TestApp,
+    key: &'static str,
+    clients: usize,
+    stop: &Arc<AtomicBool>,
+    granted: &Arc<AtomicUsize>,
+    until: Instant,
+) -> Vec<tokio::task::JoinHandle<Vec<u64>>> {
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mut client = app.lock_client().await;
+        let (stop, granted) = (stop.clone(), granted.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tokens = Vec::new();
+            while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+                let held = lock(&mut client, key, Some(Duration::from_secs(20)))
+                    .await
+                    .expect("the busy key is granted");
+                granted.fetch_add(1, Ordering::SeqCst);
+                tokens.push(held.token());
+                held.release().await;
+            }
+            tokens
+        }));
+    }
+    tasks
+}
+
+/// A key handed from one local holder to the next is held in PostgreSQL
+/// across the end of its streaks while no other replica waits for it: the
+/// streak's end asks, and keeps it. Releasing it there throws away the rest
+/// of its token block, so the tokens of one replica's grants leave no gap
+/// (the sequence is this test database's own). Before, every streak
+/// (200 ms) ended with a release, a pause and a new block: 4 gaps in 900 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_key_nobody_else_waits_for_stays_held_in_postgresql_at_the_end_of_its_streaks() {
+    const KEY: &str = "busy-alone";
+    let db = TestDb::postgres().await;
+    let app = TestApp::start(&db, &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Less than the streaks a busy key may keep its lock through (4 x 200 ms).
+    let until = Instant::now() + Duration::from_millis(900);
+    let tasks = keep_busy(&app, KEY, 8, &stop, &Arc::default(), until).await;
+    let mut tokens = Vec::new();
+    for task in tasks {
+        tokens.extend(task.await.expect("a client finished"));
+    }
+    tokens.sort_unstable();
+    let gaps = tokens.windows(2).filter(|w| w[1] != w[0] + 1).count();
+    eprintln!("{} grants, {gaps} gaps in the tokens", tokens.len());
+    assert!(tokens.len() > 16, "only {} grants", tokens.len());
+    // One gap is allowed: all 8 clients between a release and their next
+    // acquire at once empties the queue, which releases the key for real.
+    assert!(
+        gaps <= 1,
+        "{gaps} gaps in {} tokens: the key was released at streak ends",
+        tokens.len()
+    );
+    app.stop().await;
+}
+
+/// While one replica's queue keeps a key busy, a client of another replica
+/// that waits for it announces its interest, and the busy replica lets the
+/// key go at the end of its current streak (200 ms), well before the release
+/// it makes anyway every 5 streaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_another_replica_is_granted_a_key_kept_busy_on_the_first_at_the_end_of_a_streak() {
+    const KEY: &str = "busy-shared";
+    let db = TestDb::postgres().await;
+    let a = TestApp::start(&db, &[]).await;
+    let b = TestApp::start(&db, &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let granted = Arc::new(AtomicUsize::new(0));
+    let tasks = keep_busy(&a, KEY, 8, &stop, &granted, Instant::now() + Duration::from_secs(60)).await;
+    let mut client = b.lock_client().await;
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        // The busy replica holds the key in PostgreSQL and hands it on
+        // locally again (`b`'s release and an immediate try would otherwise
+        // take it straight back).
+        let since = granted.load(Ordering::SeqCst);
+        until(PATIENCE, "the busy replica hands the key on", || {
+            granted.load(Ordering::SeqCst) >= since + 20 && a.local_lock_stats().waiting >= 2
+        })
+        .await;
+        let asked = Instant::now();
+        let held = lock(&mut client, KEY, Some(Duration::from_secs(20)))
+            .await
+            .expect("the other replica's waiter is granted");
+        waits.push(asked.elapsed());
+        held.release().await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.expect("a client finished");
+    }
+    eprintln!("the other replica waited {waits:?}");
+    for wait in &waits {
+        assert!(*wait < Duration::from_millis(800), "waited {wait:?} for a busy key");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A program waiting in PostgreSQL itself announces nothing; the replica
+/// that keeps a key busy still releases it every 5 streaks (about a second),
+/// and the program gets it then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_waiting_in_postgresql_is_granted_a_key_kept_busy_by_vitals_within_about_a_second() {
+    const KEY: &str = "busy-with-sql";
+    let db = TestDb::postgres().await;
+    let app = TestApp::start(&db, &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let granted = Arc::new(AtomicUsize::new(0));
+    let tasks = keep_busy(&app, KEY, 8, &stop, &granted, Instant::now() + Duration::from_secs(60)).await;
+    // Granted in PostgreSQL and handed on locally, not still connecting.
+    until(PATIENCE, "the busy replica hands the key on", || {
+        granted.load(Ordering::SeqCst) >= 20 && app.local_lock_stats().waiting >= 2
+    })
+    .await;
+    let mut sql = db.connect().await;
+    sql.execute("SET statement_timeout = '10s'").await.unwrap();
+    sql.execute("BEGIN").await.unwrap();
+    let asked = Instant::now();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('lock:' || $1, 0))")
+        .bind(KEY)
+        .execute(&mut sql)
+        .await
+        .expect("the program is granted the key");
+    let waited = asked.elapsed();
+    sql.execute("COMMIT").await.unwrap();
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.expect("a client finished");
+    }
+    eprintln!("the program waited {waited:?}");
+    assert!(waited < Duration::from_millis(2500), "the program waited {waited:?}");
+    app.stop().await;
 }
