@@ -8,7 +8,7 @@
 #
 # Steps, always in this order, stopping at the first failure:
 #   fmt      cargo fmt --all -- --check
-#   clippy   cargo clippy --all-targets --locked -- -D warnings
+#   clippy   cargo clippy -D warnings (vitals and the vitals-bench load generator), cargo doc -D warnings
 #   buf      buf lint, then buf breaking against the protos as they were
 #            before their newest change (see step_buf_breaking)
 #   test     cargo test --locked                               (needs the database)
@@ -101,7 +101,13 @@ target_dir() {
 
 step_fmt() { run cargo fmt --all -- --check; }
 
-step_clippy() { run cargo clippy --all-targets --locked -- -D warnings; }
+step_clippy() {
+    run cargo clippy --all-targets --locked -- -D warnings
+    # The load generator is a workspace member that a plain build skips.
+    run cargo clippy --all-targets --locked -p vitals-bench -- -D warnings
+    # Broken intra-doc links are how module docs drift from the code.
+    RUSTDOCFLAGS="-D warnings" run cargo doc --no-deps --locked
+}
 
 # ---------------------------------------------------------------------- buf
 

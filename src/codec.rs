@@ -34,7 +34,7 @@ const LOCK_STREAM_BUFFER: usize = 256;
 /// tonic's default: how much a stream encodes before it yields.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// [`ProstCodec`] with [`LOCK_STREAM_BUFFER`]-byte buffers for WithLock and WatchTransitions.
+/// [`ProstCodec`] with `LOCK_STREAM_BUFFER`-byte buffers for WithLock and WatchTransitions.
 #[derive(Debug, Clone, Copy)]
 pub struct SmallBufferCodec<T, U>(PhantomData<(T, U)>);
 

@@ -1,6 +1,6 @@
 //! The PostgreSQL store: every statement vitals runs on the work pool.
 //!
-//! The writes (SubmitRun, ConfigureCheck) follow [`super::pipeline`]; this
+//! The writes (SubmitRun, ConfigureCheck) follow the `pipeline` module; this
 //! module gives it two statements, [`sql::LOAD_SYSTEM`] and
 //! [`sql::WRITE_SYSTEM`], each committing on its own: no BEGIN, no COMMIT, two
 //! round trips on the reply's path. The write applies only if the system's
@@ -117,7 +117,7 @@ impl PgStore {
     }
 
     /// Records a run and re-evaluates its check and system (see
-    /// [`super::pipeline`]). The caller holds the system's lock.
+    /// the `pipeline` module). The caller holds the system's lock.
     pub async fn submit_run(&self, new: &NewRun, rules: &WriteRules) -> Result<SubmitOutcome> {
         pipeline::submit_run(self, new, rules).await
     }

@@ -37,7 +37,7 @@ pub const MIN_BATCH: u32 = 10;
 /// Checks (or systems) read per page when looking for something to delete.
 /// A page costs one short read: an index lookup of each check's oldest run
 /// and, only for a check with runs past the retention, a count of its runs
-/// up to [`RUNS_KEPT`] + 1 in its index.
+/// up to `RUNS_KEPT` + 1 in its index.
 pub const PAGE: u32 = 500;
 
 /// The runs a check keeps whatever their age: the ones evaluation reads.
@@ -58,7 +58,7 @@ pub(crate) struct CheckCandidate {
     pub(crate) system_id: String,
     pub(crate) check_id: String,
     /// True when its oldest run is past the retention and it has more than
-    /// [`RUNS_KEPT`] runs (so that oldest one is not among the newest): a
+    /// `RUNS_KEPT` runs (so that oldest one is not among the newest): a
     /// delete will find something.
     pub(crate) prunable: bool,
 }

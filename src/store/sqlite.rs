@@ -1,7 +1,7 @@
 //! The embedded store: the same records and rules as [`super::postgres`], on
 //! the SQLite file of [`EmbeddedDb`].
 //!
-//! The writes (SubmitRun, ConfigureCheck) follow [`super::pipeline`], whose
+//! The writes (SubmitRun, ConfigureCheck) follow the `pipeline` module, whose
 //! statements run here in one `BEGIN IMMEDIATE` transaction on the single
 //! writer connection, so the previous status they read is the last committed
 //! one and nothing can commit between that read and their own commit: each
@@ -143,7 +143,7 @@ impl SqliteStore {
     }
 
     /// Records a run and re-evaluates its check and system (see
-    /// [`super::pipeline`]). The caller holds the system's lock.
+    /// the `pipeline` module). The caller holds the system's lock.
     pub async fn submit_run(&self, new: &NewRun, rules: &WriteRules) -> Result<SubmitOutcome> {
         pipeline::submit_run(self, new, rules).await
     }
