@@ -26,6 +26,10 @@ use crate::{
     proto::{self, health_check_service_server::HealthCheckServiceServer, lock_service_server::LockServiceServer},
     service::HealthService,
     store::{RetentionPass, Store, TransitionFeed, TransitionNotifier, WatchLimits, WriteRules},
+    telemetry::{
+        endpoint,
+        metrics::{Metrics, Pool, UPKEEP_INTERVAL},
+    },
 };
 
 /// Errors that stop the server from starting or running.
@@ -37,6 +41,14 @@ pub enum StartError {
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The metrics address (`VITALS_METRICS_ADDR`) could not be bound.
+    #[error("cannot serve metrics on {addr} (VITALS_METRICS_ADDR; empty turns metrics off): {source}")]
+    BindMetrics {
         /// The address.
         addr: SocketAddr,
         /// Why.
@@ -81,12 +93,16 @@ pub struct Application {
     locks: Locks,
     store: Store,
     feed: TransitionFeed,
+    metrics: Metrics,
+    /// `/metrics`, bound; `None` when `VITALS_METRICS_ADDR` is empty.
+    metrics_listener: Option<(TcpListener, SocketAddr)>,
 }
 
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Application")
             .field("addr", &self.addr)
+            .field("metrics_addr", &self.metrics_addr())
             .finish_non_exhaustive()
     }
 }
@@ -136,7 +152,21 @@ impl Application {
             addr: config.listen_addr,
             source,
         })?;
+        let metrics_listener = match config.metrics_addr.0 {
+            Some(addr) => Some(
+                endpoint::bind(addr)
+                    .await
+                    .map_err(|source| StartError::BindMetrics { addr, source })?,
+            ),
+            None => None,
+        };
+        let metrics = if metrics_listener.is_some() {
+            Metrics::new()
+        } else {
+            Metrics::disabled()
+        };
         let database = Database::open(&config).await?;
+        database.report_to(metrics.pool(Pool::Work));
         if matches!(database, Database::Postgres(_)) && config.request_timeout_ms >= config.lock_idle_tx_timeout_ms {
             tracing::warn!(
                 "VITALS_REQUEST_TIMEOUT_MS is not below DATABASE_LOCK_IDLE_TX_TIMEOUT_MS: a slow request can outlive its \
@@ -145,6 +175,7 @@ impl Application {
         }
         warn_on_system_wait(&config);
         let locks = Locks::for_database(&database, &config);
+        locks.report_to(metrics.locks());
         let notifier = TransitionNotifier::default();
         let store = Store::open(&database, notifier.clone());
         let feed = TransitionFeed::new(store.clone(), &notifier, WatchLimits::from_config(&config));
@@ -156,7 +187,19 @@ impl Application {
             locks,
             store,
             feed,
+            metrics,
+            metrics_listener,
         })
+    }
+
+    /// Where `/metrics` is served, if it is (port 0 bound to a free port).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The bound address.
@@ -193,6 +236,8 @@ impl Application {
             locks,
             store,
             feed,
+            metrics,
+            metrics_listener,
         } = self;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         set_health(&health_reporter, ServingStatus::NotServing).await;
@@ -210,6 +255,24 @@ impl Application {
             stopping_rx.clone(),
         ));
         let mut following = feed.start(&database, stopping_rx.clone());
+        // Metrics answer until the end, the drain included: a scrape then
+        // shows what is left.
+        let mut metrics_tasks = match metrics_listener {
+            Some((listener, metrics_addr)) => {
+                tracing::info!(%metrics_addr, "metrics listening");
+                let render = scrape(metrics.clone(), database.clone(), feed.clone(), gate.clone());
+                let serving = tokio::spawn(endpoint::serve(listener, render, stopping_rx.clone()));
+                let counting = tokio::spawn(count_systems(
+                    store.clone(),
+                    metrics.clone(),
+                    gate.clone(),
+                    config.metrics_systems_interval(),
+                    stopping_rx.clone(),
+                ));
+                vec![serving, counting]
+            }
+            None => Vec::new(),
+        };
         // Retention stops as soon as shutdown begins, not after the drain: it
         // must not hold the embedded writer while requests finish.
         let (retention_stop_tx, retention_stop_rx) = watch::channel(false);
@@ -224,7 +287,8 @@ impl Application {
         // service.
         let max_bytes = config.max_request_size();
         let health_service = health_service.max_decoding_message_size(max_bytes);
-        let health_checks = HealthService::new(store, locks.clone(), feed.clone(), WriteRules::from_config(&config));
+        let health_checks = HealthService::new(store, locks.clone(), feed.clone(), WriteRules::from_config(&config))
+            .with_metrics(metrics.runs());
         let health_api =
             HealthCheckServiceServer::new(HealthApi::new(health_checks)).max_decoding_message_size(max_bytes);
         let lock_api = LockServiceServer::new(LockApi::new(locks.clone())).max_decoding_message_size(max_bytes);
@@ -274,7 +338,7 @@ impl Application {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(EdgeLayer::new(&config, gate))
+            .layer(EdgeLayer::new(&config, gate, metrics.grpc()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -324,7 +388,12 @@ impl Application {
         // not answer must not keep the process beyond the close limit.
         let ending = tokio::time::Instant::now();
         let tasks_ended = tokio::time::timeout(close_limit, async {
-            let _ = tokio::join!(&mut readiness, &mut retention, &mut following);
+            let _ = tokio::join!(
+                &mut readiness,
+                &mut retention,
+                &mut following,
+                futures::future::join_all(metrics_tasks.iter_mut())
+            );
         })
         .await;
         if tasks_ended.is_err() {
@@ -332,6 +401,9 @@ impl Application {
             readiness.abort();
             retention.abort();
             following.abort();
+            for task in &metrics_tasks {
+                task.abort();
+            }
         }
         close_limit = close_limit.saturating_sub(ending.elapsed());
         if tokio::time::timeout(close_limit, database.close()).await.is_err() {
@@ -341,6 +413,48 @@ impl Application {
         match result {
             Ok(inner) => inner.map_err(StartError::from),
             Err(join) => Err(StartError::ServerTask(join)),
+        }
+    }
+}
+
+/// What a scrape renders: the registry, after the gauges that mirror state
+/// held elsewhere (connections, watchers, readiness) are read. Reading them
+/// costs no query.
+fn scrape(metrics: Metrics, database: Database, feed: TransitionFeed, gate: Arc<Readiness>) -> endpoint::Render {
+    Arc::new(move || {
+        metrics.set_pool_use(Pool::Work, database.work_usage());
+        metrics.set_watchers(feed.stats().watchers);
+        metrics.set_ready(gate.is_ready());
+        metrics.render()
+    })
+}
+
+/// Counts the systems per status every `every` while the database is
+/// ready, for `vitals_systems`: one query per interval, however often
+/// `/metrics` is scraped. Also folds the histograms' observations into
+/// their buckets at least every [`UPKEEP_INTERVAL`], so a server nobody
+/// scrapes does not keep them.
+async fn count_systems(
+    store: Store,
+    metrics: Metrics,
+    gate: Arc<Readiness>,
+    every: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut next_count = tokio::time::Instant::now();
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= next_count && gate.is_ready() {
+            match store.count_systems().await {
+                Ok(counts) => metrics.set_systems(&counts),
+                Err(err) => tracing::debug!(error = %err, "counting systems for vitals_systems failed; will retry"),
+            }
+            next_count = now + every;
+        }
+        metrics.upkeep();
+        tokio::select! {
+            () = tokio::time::sleep(UPKEEP_INTERVAL.min(every)) => {}
+            _ = stopping.wait_for(|stop| *stop) => return,
         }
     }
 }

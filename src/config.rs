@@ -158,6 +158,44 @@ pub struct Config {
     /// Log format: text or json.
     #[arg(long = "log-format", env = "VITALS_LOG_FORMAT", value_name = "VITALS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Address serving GET /metrics (Prometheus text format); empty: no metrics.
+    #[arg(
+        long = "metrics-addr",
+        env = "VITALS_METRICS_ADDR",
+        value_name = "VITALS_METRICS_ADDR",
+        default_value = "127.0.0.1:9464",
+        value_parser = parse_metrics_addr
+    )]
+    pub metrics_addr: MetricsAddr,
+
+    /// How often the systems are counted per status for vitals_systems.
+    #[arg(long = "metrics-systems-interval-ms", env = "VITALS_METRICS_SYSTEMS_INTERVAL_MS", value_name = "VITALS_METRICS_SYSTEMS_INTERVAL_MS", default_value_t = 15_000, value_parser = millis_in(100, 3_600_000))]
+    pub metrics_systems_interval_ms: u64,
+
+    /// OTLP/gRPC collector that spans are exported to (http://host:4317); unset or empty: no traces.
+    #[arg(
+        long = "otel-exporter-otlp-endpoint",
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Where `/metrics` is served: an address, or nowhere (`VITALS_METRICS_ADDR`
+/// empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+/// Parses `VITALS_METRICS_ADDR`: an IP address and port, or empty (off).
+fn parse_metrics_addr(raw: &str) -> Result<MetricsAddr, InvalidSetting> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(MetricsAddr(None));
+    }
+    raw.parse()
+        .map(|addr| MetricsAddr(Some(addr)))
+        .map_err(|_| InvalidSetting::Address)
 }
 
 /// Why a setting's value is refused. clap puts the variable's name and the
@@ -183,6 +221,9 @@ pub enum InvalidSetting {
     /// Not a retention vitals understands.
     #[error("must be a whole number followed by s, m, h or d (for example 7d), at least 1m")]
     Retention,
+    /// Not an address to listen on.
+    #[error("must be an IP address and port (for example 127.0.0.1:9464), or empty")]
+    Address,
 }
 
 /// Parser for a count in `min..=max`; the message names the accepted range.
@@ -294,6 +335,16 @@ impl Config {
     pub fn max_lock_wait(&self) -> Duration {
         Duration::from_millis(self.max_lock_wait_ms)
     }
+
+    /// The OTLP collector spans go to, if any (an empty value is none).
+    pub fn otlp_endpoint(&self) -> Option<&str> {
+        self.otlp_endpoint.as_deref().map(str::trim).filter(|e| !e.is_empty())
+    }
+
+    /// How often the systems are counted for `vitals_systems`.
+    pub fn metrics_systems_interval(&self) -> Duration {
+        Duration::from_millis(self.metrics_systems_interval_ms)
+    }
 }
 
 #[cfg(test)]
@@ -328,6 +379,32 @@ mod tests {
         }
         let c = Config::from_flags(["--max-checks-per-system", "10000"]).unwrap();
         assert_eq!(c.max_checks_per_system, MAX_CHECKS_PER_SYSTEM);
+    }
+
+    #[test]
+    fn metrics_defaults_match_the_documented_table() {
+        let c = Config::from_flags(["--database-url", "postgres://x/y"]).unwrap();
+        assert_eq!(c.metrics_addr, MetricsAddr(Some(SocketAddr::from(([127, 0, 0, 1], 9464)))));
+        assert_eq!(c.metrics_systems_interval_ms, 15_000);
+    }
+
+    #[test]
+    fn an_empty_metrics_address_turns_the_endpoint_off_and_a_host_name_is_refused() {
+        let c = Config::from_flags(["--metrics-addr="]).unwrap();
+        assert_eq!(c.metrics_addr, MetricsAddr(None));
+        let c = Config::from_flags(["--metrics-addr", "[::1]:0"]).unwrap();
+        assert_eq!(c.metrics_addr, MetricsAddr(Some("[::1]:0".parse().unwrap())));
+        let err = Config::from_flags(["--metrics-addr", "localhost:9464"]).unwrap_err().to_string();
+        assert!(err.contains("VITALS_METRICS_ADDR"), "{err}");
+        assert!(err.contains("IP address and port"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_otlp_endpoint_exports_nothing() {
+        let c = Config::from_flags(["--otel-exporter-otlp-endpoint", " "]).unwrap();
+        assert_eq!(c.otlp_endpoint(), None);
+        let c = Config::from_flags(["--otel-exporter-otlp-endpoint", "http://127.0.0.1:4317"]).unwrap();
+        assert_eq!(c.otlp_endpoint(), Some("http://127.0.0.1:4317"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod embedded;
 use std::{
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -33,6 +33,7 @@ pub use self::embedded::EmbeddedDb;
 use crate::{
     config::{Config, DatabaseTarget},
     error::{Error, PoolKind, Result},
+    telemetry::metrics::{PoolMetrics, PoolUse},
 };
 
 /// TCP keepalive settings asked of the server for every session, so that
@@ -230,6 +231,9 @@ impl ConnectionHealth {
 pub struct WorkPool {
     pool: PgPool,
     health: Arc<ConnectionHealth>,
+    /// Where waits for a connection are counted, once the server set it
+    /// (see [`Database::report_to`]); shared by every clone.
+    metrics: Arc<OnceLock<PoolMetrics>>,
 }
 
 /// How the lock manager's sessions connect: they are long-lived connections
@@ -244,7 +248,18 @@ pub struct LockPool {
 impl WorkPool {
     /// A work connection, or `WORK_POOL_EXHAUSTED` after the acquire timeout.
     pub async fn acquire(&self) -> Result<PoolConnection<Postgres>> {
-        self.pool.acquire().await.map_err(|e| Error::acquire(PoolKind::Work, e))
+        let metrics = self.metrics.get();
+        let started = metrics.map(|_| Instant::now());
+        let acquired = self.pool.acquire().await;
+        if let (Some(metrics), Some(started)) = (metrics, started) {
+            metrics.acquired(started, matches!(acquired, Err(sqlx::Error::PoolTimedOut)));
+        }
+        acquired.map_err(|e| Error::acquire(PoolKind::Work, e))
+    }
+
+    /// Open connections, idle and in use.
+    pub fn usage(&self) -> PoolUse {
+        pool_use(self.pool.size(), self.pool.num_idle())
     }
 
     /// The underlying pool, for queries that need no explicit connection.
@@ -364,6 +379,7 @@ impl Pools {
             work: WorkPool {
                 pool: pool(config.pool_max).connect_lazy_with(work_options),
                 health: health.clone(),
+                metrics: Arc::default(),
             },
             lock: LockPool {
                 options: Arc::new(lock_options),
@@ -539,6 +555,34 @@ impl Database {
             Database::Postgres(pools) => pools.close().await,
             Database::Embedded(db) => db.close().await,
         }
+    }
+
+    /// Counts waits for a work connection into `metrics` from now on, in
+    /// every clone of this database.
+    pub fn report_to(&self, metrics: PoolMetrics) {
+        let cell = match self {
+            Database::Postgres(pools) => &pools.work.metrics,
+            Database::Embedded(db) => db.metrics(),
+        };
+        let _ = cell.set(metrics);
+    }
+
+    /// The work pool's open connections (embedded: the writer's and the
+    /// readers').
+    pub fn work_usage(&self) -> PoolUse {
+        match self {
+            Database::Postgres(pools) => pools.work.usage(),
+            Database::Embedded(db) => db.usage(),
+        }
+    }
+}
+
+/// [`PoolUse`] from a pool's size and idle count.
+pub(crate) fn pool_use(size: u32, idle: usize) -> PoolUse {
+    let idle = u64::try_from(idle).unwrap_or(u64::MAX);
+    PoolUse {
+        idle,
+        in_use: u64::from(size).saturating_sub(idle),
     }
 }
 

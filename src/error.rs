@@ -188,6 +188,33 @@ pub enum Corrupt {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Every `ErrorInfo.reason` vitals sends: what [`Error::reason`] returns,
+    /// plus the reason of the retired lock-pool exhaustion. A closed list,
+    /// so that it can label metrics.
+    pub const REASONS: &'static [&'static str] = &[
+        "INVALID_ARGUMENT",
+        "LOCK_PROTOCOL_VIOLATION",
+        "SYSTEM_NOT_FOUND",
+        "RUN_ID_CONFLICT",
+        "TOO_MANY_CHECKS",
+        "LOCK_NOT_AVAILABLE",
+        "LOCK_LOST",
+        "WATCHER_TOO_SLOW",
+        "WORK_POOL_EXHAUSTED",
+        "LOCK_POOL_EXHAUSTED",
+        "LOCK_LIMIT_REACHED",
+        "WATCHER_LIMIT_REACHED",
+        "LOCK_CAPACITY_EXHAUSTED",
+        "SYSTEM_BUSY",
+        "DATABASE_UNAVAILABLE",
+        "SHUTTING_DOWN",
+        "OVERLOADED",
+        "DEADLINE_EXCEEDED",
+        "REQUEST_TOO_LARGE",
+        "MALFORMED_REQUEST",
+        "INTERNAL",
+    ];
+
     /// One invalid field.
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
         Error::InvalidArgument(vec![FieldViolation {
@@ -526,6 +553,42 @@ mod tests {
         assert_eq!(s.get_details_error_info().unwrap().reason, "LOCK_POOL_EXHAUSTED");
         let s = Status::from(Error::acquire(PoolKind::Work, sqlx::Error::PoolTimedOut));
         assert_eq!(s.get_details_error_info().unwrap().reason, "WORK_POOL_EXHAUSTED");
+    }
+
+    #[test]
+    fn every_reason_sent_is_in_the_closed_list_of_reasons() {
+        let every = [
+            Error::InvalidArgument(Vec::new()),
+            Error::LockProtocol(FieldViolation::new("a", "b")),
+            Error::SystemNotFound { system_id: "s".into() },
+            Error::RunConflict { run_id: "r".into() },
+            Error::TooManyChecks {
+                system_id: "s".into(),
+                limit: 1,
+            },
+            Error::LockNotAvailable { key: "k".into() },
+            Error::LockLost { key: "k".into(), why: "w" },
+            Error::WatcherTooSlow { last_sequence: 1 },
+            Error::PoolExhausted(PoolKind::Work),
+            Error::PoolExhausted(PoolKind::Lock),
+            Error::LockLimitReached,
+            Error::WatcherLimitReached,
+            Error::LockCapacityExhausted,
+            Error::SystemBusy { system_id: "s".into() },
+            Error::DatabaseUnavailable(None),
+            Error::ShuttingDown,
+            Error::Overloaded,
+            Error::DeadlineExceeded {
+                after: std::time::Duration::ZERO,
+            },
+            Error::RequestTooLarge,
+            Error::MalformedRequest("m"),
+            Error::FeedStopped,
+        ];
+        let sent: std::collections::BTreeSet<_> = every.iter().map(Error::reason).collect();
+        let listed: std::collections::BTreeSet<_> = Error::REASONS.iter().copied().collect();
+        assert_eq!(sent, listed);
+        assert_eq!(listed.len(), Error::REASONS.len(), "no reason is listed twice");
     }
 
     #[test]

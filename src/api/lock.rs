@@ -29,7 +29,7 @@ use super::convert::{Violations, duration_in, duration_out, timestamp_out};
 use crate::{
     domain::{FieldViolation, LockKey, Owner},
     error::Error,
-    lock::{ACQUIRE_MESSAGE_TIMEOUT, HeldLock, Locks},
+    lock::{ACQUIRE_MESSAGE_TIMEOUT, HeldLock, LEASE_LAPSED, Locks},
     proto::{self, lock_service_server::LockService, with_lock_request::Action, with_lock_response::Event},
 };
 use chrono::Utc;
@@ -295,7 +295,7 @@ impl Stream for LockStream {
                 continue;
             }
             if this.lease_ends.as_mut().poll(cx).is_ready() {
-                let status = held.lost_error("no keep_alive or release within the lease").into();
+                let status = held.lost_error(LEASE_LAPSED).into();
                 *this.busy = Some(ending(held, End::Fail(status)));
                 continue;
             }

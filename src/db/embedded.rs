@@ -18,7 +18,7 @@ use std::{
     io::{Read, Write},
     path::{Path, PathBuf},
     str::FromStr,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
@@ -32,6 +32,7 @@ use super::OpenError;
 use crate::{
     config::{Config, DatabaseTarget},
     error::{Error, PoolKind, Result},
+    telemetry::metrics::{PoolMetrics, PoolUse},
 };
 
 /// The database file inside the data directory.
@@ -51,6 +52,9 @@ pub struct EmbeddedDb {
     path: PathBuf,
     /// Held from start to close: the single-writer guarantee.
     lock: Arc<DataDirLock>,
+    /// Where waits for a connection are counted, once the server set it;
+    /// shared by every clone.
+    metrics: Arc<OnceLock<PoolMetrics>>,
 }
 
 /// Where the embedded store lives for `target`: its SQLite file.
@@ -185,6 +189,7 @@ impl EmbeddedDb {
             probe,
             path,
             lock,
+            metrics: Arc::default(),
         };
         if let Err(source) = db.migrate().await {
             db.close().await;
@@ -207,10 +212,7 @@ impl EmbeddedDb {
 
     /// The writer connection, or `WORK_POOL_EXHAUSTED` after the acquire timeout.
     pub async fn writer(&self) -> Result<PoolConnection<Sqlite>> {
-        self.writer
-            .acquire()
-            .await
-            .map_err(|e| Error::acquire(PoolKind::Work, e))
+        self.acquire(&self.writer).await
     }
 
     /// The writer connection in a new `BEGIN IMMEDIATE` transaction (the
@@ -227,10 +229,34 @@ impl EmbeddedDb {
 
     /// A reader connection, or `WORK_POOL_EXHAUSTED` after the acquire timeout.
     pub async fn reader(&self) -> Result<PoolConnection<Sqlite>> {
-        self.readers
-            .acquire()
-            .await
-            .map_err(|e| Error::acquire(PoolKind::Work, e))
+        self.acquire(&self.readers).await
+    }
+
+    /// A connection of `pool`, the wait counted as the work pool's.
+    async fn acquire(&self, pool: &SqlitePool) -> Result<PoolConnection<Sqlite>> {
+        let metrics = self.metrics.get();
+        let started = metrics.map(|_| std::time::Instant::now());
+        let acquired = pool.acquire().await;
+        if let (Some(metrics), Some(started)) = (metrics, started) {
+            metrics.acquired(started, matches!(acquired, Err(sqlx::Error::PoolTimedOut)));
+        }
+        acquired.map_err(|e| Error::acquire(PoolKind::Work, e))
+    }
+
+    /// Where waits for a connection are counted (see
+    /// [`crate::db::Database::report_to`]).
+    pub(crate) fn metrics(&self) -> &OnceLock<PoolMetrics> {
+        &self.metrics
+    }
+
+    /// The open connections of the writer and the readers.
+    pub fn usage(&self) -> PoolUse {
+        let writer = super::pool_use(self.writer.size(), self.writer.num_idle());
+        let readers = super::pool_use(self.readers.size(), self.readers.num_idle());
+        PoolUse {
+            idle: writer.idle + readers.idle,
+            in_use: writer.in_use + readers.in_use,
+        }
     }
 
     /// True when the database answers a query within `timeout`.

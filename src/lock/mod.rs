@@ -29,7 +29,7 @@ pub mod table;
 
 use std::{
     future::Future,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -48,7 +48,12 @@ use crate::{
     db::Database,
     domain::{LockKey, SystemId},
     error::{Error, Result},
+    telemetry::metrics::{Holding, LockMetrics, LostReason},
 };
+
+/// Why a lock is lost when its holder sent neither `keep_alive` nor `release`
+/// within the lease.
+pub const LEASE_LAPSED: &str = "no keep_alive or release within the lease";
 
 /// How long a WithLock stream may take to send its `acquire`.
 pub const ACQUIRE_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,6 +109,9 @@ struct Inner {
     /// cancellation future is small and nameable, which keeps what a held
     /// lock's stream stores small.
     stop: CancellationToken,
+    /// Where grants, waits, holds and losses are counted, once the server
+    /// set it ([`Locks::report_to`]).
+    metrics: OnceLock<LockMetrics>,
 }
 
 /// Where locks are held beyond the table.
@@ -154,6 +162,8 @@ pub struct HeldLock {
     lost: Option<CancellationToken>,
     sessions: Option<Arc<Sessions>>,
     _permit: LockPermit,
+    /// Counts the lock as held until it is dropped.
+    holding: Option<Holding>,
 }
 
 impl std::fmt::Debug for HeldLock {
@@ -213,8 +223,15 @@ impl Locks {
                 system_wait: config.lock_timeout(),
                 shutdown,
                 stop: CancellationToken::new(),
+                metrics: OnceLock::new(),
             }),
         }
+    }
+
+    /// Counts grants, waits, holds and losses of client locks into
+    /// `metrics` from now on (in every clone).
+    pub fn report_to(&self, metrics: LockMetrics) {
+        let _ = self.inner.metrics.set(metrics);
     }
 
     /// The lease clients must renew within.
@@ -317,9 +334,14 @@ impl Locks {
         let wait = wait.unwrap_or(self.inner.default_wait).min(self.inner.max_wait);
         let deadline = (!wait.is_zero()).then(|| tokio::time::Instant::now() + wait);
         let id = LockId::client(key.as_str());
+        let metrics = self.inner.metrics.get();
+        let asked = Instant::now();
+        let waiting = metrics.map(LockMetrics::waiting);
         let Some(grant) = self.take(id, deadline, deadline, true).await? else {
             return Err(Error::LockNotAvailable { key: key.into_inner() });
         };
+        drop(waiting);
+        let now = Instant::now();
         let (lost, sessions) = match (&grant.owned.remote, &self.inner.backend) {
             (Some(Remote::Session(hold, _)), Backend::Postgres(sessions)) => {
                 (Some(hold.generation.lost()), Some(sessions.clone()))
@@ -331,10 +353,11 @@ impl Locks {
             owned: grant.owned,
             key,
             acquired_at: Utc::now(),
-            started: Instant::now(),
+            started: now,
             lost,
             sessions,
             _permit: permit,
+            holding: metrics.map(|m| m.granted(asked, now)),
         })
     }
 
@@ -504,6 +527,12 @@ impl Locks {
 }
 
 impl HeldLock {
+    fn count_lost(&self, why: LostReason) {
+        if let Some(holding) = &self.holding {
+            holding.lost(why);
+        }
+    }
+
     /// The client's key.
     pub fn key(&self) -> &LockKey {
         &self.key
@@ -563,6 +592,9 @@ impl HeldLock {
         let held_for = self.started.elapsed();
         let was_lost = self.session().is_some_and(|h| h.generation.is_lost());
         let key = self.key.as_str().to_owned();
+        if was_lost {
+            self.count_lost(LostReason::Session);
+        }
         let (ack, acked) = oneshot::channel();
         self.owned.pass_on(Some(ack));
         let _ = acked.await;
@@ -575,8 +607,14 @@ impl HeldLock {
         Ok(held_for)
     }
 
-    /// LOCK_LOST for this lock.
+    /// LOCK_LOST for this lock, counted as lost: to the lease when `why` is
+    /// [`LEASE_LAPSED`], else to its session.
     pub fn lost_error(&self, why: &'static str) -> Error {
+        self.count_lost(if why == LEASE_LAPSED {
+            LostReason::Lease
+        } else {
+            LostReason::Session
+        });
         Error::LockLost {
             key: self.key.as_str().to_owned(),
             why,

@@ -3,7 +3,8 @@
 //!
 //! | layer | why here |
 //! |---|---|
-//! | [request id](request_id) | outermost, so every later layer, the handler and their log lines run in the request's span, and every reply, a refusal too, echoes `x-request-id` |
+//! | [request id](request_id) | outermost, so every later layer, the handler and their log lines run in the request's span, and every reply, a refusal too, echoes `x-request-id`; a client's W3C `traceparent` makes that span a child of the client's (when traces are exported) |
+//! | [metrics] | outside every layer that refuses, so the gate's, the limit's, the deadline's and the framing's refusals are counted with the handlers' statuses: `grpc_server_*` per method and code, `vitals_errors_total` per ErrorInfo reason |
 //! | [readiness gate](readiness) | business RPCs fail fast with UNAVAILABLE while the database is unreachable or the server drains, instead of waiting on dead connections; before the limit, so a refused RPC never holds a slot; health and reflection pass |
 //! | [in-flight limit](in_flight) | at most `VITALS_MAX_CONCURRENT_REQUESTS` business RPCs in flight (streams excepted: the lock manager's `VITALS_MAX_LOCKS` bounds WithLock, the feed's `VITALS_MAX_WATCHERS` WatchTransitions); past that RESOURCE_EXHAUSTED at once rather than a queue that hides overload |
 //! | [deadline] | unary business RPCs end with DEADLINE_EXCEEDED at the client's `grpc-timeout` or `VITALS_REQUEST_TIMEOUT_MS`, whichever is sooner; inside the limit, so a timed-out RPC frees its slot. The deadline is also handed to the handler ([`RequestDeadline`]), which ends its wait for a system's lock before it with SYSTEM_BUSY |
@@ -49,18 +50,20 @@
 //! The stack's only allocations for a request that runs are a generated
 //! request id (when the client sent none) and the deadline's request
 //! extension; the request body's wrapper is boxed by tonic's router in
-//! place of the body it wraps.
+//! place of the body it wraps. The metrics layer wraps the reply's body in
+//! a named type (to see the trailers' status), without boxing it.
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::sync::Semaphore;
 use tower::{Layer, ServiceBuilder};
 
-use crate::config::Config;
+use crate::{config::Config, telemetry::metrics::GrpcMetrics};
 
 pub mod deadline;
 pub mod framing;
 pub mod in_flight;
+pub mod metrics;
 pub mod readiness;
 mod refusal;
 pub mod request_id;
@@ -70,8 +73,11 @@ pub use readiness::Readiness;
 pub use request_id::REQUEST_ID_HEADER;
 
 /// The whole stack over the server's routes `S`, outermost first.
-pub type Edge<S> =
-    request_id::RequestId<readiness::ReadinessGate<in_flight::InFlightLimit<deadline::Deadline<framing::Framing<S>>>>>;
+pub type Edge<S> = request_id::RequestId<
+    metrics::GrpcMetricsService<
+        readiness::ReadinessGate<in_flight::InFlightLimit<deadline::Deadline<framing::Framing<S>>>>,
+    >,
+>;
 
 /// Installs the stack (see the module docs) around the server's routes.
 #[derive(Debug, Clone)]
@@ -85,12 +91,19 @@ pub struct EdgeLayer {
     request_timeout: Duration,
     /// `VITALS_MAX_REQUEST_BYTES`.
     max_message_bytes: usize,
+    /// The server's gRPC series.
+    metrics: Arc<GrpcMetrics>,
+    /// Whether spans are exported, so that a client's `traceparent` is read.
+    traces: bool,
 }
 
 impl EdgeLayer {
-    /// The stack `config` describes, gated by `readiness`.
-    pub fn new(config: &Config, readiness: Arc<Readiness>) -> Self {
+    /// The stack `config` describes, gated by `readiness`, counting into
+    /// `metrics`.
+    pub fn new(config: &Config, readiness: Arc<Readiness>, metrics: Arc<GrpcMetrics>) -> Self {
         EdgeLayer {
+            metrics,
+            traces: config.otlp_endpoint().is_some(),
             readiness,
             in_flight: in_flight::budget(config.max_concurrent_requests),
             request_timeout: config.request_timeout(),
@@ -104,7 +117,8 @@ impl<S> Layer<S> for EdgeLayer {
 
     fn layer(&self, routes: S) -> Self::Service {
         ServiceBuilder::new()
-            .layer(request_id::RequestIdLayer)
+            .layer(request_id::RequestIdLayer::new(self.traces))
+            .layer(metrics::GrpcMetricsLayer::new(self.metrics.clone()))
             .layer(readiness::ReadinessLayer::new(self.readiness.clone()))
             .layer(in_flight::InFlightLimitLayer::new(self.in_flight.clone()))
             .layer(deadline::DeadlineLayer::new(self.request_timeout))

@@ -23,13 +23,25 @@ const MAX_CLIENT_ID: usize = 128;
 
 /// Installs [`RequestId`].
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RequestIdLayer;
+pub struct RequestIdLayer {
+    traces: bool,
+}
+
+impl RequestIdLayer {
+    /// `traces`: spans are exported, so a client's `traceparent` is read.
+    pub fn new(traces: bool) -> Self {
+        RequestIdLayer { traces }
+    }
+}
 
 impl<S> Layer<S> for RequestIdLayer {
     type Service = RequestId<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequestId { inner }
+        RequestId {
+            inner,
+            traces: self.traces,
+        }
     }
 }
 
@@ -37,6 +49,8 @@ impl<S> Layer<S> for RequestIdLayer {
 #[derive(Debug, Clone)]
 pub struct RequestId<S> {
     inner: S,
+    /// Whether spans are exported (see [`crate::telemetry::trace`]).
+    traces: bool,
 }
 
 /// The client's request id, when it is 1 to [`MAX_CLIENT_ID`] visible ASCII
@@ -125,7 +139,7 @@ mod tests {
 
     async fn echoed(request: Request<Body>) -> String {
         let (inner, _) = testing::answering();
-        let response = RequestIdLayer.layer(inner).oneshot(request).await.unwrap();
+        let response = RequestIdLayer::default().layer(inner).oneshot(request).await.unwrap();
         response.headers()[REQUEST_ID_HEADER].to_str().unwrap().to_owned()
     }
 
@@ -168,7 +182,7 @@ mod tests {
     async fn an_inner_refusal_carries_the_id_too() {
         let refusing =
             service_fn(|_: Request<Body>| async { Ok::<_, Infallible>(tonic::Status::unavailable("no").into_http()) });
-        let response = RequestIdLayer
+        let response = RequestIdLayer::default()
             .layer(refusing)
             .oneshot(with_id(b"req-err"))
             .await
@@ -189,7 +203,7 @@ mod tests {
                 Ok::<_, Infallible>(testing::ok())
             }
         });
-        let response = RequestIdLayer.layer(inner).oneshot(with_id(b"req-span")).await.unwrap();
+        let response = RequestIdLayer::default().layer(inner).oneshot(with_id(b"req-span")).await.unwrap();
         assert_eq!(response.headers()[REQUEST_ID_HEADER], "req-span");
         assert_eq!(span_name(), None, "the span ends with the request");
     }

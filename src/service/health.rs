@@ -17,6 +17,7 @@ use crate::{
     domain::{CheckId, Evaluation, Status, SystemId, Thresholds, evaluate},
     error::{Error, Result},
     lock::Locks,
+    telemetry::metrics::{RunMetrics, RunOutcome},
     store::{
         CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, Store, SubmitOutcome, Subscription, SystemRecord,
         Transition, TransitionFeed, WriteRules,
@@ -34,6 +35,8 @@ pub struct HealthService {
     feed: TransitionFeed,
     /// Limits every write checks (checks per system).
     rules: WriteRules,
+    /// Runs by outcome, transitions by status.
+    metrics: RunMetrics,
 }
 
 /// One page of a listing.
@@ -79,7 +82,15 @@ impl HealthService {
             locks,
             feed,
             rules,
+            metrics: RunMetrics::disabled(),
         }
+    }
+
+    /// The same use cases, counting runs and transitions into `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: RunMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Evaluates `statuses` (newest first) with `thresholds`; stores nothing.
@@ -95,9 +106,24 @@ impl HealthService {
         let outcome = self
             .locks
             .with_system_lock(&run.system_id, deadline, || self.store.submit_run(run, &self.rules))
-            .await?;
-        if let Some(t) = outcome.transition.as_ref().filter(|_| !outcome.duplicate) {
-            log_transition(t);
+            .await;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                if matches!(err, Error::RunConflict { .. }) {
+                    self.metrics.run(RunOutcome::Conflict);
+                }
+                return Err(err);
+            }
+        };
+        if outcome.duplicate {
+            self.metrics.run(RunOutcome::Duplicate);
+        } else {
+            self.metrics.run(RunOutcome::New);
+            if let Some(t) = &outcome.transition {
+                log_transition(t);
+                self.metrics.transition(t.to);
+            }
         }
         Ok(outcome)
     }
@@ -113,6 +139,7 @@ impl HealthService {
             .await?;
         if let Some(t) = &outcome.transition {
             log_transition(t);
+            self.metrics.transition(t.to);
         }
         Ok(outcome)
     }

@@ -89,6 +89,15 @@ impl Store {
         }
     }
 
+    /// How many systems have each status, for `vitals_systems`: one short
+    /// read of the systems table.
+    pub async fn count_systems(&self) -> Result<Vec<(Status, u64)>> {
+        match self {
+            Store::Postgres(s) => s.count_systems().await,
+            Store::Embedded(s) => s.count_systems().await,
+        }
+    }
+
     /// One page of a system's runs, newest first, after `cursor`.
     pub async fn list_runs(
         &self,

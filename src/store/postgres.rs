@@ -134,6 +134,17 @@ impl PgStore {
         system_in(&mut conn, system_id.as_str()).await
     }
 
+    /// How many systems have each status (statuses no system has are left out).
+    pub async fn count_systems(&self) -> Result<Vec<(Status, u64)>> {
+        let mut conn = self.work.acquire().await?;
+        let rows: Vec<(i16, i64)> = sqlx::query_as("SELECT status, count(*) FROM systems GROUP BY status")
+            .fetch_all(&mut *conn)
+            .await?;
+        rows.into_iter()
+            .map(|(status, n)| Ok((status_of(status)?, u64::try_from(n).unwrap_or(0))))
+            .collect()
+    }
+
     /// One page of a system's runs, newest first, after `cursor`.
     pub async fn list_runs(
         &self,

@@ -154,6 +154,17 @@ impl SqliteStore {
         pipeline::configure_check(self, update, rules).await
     }
 
+    /// How many systems have each status (statuses no system has are left out).
+    pub async fn count_systems(&self) -> Result<Vec<(Status, u64)>> {
+        let mut conn = self.db.reader().await?;
+        let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT status, count(*) FROM systems GROUP BY status")
+            .fetch_all(&mut *conn)
+            .await?;
+        rows.into_iter()
+            .map(|(status, n)| Ok((status_of(status)?, u64::try_from(n).unwrap_or(0))))
+            .collect()
+    }
+
     /// The stored health of a system, or `None` if it has never been seen.
     pub async fn system(&self, system_id: &SystemId) -> Result<Option<SystemRecord>> {
         let mut conn = self.db.reader().await?;

@@ -1,4 +1,14 @@
-//! Log set-up: `RUST_LOG`-style filtering, text or JSON lines.
+//! What vitals tells its operators: log lines (set up here: `RUST_LOG`-style
+//! filtering, text or JSON lines), Prometheus [`metrics`] served by the
+//! [`endpoint`], and traces.
+//!
+//! # Layout
+//! - [`metrics`]: every series of a server, registered once, and the
+//!   handles the parts of vitals update.
+//! - [`endpoint`]: `GET /metrics` on `VITALS_METRICS_ADDR`.
+
+pub mod endpoint;
+pub mod metrics;
 
 use tracing_subscriber::{EnvFilter, fmt};
 
