@@ -104,6 +104,7 @@ testenv_start() {
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then continue; fi
         NO_COLOR=1 "$VITALS_BIN" \
             --listen-addr "127.0.0.1:$port" \
+            --metrics-addr 127.0.0.1:0 \
             --database-url "$url" \
             --database-lock-idle-tx-timeout-ms "$VITALS_TEST_LOCK_LEASE_MS" \
             --shutdown-grace-ms 1000 \

@@ -11,7 +11,8 @@
 #   clippy   cargo clippy -D warnings (vitals and the vitals-bench load generator), cargo doc -D warnings
 #   buf      buf lint, then buf breaking against the protos as they were
 #            before their newest change (see step_buf_breaking)
-#   test     cargo test --locked                               (needs the database)
+#   test     cargo test --locked                               (needs the database,
+#            and promtool: as root, installed when missing)
 #   clients  clients/python/run_tests.sh, clients/node/run_tests.sh, when they
 #            exist, with DATABASE_URL and VITALS_BIN set        (needs the database)
 #   walkthrough  scripts/walkthrough.sh: every grpcurl / buf curl command of
@@ -342,7 +343,23 @@ print_test_summary() {
         END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, s }' "$1"
 }
 
+# promtool checks the /metrics scrape and the alert rules in the integration
+# tests (tests/integration/metrics.rs). It comes with Debian's prometheus
+# package; as root it is installed here when missing (its service is not
+# started: only the binaries are used).
+ensure_promtool() {
+    command -v promtool >/dev/null && return 0
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        say "installing promtool (Debian package prometheus)"
+        apt-get update -qq </dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus </dev/null
+    fi
+    command -v promtool >/dev/null ||
+        die "promtool is needed by the metrics tests (Debian/Ubuntu: apt-get install prometheus)"
+}
+
 step_test() {
+    ensure_promtool
     local log="$WORK/cargo-test.log"
     : >"$log"
     if (($#)); then

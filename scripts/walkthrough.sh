@@ -159,6 +159,7 @@ start_server() {
         ADDR="127.0.0.1:$port"
         env "${env_args[@]}" NO_COLOR=1 "$VITALS_BIN" \
             --listen-addr "$ADDR" \
+            --metrics-addr 127.0.0.1:0 \
             "${store_args[@]}" \
             --shutdown-grace-ms 1000 \
             >"$WORK/vitals.log" 2>&1 &

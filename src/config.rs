@@ -384,7 +384,10 @@ mod tests {
     #[test]
     fn metrics_defaults_match_the_documented_table() {
         let c = Config::from_flags(["--database-url", "postgres://x/y"]).unwrap();
-        assert_eq!(c.metrics_addr, MetricsAddr(Some(SocketAddr::from(([127, 0, 0, 1], 9464)))));
+        assert_eq!(
+            c.metrics_addr,
+            MetricsAddr(Some(SocketAddr::from(([127, 0, 0, 1], 9464))))
+        );
         assert_eq!(c.metrics_systems_interval_ms, 15_000);
     }
 
@@ -394,7 +397,9 @@ mod tests {
         assert_eq!(c.metrics_addr, MetricsAddr(None));
         let c = Config::from_flags(["--metrics-addr", "[::1]:0"]).unwrap();
         assert_eq!(c.metrics_addr, MetricsAddr(Some("[::1]:0".parse().unwrap())));
-        let err = Config::from_flags(["--metrics-addr", "localhost:9464"]).unwrap_err().to_string();
+        let err = Config::from_flags(["--metrics-addr", "localhost:9464"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("VITALS_METRICS_ADDR"), "{err}");
         assert!(err.contains("IP address and port"), "{err}");
     }

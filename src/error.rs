@@ -567,7 +567,10 @@ mod tests {
                 limit: 1,
             },
             Error::LockNotAvailable { key: "k".into() },
-            Error::LockLost { key: "k".into(), why: "w" },
+            Error::LockLost {
+                key: "k".into(),
+                why: "w",
+            },
             Error::WatcherTooSlow { last_sequence: 1 },
             Error::PoolExhausted(PoolKind::Work),
             Error::PoolExhausted(PoolKind::Lock),

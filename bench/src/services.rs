@@ -481,6 +481,9 @@ impl Vitals {
         }
         cmd.env("DATABASE_URL", database_url)
             .env("VITALS_LISTEN_ADDR", addr.to_string())
+            // Metrics on, as in production, on a port of their own: several
+            // servers run side by side.
+            .env("VITALS_METRICS_ADDR", "127.0.0.1:0")
             .env(
                 "RUST_LOG",
                 std::env::var("VITALS_BENCH_RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".to_owned()),

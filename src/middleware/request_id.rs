@@ -203,7 +203,11 @@ mod tests {
                 Ok::<_, Infallible>(testing::ok())
             }
         });
-        let response = RequestIdLayer::default().layer(inner).oneshot(with_id(b"req-span")).await.unwrap();
+        let response = RequestIdLayer::default()
+            .layer(inner)
+            .oneshot(with_id(b"req-span"))
+            .await
+            .unwrap();
         assert_eq!(response.headers()[REQUEST_ID_HEADER], "req-span");
         assert_eq!(span_name(), None, "the span ends with the request");
     }

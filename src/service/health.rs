@@ -17,11 +17,11 @@ use crate::{
     domain::{CheckId, Evaluation, Status, SystemId, Thresholds, evaluate},
     error::{Error, Result},
     lock::Locks,
-    telemetry::metrics::{RunMetrics, RunOutcome},
     store::{
         CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, Store, SubmitOutcome, Subscription, SystemRecord,
         Transition, TransitionFeed, WriteRules,
     },
+    telemetry::metrics::{RunMetrics, RunOutcome},
 };
 
 /// The health-check use cases of one replica.

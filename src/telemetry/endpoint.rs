@@ -108,7 +108,13 @@ mod tests {
         let ok = answer(&request(Method::GET, "/metrics"), &render);
         assert_eq!(ok.status(), StatusCode::OK);
         assert_eq!(ok.headers()[header::CONTENT_TYPE], CONTENT_TYPE);
-        assert_eq!(answer(&request(Method::POST, "/metrics"), &render).status(), StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(answer(&request(Method::GET, "/"), &render).status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            answer(&request(Method::POST, "/metrics"), &render).status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            answer(&request(Method::GET, "/"), &render).status(),
+            StatusCode::NOT_FOUND
+        );
     }
 }

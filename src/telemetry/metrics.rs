@@ -84,20 +84,38 @@ enum Kind {
 /// `/metrics` is documented (README, Observability).
 pub const METRICS: &[(&str, &str)] = &[
     (GRPC_STARTED, "RPCs started on the server."),
-    (GRPC_HANDLED, "RPCs completed on the server, whatever their status (refusals at the edge included)."),
-    (GRPC_SECONDS, "Seconds from an RPC's arrival to its status (streams: to their end)."),
+    (
+        GRPC_HANDLED,
+        "RPCs completed on the server, whatever their status (refusals at the edge included).",
+    ),
+    (
+        GRPC_SECONDS,
+        "Seconds from an RPC's arrival to its status (streams: to their end).",
+    ),
     (ERRORS, "Error statuses sent, by their ErrorInfo reason."),
     (POOL_CONNECTIONS, "Database connections open, by pool and state."),
     (POOL_ACQUIRE, "Seconds a request waited for a work connection."),
-    (POOL_TIMEOUTS, "Waits for a connection that ran out of time (WORK_POOL_EXHAUSTED)."),
+    (
+        POOL_TIMEOUTS,
+        "Waits for a connection that ran out of time (WORK_POOL_EXHAUSTED).",
+    ),
     (LOCKS_HELD, "WithLock locks held now."),
     (LOCKS_WAITING, "WithLock streams waiting for their lock now."),
-    (LOCK_WAIT, "Seconds a WithLock stream waited until its lock was granted."),
+    (
+        LOCK_WAIT,
+        "Seconds a WithLock stream waited until its lock was granted.",
+    ),
     (LOCK_HOLD, "Seconds a WithLock lock was held."),
     (LOCK_GRANTS, "WithLock locks granted."),
-    (LOCK_LOST, "WithLock locks lost while held, by why (lease: no keep_alive in time; session: its database session ended)."),
+    (
+        LOCK_LOST,
+        "WithLock locks lost while held, by why (lease: no keep_alive in time; session: its database session ended).",
+    ),
     (RUNS, "SubmitRun requests by outcome (new, duplicate, conflict)."),
-    (TRANSITIONS, "System status changes recorded by this server, by the new status."),
+    (
+        TRANSITIONS,
+        "System status changes recorded by this server, by the new status.",
+    ),
     (SYSTEMS, "Systems by their status, as last counted in the database."),
     (WATCHERS, "WatchTransitions streams open now."),
     (READY, "1 while the database answers and the server serves, else 0."),
@@ -343,7 +361,11 @@ impl Metrics {
 
     /// The registry in the Prometheus text format (version 0.0.4).
     pub fn render(&self) -> String {
-        self.inner.handle.as_ref().map(PrometheusHandle::render).unwrap_or_default()
+        self.inner
+            .handle
+            .as_ref()
+            .map(PrometheusHandle::render)
+            .unwrap_or_default()
     }
 
     /// Folds the histograms' recent observations into their buckets. The
@@ -482,7 +504,9 @@ impl LockMetrics {
     /// held until the returned guard drops.
     pub fn granted(&self, asked: Instant, now: Instant) -> Holding {
         self.inner.grants.increment(1);
-        self.inner.wait.record(now.saturating_duration_since(asked).as_secs_f64());
+        self.inner
+            .wait
+            .record(now.saturating_duration_since(asked).as_secs_f64());
         self.inner.held.increment(1.0);
         Holding {
             handles: self.inner.clone(),

@@ -11,6 +11,7 @@ use vitals::{lock::LocalLockStats, proto};
 
 use crate::{
     harness::{PATIENCE, TestApp, TestDb, WORK_SESSIONS_BLOCKED, assert_reason, eventually, until_count},
+    metrics::Scraped,
     proxy::{Proxy, url_addr, url_via},
     withlock::acquire,
 };
@@ -100,6 +101,16 @@ async fn past_the_concurrency_limit_business_rpcs_are_shed_while_health_and_refl
         "shed after {:?}",
         started.elapsed()
     );
+    // Counted like any other status, by its code and its reason.
+    let scraped = Scraped::parse(app.scrape().await);
+    assert_eq!(
+        scraped.get(
+            "grpc_server_handled_total",
+            &[("grpc_method", "EvaluateHealth"), ("grpc_code", "ResourceExhausted")]
+        ),
+        1.0
+    );
+    assert_eq!(scraped.get("vitals_errors_total", &[("reason", "OVERLOADED")]), 1.0);
     assert_eq!(
         app.serving_status("vitals.v1.HealthCheckService").await,
         ServingStatus::Serving

@@ -298,6 +298,26 @@ pub async fn until_count(conn: &mut PgConnection, sql: &str, expected: i64, what
     .await;
 }
 
+/// `GET path` on `addr` over HTTP/1.1 (TCP_NODELAY, `Connection: close`):
+/// the status line and headers, and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect over HTTP");
+        stream.set_nodelay(true).expect("TCP_NODELAY");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send the request");
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).await.expect("read the reply");
+        String::from_utf8(reply).expect("a UTF-8 reply")
+    };
+    let reply = tokio::time::timeout(PATIENCE, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("GET {path} on {addr} did not answer"));
+    let (head, body) = reply.split_once("\r\n\r\n").expect("a reply with headers");
+    (head.to_owned(), body.to_owned())
+}
+
 /// Checks the code, `ErrorInfo.reason` and `ErrorInfo.domain` of `status`
 /// and returns the `ErrorInfo`.
 pub fn assert_reason(status: &Status, code: Code, reason: &str) -> ErrorInfo {
@@ -341,6 +361,8 @@ impl Drop for TestDb {
 /// A running vitals.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// Where it serves `/metrics` (port 0 bound like the gRPC port), if it does.
+    pub metrics_addr: Option<SocketAddr>,
     /// Its lock service, to look into the embedded lock table.
     locks: Locks,
     /// Its store and transition feed, to count reads and watchers.
@@ -350,11 +372,16 @@ pub struct TestApp {
     task: Option<JoinHandle<Result<(), vitals::app::StartError>>>,
 }
 
-/// Flags every test server gets: port 0, quick readiness checks.
+/// Flags every test server gets: port 0 (for `/metrics` too), quick
+/// readiness checks and systems counts.
 pub fn base_flags(database_url: &str) -> Vec<String> {
     [
         "--listen-addr",
         "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--metrics-systems-interval-ms",
+        "100",
         "--database-url",
         database_url,
         "--readiness-interval-ms",
@@ -389,6 +416,7 @@ impl TestApp {
         let config = Config::from_flags(flags).expect("valid test configuration");
         let app = Application::build(config).await.expect("build the application");
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let locks = app.locks().clone();
         let store = app.store().clone();
         let feed = app.feed().clone();
@@ -398,6 +426,7 @@ impl TestApp {
         }));
         TestApp {
             addr,
+            metrics_addr,
             locks,
             store,
             feed,
@@ -450,6 +479,20 @@ impl TestApp {
     /// Places free in the server's client lock budget (`VITALS_MAX_LOCKS`).
     pub fn lock_budget_available(&self) -> usize {
         self.locks.budget_available()
+    }
+
+    /// The body of `GET /metrics`, checked to be a 200 in the Prometheus
+    /// text format.
+    pub async fn scrape(&self) -> String {
+        let addr = self.metrics_addr.expect("this server serves /metrics");
+        let (head, body) = http_get(addr, "/metrics").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "GET /metrics: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "GET /metrics: {head}"
+        );
+        body
     }
 
     pub fn endpoint(&self) -> Endpoint {

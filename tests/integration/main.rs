@@ -19,6 +19,7 @@ mod health_service;
 mod lock_capacity;
 mod lock_faults;
 mod lock_service;
+mod metrics;
 mod probe;
 mod proxy;
 mod raw_h2;
