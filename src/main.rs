@@ -39,21 +39,24 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> ExitCode {
-    telemetry::init(config.log_format);
+    let telemetry = telemetry::init(&config);
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(err) => {
             eprintln!("vitals: {err}");
+            telemetry.shutdown().await;
             return ExitCode::FAILURE;
         }
     };
-    match app.run_until_stopped(shutdown_signal()).await {
+    let code = match app.run_until_stopped(shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("vitals: {err}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }
 
 /// Resolves on SIGINT or SIGTERM.

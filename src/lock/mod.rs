@@ -36,6 +36,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tracing::Instrument;
 
 pub use self::id::{CLIENT_KEY_PREFIX, LockId};
 use self::{
@@ -302,6 +303,7 @@ impl Locks {
         let tries_until = if deadline.is_some() { None } else { wait_until };
         let Some(grant) = self
             .take(LockId::system(system_id.as_str()), wait_until, tries_until, false)
+            .instrument(tracing::debug_span!("lock wait", lock = "system"))
             .await?
         else {
             return Err(Error::SystemBusy {
@@ -337,7 +339,11 @@ impl Locks {
         let metrics = self.inner.metrics.get();
         let asked = Instant::now();
         let waiting = metrics.map(LockMetrics::waiting);
-        let Some(grant) = self.take(id, deadline, deadline, true).await? else {
+        let Some(grant) = self
+            .take(id, deadline, deadline, true)
+            .instrument(tracing::debug_span!("lock wait", lock = "client"))
+            .await?
+        else {
             return Err(Error::LockNotAvailable { key: key.into_inner() });
         };
         drop(waiting);

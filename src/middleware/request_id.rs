@@ -3,6 +3,10 @@
 //! A request id ties a client's report to our log lines: the client's own
 //! `x-request-id` when it is usable, or a generated UUID, is a field of the
 //! span every later layer and the handler run in, and is echoed on the reply.
+//!
+//! That span is also the RPC's span in a trace: when spans are exported, a
+//! client's `traceparent` makes it the child of the client's span (see
+//! [`crate::telemetry::trace`]).
 
 use std::{
     future::Future,
@@ -85,11 +89,23 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let id = request_id(&request);
+        // The empty fields are filled only when spans are exported, so log
+        // lines look the same without traces.
         let span = tracing::info_span!(
             "rpc",
             request_id = id.as_ref().and_then(|id| id.to_str().ok()).unwrap_or_default(),
             path = request.uri().path(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            "otel.name" = tracing::field::Empty,
+            "otel.kind" = tracing::field::Empty,
+            "rpc.system" = tracing::field::Empty,
+            "rpc.service" = tracing::field::Empty,
+            "rpc.method" = tracing::field::Empty,
         );
+        if self.traces {
+            crate::telemetry::trace::continue_trace(&span, request.headers(), request.uri().path());
+        }
         // The inner layers' refusals happen in `call`, and log in the span too.
         let inner = span.in_scope(|| self.inner.call(request));
         RequestIdFuture {

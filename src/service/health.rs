@@ -12,6 +12,7 @@
 //! `SYSTEM_BUSY` while the client still listens.
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::{
     domain::{CheckId, Evaluation, Status, SystemId, Thresholds, evaluate},
@@ -105,7 +106,11 @@ impl HealthService {
     pub async fn submit_run(&self, run: &NewRun, deadline: Option<Instant>) -> Result<SubmitOutcome> {
         let outcome = self
             .locks
-            .with_system_lock(&run.system_id, deadline, || self.store.submit_run(run, &self.rules))
+            .with_system_lock(&run.system_id, deadline, || {
+                self.store
+                    .submit_run(run, &self.rules)
+                    .instrument(tracing::debug_span!("work transaction", db.operation = "submit_run"))
+            })
             .await;
         let outcome = match outcome {
             Ok(outcome) => outcome,
@@ -134,7 +139,12 @@ impl HealthService {
         let outcome = self
             .locks
             .with_system_lock(&update.system_id, deadline, || {
-                self.store.configure_check(update, &self.rules)
+                self.store
+                    .configure_check(update, &self.rules)
+                    .instrument(tracing::debug_span!(
+                        "work transaction",
+                        db.operation = "configure_check"
+                    ))
             })
             .await?;
         if let Some(t) = &outcome.transition {
@@ -149,6 +159,7 @@ impl HealthService {
     pub async fn system(&self, system_id: &SystemId) -> Result<SystemRecord> {
         self.store
             .system(system_id)
+            .instrument(tracing::debug_span!("read", db.operation = "system"))
             .await?
             .ok_or_else(|| Error::SystemNotFound {
                 system_id: system_id.as_str().to_owned(),
@@ -167,6 +178,7 @@ impl HealthService {
         let runs = self
             .store
             .list_runs(system_id, check_id, after, limit.saturating_add(1))
+            .instrument(tracing::debug_span!("read", db.operation = "list_runs"))
             .await?;
         Ok(Page::from_overfetch(runs, limit))
     }
@@ -182,6 +194,7 @@ impl HealthService {
         let transitions = self
             .store
             .list_transitions(system_id, before, limit.saturating_add(1))
+            .instrument(tracing::debug_span!("read", db.operation = "list_transitions"))
             .await?;
         Ok(Page::from_overfetch(transitions, limit))
     }

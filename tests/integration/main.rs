@@ -24,6 +24,7 @@ mod probe;
 mod proxy;
 mod raw_h2;
 mod round_trips;
+mod traces;
 mod upgrade;
 mod watchers;
 mod withlock;
