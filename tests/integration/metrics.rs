@@ -1,7 +1,9 @@
 //! `/metrics`: a real server's scrape, parsed with an exposition-format
 //! parser and checked with `promtool check metrics` (Debian's `prometheus`
 //! package; scripts/test.sh and .ci/run install it), counts known traffic
-//! exactly; the dashboard and the alert rules use only metrics a scrape has.
+//! exactly; a real Prometheus server scrapes it and evaluates every query of
+//! the dashboard; the dashboard and the alert rules (`promtool check rules`)
+//! use only metrics a scrape has.
 
 use std::{collections::BTreeSet, process::Stdio, time::Duration};
 
@@ -285,5 +287,161 @@ async fn an_empty_metrics_address_serves_no_metrics() {
     let db = TestDb::embedded();
     let app = TestApp::start(&db, &["--metrics-addr", ""]).await;
     assert_eq!(app.metrics_addr, None);
+    app.stop().await;
+}
+
+const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/vitals.json");
+const ALERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yml");
+
+/// The metric names `text` mentions: identifiers starting `grpc_server_` or
+/// `vitals_`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("grpc_server_") || word.starts_with("vitals_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The PromQL expressions of the dashboard's panels, with Grafana's
+/// variables replaced as Grafana would (every instance, a one-minute rate).
+fn dashboard_queries() -> Vec<String> {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).expect("read the dashboard")).expect("JSON");
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("a PromQL expression");
+            queries.push(expr.replace("$instance", ".*").replace("$__rate_interval", "1m"));
+        }
+    }
+    assert!(queries.len() >= 15, "the dashboard has its panels: {queries:?}");
+    queries
+}
+
+#[tokio::test]
+async fn the_alert_rules_pass_promtool_and_the_dashboard_and_alerts_use_only_exported_metrics() {
+    promtool(&["check", "rules", ALERTS], "").await;
+    let db = TestDb::embedded();
+    let app = TestApp::start(&db, &[]).await;
+    let scraped = Scraped::parse(app.scrape().await);
+    let exported = scraped.names();
+    let dashboard = std::fs::read_to_string(DASHBOARD).expect("read the dashboard");
+    let alerts = std::fs::read_to_string(ALERTS).expect("read the alert rules");
+    for (file, text) in [(DASHBOARD, dashboard), (ALERTS, alerts)] {
+        let used = metric_names(&text);
+        assert!(used.len() >= 4, "{file} uses metrics: {used:?}");
+        let missing: Vec<_> = used.difference(&exported).collect();
+        assert!(
+            missing.is_empty(),
+            "{file} uses {missing:?}, which vitals does not export"
+        );
+    }
+    app.stop().await;
+}
+
+/// Percent-encodes `s` for a URL's query.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A Prometheus server (Debian's `prometheus`) on a free loopback port,
+/// scraping `target` every 2 seconds with the alert rules loaded; killed on
+/// drop.
+struct Prometheus {
+    addr: std::net::SocketAddr,
+    _child: tokio::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    async fn start(target: std::net::SocketAddr) -> Prometheus {
+        let dir = tempfile::tempdir().expect("a directory for Prometheus");
+        let config = format!(
+            "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\n  evaluation_interval: 2s\nrule_files:\n  - {ALERTS}\n\
+             scrape_configs:\n  - job_name: vitals\n    static_configs:\n      - targets: ['{target}']\n"
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).expect("write prometheus.yml");
+        let addr = {
+            let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            free.local_addr().expect("its address")
+        };
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("a log file");
+        let child = tokio::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("prometheus not found ({err}): install Debian's prometheus package"));
+        Prometheus {
+            addr,
+            _child: child,
+            dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// The `data` of an instant query, or why there is none.
+    async fn query(&self, promql: &str) -> Result<serde_json::Value, String> {
+        let path = format!("/api/v1/query?query={}", url_encode(promql));
+        // Until Prometheus listens, connecting fails: not ready yet.
+        tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (head, body) = crate::harness::http_get(self.addr, &path).await;
+        let reply: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{head}\n{body}: {e}"))?;
+        if reply["status"] == "success" {
+            Ok(reply["data"].clone())
+        } else {
+            Err(format!("{promql}: {reply}"))
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_prometheus_server_scrapes_vitals_and_evaluates_every_dashboard_query() {
+    let db = TestDb::embedded();
+    let app = TestApp::start(&db, &[]).await;
+    app.health_client()
+        .await
+        .submit_run(run("scraped-1", proto::HealthStatus::Healthy, ""))
+        .await
+        .expect("the run is stored");
+    let prometheus = Prometheus::start(app.metrics_addr.expect("metrics are on")).await;
+    let query = r#"grpc_server_handled_total{grpc_service="vitals.v1.HealthCheckService",grpc_method="SubmitRun",grpc_code="OK"}"#;
+    // Prometheus starts, then scrapes every 2 s: on a loaded machine the
+    // first scrapes may time out.
+    let value = eventually(PATIENCE * 3, "Prometheus has scraped SubmitRun's count", async || {
+        let data = prometheus
+            .query(query)
+            .await
+            .map_err(|e| format!("{e}\nprometheus log:\n{}", prometheus.log()))?;
+        match data["result"][0]["value"][1].as_str() {
+            Some(value) => Ok(value.to_owned()),
+            None => {
+                let targets = crate::harness::http_get(prometheus.addr, "/api/v1/targets").await.1;
+                Err(format!("no sample yet: {data}; targets: {targets}"))
+            }
+        }
+    })
+    .await;
+    assert_eq!(value, "1");
+    for promql in dashboard_queries() {
+        prometheus
+            .query(&promql)
+            .await
+            .unwrap_or_else(|e| panic!("the dashboard's query does not evaluate: {e}"));
+    }
     app.stop().await;
 }
