@@ -30,7 +30,8 @@
 //! - [`error`]: the one error enum (causes kept as sources) and its mapping
 //!   to gRPC statuses.
 //! - [`probe`]: `vitals probe`, a one-shot grpc.health.v1 check.
-//! - [`telemetry`]: log set-up (`RUST_LOG`, text or JSON lines).
+//! - [`telemetry`]: log set-up (`RUST_LOG`, text or JSON lines), the
+//!   Prometheus metrics and their `/metrics` endpoint, OTLP traces.
 //! - [`app`]: the server as a value tests start on port 0.
 //!
 //! Dependencies point inward: `api` parses into `domain` values, calls
