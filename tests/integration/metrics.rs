@@ -120,7 +120,11 @@ both_backends!(a_scrape_counts_runs_locks_refusals_and_errors_exactly);
 /// `promtool check metrics`.
 async fn a_scrape_counts_runs_locks_refusals_and_errors_exactly(backend: Backend) {
     let db = TestDb::create(backend).await;
-    let app = TestApp::start(&db, &["--max-request-bytes", "1024"]).await;
+    let app = TestApp::start(
+        &db,
+        &["--max-request-bytes", "1024", "--metrics-systems-interval-ms", "100"],
+    )
+    .await;
     let before = Scraped::parse(app.scrape().await);
     promtool(&["check", "metrics"], &before.text).await;
     assert_eq!(before.get("grpc_server_started_total", &[SUBMIT_RUN]), 0.0);
