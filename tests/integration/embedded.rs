@@ -177,6 +177,9 @@ fn spawn_vitals(data_dir: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vitals"))
         .arg("--listen-addr")
         .arg("127.0.0.1:0")
+        // Processes run side by side: metrics on ports of their own too.
+        .arg("--metrics-addr")
+        .arg("127.0.0.1:0")
         .arg("--data-dir")
         .arg(data_dir)
         // The embedded store is the default: no PostgreSQL may be configured.

@@ -205,6 +205,7 @@ fn pools_larger_than_the_server_accepts_are_warned_about_at_start() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vitals"))
         .env("DATABASE_URL", &db.url)
         .env("VITALS_LISTEN_ADDR", "127.0.0.1:0")
+        .env("VITALS_METRICS_ADDR", "127.0.0.1:0")
         .env("DATABASE_POOL_MAX", "5000")
         .env("RUST_LOG", "warn")
         .stderr(std::process::Stdio::piped())

@@ -403,7 +403,8 @@ impl Child {
     /// waits until it says where it listens and reports SERVING.
     async fn start(db: &TestDb, args: &[&str]) -> Child {
         let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_vitals"))
-            .args(["--listen-addr", "127.0.0.1:0", "--database-url", &db.url])
+            .args(["--listen-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .args(["--database-url", &db.url])
             .args(args)
             .env("RUST_LOG", "info")
             .env("VITALS_LOG_FORMAT", "text")
