@@ -77,7 +77,7 @@ impl Exporter {
         Ok((Exporter { provider }, layer))
     }
 
-    /// Sends the spans not exported yet, waiting at most [`SHUTDOWN_LIMIT`].
+    /// Sends the spans not exported yet, waiting at most `SHUTDOWN_LIMIT`.
     pub async fn shutdown(self) {
         let provider = self.provider;
         // The SDK blocks while it flushes; the runtime must stay free to
