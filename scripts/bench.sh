@@ -2,8 +2,8 @@
 # Runs the whole benchmark (vitals against pgbench and etcd) and writes
 # bench/results/results.md and bench/results/summary.json, and under
 # bench/results/raw/ (ignored by git) the whole results.json and the plot (see
-# docs/PERFORMANCE.md). With `soak` as its first argument, runs the soak
-# instead (scripts/soak.sh does that).
+# docs/PERFORMANCE.md); with --out-dir DIR, into DIR instead. With `soak` as
+# its first argument, runs the soak instead (scripts/soak.sh does that).
 #
 #   scripts/bench.sh                 # everything, about 8 minutes on 2 cores
 #   scripts/bench.sh --soak 300      # with the 5-minute memory soak of the target
@@ -135,10 +135,19 @@ if [[ $mode == soak ]]; then
         "$@"
     exit
 fi
-mkdir -p bench/results
+# bench/results unless an --out-dir is given (vitals-bench takes one only).
+out_dir=(--out-dir "$ROOT/bench/results")
+for arg in "$@"; do
+    if [[ $arg == --out-dir || $arg == --out-dir=* ]]; then
+        out_dir=()
+    fi
+done
+if ((${#out_dir[@]})); then
+    mkdir -p bench/results
+fi
 say "load average: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine shows in the results' CPU column)"
 "$target_dir/release/vitals-bench" \
     --vitals-bin "$target_dir/release/vitals" \
-    --out-dir "$ROOT/bench/results" \
+    "${out_dir[@]}" \
     --work-dir "$WORK" \
     "$@"
