@@ -30,6 +30,9 @@ use crate::{
 
 const WORKLOADS: [&str; 4] = ["evaluate", "submit", "lock", "mixed"];
 
+/// Clients of the metrics cost phase (its target's concurrency).
+const METRICS_CLIENTS: usize = 32;
+
 /// Benchmark of vitals against pgbench (same SQL) and etcd (Lock API).
 #[derive(Debug, clap::Args)]
 pub(crate) struct BenchArgs {
@@ -53,6 +56,13 @@ pub(crate) struct BenchArgs {
     /// Skip the etcd peer.
     #[arg(long)]
     no_etcd: bool,
+    /// Skip the metrics cost: with `submit` or `lock` selected, the run
+    /// otherwise drives `submit` and/or `lock-uncontended` at 32 clients (or
+    /// the largest of --clients below it) against a second vitals with metrics
+    /// off (`vitals-metrics-off`), each cell followed at once by the same on
+    /// the main vitals (`vitals-metrics-on`).
+    #[arg(long)]
+    no_metrics_off: bool,
     /// Seconds of the `mixed` soak during which vitals' RSS is sampled (the
     /// RSS target asks for 300; 0 skips the soak; `--workloads none` skips it too).
     /// The soak with PostgreSQL restarts is the `soak` subcommand.
@@ -167,6 +177,8 @@ struct Options {
     soak: f64,
     run_pgbench: bool,
     run_etcd: bool,
+    /// Clients of the metrics cost phase; None: not run.
+    metrics_clients: Option<usize>,
     plan: Plan,
     hold: HoldPlan,
     hold_rounds: usize,
@@ -193,10 +205,18 @@ impl Options {
             bail!("--clients needs positive numbers");
         }
         let wants_lock = workloads.iter().any(|w| w == "lock");
+        let wants_submit = workloads.iter().any(|w| w == "submit");
+        // 32 clients, as the target says, or the closest below it.
+        let metrics_clients = if !args.no_metrics_off && (wants_submit || wants_lock) {
+            args.clients.iter().copied().filter(|&c| c <= METRICS_CLIENTS).max()
+        } else {
+            None
+        };
         Ok(Options {
             soak: if workloads.is_empty() { 0.0 } else { args.soak },
             run_pgbench: !args.no_pgbench,
             run_etcd: !args.no_etcd && wants_lock,
+            metrics_clients,
             plan: Plan {
                 warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
                 duration: Duration::from_secs_f64(args.duration.max(0.1)),
@@ -221,7 +241,20 @@ impl Options {
         self.workloads.iter().any(|w| w == workload)
     }
 
-    /// Timed cells: one per workload, system and concurrency.
+    /// The metrics cost phase's workloads (in cell spelling), if it runs.
+    fn metrics_workloads(&self) -> Vec<&'static str> {
+        if self.metrics_clients.is_none() {
+            return Vec::new();
+        }
+        [("submit", "submit"), ("lock", "lock-uncontended")]
+            .into_iter()
+            .filter(|(selected, _)| self.wants(selected))
+            .map(|(_, workload)| workload)
+            .collect()
+    }
+
+    /// Timed cells: one per workload, system and concurrency, and the
+    /// metrics cost phase's two per workload.
     fn cells(&self, clients: usize) -> usize {
         let (pgbench, etcd) = (usize::from(self.run_pgbench), usize::from(self.run_etcd));
         clients
@@ -229,6 +262,7 @@ impl Options {
                 + usize::from(self.wants("submit")) * (1 + 2 * pgbench)
                 + usize::from(self.wants("lock")) * (2 + 2 * pgbench + 3 * etcd)
                 + usize::from(self.wants("mixed")))
+            + 2 * self.metrics_workloads().len()
     }
 
     /// Seconds the whole run takes, roughly.
@@ -285,6 +319,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     }
     if bench.opts.wants("mixed") {
         bench.mixed().await;
+    }
+    if let Some(clients) = bench.opts.metrics_clients {
+        bench.metrics_cost(clients).await?;
     }
     if bench.opts.soak > 0.0 {
         bench.memory_soak().await;
@@ -463,7 +500,17 @@ impl Bench {
 
     /// Drives `workers`, samples CPU over the measured window.
     async fn drive<W: Worker>(&self, kinds: usize, workers: Vec<W>) -> (Recorded, Option<CpuUse>) {
-        let cpu = cpu_window(self.cpu.clone(), self.opts.plan.warmup, self.opts.plan.duration);
+        self.drive_on(self.cpu.clone(), kinds, workers).await
+    }
+
+    /// [`Bench::drive`], CPU accounted to `targets`.
+    async fn drive_on<W: Worker>(
+        &self,
+        targets: CpuTargets,
+        kinds: usize,
+        workers: Vec<W>,
+    ) -> (Recorded, Option<CpuUse>) {
+        let cpu = cpu_window(targets, self.opts.plan.warmup, self.opts.plan.duration);
         let recorded = drive(self.opts.plan, kinds, workers).await;
         let cpu = cpu.await.ok();
         (recorded, cpu)
@@ -669,6 +716,85 @@ impl Bench {
         }
     }
 
+    /// What vitals' Prometheus metrics cost: `submit` and/or
+    /// `lock-uncontended` (as selected) at `c` clients against a second
+    /// vitals with `VITALS_METRICS_ADDR` empty (metrics off), on the same
+    /// database with the same settings; each such cell is followed at once
+    /// by the same cell on the main vitals (metrics on), so that the pair
+    /// the target compares is measured back to back.
+    async fn metrics_cost(&mut self, c: usize) -> Result<()> {
+        let mut env = self.opts.vitals_env();
+        env.push(("VITALS_METRICS_ADDR", String::new()));
+        let off = Vitals::start_with(
+            &self.vitals_bin,
+            &self.pg.url,
+            self.work.path(),
+            "vitals-metrics-off",
+            &env,
+        )
+        .await?;
+        eprintln!(
+            "vitals-bench: vitals with metrics off serving on {} (pid {})",
+            off.addr,
+            off.proc.pid()
+        );
+        let sides = [
+            Side {
+                system: "vitals-metrics-off",
+                tag: "moff",
+                channels: workloads::channels(off.addr, self.args.connections).await?,
+                cpu: CpuTargets {
+                    vitals: Some(off.proc.pid()),
+                    ..self.cpu.clone()
+                },
+                pid: off.proc.pid(),
+            },
+            Side {
+                system: "vitals-metrics-on",
+                tag: "mon",
+                channels: self.channels.clone(),
+                cpu: self.cpu.clone(),
+                pid: self.vitals.proc.pid(),
+            },
+        ];
+        for workload in self.opts.metrics_workloads() {
+            for side in &sides {
+                self.metrics_cell(workload, c, side).await;
+            }
+        }
+        // The channels close before the process stops.
+        drop(sides);
+        drop(off);
+        Ok(())
+    }
+
+    /// One cell of the metrics cost phase on `side`'s vitals. Its RSS is
+    /// that process's; both sides' workers take the same seeds (the same
+    /// systems, checks and keys in the same order).
+    async fn metrics_cell(&mut self, workload: &str, c: usize, side: &Side) {
+        let (rec, cpu) = if workload == "submit" {
+            let workers = (0..c)
+                .map(|i| {
+                    SubmitWorker::new(
+                        side.channel(i),
+                        format!("{}-{}{c}-{i}", self.nonce, side.tag),
+                        seed(c, i),
+                    )
+                })
+                .collect();
+            self.drive_on(side.cpu.clone(), 1, workers).await
+        } else {
+            let workers = (0..c)
+                .map(|i| LockWorker::new(side.channel(i), Keys::Random, self.lock_wait(), seed(c, i)))
+                .collect();
+            self.drive_on(side.cpu.clone(), 1, workers).await
+        };
+        self.push(workload, side.system, c, rec.summary(0), cpu, None);
+        if let Some(cell) = self.report.cells.last_mut() {
+            cell.vitals_rss_kb = rss_kb(side.pid);
+        }
+    }
+
     /// `mixed` for `--soak` seconds while vitals' RSS is sampled every second.
     async fn memory_soak(&mut self) {
         let soak = self.opts.soak;
@@ -771,6 +897,15 @@ impl Bench {
                     .into(),
             );
         }
+        if let Some(c) = self.opts.metrics_clients {
+            r.notes.push(format!(
+                "Metrics cost: `vitals-metrics-off` is a second vitals process with VITALS_METRICS_ADDR empty \
+                 (metrics off), on the same database with the same settings, started after the other workloads; \
+                 each of its cells ({c} clients) is followed at once by the same cell on the main vitals \
+                 (`vitals-metrics-on`, metrics on), and the target compares the two. Nothing scrapes /metrics \
+                 during the run."
+            ));
+        }
         if self.opts.run_etcd {
             r.notes.push(
                 "etcd: one member, default settings (WAL fsynced per commit, like PostgreSQL's synchronous commit). \
@@ -835,6 +970,26 @@ fn replot(json: &Path, out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A vitals process the metrics cost phase drives.
+struct Side {
+    /// The cells' system name.
+    system: &'static str,
+    /// Run ids' tag, apart from the other cells'.
+    tag: &'static str,
+    /// The clients' HTTP/2 connections to it, shared round robin.
+    channels: Vec<Channel>,
+    /// Whose CPU time its cells account: this process as vitals.
+    cpu: CpuTargets,
+    pid: u32,
+}
+
+impl Side {
+    /// Client `i`'s connection.
+    fn channel(&self, i: usize) -> Channel {
+        self.channels[i % self.channels.len()].clone()
+    }
+}
+
 /// A per-worker seed, different per cell.
 fn seed(clients: usize, worker: usize) -> u64 {
     (clients as u64) << 32 | worker as u64
@@ -877,14 +1032,43 @@ mod tests {
     #[test]
     fn every_system_of_a_workload_is_a_cell_at_each_concurrency() {
         // submit: vitals + 2 pgbench; lock: 2 vitals + 2 pgbench + 3 etcd.
-        assert_eq!(options(&["--workloads", "submit,lock"]).unwrap().cells(2), 2 * (3 + 7));
+        let no_metrics = ["--no-metrics-off", "--workloads", "submit,lock"];
+        assert_eq!(options(&no_metrics).unwrap().cells(2), 2 * (3 + 7));
         assert_eq!(
-            options(&["--workloads", "submit,lock", "--no-pgbench", "--no-etcd"])
+            options(&[&no_metrics[..], &["--no-pgbench", "--no-etcd"]].concat())
                 .unwrap()
                 .cells(2),
             2 * (1 + 2)
         );
         // etcd only runs with the lock workloads.
         assert!(!options(&["--workloads", "submit"]).unwrap().run_etcd);
+    }
+
+    #[test]
+    fn the_metrics_cost_runs_at_32_clients_or_the_most_below_for_submit_and_lock_only() {
+        // submit and lock-uncontended, metrics off and on again: 4 more cells.
+        let opts = options(&["--workloads", "submit,lock", "--no-pgbench", "--no-etcd"]).unwrap();
+        assert_eq!(opts.metrics_clients, Some(32));
+        assert_eq!(opts.metrics_workloads(), ["submit", "lock-uncontended"]);
+        assert_eq!(opts.cells(4), 4 * (1 + 2) + 4);
+        let opts = options(&["--workloads", "lock", "--clients", "1,8,64"]).unwrap();
+        assert_eq!(opts.metrics_clients, Some(8));
+        assert_eq!(opts.metrics_workloads(), ["lock-uncontended"]);
+        assert_eq!(
+            options(&["--workloads", "submit", "--clients", "64"])
+                .unwrap()
+                .metrics_clients,
+            None
+        );
+        assert_eq!(
+            options(&["--workloads", "evaluate,mixed"]).unwrap().metrics_clients,
+            None
+        );
+        assert!(
+            options(&["--workloads", "submit", "--no-metrics-off"])
+                .unwrap()
+                .metrics_workloads()
+                .is_empty()
+        );
     }
 }
