@@ -19,8 +19,10 @@ pub(crate) struct Cell {
     /// `evaluate`, `submit`, `lock-uncontended`, `lock-contended`, `mixed`,
     /// `mixed:submit`, `mixed:lock`, `soak`.
     pub(crate) workload: String,
-    /// `vitals`, `pgbench`, `etcd` (lease per session) or
-    /// `etcd-lease-per-request`.
+    /// `vitals`, `pgbench`, `pgbench-minimal`, `etcd` (lease per session),
+    /// `etcd-lease-per-request`, or for the metrics cost `vitals-metrics-off`
+    /// (a second vitals, metrics off) and `vitals-metrics-on` (the main
+    /// vitals again, right after it).
     pub(crate) system: String,
     pub(crate) clients: usize,
     #[serde(flatten)]
@@ -179,6 +181,9 @@ pub(crate) const HELD_LOCK_GOAL_BYTES: f64 = 4096.0;
 /// each check's run window (docs/PERFORMANCE.md): the figure the target
 /// doubles.
 const SUBMIT_BEFORE: f64 = 1831.0;
+
+/// Throughput vitals may lose to its Prometheus metrics, percent.
+const METRICS_COST_GOAL_PCT: f64 = 3.0;
 
 /// Round trips of one request kind, from the counting proxy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -424,6 +429,9 @@ impl Report {
             }),
             met: e.map(|c| c.summary.throughput >= 30_000.0),
         });
+        for (workload, name) in [("submit", "submit"), ("lock-uncontended", "lock uncontended")] {
+            targets.push(self.metrics_cost(workload, name));
+        }
         let m = self.memory.as_ref();
         targets.push(Target {
             target: "vitals RSS flat during `mixed` after warm-up".into(),
@@ -485,6 +493,35 @@ impl Report {
             });
         }
         self.targets = targets;
+    }
+
+    /// The metrics cost target of `workload`: the throughput the main
+    /// vitals (metrics on) lost against the one with metrics off, from the
+    /// `vitals-metrics-off` cell and the `vitals-metrics-on` cell measured
+    /// right after it.
+    fn metrics_cost(&self, workload: &str, name: &str) -> Target {
+        let off = self
+            .cells
+            .iter()
+            .find(|c| c.workload == workload && c.system == "vitals-metrics-off");
+        let clients = off.map_or(32, |c| c.clients);
+        let pair = off.and_then(|off| Some((self.find(workload, "vitals-metrics-on", off.clients)?, off)));
+        let loss = pair
+            .filter(|(_, off)| off.summary.throughput > 0.0)
+            .map(|(on, off)| (1.0 - on.summary.throughput / off.summary.throughput) * 100.0);
+        Target {
+            target: format!("metrics cost, {name}, {clients} clients"),
+            goal: format!("<= {METRICS_COST_GOAL_PCT:.0} % throughput loss"),
+            measured: match (pair, loss) {
+                (Some((on, off)), Some(loss)) => format!(
+                    "{loss:.1} % (on {} /s vs off {} /s)",
+                    num(on.summary.throughput),
+                    num(off.summary.throughput)
+                ),
+                _ => "not measured".into(),
+            },
+            met: loss.map(|l| l <= METRICS_COST_GOAL_PCT),
+        }
     }
 }
 
@@ -1250,6 +1287,58 @@ fn panel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cell(workload: &str, system: &str, clients: usize, throughput: f64) -> Cell {
+        Cell {
+            workload: workload.into(),
+            system: system.into(),
+            clients,
+            summary: Summary {
+                throughput,
+                ..Summary::default()
+            },
+            cpu: None,
+            vitals_rss_kb: None,
+            loadavg: String::new(),
+            transitions_share: None,
+        }
+    }
+
+    #[test]
+    fn the_metrics_cost_compares_the_off_cell_with_the_on_cell_after_it() {
+        let mut r = Report {
+            cells: vec![
+                cell("submit", "vitals", 32, 5_000.0),
+                cell("submit", "vitals-metrics-off", 32, 2_000.0),
+                cell("submit", "vitals-metrics-on", 32, 1_950.0),
+                cell("lock-uncontended", "vitals-metrics-off", 8, 10_000.0),
+                cell("lock-uncontended", "vitals-metrics-on", 8, 9_000.0),
+            ],
+            ..Report::default()
+        };
+        r.derive();
+        let target = |name: &str| r.targets.iter().find(|t| t.target.starts_with(name)).unwrap();
+        let submit = target("metrics cost, submit,");
+        assert_eq!(submit.target, "metrics cost, submit, 32 clients");
+        assert_eq!(submit.goal, "<= 3 % throughput loss");
+        assert_eq!(submit.measured, "2.5 % (on 1,950 /s vs off 2,000 /s)");
+        assert_eq!(submit.met, Some(true));
+        let lock = target("metrics cost, lock uncontended,");
+        assert_eq!(lock.target, "metrics cost, lock uncontended, 8 clients");
+        assert_eq!(lock.measured, "10.0 % (on 9,000 /s vs off 10,000 /s)");
+        assert_eq!(lock.met, Some(false));
+        r.cells.truncate(1);
+        r.derive();
+        let submit = r
+            .targets
+            .iter()
+            .find(|t| t.target.starts_with("metrics cost, submit"))
+            .unwrap();
+        assert_eq!(
+            (submit.target.as_str(), submit.measured.as_str(), submit.met),
+            ("metrics cost, submit, 32 clients", "not measured", None)
+        );
+    }
 
     #[test]
     fn the_summary_keeps_the_figures_and_leaves_out_the_samples() {
