@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole benchmark (vitals against pgbench and etcd) and writes
+# Runs the whole benchmark (vitals against pgbench and etcd, and vitals' cost
+# of its metrics: a second vitals with them off) and writes
 # bench/results/results.md and bench/results/summary.json, and under
 # bench/results/raw/ (ignored by git) the whole results.json and the plot (see
 # docs/PERFORMANCE.md); with --out-dir DIR, into DIR instead. With `soak` as
@@ -9,6 +10,7 @@
 #   scripts/bench.sh --soak 300      # with the 5-minute memory soak of the target
 #   scripts/bench.sh --duration 3 --workloads lock --clients 1,32   # a quick look
 #   scripts/bench.sh --workloads none   # only vitals' RSS per held lock (10,000 locks)
+#   scripts/bench.sh --no-metrics-off   # without the metrics-off vitals (metrics cost)
 #   scripts/bench.sh soak --minutes 2   # the soak: PostgreSQL restarted twice
 #
 # Builds vitals in release (the README's build) and the vitals-bench load
