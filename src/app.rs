@@ -28,7 +28,7 @@ use crate::{
     store::{RetentionPass, Store, TransitionFeed, TransitionNotifier, WatchLimits, WriteRules},
     telemetry::{
         endpoint,
-        metrics::{Metrics, Pool, UPKEEP_INTERVAL},
+        metrics::{Metrics, Pool, PoolUse, UPKEEP_INTERVAL},
     },
 };
 
@@ -260,7 +260,13 @@ impl Application {
         let mut metrics_tasks = match metrics_listener {
             Some((listener, metrics_addr)) => {
                 tracing::info!(%metrics_addr, "metrics listening");
-                let render = scrape(metrics.clone(), database.clone(), feed.clone(), gate.clone());
+                let render = scrape(
+                    metrics.clone(),
+                    database.clone(),
+                    locks.clone(),
+                    feed.clone(),
+                    gate.clone(),
+                );
                 let serving = tokio::spawn(endpoint::serve(listener, render, stopping_rx.clone()));
                 let counting = tokio::spawn(count_systems(
                     store.clone(),
@@ -420,9 +426,23 @@ impl Application {
 /// What a scrape renders: the registry, after the gauges that mirror state
 /// held elsewhere (connections, watchers, readiness) are read. Reading them
 /// costs no query.
-fn scrape(metrics: Metrics, database: Database, feed: TransitionFeed, gate: Arc<Readiness>) -> endpoint::Render {
+fn scrape(
+    metrics: Metrics,
+    database: Database,
+    locks: Locks,
+    feed: TransitionFeed,
+    gate: Arc<Readiness>,
+) -> endpoint::Render {
     Arc::new(move || {
         metrics.set_pool_use(Pool::Work, database.work_usage());
+        let sessions = locks.session_usage();
+        metrics.set_pool_use(
+            Pool::Lock,
+            PoolUse {
+                idle: sessions.idle,
+                in_use: sessions.holding,
+            },
+        );
         metrics.set_watchers(feed.stats().watchers);
         metrics.set_ready(gate.is_ready());
         metrics.render()

@@ -248,6 +248,14 @@ impl Locks {
         }
     }
 
+    /// The lock sessions' connections (none with the embedded store).
+    pub fn session_usage(&self) -> session::SessionUse {
+        match &self.inner.backend {
+            Backend::Postgres(sessions) => sessions.usage(),
+            Backend::Embedded(_) => session::SessionUse::default(),
+        }
+    }
+
     /// Client places free in the budget right now.
     pub fn budget_available(&self) -> usize {
         self.inner.budget.available_permits()

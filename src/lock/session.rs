@@ -33,7 +33,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -240,6 +240,23 @@ enum Cmd {
 pub struct Sessions {
     senders: Vec<mpsc::UnboundedSender<Cmd>>,
     timing: Timing,
+    states: Vec<Arc<SessionState>>,
+}
+
+/// What a session's task last reported of its connection, for metrics.
+#[derive(Debug, Default)]
+struct SessionState {
+    connected: AtomicBool,
+    holding: AtomicBool,
+}
+
+/// The lock sessions' connections, split as a pool's are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionUse {
+    /// Connected, holding nothing.
+    pub idle: u64,
+    /// Connected, holding locks (or waiting for some held elsewhere).
+    pub holding: u64,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -267,9 +284,12 @@ impl Sessions {
         // TURN_WAIT): each turn's batch is larger, so PostgreSQL runs fewer
         // statements for the same locks.
         let turn = Arc::new(Semaphore::new(1));
+        let mut states = Vec::new();
         let senders = (0..n.max(1))
             .map(|index| {
                 let (tx, rx) = mpsc::unbounded_channel();
+                let state = Arc::new(SessionState::default());
+                states.push(state.clone());
                 let session = Session {
                     index: usize::try_from(index).unwrap_or(0),
                     options: options.clone(),
@@ -278,12 +298,32 @@ impl Sessions {
                     live: None,
                     generations: 0,
                     turn: turn.clone(),
+                    state,
                 };
                 tokio::spawn(session.run(shutdown.clone()));
                 tx
             })
             .collect();
-        Arc::new(Sessions { senders, timing })
+        Arc::new(Sessions {
+            senders,
+            timing,
+            states,
+        })
+    }
+
+    /// How many sessions are connected, and how many of them hold locks.
+    pub fn usage(&self) -> SessionUse {
+        let mut usage = SessionUse::default();
+        for state in &self.states {
+            if state.connected.load(Ordering::Relaxed) {
+                if state.holding.load(Ordering::Relaxed) {
+                    usage.holding += 1;
+                } else {
+                    usage.idle += 1;
+                }
+            }
+        }
+        usage
     }
 
     /// The timing of the sessions.
@@ -428,6 +468,8 @@ struct Session {
     generations: u64,
     /// Shared by the sessions: held while a statement is in flight.
     turn: Arc<Semaphore>,
+    /// What this task reports of its connection.
+    state: Arc<SessionState>,
 }
 
 /// One statement's worth of commands, sorted.
@@ -490,7 +532,15 @@ impl Session {
                 }
             }
             self.serve(cmds).await;
+            let (connected, holding) = match &self.live {
+                Some(live) => (true, !live.held.is_empty() || !live.interest.is_empty()),
+                None => (false, false),
+            };
+            self.state.connected.store(connected, Ordering::Relaxed);
+            self.state.holding.store(holding, Ordering::Relaxed);
         }
+        self.state.connected.store(false, Ordering::Relaxed);
+        self.state.holding.store(false, Ordering::Relaxed);
         // Closing the connection releases every lock it holds.
         if let Some(live) = self.live.take() {
             live.generation.mark_lost();

@@ -30,6 +30,7 @@
 use std::future::Future;
 
 use chrono::{DateTime, Utc};
+use tracing::Instrument;
 
 use super::{CheckRecord, CheckUpdate, ConfigureOutcome, NewRun, Run, SubmitOutcome, SystemRecord, Transition};
 use crate::{
@@ -187,9 +188,15 @@ pub(crate) async fn submit_run<S: Statements>(s: &S, new: &NewRun, rules: &Write
         let Some(change) = Change::of_run(loaded, new, rules)? else {
             return resubmitted(s, unit, new).await;
         };
-        match s.write(&mut unit, &change.write(&new.system_id, Some(new))).await? {
+        let written = s
+            .write(&mut unit, &change.write(&new.system_id, Some(new)))
+            .instrument(statement("write"))
+            .await?;
+        match written {
             Written::Applied { at, sequence } => {
-                s.commit(unit, sequence.is_some()).await?;
+                s.commit(unit, sequence.is_some())
+                    .instrument(statement("commit"))
+                    .await?;
                 let (health, transition) = change.outcome(&new.system_id, at, sequence)?;
                 return Ok(SubmitOutcome {
                     run: new.recorded(at),
@@ -215,9 +222,15 @@ pub(crate) async fn configure_check<S: Statements>(
     for _ in 0..MAX_ATTEMPTS {
         let (mut unit, loaded) = load(s, &update.system_id, &update.check_id).await?;
         let change = Change::of_update(loaded, update, rules)?;
-        match s.write(&mut unit, &change.write(&update.system_id, None)).await? {
+        let written = s
+            .write(&mut unit, &change.write(&update.system_id, None))
+            .instrument(statement("write"))
+            .await?;
+        match written {
             Written::Applied { at, sequence } => {
-                s.commit(unit, sequence.is_some()).await?;
+                s.commit(unit, sequence.is_some())
+                    .instrument(statement("commit"))
+                    .await?;
                 let check = change.checks[change.target].clone();
                 let (health, transition) = change.outcome(&update.system_id, at, sequence)?;
                 return Ok(ConfigureOutcome {
@@ -233,6 +246,12 @@ pub(crate) async fn configure_check<S: Statements>(
     Err(busy(&update.system_id))
 }
 
+/// A span for one class of statement of a write, beneath its work
+/// transaction's (traces only; disabled at the default log level).
+fn statement(class: &'static str) -> tracing::Span {
+    tracing::debug_span!("db.statement", otel.name = class, db.statement_class = class)
+}
+
 /// Writes of one system kept finding it changed: others write it without
 /// its lock. Retryable, as for a lock that was not granted.
 fn busy(system_id: &SystemId) -> Error {
@@ -245,8 +264,11 @@ fn busy(system_id: &SystemId) -> Error {
 /// first was found broken (nothing was written yet).
 async fn load<S: Statements>(s: &S, system_id: &SystemId, check_id: &CheckId) -> Result<(S::Unit, Loaded)> {
     async fn once<S: Statements>(s: &S, system_id: &SystemId, check_id: &CheckId) -> Result<(S::Unit, Loaded)> {
-        let mut unit = s.begin().await?;
-        let mut loaded = s.load(&mut unit, system_id, check_id).await?;
+        let mut unit = s.begin().instrument(statement("begin")).await?;
+        let mut loaded = s
+            .load(&mut unit, system_id, check_id)
+            .instrument(statement("load"))
+            .await?;
         loaded.checks.sort_unstable_by(|a, b| a.check_id.cmp(&b.check_id));
         Ok((unit, loaded))
     }
@@ -264,10 +286,17 @@ async fn load<S: Statements>(s: &S, system_id: &SystemId, check_id: &CheckId) ->
 async fn resubmitted<S: Statements>(s: &S, mut unit: S::Unit, new: &NewRun) -> Result<SubmitOutcome> {
     let stored = s
         .stored_run(&mut unit, &new.run_id)
+        .instrument(statement("stored_run"))
         .await?
         .ok_or(Error::Invariant("a run id found taken is stored"))?;
-    let health = s.system(&mut unit, &stored.system_id).await?;
-    let transition = s.transition_caused_by(&mut unit, &stored).await?;
+    let health = s
+        .system(&mut unit, &stored.system_id)
+        .instrument(statement("system"))
+        .await?;
+    let transition = s
+        .transition_caused_by(&mut unit, &stored)
+        .instrument(statement("transition_caused_by"))
+        .await?;
     new.resubmitted(stored, health, transition)
 }
 

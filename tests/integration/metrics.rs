@@ -244,6 +244,13 @@ async fn a_scrape_counts_runs_locks_refusals_and_errors_exactly(backend: Backend
             + after.get("vitals_db_pool_connections", &[("pool", "work"), ("state", "in_use")])
             >= 1.0
     );
+    // A lock is held: with PostgreSQL, on a connected lock session that
+    // holds something; the embedded store has no lock connections.
+    let lock_sessions = |state| after.get("vitals_db_pool_connections", &[("pool", "lock"), ("state", state)]);
+    match backend {
+        Backend::Postgres => assert!(lock_sessions("in_use") >= 1.0, "no lock session holds the lock"),
+        Backend::Embedded => assert_eq!(lock_sessions("idle") + lock_sessions("in_use"), 0.0),
+    }
 
     // The background count sees the degraded system.
     eventually(PATIENCE, "vitals_systems counts checkout as degraded", async || {

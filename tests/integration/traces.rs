@@ -211,6 +211,24 @@ async fn a_client_traceparent_continues_into_the_rpc_span_and_its_lock_and_trans
         },
     )
     .await;
+    // Beneath the transaction, a span per class of statement of the write.
+    let transaction = received
+        .spans()
+        .into_iter()
+        .find(|s| s.name == "work transaction" && s.parent_span_id == second.span_id)
+        .expect("the work transaction's span");
+    eventually(PATIENCE, "the statements are the transaction's children", async || {
+        let classes: Vec<usize> = ["load", "write", "commit"]
+            .into_iter()
+            .map(|class| children(&transaction, class))
+            .collect();
+        if classes == [1, 1, 1] {
+            Ok(())
+        } else {
+            Err(format!("load, write, commit spans: {classes:?}"))
+        }
+    })
+    .await;
 
     // The log line of the status change names the RPC span's ids.
     let changed = vitals
