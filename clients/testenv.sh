@@ -18,6 +18,8 @@
 TESTENV_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VITALS_BIN=${VITALS_BIN:-$TESTENV_ROOT/${CARGO_TARGET_DIR:-target}/debug/vitals}
 [[ $VITALS_BIN == /* ]] || VITALS_BIN="$TESTENV_ROOT/$VITALS_BIN"
+# The client tests that need a server of their own (TLS, tokens) start it.
+export VITALS_BIN
 
 # The lease the test server grants: short, so that tests can hold a lock for
 # several leases (proving the keep-alives) and lose one, in a few seconds.

@@ -52,6 +52,14 @@ from typing import Any, Callable
 README_ADDR = "127.0.0.1:50051"
 README_ADDR_RE = re.compile(r"(?:127\.0\.0\.1|localhost):50051\b")
 SECTION = "## Walkthrough"
+# The Security section's worked example, run against a second vitals with
+# TLS, mTLS, a token and a probe listener (walkthrough.sh starts it after
+# running the subsection's first block, which makes the certificates): its
+# commands name localhost:50051 (the TLS listener) and 127.0.0.1:50052 (the
+# probe listener), and run in the directory of the certificates.
+TLS_SECTION = "### Trying TLS and a token"
+TLS_ADDR_RE = re.compile(r"localhost:50051\b")
+PROBE_ADDR_RE = re.compile(r"127\.0\.0\.1:50052\b")
 SHELL_LANGS = {"sh", "bash", "shell", "console", "shell-session"}
 COMMAND_TIMEOUT = 30.0  # seconds, per command
 README_LABEL = "README.md"  # how messages name the README (set by main)
@@ -189,10 +197,10 @@ def is_client_command(command: Command) -> bool:
     return bool(words) and (words[0] == "grpcurl" or words[:2] == ["buf", "curl"])
 
 
-def extract(text: str) -> tuple[list[Command], list[str]]:
-    """The walkthrough's grpcurl / buf curl commands, each with the output
+def extract(text: str, section: str = SECTION) -> tuple[list[Command], list[str]]:
+    """The section's grpcurl / buf curl commands, each with the output
     block that belongs to it, and notes about anything skipped."""
-    blocks = section_blocks(text)
+    blocks = section_blocks(text, section)
     commands: list[Command] = []
     notes: list[str] = []
     for n, block in enumerate(blocks):
@@ -216,8 +224,16 @@ def extract(text: str) -> tuple[list[Command], list[str]]:
                 )
             client[-1].expected = expected
     if not commands:
-        raise ExtractError(f'no grpcurl / buf curl command in "{SECTION}"')
+        raise ExtractError(f'no grpcurl / buf curl command in "{section}"')
     return commands, notes
+
+
+def setup_script(text: str, section: str = TLS_SECTION) -> str:
+    """The first shell block of `section`: what prepares its commands."""
+    for block in section_blocks(text, section):
+        if block.lang in SHELL_LANGS:
+            return "\n".join(block.lines) + "\n"
+    raise ExtractError(f'no shell block in "{section}"')
 
 
 # ------------------------------------------------ JSON with "..." placeholders
@@ -454,11 +470,12 @@ class Result:
     seconds: float
 
 
-def run_shell(script: str, timeout: float = COMMAND_TIMEOUT) -> Result:
+def run_shell(script: str, timeout: float = COMMAND_TIMEOUT, cwd: str | None = None) -> Result:
     started = time.monotonic()
     try:
         p = subprocess.run(
             ["bash", "-c", script],
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -540,13 +557,24 @@ class Report:
                 self.say(indent(result.err))
 
 
-def run_walkthrough(readme: str, addr: str, report: Report) -> None:
+def run_walkthrough(
+    readme: str,
+    addr: str,
+    report: Report,
+    section: str = SECTION,
+    addresses: list[tuple[re.Pattern[str], str]] | None = None,
+    cwd: str | None = None,
+) -> None:
+    """Runs `section`'s commands with each README address of `addresses`
+    (default: 127.0.0.1:50051 and localhost:50051) replaced by the test
+    server's, in `cwd`."""
+    addresses = addresses or [(README_ADDR_RE, addr)]
     with open(readme, encoding="utf-8") as f:
         text = f.read()
-    commands, notes = extract(text)
+    commands, notes = extract(text, section)
     blocks_with_output = sum(1 for c in commands if c.expected)
     print(
-        f'walkthrough: {readme} "{SECTION}": {len(commands)} grpcurl / buf curl commands, '
+        f'walkthrough: {readme} "{section}": {len(commands)} grpcurl / buf curl commands, '
         f"{blocks_with_output} with an output block",
         flush=True,
     )
@@ -554,11 +582,14 @@ def run_walkthrough(readme: str, addr: str, report: Report) -> None:
         print(f"  note  {note}")
     for command in commands:
         what = f"{README_LABEL}:{command.line}  {command.display}"
-        if not README_ADDR_RE.search(command.script):
-            report.fail(what, [f"the command does not name {README_ADDR}; it would not reach the test server"])
+        if not any(pattern.search(command.script) for pattern, _ in addresses):
+            names = ", ".join(pattern.pattern for pattern, _ in addresses)
+            report.fail(what, [f"the command names none of {names}; it would not reach the test server"])
             continue
-        script = README_ADDR_RE.sub(addr, command.script)
-        result = run_shell(script)
+        script = command.script
+        for pattern, replacement in addresses:
+            script = pattern.sub(replacement, script)
+        result = run_shell(script, cwd=cwd)
         expected = command.expected
         fails = expected is not None and expected.text.startswith("ERROR:")
         if fails:
@@ -903,7 +934,12 @@ def main() -> int:
     run.add_argument("--addr", required=True, help="the test server, HOST:PORT")
     run.add_argument("--readme", default="README.md")
     run.add_argument("--skip-reflection", action="store_true", help="only the README walkthrough")
+    run.add_argument("--tls-addr", help=f'the TLS test server, HOST:PORT: also run "{TLS_SECTION}"')
+    run.add_argument("--probe-addr", help="the TLS test server's probe listener, HOST:PORT")
+    run.add_argument("--tls-dir", help="the directory the TLS section's first block ran in")
     ext = sub.add_parser("extract", help="print the commands and their output blocks")
+    setup = sub.add_parser("setup", help=f'print the first shell block of "{TLS_SECTION}"')
+    setup.add_argument("--readme", default="README.md")
     ext.add_argument("--readme", default="README.md")
     sub.add_parser("selftest", help="test the output matcher and the extraction")
     args = parser.parse_args()
@@ -913,6 +949,10 @@ def main() -> int:
 
     if args.cmd == "selftest":
         return selftest()
+    if args.cmd == "setup":
+        with open(args.readme, encoding="utf-8") as f:
+            print(setup_script(f.read()), end="")
+        return 0
     if args.cmd == "extract":
         with open(args.readme, encoding="utf-8") as f:
             commands, notes = extract(f.read())
@@ -929,6 +969,19 @@ def main() -> int:
         run_walkthrough(args.readme, args.addr, report)
     except (ExtractError, OSError) as e:
         report.fail("reading the README walkthrough", [str(e)])
+    if args.tls_addr:
+        host, port = args.tls_addr.rsplit(":", 1)
+        try:
+            run_walkthrough(
+                args.readme,
+                args.tls_addr,
+                report,
+                section=TLS_SECTION,
+                addresses=[(TLS_ADDR_RE, f"localhost:{port}"), (PROBE_ADDR_RE, args.probe_addr or "")],
+                cwd=args.tls_dir,
+            )
+        except (ExtractError, OSError) as e:
+            report.fail(f'reading the README "{TLS_SECTION}"', [str(e)])
     if not args.skip_reflection:
         run_reflection(args.addr, report)
     print(f"walkthrough: {time.monotonic() - started:.1f} s")

@@ -15,8 +15,13 @@
 #      directory (PGHOST is unset for the server, so it cannot pick PostgreSQL).
 #    Waits for grpc.health.v1 SERVING; stops the server at exit, whatever
 #    happened.
-# 3. Runs walkthrough.py: exits non-zero, naming the command and showing a
-#    diff, when any command fails or its output differs from the README's.
+# 3. Runs the first block of README.md's "### Trying TLS and a token" (it
+#    makes a CA, certificates, a token and an auth file) in a directory of
+#    its own, and starts a second vitals with them as that section does:
+#    TLS, mTLS, the auth file and a probe listener, on the embedded store.
+# 4. Runs walkthrough.py: exits non-zero, naming the command and showing a
+#    diff, when any command fails or its output differs from the README's
+#    (the TLS section's commands against the second vitals, $TOKEN set).
 #
 # Environment:
 #   DATABASE_URL  an admin URL whose user may CREATE DATABASE (preferred)
@@ -78,6 +83,7 @@ ensure_buf() {
 WORK=""
 DB=""
 PID=""
+TLS_PID=""
 
 stop_server() {
     [[ -n $PID ]] || return 0
@@ -100,6 +106,11 @@ stop_server() {
 cleanup() {
     local status=$?
     stop_server
+    if [[ -n $TLS_PID ]]; then
+        PID=$TLS_PID
+        TLS_PID=""
+        stop_server
+    fi
     if ((status != 0)) && [[ -f $WORK/vitals.log ]]; then
         printf '\n--- last lines of the vitals log ---\n' >&2
         tail -n 30 "$WORK/vitals.log" >&2 || true
@@ -178,6 +189,49 @@ start_server() {
     die "could not start vitals on a free port"
 }
 
+# Runs the TLS section's first block in $WORK/tls and starts vitals with
+# what it made. Sets TLS_ADDR, PROBE_ADDR, TLS_PID and exports TOKEN.
+start_tls_server() {
+    local dir=$WORK/tls setup attempt port probe_port i
+    mkdir -p "$dir"
+    setup=$("$PYTHON" scripts/walkthrough.py setup --readme "${WALKTHROUGH_README:-README.md}")
+    (cd "$dir" && bash -euo pipefail -c "$setup"$'\nprintf %s "$TOKEN" > token') >"$dir/setup.log" 2>&1 ||
+        { cat "$dir/setup.log" >&2; die "the TLS section's first block failed"; }
+    TOKEN=$(cat "$dir/token")
+    export TOKEN
+    for ((attempt = 1; attempt <= 5; attempt++)); do
+        port=$((20000 + RANDOM % 40000))
+        probe_port=$((port + 1))
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || (exec 3<>"/dev/tcp/127.0.0.1/$probe_port") 2>/dev/null; then
+            continue
+        fi
+        TLS_ADDR="127.0.0.1:$port"
+        PROBE_ADDR="127.0.0.1:$probe_port"
+        (cd "$dir" && exec env -u PGHOST -u PGHOSTADDR -u PGSERVICE -u DATABASE_URL NO_COLOR=1 \
+            VITALS_TLS_CERT_FILE=server.crt VITALS_TLS_KEY_FILE=server.key VITALS_TLS_CLIENT_CA_FILE=ca.crt \
+            VITALS_AUTH_FILE=auth.toml VITALS_PROBE_ADDR="$PROBE_ADDR" \
+            "$VITALS_BIN" --listen-addr "$TLS_ADDR" --data-dir "$dir/data" --shutdown-grace-ms 1000) \
+            >"$WORK/vitals-tls.log" 2>&1 &
+        TLS_PID=$!
+        for ((i = 0; i < 120; i++)); do
+            kill -0 "$TLS_PID" 2>/dev/null || break
+            # The probe listener has no reflection for grpcurl: vitals probe.
+            if [[ $("$VITALS_BIN" probe --addr "$PROBE_ADDR" --timeout 1s 2>/dev/null) == SERVING ]]; then
+                say "vitals with TLS $TLS_ADDR, probe listener $PROBE_ADDR (pid $TLS_PID) is SERVING"
+                return 0
+            fi
+            sleep 0.25
+        done
+        if kill -0 "$TLS_PID" 2>/dev/null || ! grep -qi 'address already in use' "$WORK/vitals-tls.log"; then
+            tail -n 30 "$WORK/vitals-tls.log" >&2 || true
+            die "vitals with TLS did not become SERVING"
+        fi
+        wait "$TLS_PID" 2>/dev/null || true
+        TLS_PID=""
+    done
+    die "could not start vitals with TLS on a free port"
+}
+
 # -------------------------------------------------------------------- main
 
 started=$SECONDS
@@ -192,8 +246,11 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/vitals-walkthrough.XXXXXX")
 start_server
+command -v openssl >/dev/null || die "openssl is needed for the TLS walkthrough (apt-get install openssl)"
+start_tls_server
 
 # The README's commands name plain `grpcurl` and `buf`: the pinned ones.
 PATH="$VENV/bin:$(dirname "$BUF"):$PATH" NO_COLOR=1 \
-    "$PYTHON" scripts/walkthrough.py run --addr "$ADDR" --readme "${WALKTHROUGH_README:-README.md}"
+    "$PYTHON" scripts/walkthrough.py run --addr "$ADDR" --readme "${WALKTHROUGH_README:-README.md}" \
+    --tls-addr "$TLS_ADDR" --probe-addr "$PROBE_ADDR" --tls-dir "$WORK/tls"
 say "done in $((SECONDS - started)) s"

@@ -11,18 +11,24 @@
 //! the SQLite connections, then the data directory's lock). The process is
 //! done within the grace plus [`CLOSE_LIMIT`], whatever clients do.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    api::{HealthApi, LockApi},
-    config::Config,
+    api::{HealthApi, LockApi, PageTokenKey},
+    auth::{
+        Principals, TlsFiles, TlsSettings,
+        reload::{self, ReloadCounts},
+        tls::TlsError,
+    },
+    config::{AuthReflection, Config},
     db::{Database, OpenError},
+    listener::Listener,
     lock::Locks,
-    middleware::{EdgeLayer, Readiness},
+    middleware::{EdgeLayer, Readiness, auth::Authenticator},
     proto::{self, health_check_service_server::HealthCheckServiceServer, lock_service_server::LockServiceServer},
     service::HealthService,
     store::{RetentionPass, Store, TransitionFeed, TransitionNotifier, WatchLimits, WriteRules},
@@ -61,6 +67,12 @@ pub enum StartError {
     /// compiled into the binary (a build problem).
     #[error("reflection: {0}")]
     Reflection(#[source] tonic_reflection::server::Error),
+    /// The TLS settings or files cannot be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// The auth file cannot be read or is not valid.
+    #[error("VITALS_AUTH_FILE: {0}")]
+    Auth(String),
     /// The gRPC server failed.
     #[error("server error: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -84,11 +96,53 @@ const STREAMS_END_LIMIT: Duration = Duration::from_millis(400);
 /// [`crate::store::retention`]).
 const RETENTION_BATCH: u32 = 1000;
 
+/// HTTP/2 header block a client may send on one request (names, values and
+/// per-field overhead): ample for gRPC metadata, a bearer token and a
+/// request id, and far below what would let a client pin memory with
+/// headers alone.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// Streams a client may reset before the server has accepted them, per
+/// connection, beyond which h2 ends the connection (the "rapid reset"
+/// flood); h2's default, stated so it cannot silently change.
+pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+
+/// Streams the server may reset on one connection for a client's errors
+/// (streams past the per-connection limit among them) before h2 ends it:
+/// hyper's default, which tonic's `None` would remove.
+pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// Connections the probe listener keeps open at once: kubelet and a few
+/// tools, never the clients.
+const PROBE_MAX_CONNECTIONS: usize = 64;
+
+/// The TLS of the gRPC listener and what to reload it from.
+struct Tls {
+    counts: Arc<ReloadCounts>,
+    files: TlsFiles,
+    settings: Arc<TlsSettings>,
+    /// The files' contents in force.
+    loaded: Vec<Vec<u8>>,
+}
+
+/// The principals and what to reload them from.
+struct Auth {
+    counts: Arc<ReloadCounts>,
+    file: PathBuf,
+    authenticator: Arc<Authenticator>,
+    /// The file's contents in force.
+    loaded: Vec<Vec<u8>>,
+}
+
 /// A built, bound, not yet serving vitals.
 pub struct Application {
     config: Config,
     listener: TcpListener,
     addr: SocketAddr,
+    /// The plaintext grpc.health.v1 listener (`VITALS_PROBE_ADDR`).
+    probe: Option<(TcpListener, SocketAddr)>,
+    tls: Option<Tls>,
+    auth: Option<Auth>,
     database: Database,
     locks: Locks,
     store: Store,
@@ -165,6 +219,60 @@ impl Application {
         } else {
             Metrics::disabled()
         };
+        let probe = match config.probe_addr {
+            None => None,
+            Some(probe_addr) => {
+                let bind = |source| StartError::Bind {
+                    addr: probe_addr,
+                    source,
+                };
+                let listener = TcpListener::bind(probe_addr).await.map_err(bind)?;
+                let addr = listener.local_addr().map_err(bind)?;
+                Some((listener, addr))
+            }
+        };
+        crate::auth::tls::install_crypto_provider();
+        let tls = match TlsFiles::from_config(&config)? {
+            None => None,
+            Some(files) => {
+                let loaded = reload::read_all(&files.paths()).map_err(|why| TlsError::Pem {
+                    path: files.cert.clone(),
+                    why,
+                })?;
+                let settings = TlsSettings::new(files.build(&loaded)?);
+                tracing::info!(mtls = files.client_ca.is_some(), "TLS on the gRPC listener");
+                Some(Tls {
+                    counts: ReloadCounts::new(),
+                    files,
+                    settings,
+                    loaded,
+                })
+            }
+        };
+        let auth = match &config.auth_file {
+            None => None,
+            Some(file) => {
+                let loaded = reload::read_all(std::slice::from_ref(file)).map_err(StartError::Auth)?;
+                let text = std::str::from_utf8(&loaded[0]).map_err(|_| StartError::Auth("not UTF-8".into()))?;
+                let principals = Principals::parse(text).map_err(|e| StartError::Auth(e.to_string()))?;
+                tracing::info!(principals = principals.len(), "authentication on");
+                let authenticator = Authenticator::new(principals, config.auth_reflection == AuthReflection::Required);
+                Some(Auth {
+                    counts: ReloadCounts::new(),
+                    file: file.clone(),
+                    authenticator,
+                    loaded,
+                })
+            }
+        };
+        if !addr.ip().is_loopback() && tls.is_none() && auth.is_none() {
+            tracing::warn!(
+                %addr,
+                "listening on a non-loopback address with neither TLS nor authentication: anyone who reaches \
+                 the port can submit runs, configure checks and take locks (set VITALS_TLS_CERT_FILE and \
+                 VITALS_TLS_KEY_FILE, and VITALS_AUTH_FILE)"
+            );
+        }
         let database = Database::open(&config).await?;
         database.report_to(metrics.pool(Pool::Work));
         if matches!(database, Database::Postgres(_)) && config.request_timeout_ms >= config.lock_idle_tx_timeout_ms {
@@ -183,6 +291,9 @@ impl Application {
             config,
             listener,
             addr,
+            probe,
+            tls,
+            auth,
             database,
             locks,
             store,
@@ -205,6 +316,21 @@ impl Application {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound address of the probe listener, when there is one.
+    pub fn probe_addr(&self) -> Option<SocketAddr> {
+        self.probe.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// How the TLS files' reloads went, when TLS is on.
+    pub fn tls_reloads(&self) -> Option<Arc<ReloadCounts>> {
+        self.tls.as_ref().map(|tls| tls.counts.clone())
+    }
+
+    /// How the auth file's reloads went, when authentication is on.
+    pub fn auth_reloads(&self) -> Option<Arc<ReloadCounts>> {
+        self.auth.as_ref().map(|auth| auth.counts.clone())
     }
 
     /// The lock service, for introspection (for example
@@ -232,6 +358,9 @@ impl Application {
             config,
             listener,
             addr,
+            probe,
+            tls,
+            auth,
             database,
             locks,
             store,
@@ -247,9 +376,11 @@ impl Application {
         // once the drain grace is over.
         let (stopping_tx, stopping_rx) = watch::channel(false);
 
+        let page_tokens = Arc::new(PageTokenKey::default());
         let mut readiness = tokio::spawn(readiness_loop(
             database.clone(),
             config.clone(),
+            page_tokens.clone(),
             gate.clone(),
             health_reporter.clone(),
             stopping_rx.clone(),
@@ -279,6 +410,60 @@ impl Application {
             }
             None => Vec::new(),
         };
+        let mut reloaders = Vec::new();
+        let tls_settings = tls.map(
+            |Tls {
+                 counts,
+                 files,
+                 settings,
+                 loaded,
+             }| {
+                let target = settings.clone();
+                let paths = files.paths();
+                reloaders.push(reload::spawn(
+                    "TLS certificate",
+                    paths,
+                    loaded,
+                    config.file_reload_interval(),
+                    move |contents| {
+                        target.replace(files.build(contents).map_err(|e| e.to_string())?);
+                        Ok(())
+                    },
+                    counts,
+                    stopping_rx.clone(),
+                ));
+                settings
+            },
+        );
+        let authenticator = auth.map(
+            |Auth {
+                 counts,
+                 file,
+                 authenticator,
+                 loaded,
+             }| {
+                let target = authenticator.clone();
+                reloaders.push(reload::spawn(
+                    "auth file",
+                    vec![file],
+                    loaded,
+                    config.file_reload_interval(),
+                    move |contents| {
+                        let text = contents
+                            .first()
+                            .and_then(|c| std::str::from_utf8(c).ok())
+                            .ok_or("not UTF-8")?;
+                        let principals = Principals::parse(text).map_err(|e| e.to_string())?;
+                        tracing::info!(principals = principals.len(), "principals loaded");
+                        target.replace(principals);
+                        Ok(())
+                    },
+                    counts,
+                    stopping_rx.clone(),
+                ));
+                authenticator
+            },
+        );
         // Retention stops as soon as shutdown begins, not after the drain: it
         // must not hold the embedded writer while requests finish.
         let (retention_stop_tx, retention_stop_rx) = watch::channel(false);
@@ -295,8 +480,8 @@ impl Application {
         let health_service = health_service.max_decoding_message_size(max_bytes);
         let health_checks = HealthService::new(store, locks.clone(), feed.clone(), WriteRules::from_config(&config))
             .with_metrics(metrics.runs());
-        let health_api =
-            HealthCheckServiceServer::new(HealthApi::new(health_checks)).max_decoding_message_size(max_bytes);
+        let health_api = HealthCheckServiceServer::new(HealthApi::new(health_checks, page_tokens))
+            .max_decoding_message_size(max_bytes);
         let lock_api = LockServiceServer::new(LockApi::new(locks.clone())).max_decoding_message_size(max_bytes);
 
         // Both reflection versions describe the same files: the contract,
@@ -339,22 +524,39 @@ impl Application {
             let _ = drained_tx.send(());
         };
 
-        tracing::info!(%addr, "vitals listening");
-        let server = Server::builder()
-            .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(EdgeLayer::new(&config, gate, metrics.grpc()))
+        // The probe listener serves grpc.health.v1 alone, in plaintext and
+        // without credentials (kubelet speaks neither TLS nor tokens); any
+        // other path there is tonic's UNIMPLEMENTED. It stops with the rest
+        // of the background work, after the main server, so probes see
+        // NOT_SERVING during the drain.
+        let mut probe_server = probe.map(|(probe_listener, probe_addr)| {
+            tracing::info!(%probe_addr, "probe listener (grpc.health.v1 only, plaintext)");
+            let mut stopping = stopping_rx.clone();
+            let server = limits(Server::builder())
+                .add_service(health_service.clone())
+                .serve_with_incoming_shutdown(
+                    Listener::new(probe_listener, PROBE_MAX_CONNECTIONS, None).incoming(),
+                    async move {
+                        let _ = stopping.wait_for(|stop| *stop).await;
+                    },
+                );
+            tokio::spawn(server)
+        });
+
+        tracing::info!(%addr, tls = tls_settings.is_some(), auth = authenticator.is_some(), "vitals listening");
+        let max_connections = usize::try_from(config.max_connections).unwrap_or(usize::MAX);
+        let server = limits(Server::builder())
+            .max_concurrent_streams(config.max_streams_per_connection)
+            .layer(EdgeLayer::new(&config, gate, metrics.grpc(), authenticator))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(health_api)
             .add_service(lock_api)
-            // The builder's tcp_nodelay applies only to listeners tonic binds
-            // itself; without it on our own listener every reply waits for the
-            // client's delayed ACK (~40 ms on loopback).
+            // Our own accept loop: the connection cap, TCP_NODELAY and the
+            // TLS handshake with reloadable certificates (crate::listener).
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                Listener::new(listener, max_connections, tls_settings).incoming(),
                 stop_accepting,
             );
         let mut server = tokio::spawn(server);
@@ -400,6 +602,12 @@ impl Application {
                 &mut following,
                 futures::future::join_all(metrics_tasks.iter_mut())
             );
+            for reloader in &mut reloaders {
+                let _ = reloader.await;
+            }
+            if let Some(probe_server) = &mut probe_server {
+                let _ = probe_server.await;
+            }
         })
         .await;
         if tasks_ended.is_err() {
@@ -409,6 +617,10 @@ impl Application {
             following.abort();
             for task in &metrics_tasks {
                 task.abort();
+            }
+            reloaders.iter().for_each(JoinHandle::abort);
+            if let Some(probe_server) = &probe_server {
+                probe_server.abort();
             }
         }
         close_limit = close_limit.saturating_sub(ending.elapsed());
@@ -479,11 +691,28 @@ async fn count_systems(
     }
 }
 
+/// The HTTP/2 limits of both listeners, each set here explicitly: tonic
+/// hands hyper `None` for the ones it is not given, which for the streams
+/// per connection and the locally reset streams means no limit at all.
+/// Keep-alive pings find a client that vanished (a watch or a lock stream
+/// would otherwise hold its place until TCP gives up).
+fn limits(builder: Server) -> Server {
+    builder
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+}
+
 /// Keeps health and the readiness gate in step with the database. Runs the
-/// migrations the first time the database answers.
+/// migrations the first time the database answers, then reads the page token
+/// key (vitals serves only once it has it).
 async fn readiness_loop(
     database: Database,
     config: Config,
+    page_tokens: Arc<PageTokenKey>,
     gate: Arc<Readiness>,
     reporter: HealthReporter,
     mut stopping: watch::Receiver<bool>,
@@ -502,6 +731,15 @@ async fn readiness_loop(
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "migrations failed; will retry");
+                    up = false;
+                }
+            }
+        }
+        if up && migrated && !page_tokens.is_set() {
+            match database.page_token_key().await {
+                Ok(key) => page_tokens.set(key),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read the page token key; will retry");
                     up = false;
                 }
             }

@@ -9,6 +9,12 @@
 //! codec, the tests' and the load generator's, would report a reply they
 //! cannot decode the same way; vitals' replies are prost's own encoding.)
 //!
+//! EvaluateHealth takes at most 100 statuses. A request message of
+//! `VITALS_MAX_REQUEST_BYTES` could hold tens of thousands (one byte each,
+//! four once decoded), so the decoder counts them in the encoded bytes and
+//! refuses a request with more (INVALID_ARGUMENT on `statuses`, as the
+//! handler would) before decoding any.
+//!
 //! tonic gives every stream an 8 KiB encode and an 8 KiB decode buffer up
 //! front. WithLock's messages are a few dozen bytes, a transition a few
 //! hundred, and a replica holds thousands of WithLock and WatchTransitions
@@ -88,11 +94,26 @@ pub struct ProtobufDecoder<U> {
     decodes: PhantomData<U>,
 }
 
-impl<U: Message + Default> Decoder for ProtobufDecoder<U> {
+impl<U: Message + Default + 'static> Decoder for ProtobufDecoder<U> {
     type Item = U;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        if TypeId::of::<U>() == TypeId::of::<crate::proto::EvaluateHealthRequest>() {
+            use bytes::Buf;
+            // The message is whole in the buffer; a chunk that is not all of
+            // it (never, with tonic's contiguous buffer) is left to the
+            // handler's own check.
+            if buf.chunk().len() == buf.remaining()
+                && statuses_in(buf.chunk()).is_some_and(|n| n > crate::domain::MAX_RUNS_CONSIDERED)
+            {
+                return Err(Error::invalid(
+                    "statuses",
+                    format!("at most {} statuses are evaluated", crate::domain::MAX_RUNS_CONSIDERED),
+                )
+                .into());
+            }
+        }
         match U::decode(buf) {
             Ok(message) => Ok(Some(message)),
             Err(err) => {
@@ -105,6 +126,39 @@ impl<U: Message + Default> Decoder for ProtobufDecoder<U> {
     fn buffer_settings(&self) -> BufferSettings {
         self.settings
     }
+}
+
+/// How many values of field 1 (EvaluateHealthRequest's `statuses`, packed or
+/// not) an encoded message holds, without decoding it; `None` when the
+/// bytes are not protobuf (prost then says so).
+fn statuses_in(mut bytes: &[u8]) -> Option<usize> {
+    use prost::encoding::decode_varint;
+    let mut count = 0_usize;
+    while !bytes.is_empty() {
+        let key = decode_varint(&mut bytes).ok()?;
+        let statuses = key >> 3 == 1;
+        match key & 7 {
+            0 => {
+                decode_varint(&mut bytes).ok()?;
+                count += usize::from(statuses);
+            }
+            1 => bytes = bytes.get(8..)?,
+            2 => {
+                let len = usize::try_from(decode_varint(&mut bytes).ok()?).ok()?;
+                let (mut value, rest) = bytes.split_at_checked(len)?;
+                if statuses {
+                    while !value.is_empty() {
+                        decode_varint(&mut value).ok()?;
+                        count += 1;
+                    }
+                }
+                bytes = rest;
+            }
+            5 => bytes = bytes.get(4..)?,
+            _ => return None,
+        }
+    }
+    Some(count)
 }
 
 #[cfg(test)]
@@ -158,6 +212,38 @@ mod tests {
         assert_eq!(status.code(), Code::InvalidArgument);
         let request = decode_request(&[0x0a, 1, b'a']).await.unwrap();
         assert_eq!(request.system_id, "a");
+    }
+
+    /// Decodes `request` as EvaluateHealth's server does.
+    async fn decode_evaluate(request: &proto::EvaluateHealthRequest) -> Result<proto::EvaluateHealthRequest, Status> {
+        let payload = request.encode_to_vec();
+        let mut framed = vec![0];
+        framed.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        framed.extend_from_slice(&payload);
+        let body = Once(Some(Bytes::from(framed)));
+        let decoder =
+            SmallBufferCodec::<proto::EvaluateHealthResponse, proto::EvaluateHealthRequest>::default().decoder();
+        let mut requests = tonic::Streaming::new_request(decoder, body, None, None);
+        requests.message().await.map(|m| m.expect("a message"))
+    }
+
+    #[tokio::test]
+    async fn more_than_100_statuses_are_refused_before_they_are_decoded() {
+        let with = |n: usize| proto::EvaluateHealthRequest {
+            statuses: vec![proto::HealthStatus::Unhealthy as i32; n],
+            thresholds: None,
+        };
+        assert_eq!(decode_evaluate(&with(100)).await.unwrap().statuses.len(), 100);
+        for n in [101, 60_000] {
+            let status = decode_evaluate(&with(n)).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument);
+            let bad = status.get_details_bad_request().expect("a BadRequest");
+            assert_eq!(bad.field_violations[0].field, "statuses");
+        }
+        // Unpacked statuses (field 1, varint, one key each) count the same.
+        let unpacked: Vec<u8> = std::iter::repeat_n([0x08, 0x03], 101).flatten().collect();
+        assert_eq!(statuses_in(&unpacked), Some(101));
+        assert_eq!(statuses_in(&[0x08]), None, "a key without its value");
     }
 
     /// BufferSettings has no PartialEq; its Debug shows both fields.

@@ -18,9 +18,64 @@ pub const MAX_CHECKS_PER_SYSTEM: u32 = 10_000;
 /// has in practice, with a tenth of the largest reply.
 pub const DEFAULT_MAX_CHECKS_PER_SYSTEM: u32 = 1000;
 
+/// A database URL whose password `Debug` never prints: a configuration is
+/// logged and printed in panics and test failures, a password must not be.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL itself, password included, for the driver only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        Ok(DatabaseUrl(raw.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact_password(&self.0))
+    }
+}
+
+/// `url` with the password of its user info and of a `password=` query
+/// parameter replaced by `***`.
+pub fn redact_password(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            let start = scheme_end + 3 + colon + 1;
+            let end = scheme_end + 3 + at;
+            out.replace_range(start..end, "***");
+        }
+    }
+    if let Some(query_at) = out.find('?') {
+        let (head, query) = out.split_at(query_at + 1);
+        let redacted: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", redacted.join("&"));
+    }
+    out
+}
+
 /// Where the data lives, resolved from `DATABASE_URL`, the `PG*` variables or
 /// the embedded default.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum DatabaseTarget {
     /// A PostgreSQL URL given explicitly.
     PostgresUrl(String),
@@ -33,6 +88,17 @@ pub enum DatabaseTarget {
     EmbeddedUrl(String),
 }
 
+impl std::fmt::Debug for DatabaseTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DatabaseTarget::PostgresUrl(url) => f.debug_tuple("PostgresUrl").field(&redact_password(url)).finish(),
+            DatabaseTarget::PostgresFromEnv => f.write_str("PostgresFromEnv"),
+            DatabaseTarget::Embedded(dir) => f.debug_tuple("Embedded").field(dir).finish(),
+            DatabaseTarget::EmbeddedUrl(url) => f.debug_tuple("EmbeddedUrl").field(url).finish(),
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum LogFormat {
@@ -41,6 +107,16 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log shippers.
     Json,
+}
+
+/// Whether server reflection is open to anyone who can connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum AuthReflection {
+    /// Reflection answers without credentials, like grpc.health.v1.
+    #[default]
+    Open,
+    /// Reflection needs a known principal (any scope) once VITALS_AUTH_FILE is set.
+    Required,
 }
 
 /// The service's configuration. Field docs are the `--help` text.
@@ -62,7 +138,7 @@ pub struct Config {
         value_name = "DATABASE_URL",
         hide_env_values = true
     )]
-    pub database_url: Option<String>,
+    pub database_url: Option<DatabaseUrl>,
 
     /// Directory of the embedded store: vitals.db and its lock file (used when no PostgreSQL is configured).
     #[arg(
@@ -136,7 +212,7 @@ pub struct Config {
     pub max_concurrent_requests: u32,
 
     /// Largest accepted request message in bytes.
-    #[arg(long = "max-request-bytes", env = "VITALS_MAX_REQUEST_BYTES", value_name = "VITALS_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = count_in(1024, 256 * 1024 * 1024))]
+    #[arg(long = "max-request-bytes", env = "VITALS_MAX_REQUEST_BYTES", value_name = "VITALS_MAX_REQUEST_BYTES", default_value_t = 64 * 1024, value_parser = count_in(1024, 256 * 1024 * 1024))]
     pub max_request_bytes: u32,
 
     /// Runs older than this are deleted (never a check's newest 100): a number with s, m, h or d.
@@ -154,6 +230,54 @@ pub struct Config {
     /// Interval of the background database readiness check.
     #[arg(long = "readiness-interval-ms", env = "VITALS_READINESS_INTERVAL_MS", value_name = "VITALS_READINESS_INTERVAL_MS", default_value_t = 500, value_parser = millis_in(10, 60_000))]
     pub readiness_interval_ms: u64,
+
+    /// PEM certificate chain of the gRPC listener. With VITALS_TLS_KEY_FILE the listener speaks TLS only; reloaded when the file changes and on SIGHUP.
+    #[arg(
+        long = "tls-cert-file",
+        env = "VITALS_TLS_CERT_FILE",
+        value_name = "VITALS_TLS_CERT_FILE"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of VITALS_TLS_CERT_FILE (PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long = "tls-key-file",
+        env = "VITALS_TLS_KEY_FILE",
+        value_name = "VITALS_TLS_KEY_FILE"
+    )]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// PEM CA certificates: when set, every client must present a certificate they issued (mTLS).
+    #[arg(
+        long = "tls-client-ca-file",
+        env = "VITALS_TLS_CLIENT_CA_FILE",
+        value_name = "VITALS_TLS_CLIENT_CA_FILE"
+    )]
+    pub tls_client_ca_file: Option<PathBuf>,
+
+    /// Principals, their credentials, scopes and namespaces (TOML). Unset: no authentication.
+    #[arg(long = "auth-file", env = "VITALS_AUTH_FILE", value_name = "VITALS_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Whether server reflection needs a known principal (any scope): open or required.
+    #[arg(long = "auth-reflection", env = "VITALS_AUTH_REFLECTION", value_name = "VITALS_AUTH_REFLECTION", value_enum, default_value_t = AuthReflection::Open)]
+    pub auth_reflection: AuthReflection,
+
+    /// How often the TLS and auth files are read for changes (SIGHUP reads them at once).
+    #[arg(long = "file-reload-interval-ms", env = "VITALS_FILE_RELOAD_INTERVAL_MS", value_name = "VITALS_FILE_RELOAD_INTERVAL_MS", default_value_t = 1_000, value_parser = millis_in(10, 3_600_000))]
+    pub file_reload_interval_ms: u64,
+
+    /// Plaintext listener serving only grpc.health.v1, for kubelet gRPC probes. Unset: none.
+    #[arg(long = "probe-addr", env = "VITALS_PROBE_ADDR", value_name = "VITALS_PROBE_ADDR")]
+    pub probe_addr: Option<SocketAddr>,
+
+    /// Client connections open at once on the gRPC listener; past it a new connection is closed at once.
+    #[arg(long = "max-connections", env = "VITALS_MAX_CONNECTIONS", value_name = "VITALS_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = count_in(1, 1_000_000))]
+    pub max_connections: u32,
+
+    /// HTTP/2 streams (RPCs) open at once on one connection; a client waits for a free one past it.
+    #[arg(long = "max-streams-per-connection", env = "VITALS_MAX_STREAMS_PER_CONNECTION", value_name = "VITALS_MAX_STREAMS_PER_CONNECTION", default_value_t = 1_024, value_parser = count_in(1, 100_000))]
+    pub max_streams_per_connection: u32,
 
     /// Log format: text or json.
     #[arg(long = "log-format", env = "VITALS_LOG_FORMAT", value_name = "VITALS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -293,7 +417,7 @@ impl Config {
 
     /// Resolves which store to use.
     pub fn database_target(&self) -> DatabaseTarget {
-        match self.database_url.as_deref().map(str::trim) {
+        match self.database_url.as_ref().map(|url| url.expose().trim()) {
             Some(url) if url.starts_with("sqlite:") => DatabaseTarget::EmbeddedUrl(url.to_owned()),
             Some(url) if !url.is_empty() => DatabaseTarget::PostgresUrl(url.to_owned()),
             _ if std::env::var_os("PGHOST").is_some_and(|h| !h.is_empty()) => DatabaseTarget::PostgresFromEnv,
@@ -329,6 +453,11 @@ impl Config {
     /// The largest request message accepted, in bytes.
     pub fn max_request_size(&self) -> usize {
         usize::try_from(self.max_request_bytes).unwrap_or(usize::MAX)
+    }
+
+    /// How often the TLS and auth files are read for changes.
+    pub fn file_reload_interval(&self) -> Duration {
+        Duration::from_millis(self.file_reload_interval_ms)
     }
 
     /// The longest wait a WithLock client may ask for.
@@ -443,6 +572,22 @@ mod tests {
         for bad in ["", "7", "d", "7w", "-1d", "10s", "1.5h"] {
             assert!(parse_retention(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_database_password_never_reaches_debug_output() {
+        let c = Config::from_flags(["--database-url", "postgres://vitals:s3cr%40t@db:5432/v?sslmode=require"]).unwrap();
+        let printed = format!("{c:?} {:?}", c.database_target());
+        assert!(!printed.contains("s3cr"), "{printed}");
+        assert!(
+            printed.contains("postgres://vitals:***@db:5432/v?sslmode=require"),
+            "{printed}"
+        );
+        assert_eq!(
+            redact_password("postgres://u@h/d?password=hunter2&sslmode=verify-full"),
+            "postgres://u@h/d?password=***&sslmode=verify-full"
+        );
+        assert_eq!(redact_password("postgres://h/d"), "postgres://h/d");
     }
 
     #[test]

@@ -433,6 +433,7 @@ impl Pools {
         .await?;
         let (max_connections, superuser_reserved, reserved) = row;
         self.check_lock_capacity(config).await?;
+        self.log_encryption().await?;
         let available = i64::from(max_connections) - i64::from(superuser_reserved) - i64::from(reserved);
         // Plus the LISTEN connection and the readiness probe's.
         let wanted = i64::from(config.pool_max) + i64::from(config.lock_pool_max) + 2;
@@ -451,6 +452,28 @@ impl Pools {
                  server's max_connections minus reserved connections; size pools so that \
                  replicas * (DATABASE_POOL_MAX + DATABASE_LOCK_POOL_MAX + 2) <= max_connections - headroom"
             );
+        }
+        Ok(())
+    }
+
+    /// Says whether the link to PostgreSQL is encrypted: with `sslmode=prefer`
+    /// (sqlx's default, like libpq's) a server without a certificate is
+    /// spoken to in plaintext without a word, which an operator who meant
+    /// `require` must learn from the log.
+    async fn log_encryption(&self) -> Result<()> {
+        let link: Option<(bool, bool)> = sqlx::query_as(
+            "SELECT s.ssl, a.client_addr IS NULL FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE pid = pg_backend_pid()",
+        )
+        .fetch_optional(self.work.pool())
+        .await?;
+        match link {
+            Some((true, _)) => tracing::info!("the database link is encrypted (TLS)"),
+            Some((false, true)) => tracing::info!("the database link is a Unix socket"),
+            _ => tracing::warn!(
+                "the database link is plaintext: set sslmode=require, verify-ca or verify-full in DATABASE_URL (with \
+                 sslrootcert) to refuse a server without TLS"
+            ),
         }
         Ok(())
     }
@@ -529,6 +552,32 @@ impl Database {
             Database::Postgres(pools) => pools.migrate().await,
             Database::Embedded(db) => db.migrate().await,
         }
+    }
+
+    /// The deployment's page token key: made and stored by the first
+    /// replica that asks (after the migrations), read by every other.
+    pub async fn page_token_key(&self) -> Result<[u8; 32]> {
+        const INSERT: &str = "INSERT INTO deployment_secrets (name, secret) VALUES ('page_token', $1) \
+                              ON CONFLICT (name) DO NOTHING";
+        const SELECT: &str = "SELECT secret FROM deployment_secrets WHERE name = 'page_token'";
+        let mut fresh = [0u8; 32];
+        tokio_rustls::rustls::crypto::ring::default_provider()
+            .secure_random
+            .fill(&mut fresh)
+            .map_err(|_| Error::Invariant("the system's random source failed"))?;
+        let stored: Vec<u8> = match self {
+            Database::Postgres(pools) => {
+                sqlx::query(INSERT).bind(&fresh[..]).execute(pools.work.pool()).await?;
+                sqlx::query_scalar(SELECT).fetch_one(pools.work.pool()).await?
+            }
+            Database::Embedded(db) => {
+                let mut writer = db.writer().await?;
+                sqlx::query(INSERT).bind(&fresh[..]).execute(&mut *writer).await?;
+                sqlx::query_scalar(SELECT).fetch_one(&mut *writer).await?
+            }
+        };
+        <[u8; 32]>::try_from(stored.as_slice())
+            .map_err(|_| Error::Invariant("the stored page token key is not 32 bytes"))
     }
 
     /// Logs the pool sizes; with PostgreSQL, warns when they exceed what the

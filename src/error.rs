@@ -25,6 +25,30 @@ pub enum PoolKind {
     Lock,
 }
 
+/// What a principal was refused, for [`Error::PermissionDenied`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("principal {principal:?} lacks {missing}")]
+pub struct Denied {
+    /// The principal's name.
+    pub principal: String,
+    /// What it lacks.
+    pub missing: Missing,
+}
+
+/// The scope or the resource a principal lacks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Missing {
+    /// The RPC's scope (`health.read`, ...).
+    #[error("scope {0}")]
+    Scope(&'static str),
+    /// A system outside the principal's `systems`.
+    #[error("access to system {0:?}")]
+    System(String),
+    /// A lock key outside the principal's `lock_keys`.
+    #[error("access to lock key {0:?}")]
+    LockKey(String),
+}
+
 /// Everything that can go wrong in a request.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -133,6 +157,16 @@ pub enum Error {
     /// INVALID_ARGUMENT, reason `MALFORMED_REQUEST`: the request is not a sequence of protobuf messages.
     #[error("malformed request: {0}")]
     MalformedRequest(&'static str),
+
+    /// UNAUTHENTICATED, reason `UNAUTHENTICATED`: authentication is on and the
+    /// request carries no credentials, or none that name a principal.
+    #[error("unauthenticated")]
+    Unauthenticated,
+
+    /// PERMISSION_DENIED, reason `PERMISSION_DENIED`, metadata `principal`
+    /// and the missing `scope` or the refused `system_id` or `key`.
+    #[error("permission denied: {0}")]
+    PermissionDenied(Denied),
 
     /// INTERNAL, reason `INTERNAL`: the database failed in a way that is no
     /// outage (a constraint, a type mismatch, a missing table). Logged, never sent.
@@ -254,6 +288,8 @@ impl Error {
             Error::DeadlineExceeded { .. } => "DEADLINE_EXCEEDED",
             Error::RequestTooLarge => "REQUEST_TOO_LARGE",
             Error::MalformedRequest(_) => "MALFORMED_REQUEST",
+            Error::Unauthenticated => "UNAUTHENTICATED",
+            Error::PermissionDenied(_) => "PERMISSION_DENIED",
             Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::FeedStopped | Error::Invariant(_) => {
                 "INTERNAL"
             }
@@ -276,6 +312,8 @@ impl Error {
             | Error::DatabaseUnavailable(_)
             | Error::ShuttingDown => Code::Unavailable,
             Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            Error::Unauthenticated => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::FeedStopped | Error::Invariant(_) => {
                 Code::Internal
             }
@@ -314,6 +352,8 @@ impl Error {
             Error::DeadlineExceeded { .. } => "deadline exceeded".into(),
             Error::RequestTooLarge => "request message larger than the server accepts".into(),
             Error::MalformedRequest(why) => (*why).into(),
+            Error::Unauthenticated => "no credentials, or none that this server knows".into(),
+            Error::PermissionDenied(denied) => denied.to_string(),
             Error::Database(_) | Error::Migrate(_) | Error::Corrupt(_) | Error::FeedStopped | Error::Invariant(_) => {
                 "internal error".into()
             }
@@ -341,6 +381,15 @@ impl Error {
             }
             Error::DeadlineExceeded { after } => {
                 m.insert("deadline_ms".into(), after.as_millis().to_string());
+            }
+            Error::PermissionDenied(Denied { principal, missing }) => {
+                m.insert("principal".into(), principal.clone());
+                let (key, value) = match missing {
+                    Missing::Scope(scope) => ("scope", (*scope).to_owned()),
+                    Missing::System(system_id) => ("system_id", system_id.clone()),
+                    Missing::LockKey(key) => ("key", key.clone()),
+                };
+                m.insert(key.into(), value);
             }
             _ => {}
         }

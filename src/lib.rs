@@ -27,6 +27,10 @@
 //!   runs and transitions, watch transitions.
 //! - [`api`]: the tonic handlers, thin: parse, call, convert.
 //! - [`middleware`]: the one tower stack in front of the services.
+//! - [`auth`]: TLS settings and their reload, principals, scopes and
+//!   namespaces (enforced by [`middleware`] and the handlers).
+//! - [`listener`]: the listening sockets: the connection cap, TCP_NODELAY
+//!   and the TLS handshake, before HTTP/2.
 //! - [`error`]: the one error enum (causes kept as sources) and its mapping
 //!   to gRPC statuses.
 //! - [`probe`]: `vitals probe`, a one-shot grpc.health.v1 check.
@@ -45,11 +49,13 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod listener;
 pub mod lock;
 pub mod middleware;
 pub mod probe;

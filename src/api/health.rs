@@ -2,7 +2,7 @@
 //! (every violation at once), call the use case in
 //! [`crate::service::health`], convert the result back. No rules live here.
 
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -12,15 +12,16 @@ use super::{
         Violations, check_out, duration_in, evaluation_out, run_out, status_in, status_out, system_out, thresholds_in,
         timestamp_in, transition_out,
     },
-    page_token::{self, Kind},
+    page_token::{self, Kind, PageTokenKey},
 };
 use crate::{
+    auth::Access,
     domain::{CheckId, Latency, MAX_RUNS_CONSIDERED, RunId, RunMessage, SystemId},
     error::Error,
     middleware::RequestDeadline,
     proto::{self, health_check_service_server::HealthCheckService},
     service::HealthService,
-    store::{CheckUpdate, NewRun, RunCursor},
+    store::{CheckUpdate, NewRun, RunCursor, Transition},
 };
 
 /// Runs may be observed at most this far in the future (clock skew allowance).
@@ -35,12 +36,14 @@ const MAX_PAGE_SIZE: u32 = 1000;
 pub struct HealthApi {
     /// What each RPC does once parsed.
     service: HealthService,
+    /// Signs and checks the listings' page tokens.
+    page_tokens: Arc<PageTokenKey>,
 }
 
 impl HealthApi {
-    /// Handlers calling `service`.
-    pub fn new(service: HealthService) -> Self {
-        HealthApi { service }
+    /// Handlers calling `service`, signing page tokens with `page_tokens`.
+    pub fn new(service: HealthService, page_tokens: Arc<PageTokenKey>) -> Self {
+        HealthApi { service, page_tokens }
     }
 }
 
@@ -91,6 +94,7 @@ impl HealthCheckService for HealthApi {
         request: Request<proto::SubmitRunRequest>,
     ) -> Result<Response<proto::SubmitRunResponse>, Status> {
         let deadline = RequestDeadline::of(&request);
+        let access = Access::of(&request)?;
         let req = request.into_inner();
         let mut v = Violations::default();
         let run_id = if req.run_id.is_empty() {
@@ -134,6 +138,7 @@ impl HealthCheckService for HealthApi {
                 message: message?,
             })
         })?;
+        access.check_system(new.system_id.as_str())?;
 
         let outcome = self.service.submit_run(&new, deadline).await?;
         Ok(Response::new(proto::SubmitRunResponse {
@@ -148,8 +153,10 @@ impl HealthCheckService for HealthApi {
         &self,
         request: Request<proto::GetSystemHealthRequest>,
     ) -> Result<Response<proto::GetSystemHealthResponse>, Status> {
+        let access = Access::of(&request)?;
         let req = request.into_inner();
         let system_id = SystemId::parse("system_id", req.system_id).map_err(|v| Error::InvalidArgument(vec![v]))?;
+        access.check_system(system_id.as_str())?;
         let health = self.service.system(&system_id).await?;
         Ok(Response::new(proto::GetSystemHealthResponse {
             system_health: Some(system_out(&health)),
@@ -160,6 +167,7 @@ impl HealthCheckService for HealthApi {
         &self,
         request: Request<proto::ListRunsRequest>,
     ) -> Result<Response<proto::ListRunsResponse>, Status> {
+        let access = Access::of(&request)?;
         let req = request.into_inner();
         let mut v = Violations::default();
         let filter = format!("{}\u{0}{}", req.system_id, req.check_id);
@@ -174,14 +182,19 @@ impl HealthCheckService for HealthApi {
             Some(None)
         } else {
             v.take(
-                page_token::decode("page_token", Kind::Runs, &filter, &req.page_token).and_then(|body| {
-                    page_token::parse_run_cursor(&body)
-                        .map(|(observed_at, run_id)| Some(RunCursor { observed_at, run_id }))
-                        .ok_or_else(|| crate::domain::FieldViolation::new("page_token", "is not a valid page token"))
-                }),
+                page_token::decode(&self.page_tokens, "page_token", Kind::Runs, &filter, &req.page_token).and_then(
+                    |body| {
+                        page_token::parse_run_cursor(&body)
+                            .map(|(observed_at, run_id)| Some(RunCursor { observed_at, run_id }))
+                            .ok_or_else(|| {
+                                crate::domain::FieldViolation::new("page_token", "is not a valid page token")
+                            })
+                    },
+                ),
             )
         };
         let (system_id, check_id, cursor) = v.finish(|| Some((system_id?, check_id?, cursor?)))?;
+        access.check_system(system_id.as_str())?;
         let page = self
             .service
             .list_runs(&system_id, check_id.as_ref(), cursor.as_ref(), limit)
@@ -192,11 +205,13 @@ impl HealthCheckService for HealthApi {
             .filter(|_| page.more)
             .map(|r| {
                 page_token::encode(
+                    &self.page_tokens,
                     Kind::Runs,
                     &filter,
                     &page_token::run_cursor_body(r.observed_at, &r.run_id),
                 )
             })
+            .transpose()?
             .unwrap_or_default();
         Ok(Response::new(proto::ListRunsResponse {
             runs: page.items.iter().map(run_out).collect(),
@@ -208,6 +223,7 @@ impl HealthCheckService for HealthApi {
         &self,
         request: Request<proto::ListTransitionsRequest>,
     ) -> Result<Response<proto::ListTransitionsResponse>, Status> {
+        let access = Access::of(&request)?;
         let req = request.into_inner();
         let mut v = Violations::default();
         let filter = req.system_id.clone();
@@ -221,7 +237,14 @@ impl HealthCheckService for HealthApi {
             Some(None)
         } else {
             v.take(
-                page_token::decode("page_token", Kind::Transitions, &filter, &req.page_token).and_then(|body| {
+                page_token::decode(
+                    &self.page_tokens,
+                    "page_token",
+                    Kind::Transitions,
+                    &filter,
+                    &req.page_token,
+                )
+                .and_then(|body| {
                     <[u8; 8]>::try_from(body.as_slice())
                         .map(|b| Some(u64::from_be_bytes(b)))
                         .map_err(|_| crate::domain::FieldViolation::new("page_token", "is not a valid page token"))
@@ -229,15 +252,26 @@ impl HealthCheckService for HealthApi {
             )
         };
         let (system_id, before) = v.finish(|| Some((system_id?, before?)))?;
+        if let Some(system_id) = &system_id {
+            access.check_system(system_id.as_str())?;
+        }
         let page = self.service.list_transitions(system_id.as_ref(), before, limit).await?;
+        // The token resumes after the last transition read, shown or not: a
+        // page of systems the caller may not read is empty but not the end.
         let next_page_token = page
             .items
             .last()
             .filter(|_| page.more)
-            .map(|t| page_token::encode(Kind::Transitions, &filter, &t.sequence.to_be_bytes()))
+            .map(|t| page_token::encode(&self.page_tokens, Kind::Transitions, &filter, &t.sequence.to_be_bytes()))
+            .transpose()?
             .unwrap_or_default();
         Ok(Response::new(proto::ListTransitionsResponse {
-            transitions: page.items.iter().map(transition_out).collect(),
+            transitions: page
+                .items
+                .iter()
+                .filter(|t| access.may_use_system(t.system_id.as_str()))
+                .map(transition_out)
+                .collect(),
             next_page_token,
         }))
     }
@@ -248,14 +282,26 @@ impl HealthCheckService for HealthApi {
         &self,
         request: Request<proto::WatchTransitionsRequest>,
     ) -> Result<Response<Self::WatchTransitionsStream>, Status> {
+        let access = Access::of(&request)?;
         let req = request.into_inner();
         let system_id = if req.system_id.is_empty() {
             None
         } else {
             Some(SystemId::parse("system_id", req.system_id).map_err(|v| Error::InvalidArgument(vec![v]))?)
         };
+        if let Some(system_id) = &system_id {
+            access.check_system(system_id.as_str())?;
+        }
         let subscription = self.service.watch(system_id, req.after_sequence).await?;
-        let stream = subscription.map(|item| {
+        // A watch of every system shows the caller only the systems it may
+        // read; the others pass by unseen.
+        let readable = move |item: &Result<Arc<Transition>, Error>| {
+            futures::future::ready(
+                item.as_ref()
+                    .map_or(true, |t| access.may_use_system(t.system_id.as_str())),
+            )
+        };
+        let stream = subscription.filter(readable).map(|item| {
             item.map(|t| proto::WatchTransitionsResponse {
                 transition: Some(transition_out(&t)),
             })
@@ -269,6 +315,7 @@ impl HealthCheckService for HealthApi {
         request: Request<proto::ConfigureCheckRequest>,
     ) -> Result<Response<proto::ConfigureCheckResponse>, Status> {
         let deadline = RequestDeadline::of(&request);
+        let access = Access::of(&request)?;
         let req = request.into_inner();
         let mut v = Violations::default();
         let system_id = v.take(SystemId::parse("system_id", req.system_id));
@@ -282,7 +329,17 @@ impl HealthCheckService for HealthApi {
                 enabled: req.enabled,
             })
         })?;
+        access.check_system(update.system_id.as_str())?;
         let outcome = self.service.configure_check(&update, deadline).await?;
+        // Who changed what a check does is an audit record, whoever asks
+        // (the request id is the span's).
+        tracing::info!(
+            principal = access.name(),
+            system_id = update.system_id.as_str(),
+            check_id = update.check_id.as_str(),
+            enabled = outcome.check.enabled,
+            "check configured"
+        );
         Ok(Response::new(proto::ConfigureCheckResponse {
             check: Some(check_out(&outcome.check)),
             system_health: Some(system_out(&outcome.health)),

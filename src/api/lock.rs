@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{Violations, duration_in, duration_out, timestamp_out};
 use crate::{
+    auth::Access,
     domain::{FieldViolation, LockKey, Owner},
     error::Error,
     lock::{ACQUIRE_MESSAGE_TIMEOUT, HeldLock, LEASE_LAPSED, Locks},
@@ -70,6 +71,7 @@ impl LockService for LockApi {
         &self,
         request: Request<Streaming<proto::WithLockRequest>>,
     ) -> Result<Response<Self::WithLockStream>, Status> {
+        let access = Access::of(&request)?;
         let permit = self.locks.admit()?;
         let mut inbound = request.into_inner();
         let shutdown = self.locks.shutting_down();
@@ -93,6 +95,7 @@ impl LockService for LockApi {
             return Err(protocol("action", "the first message must be acquire"));
         };
         let (key, wait, owner) = parse_acquire(acquire)?;
+        access.check_lock_key(key.as_str())?;
         let held = tokio::select! {
             // Shutdown first: a holder ended by shutdown hands its lock to
             // the next waiter at that very moment, and that waiter must
@@ -101,10 +104,13 @@ impl LockService for LockApi {
             () = &mut shutdown => return Err(Error::ShuttingDown.into()),
             held = self.locks.acquire(permit, key, wait) => held?,
         };
-        tracing::debug!(
+        // Grants and releases are an audit record: who held which key,
+        // with which token (the request id and principal are the span's).
+        tracing::info!(
             key = held.key().as_str(),
             owner = owner.as_str(),
             token = held.fencing_token,
+            principal = access.name(),
             "lock granted"
         );
 
@@ -122,6 +128,7 @@ impl LockService for LockApi {
             inbound,
             lease,
             &self.locks,
+            tracing::Span::current(),
         )))
     }
 }
@@ -153,6 +160,9 @@ pin_project! {
         // The lock's PostgreSQL session was lost (never, when embedded).
         #[pin]
         lost: Option<WaitForCancellationFutureOwned>,
+        // The request's span (request id, principal), for the release's
+        // log line: the stream is polled outside the handler's future.
+        span: tracing::Span,
     }
 }
 
@@ -181,6 +191,7 @@ impl LockStream {
         inbound: Streaming<proto::WithLockRequest>,
         lease: Duration,
         locks: &Locks,
+        span: tracing::Span,
     ) -> Self {
         LockStream {
             acquired: Some(acquired),
@@ -192,13 +203,20 @@ impl LockStream {
             busy: None,
             lease_ends: tokio::time::sleep(lease),
             shutdown: locks.shutting_down(),
+            span,
         }
     }
 }
 
 /// The stream ends: the lock goes with it, released before the client hears
 /// why, so a client that retries at once finds it free.
-fn ending(held: HeldLock, end: End) -> Pin<Box<dyn Future<Output = Busy> + Send>> {
+fn ending(held: HeldLock, end: End, span: &tracing::Span) -> Pin<Box<dyn Future<Output = Busy> + Send>> {
+    let how = match &end {
+        End::Release => "released",
+        End::Fail(_) => "ended by the server",
+        End::Gone => "client gone",
+    };
+    tracing::info!(parent: span, key = held.key().as_str(), token = held.fencing_token, how, "lock released");
     Box::pin(async move {
         Busy::Ended(match end {
             End::Release => Some(match held.release().await {
@@ -250,7 +268,7 @@ impl Stream for LockStream {
                         } else {
                             err.into()
                         };
-                        *this.busy = Some(ending(held, End::Fail(status)));
+                        *this.busy = Some(ending(held, End::Fail(status), this.span));
                         continue;
                     }
                     Busy::Ended(last) => return Poll::Ready(last),
@@ -266,7 +284,7 @@ impl Stream for LockStream {
             // their locks lost, and a stream ending because of shutdown must
             // say SHUTTING_DOWN, not LOCK_LOST.
             if this.shutdown.as_mut().poll(cx).is_ready() {
-                *this.busy = Some(ending(held, End::Fail(Error::ShuttingDown.into())));
+                *this.busy = Some(ending(held, End::Fail(Error::ShuttingDown.into()), this.span));
                 continue;
             }
             if let Poll::Ready(next) = this.inbound.poll_next_unpin(cx) {
@@ -291,12 +309,12 @@ impl Stream for LockStream {
                         None => End::Fail(Error::invalid("action", "set acquire, keep_alive or release").into()),
                     },
                 };
-                *this.busy = Some(ending(held, end));
+                *this.busy = Some(ending(held, end, this.span));
                 continue;
             }
             if this.lease_ends.as_mut().poll(cx).is_ready() {
                 let status = held.lost_error(LEASE_LAPSED).into();
-                *this.busy = Some(ending(held, End::Fail(status)));
+                *this.busy = Some(ending(held, End::Fail(status), this.span));
                 continue;
             }
             if let Some(lost) = this.lost.as_mut().as_pin_mut()
@@ -309,7 +327,7 @@ impl Stream for LockStream {
                 } else {
                     held.lost_error("the lock's database session ended").into()
                 };
-                *this.busy = Some(ending(held, End::Fail(status)));
+                *this.busy = Some(ending(held, End::Fail(status), this.span));
                 continue;
             }
             *this.held = Some(held);

@@ -9,3 +9,4 @@ mod page_token;
 
 pub use health::HealthApi;
 pub use lock::LockApi;
+pub use page_token::PageTokenKey;

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [request id](request_id) | outermost, so every later layer, the handler and their log lines run in the request's span, and every reply, a refusal too, echoes `x-request-id`; a client's W3C `traceparent` makes that span a child of the client's (when traces are exported) |
 //! | [metrics] | outside every layer that refuses, so the gate's, the limit's, the deadline's and the framing's refusals are counted with the handlers' statuses: `grpc_server_*` per method and code, `vitals_errors_total` per ErrorInfo reason |
+//! | [auth] | after the request id and the metrics, so a refusal is logged, counted and answered with the request id, and before anything else: a caller without credentials learns nothing of the database's state or the server's load, and takes no slot. With `VITALS_AUTH_FILE`, a business RPC without a known principal is refused with UNAUTHENTICATED, one whose principal lacks the RPC's scope with PERMISSION_DENIED; the handlers get the principal's [`Access`](crate::auth::Access) and check its namespaces |
 //! | [readiness gate](readiness) | business RPCs fail fast with UNAVAILABLE while the database is unreachable or the server drains, instead of waiting on dead connections; before the limit, so a refused RPC never holds a slot; health and reflection pass |
 //! | [in-flight limit](in_flight) | at most `VITALS_MAX_CONCURRENT_REQUESTS` business RPCs in flight (streams excepted: the lock manager's `VITALS_MAX_LOCKS` bounds WithLock, the feed's `VITALS_MAX_WATCHERS` WatchTransitions); past that RESOURCE_EXHAUSTED at once rather than a queue that hides overload |
 //! | [deadline] | unary business RPCs end with DEADLINE_EXCEEDED at the client's `grpc-timeout` or `VITALS_REQUEST_TIMEOUT_MS`, whichever is sooner; inside the limit, so a timed-out RPC frees its slot. The deadline is also handed to the handler ([`RequestDeadline`]), which ends its wait for a system's lock before it with SYSTEM_BUSY |
@@ -48,10 +49,11 @@
 //! The stack is on every request. No layer clones the inner service, boxes
 //! a future or wraps the reply's body: each layer's future is a named type.
 //! The stack's only allocations for a request that runs are a generated
-//! request id (when the client sent none) and the deadline's request
-//! extension; the request body's wrapper is boxed by tonic's router in
-//! place of the body it wraps. The metrics layer wraps the reply's body in
-//! a named type (to see the trailers' status), without boxing it.
+//! request id (when the client sent none) and the auth layer's `Access` and
+//! the deadline's request extensions; the request body's wrapper is boxed by
+//! tonic's router in place of the body it wraps. The metrics layer wraps the
+//! reply's body in a named type (to see the trailers' status), without
+//! boxing it.
 
 use std::{sync::Arc, time::Duration};
 
@@ -60,6 +62,7 @@ use tower::{Layer, ServiceBuilder};
 
 use crate::{config::Config, telemetry::metrics::GrpcMetrics};
 
+pub mod auth;
 pub mod deadline;
 pub mod framing;
 pub mod in_flight;
@@ -75,13 +78,16 @@ pub use request_id::REQUEST_ID_HEADER;
 /// The whole stack over the server's routes `S`, outermost first.
 pub type Edge<S> = request_id::RequestId<
     metrics::GrpcMetricsService<
-        readiness::ReadinessGate<in_flight::InFlightLimit<deadline::Deadline<framing::Framing<S>>>>,
+        auth::AuthGate<readiness::ReadinessGate<in_flight::InFlightLimit<deadline::Deadline<framing::Framing<S>>>>>,
     >,
 >;
 
 /// Installs the stack (see the module docs) around the server's routes.
 #[derive(Debug, Clone)]
 pub struct EdgeLayer {
+    /// The principals requests are checked against; `None` without an
+    /// auth file.
+    authenticator: Option<Arc<auth::Authenticator>>,
     /// The gate's state, which the readiness probe and shutdown update.
     readiness: Arc<Readiness>,
     /// The in-flight budget, one for the whole server: every connection's
@@ -99,9 +105,16 @@ pub struct EdgeLayer {
 
 impl EdgeLayer {
     /// The stack `config` describes, gated by `readiness`, counting into
-    /// `metrics`.
-    pub fn new(config: &Config, readiness: Arc<Readiness>, metrics: Arc<GrpcMetrics>) -> Self {
+    /// `metrics`, checking credentials against `authenticator` when there is
+    /// one.
+    pub fn new(
+        config: &Config,
+        readiness: Arc<Readiness>,
+        metrics: Arc<GrpcMetrics>,
+        authenticator: Option<Arc<auth::Authenticator>>,
+    ) -> Self {
         EdgeLayer {
+            authenticator,
             metrics,
             traces: config.otlp_endpoint().is_some(),
             readiness,
@@ -119,6 +132,7 @@ impl<S> Layer<S> for EdgeLayer {
         ServiceBuilder::new()
             .layer(request_id::RequestIdLayer::new(self.traces))
             .layer(metrics::GrpcMetricsLayer::new(self.metrics.clone()))
+            .layer(auth::AuthLayer::new(self.authenticator.clone()))
             .layer(readiness::ReadinessLayer::new(self.readiness.clone()))
             .layer(in_flight::InFlightLimitLayer::new(self.in_flight.clone()))
             .layer(deadline::DeadlineLayer::new(self.request_timeout))

@@ -102,6 +102,8 @@ where
             "rpc.system" = tracing::field::Empty,
             "rpc.service" = tracing::field::Empty,
             "rpc.method" = tracing::field::Empty,
+            // Recorded by the auth layer once it knows who calls.
+            principal = tracing::field::Empty,
         );
         if self.traces {
             crate::telemetry::trace::continue_trace(&span, request.headers(), request.uri().path());

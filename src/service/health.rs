@@ -63,10 +63,13 @@ impl<T> Page<T> {
 }
 
 /// Says once, in the log, that a system's status changed, with the change.
+/// The ids are the client's text: recorded as `&str`, which the text format
+/// writes quoted and escaped, so a bidi override or an escape sequence in an
+/// id never reaches a log line as such.
 fn log_transition(t: &Transition) {
     tracing::info!(
-        system_id = %t.system_id,
-        check_id = %t.check_id,
+        system_id = t.system_id.as_str(),
+        check_id = t.check_id.as_str(),
         from = t.from.as_str(),
         to = t.to.as_str(),
         sequence = t.sequence,
@@ -252,6 +255,41 @@ mod tests {
             latency: None,
             message: RunMessage::parse("message", String::new()).unwrap(),
         }
+    }
+
+    #[test]
+    fn client_text_in_a_transitions_log_line_is_escaped() {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let transition = Transition {
+            sequence: 7,
+            system_id: "pay\u{202e}ments".to_owned(),
+            check_id: "http\u{1b}[2J".to_owned(),
+            from: Status::Healthy,
+            to: Status::Degraded,
+            transitioned_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            evaluation: evaluate(&[], &Thresholds::default()),
+        };
+        tracing::subscriber::with_default(subscriber, || log_transition(&transition));
+        let line = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(line.contains(r#"system_id="pay\u{202e}ments""#), "{line}");
+        assert!(line.contains(r#"check_id="http\u{1b}[2J""#), "{line}");
+        assert!(!line.contains('\u{202e}') && !line.contains('\u{1b}'), "{line}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::{
     net::SocketAddr,
     ops::Index,
     path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -21,11 +22,12 @@ use sqlx::{
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{
     Code, Status,
-    transport::{Channel, Endpoint},
+    transport::{Channel, ClientTlsConfig, Endpoint},
 };
 use tonic_types::{ErrorInfo, StatusExt};
 use vitals::{
     Application, Config,
+    auth::reload::ReloadCounts,
     lock::{LocalLockStats, Locks},
     proto::{health_check_service_client::HealthCheckServiceClient, lock_service_client::LockServiceClient},
     store::{FeedStats, Store, TransitionFeed},
@@ -363,6 +365,14 @@ pub struct TestApp {
     pub addr: SocketAddr,
     /// Where it serves `/metrics` (port 0 bound like the gRPC port), if it does.
     pub metrics_addr: Option<SocketAddr>,
+    /// The plaintext grpc.health.v1 listener, with `--probe-addr`.
+    pub probe_addr: Option<SocketAddr>,
+    /// How the server's TLS and auth files were reloaded.
+    pub tls_reloads: Option<Arc<ReloadCounts>>,
+    pub auth_reloads: Option<Arc<ReloadCounts>>,
+    /// How this test's own channels speak TLS to the server (`None`:
+    /// plaintext).
+    client_tls: Option<ClientTlsConfig>,
     /// Its lock service, to look into the embedded lock table.
     locks: Locks,
     /// Its store and transition feed, to count reads and watchers.
@@ -370,6 +380,24 @@ pub struct TestApp {
     feed: TransitionFeed,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), vitals::app::StartError>>>,
+}
+
+/// A plaintext endpoint for `addr`.
+pub fn plaintext_endpoint(addr: SocketAddr) -> Endpoint {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("valid endpoint")
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+}
+
+/// A TLS endpoint for `addr` configured by `tls`.
+pub fn tls_endpoint(addr: SocketAddr, tls: ClientTlsConfig) -> Endpoint {
+    Endpoint::from_shared(format!("https://{addr}"))
+        .expect("valid endpoint")
+        .tls_config(tls)
+        .expect("a valid client TLS configuration")
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
 }
 
 /// Flags every test server gets: port 0 (for `/metrics` too), quick
@@ -404,6 +432,16 @@ impl TestApp {
         app
     }
 
+    /// Starts vitals on `db` with extra flags (its TLS among them), and
+    /// waits until it serves, asking over TLS configured by `client_tls`,
+    /// which every channel of [`Self::channel`] then uses.
+    pub async fn start_tls(db: &TestDb, extra: &[&str], client_tls: ClientTlsConfig) -> TestApp {
+        let mut app = Self::start_unready(&db.url, extra).await;
+        app.client_tls = Some(client_tls);
+        app.wait_serving("").await;
+        app
+    }
+
     /// Starts vitals without waiting for the database. A flag in `extra`
     /// replaces the base flag of the same name.
     pub async fn start_unready(database_url: &str, extra: &[&str]) -> TestApp {
@@ -419,6 +457,9 @@ impl TestApp {
         let app = Application::build(config).await.expect("build the application");
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
+        let probe_addr = app.probe_addr();
+        let tls_reloads = app.tls_reloads();
+        let auth_reloads = app.auth_reloads();
         let locks = app.locks().clone();
         let store = app.store().clone();
         let feed = app.feed().clone();
@@ -429,6 +470,10 @@ impl TestApp {
         TestApp {
             addr,
             metrics_addr,
+            probe_addr,
+            tls_reloads,
+            auth_reloads,
+            client_tls: None,
             locks,
             store,
             feed,
@@ -498,10 +543,10 @@ impl TestApp {
     }
 
     pub fn endpoint(&self) -> Endpoint {
-        Endpoint::from_shared(format!("http://{}", self.addr))
-            .expect("valid endpoint")
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
+        match &self.client_tls {
+            None => plaintext_endpoint(self.addr),
+            Some(tls) => tls_endpoint(self.addr, tls.clone()),
+        }
     }
 
     pub async fn channel(&self) -> Channel {

@@ -1931,3 +1931,40 @@ async fn a_check_beyond_the_checks_per_system_limit_is_refused_with_too_many_che
     submit(&mut client, run("roomy", "d", "r1", Healthy, Some(at(t0)))).await;
     app.stop().await;
 }
+
+both_backends!(a_page_token_of_another_deployment_is_refused_and_one_of_another_replica_is_taken);
+async fn a_page_token_of_another_deployment_is_refused_and_one_of_another_replica_is_taken(backend: Backend) {
+    // The same runs in two deployments: a token of one is no token of the
+    // other, though its cursor would point at the same place.
+    let (db, app, mut client) = serve(backend).await;
+    let (_other_db, other_app, mut other_client) = serve(backend).await;
+    let t0 = base_time();
+    for c in [&mut client, &mut other_client] {
+        for i in 0..3 {
+            let seconds = t0 + i64::from(i);
+            submit(c, run("paged", "c", &format!("r{i}"), Healthy, Some(at(seconds)))).await;
+        }
+    }
+    let page = |page_token: &str| ListRunsRequest {
+        system_id: "paged".into(),
+        page_size: 1,
+        page_token: page_token.into(),
+        ..Default::default()
+    };
+    let token = list_runs(&mut client, page("")).await.unwrap().next_page_token;
+    let err = list_runs(&mut other_client, page(&token)).await.unwrap_err();
+    assert_eq!(violated_fields(&err), ["page_token"]);
+    other_app.stop().await;
+
+    // Another replica of the same deployment (with PostgreSQL a server of
+    // its own on the same database) takes it.
+    if backend == Backend::Postgres {
+        let replica = TestApp::start(&db, &[]).await;
+        let mut replica_client = replica.health_client().await;
+        let next = list_runs(&mut replica_client, page(&token)).await.unwrap();
+        assert_eq!(next.runs.len(), 1);
+        assert_eq!(next.runs[0].run_id, "r1");
+        replica.stop().await;
+    }
+    app.stop().await;
+}

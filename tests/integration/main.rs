@@ -9,21 +9,26 @@
 #[macro_use]
 mod harness;
 
+mod auth;
 mod bad_input;
 mod cluster;
+mod db_tls;
 mod edge;
 mod embedded;
 mod faults;
 mod foundation;
 mod health_service;
+mod limits;
 mod lock_capacity;
 mod lock_faults;
 mod lock_service;
 mod metrics;
+mod pki;
 mod probe;
 mod proxy;
 mod raw_h2;
 mod round_trips;
+mod tls;
 mod traces;
 mod upgrade;
 mod watchers;

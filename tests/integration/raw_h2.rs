@@ -62,6 +62,36 @@ fn literal(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// One frame's bytes.
+pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("a small frame");
+    let mut frame = Vec::with_capacity(9 + payload.len());
+    frame.extend_from_slice(&len.to_be_bytes()[1..]);
+    frame.push(kind);
+    frame.push(flags);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The header block of a gRPC call of `path`.
+pub fn grpc_header_block(path: &str) -> Vec<u8> {
+    let mut block = vec![
+        0x83, // :method POST (static table 3)
+        0x86, // :scheme http (static table 6)
+        0x04, // :path, a literal value (static name 4)
+    ];
+    literal(&mut block, path);
+    block.push(0x01); // :authority, a literal value (static name 1)
+    literal(&mut block, "localhost");
+    block.extend_from_slice(&[0x0f, 0x10]); // content-type (static name 31)
+    literal(&mut block, "application/grpc");
+    block.push(0x00); // te: a literal name and value
+    literal(&mut block, "te");
+    literal(&mut block, "trailers");
+    block
+}
+
 impl RawH2 {
     /// Connects to `addr` and sends the connection preface with empty
     /// SETTINGS (the defaults).
@@ -79,33 +109,20 @@ impl RawH2 {
 
     /// Writes one frame.
     pub async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-        let len = u32::try_from(payload.len()).expect("a small frame");
-        let mut frame = Vec::with_capacity(9 + payload.len());
-        frame.extend_from_slice(&len.to_be_bytes()[1..]);
-        frame.push(kind);
-        frame.push(flags);
-        frame.extend_from_slice(&stream.to_be_bytes());
-        frame.extend_from_slice(payload);
+        let frame = frame(kind, flags, stream, payload);
         self.socket.write_all(&frame).await.expect("send a frame");
+    }
+
+    /// Writes `frames` (made with [`frame`]) at once: a burst the server
+    /// reads in one go. `false` when the server had closed the connection.
+    pub async fn send_burst(&mut self, frames: &[u8]) -> bool {
+        self.socket.write_all(frames).await.is_ok()
     }
 
     /// Opens stream `stream` with the headers of a gRPC call of `path`; the
     /// body follows with [`RawH2::data`].
     pub async fn grpc_headers(&mut self, stream: u32, path: &str) {
-        let mut block = vec![
-            0x83, // :method POST (static table 3)
-            0x86, // :scheme http (static table 6)
-            0x04, // :path, a literal value (static name 4)
-        ];
-        literal(&mut block, path);
-        block.push(0x01); // :authority, a literal value (static name 1)
-        literal(&mut block, "localhost");
-        block.extend_from_slice(&[0x0f, 0x10]); // content-type (static name 31)
-        literal(&mut block, "application/grpc");
-        block.push(0x00); // te: a literal name and value
-        literal(&mut block, "te");
-        literal(&mut block, "trailers");
-        self.send(HEADERS, END_HEADERS, stream, &block).await;
+        self.send(HEADERS, END_HEADERS, stream, &grpc_header_block(path)).await;
     }
 
     /// Sends `message` on `stream` as one gRPC length-prefixed message in one
@@ -125,9 +142,15 @@ impl RawH2 {
             let frame = tokio::time::timeout(Duration::from_secs(10), self.read_frame())
                 .await
                 .expect("a frame from the server within 10 s")?;
+            // An acknowledgement may find the connection closing (after a
+            // GOAWAY): the frames already read are still returned.
             match (frame.kind, frame.flags & ACK) {
-                (SETTINGS, 0) => self.send(SETTINGS, ACK, 0, &[]).await,
-                (PING, 0) => self.send(PING, ACK, 0, &frame.payload).await,
+                (SETTINGS, 0) => {
+                    let _ = self.send_burst(&self::frame(SETTINGS, ACK, 0, &[])).await;
+                }
+                (PING, 0) => {
+                    let _ = self.send_burst(&self::frame(PING, ACK, 0, &frame.payload)).await;
+                }
                 (SETTINGS | PING, _) => {}
                 _ => return Some(frame),
             }

@@ -29,11 +29,14 @@ type Client = HealthCheckServiceClient<Channel>;
 /// The migration that gives checks their run windows.
 const WINDOWS_MIGRATION: i64 = 20_261_203_000_001;
 
-/// Undoes what [`WINDOWS_MIGRATION`] added on both backends.
-const DOWNGRADE: [&str; 3] = [
+/// Undoes what [`WINDOWS_MIGRATION`] and the migrations after it added on
+/// both backends.
+const DOWNGRADE: [&str; 5] = [
     "ALTER TABLE checks DROP COLUMN run_window",
     "ALTER TABLE systems DROP COLUMN version",
     "DELETE FROM _sqlx_migrations WHERE version = 20261203000001",
+    "DROP TABLE deployment_secrets",
+    "DELETE FROM _sqlx_migrations WHERE version = 20261204000001",
 ];
 
 /// And on PostgreSQL, which draws transition sequences from a counter (the
@@ -95,7 +98,7 @@ impl Snapshot {
         let mut transitions = Vec::new();
         let mut page_token = String::new();
         loop {
-            let page = client
+            let mut page = client
                 .list_transitions(ListTransitionsRequest {
                     system_id: String::new(),
                     page_size: 2,
@@ -104,7 +107,10 @@ impl Snapshot {
                 .await
                 .unwrap()
                 .into_inner();
-            page_token = page.next_page_token.clone();
+            // Tokens are signed with the deployment's key, which the
+            // downgrade drops with its table: the pages are compared, and
+            // how many there are, not the tokens' bytes.
+            page_token = std::mem::take(&mut page.next_page_token);
             transitions.push(page);
             if page_token.is_empty() {
                 break;
@@ -114,7 +120,7 @@ impl Snapshot {
         for check in CHECKS {
             let mut page_token = String::new();
             loop {
-                let page = client
+                let mut page = client
                     .list_runs(ListRunsRequest {
                         system_id: "legacy".to_owned(),
                         check_id: check.to_owned(),
@@ -124,7 +130,7 @@ impl Snapshot {
                     .await
                     .unwrap()
                     .into_inner();
-                page_token = page.next_page_token.clone();
+                page_token = std::mem::take(&mut page.next_page_token);
                 runs.push(page);
                 if page_token.is_empty() {
                     break;

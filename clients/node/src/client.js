@@ -25,6 +25,17 @@ const DEFAULT_TIMEOUT_MS = 10_000;
 export const KEEPALIVE_FRACTION = 1 / 3;
 const RELEASE_TIMEOUT_MS = 10_000;
 
+/** A grpc-js interceptor adding `authorization: Bearer <token>` to every call. */
+function bearer(token) {
+  return (options, nextCall) =>
+    new grpc.InterceptingCall(nextCall(options), {
+      start(metadata, listener, next) {
+        metadata.set('authorization', `Bearer ${token}`);
+        next(metadata, listener);
+      },
+    });
+}
+
 let services;
 function loadServices() {
   // google/protobuf/{duration,timestamp}.proto come with protobufjs.
@@ -151,12 +162,28 @@ export class VitalsClient {
   /**
    * @param {string} target host:port or any gRPC target
    * @param {object} [options]
-   * @param {import('@grpc/grpc-js').ChannelCredentials} [options.credentials] default: insecure
+   * @param {import('@grpc/grpc-js').ChannelCredentials} [options.credentials] default: insecure, or
+   *   TLS when `tls` is given
+   * @param {object} [options.tls] speak TLS: `rootCerts` (PEM Buffer of the CA that issued the server's
+   *   certificate; omitted: the system's CAs), `privateKey` and `certChain` (PEM Buffers, for mTLS),
+   *   `serverName` (the name the server's certificate must carry, when not the target's host)
+   * @param {string} [options.token] sent as `authorization: Bearer <token>` on every call
    * @param {object} [options.channelOptions] grpc-js channel options
    * @param {number} [options.timeoutMs] deadline of unary calls (default 10 s)
    */
-  constructor(target, { credentials = grpc.credentials.createInsecure(), channelOptions = {}, timeoutMs } = {}) {
+  constructor(target, { credentials, tls, token, channelOptions = {}, timeoutMs } = {}) {
     const { HealthCheckService, LockService } = loadServices();
+    if (tls) {
+      credentials ??= grpc.credentials.createSsl(tls.rootCerts ?? null, tls.privateKey ?? null, tls.certChain ?? null);
+      if (tls.serverName) channelOptions = { ...channelOptions, 'grpc.ssl_target_name_override': tls.serverName };
+    }
+    credentials ??= grpc.credentials.createInsecure();
+    if (token !== undefined) {
+      // An interceptor rather than call credentials: grpc-js refuses those on a
+      // plaintext channel, and a token without TLS is legitimate on loopback or
+      // behind a mesh that encrypts.
+      channelOptions = { ...channelOptions, interceptors: [...(channelOptions.interceptors ?? []), bearer(token)] };
+    }
     this.#health = new HealthCheckService(target, credentials, channelOptions);
     // One channel for both services.
     this.#locks = new LockService(target, credentials, { ...channelOptions, channelOverride: this.#health.getChannel() });

@@ -46,6 +46,45 @@ from .types import (
 DEFAULT_TIMEOUT = 10.0
 
 
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        metadata = list(details.metadata or []) + [self._header]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression
+
+
 class Client:
     """A connection to one vitals server.
 
@@ -55,8 +94,14 @@ class Client:
     ...         write_report(fencing_token=grant.fencing_token)
 
     `target` is a gRPC target (`host:port`, `dns:///host:port`, ...). Pass
-    `channel` to use a channel you built yourself (TLS, interceptors); the
-    client then does not close it.
+    `channel` to use a channel you built yourself (interceptors, other
+    credentials); the client then does not close it.
+
+    TLS: `root_certificates` (PEM bytes of the CA that issued the server's
+    certificate; `tls=True` alone trusts the system's CAs) and, for mTLS,
+    `private_key` and `certificate_chain` (PEM bytes). `server_name`
+    overrides the name the server's certificate must carry. `token` is sent
+    as `authorization: Bearer <token>` on every call.
     """
 
     def __init__(
@@ -66,18 +111,41 @@ class Client:
         channel: Optional[grpc.Channel] = None,
         timeout: Optional[float] = DEFAULT_TIMEOUT,
         options: Sequence[tuple[str, object]] = (),
+        tls: bool = False,
+        root_certificates: Optional[bytes] = None,
+        private_key: Optional[bytes] = None,
+        certificate_chain: Optional[bytes] = None,
+        server_name: Optional[str] = None,
+        token: Optional[str] = None,
     ) -> None:
         if (target is None) == (channel is None):
             raise ValueError("pass either target or channel")
+        if (private_key is None) != (certificate_chain is None):
+            raise ValueError("pass private_key and certificate_chain together")
         self._owns_channel = channel is None
-        self._channel = channel if channel is not None else grpc.insecure_channel(target, options=list(options))
+        if channel is None:
+            options = list(options)
+            if tls or root_certificates is not None or certificate_chain is not None:
+                if server_name is not None:
+                    options.append(("grpc.ssl_target_name_override", server_name))
+                credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+                channel = grpc.secure_channel(target, credentials, options=options)
+            else:
+                channel = grpc.insecure_channel(target, options=options)
+        self._raw_channel = channel
+        if token is not None:
+            # An interceptor rather than call credentials: those are refused
+            # on a plaintext channel, and a token without TLS is legitimate
+            # on loopback or behind a mesh that encrypts.
+            channel = grpc.intercept_channel(channel, _BearerToken(token))
+        self._channel = channel
         self._health = health_pb2_grpc.HealthCheckServiceStub(self._channel)
         self._locks = lock_pb2_grpc.LockServiceStub(self._channel)
         self.timeout = timeout
 
     def close(self) -> None:
         if self._owns_channel:
-            self._channel.close()
+            self._raw_channel.close()
 
     def __enter__(self) -> Client:
         return self

@@ -1,0 +1,476 @@
+//! Principals from `VITALS_AUTH_FILE`: every RPC against every scope, no or
+//! unknown credentials, namespaces on systems and lock keys (the streaming
+//! RPCs included), filtered listings and watches, the file's reload, and a
+//! client certificate's SAN as the credential.
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tonic::{Code, Request, Status, transport::Channel};
+use vitals::proto::{
+    self, health_check_service_client::HealthCheckServiceClient, lock_service_client::LockServiceClient,
+    with_lock_response::Event,
+};
+
+use crate::{
+    harness::{Backend, PATIENCE, TestApp, TestDb, assert_reason, eventually, until},
+    pki::{Ca, ServerFiles, as_strs, write_whole},
+    withlock::{acquire, release, submit},
+};
+
+/// One `[[principal]]` of a test's auth file.
+struct Entry<'a> {
+    name: &'a str,
+    token: &'a str,
+    scopes: &'a [&'a str],
+    systems: Option<&'a [&'a str]>,
+    lock_keys: Option<&'a [&'a str]>,
+}
+
+impl<'a> Entry<'a> {
+    fn new(name: &'a str, token: &'a str, scopes: &'a [&'a str]) -> Self {
+        Entry {
+            name,
+            token,
+            scopes,
+            systems: None,
+            lock_keys: None,
+        }
+    }
+}
+
+fn toml_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// The auth file naming `entries`, tokens as their SHA-256.
+fn auth_file(entries: &[Entry<'_>]) -> String {
+    let mut text = String::new();
+    for e in entries {
+        text.push_str(&format!(
+            "[[principal]]\nname = {:?}\ntoken_sha256 = {:?}\nscopes = {}\n",
+            e.name,
+            hex::encode(Sha256::digest(e.token.as_bytes())),
+            toml_list(e.scopes)
+        ));
+        if let Some(systems) = e.systems {
+            text.push_str(&format!("systems = {}\n", toml_list(systems)));
+        }
+        if let Some(keys) = e.lock_keys {
+            text.push_str(&format!("lock_keys = {}\n", toml_list(keys)));
+        }
+        text.push('\n');
+    }
+    text
+}
+
+/// Starts vitals on `db` with the auth file `text` written into `dir`.
+async fn start(db: &TestDb, dir: &Path, text: &str, extra: &[&str]) -> TestApp {
+    let file = dir.join("auth.toml");
+    write_whole(&file, text);
+    let file = file.display().to_string();
+    let mut flags = vec!["--auth-file", file.as_str(), "--file-reload-interval-ms", "50"];
+    flags.extend_from_slice(extra);
+    TestApp::start(db, &flags).await
+}
+
+/// `message` with `authorization: Bearer <token>` (none when `token` is
+/// `None`).
+fn authed<T>(message: T, token: Option<&str>) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    request
+}
+
+/// Every RPC of ours, by name, and the scope it needs.
+const RPCS: [(&str, &str); 8] = [
+    ("EvaluateHealth", "health.read"),
+    ("GetSystemHealth", "health.read"),
+    ("ListRuns", "health.read"),
+    ("ListTransitions", "health.read"),
+    ("WatchTransitions", "health.read"),
+    ("SubmitRun", "health.write"),
+    ("ConfigureCheck", "health.admin"),
+    ("WithLock", "locks"),
+];
+
+/// Calls `rpc` on `system` (lock key `system/lock`) with `token`; `Ok` when
+/// the call was served. A stream counts as served once its first reply (a
+/// granted lock, or the response headers of a watch) arrives.
+async fn call(channel: &Channel, rpc: &str, system: &str, token: Option<&str>) -> Result<(), Status> {
+    let mut health = HealthCheckServiceClient::new(channel.clone());
+    let system_id = system.to_owned();
+    match rpc {
+        "EvaluateHealth" => {
+            let request = proto::EvaluateHealthRequest {
+                statuses: vec![proto::HealthStatus::Healthy as i32],
+                ..Default::default()
+            };
+            health.evaluate_health(authed(request, token)).await.map(drop)
+        }
+        "GetSystemHealth" => health
+            .get_system_health(authed(proto::GetSystemHealthRequest { system_id }, token))
+            .await
+            .map(drop),
+        "ListRuns" => health
+            .list_runs(authed(
+                proto::ListRunsRequest {
+                    system_id,
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "ListTransitions" => health
+            .list_transitions(authed(
+                proto::ListTransitionsRequest {
+                    system_id,
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "WatchTransitions" => health
+            .watch_transitions(authed(
+                proto::WatchTransitionsRequest {
+                    system_id,
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "SubmitRun" => health
+            .submit_run(authed(submit(&uuid::Uuid::new_v4().to_string(), system), token))
+            .await
+            .map(drop),
+        "ConfigureCheck" => health
+            .configure_check(authed(
+                proto::ConfigureCheckRequest {
+                    system_id,
+                    check_id: "c".into(),
+                    enabled: Some(true),
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "WithLock" => {
+            let key = format!("{system}/lock");
+            let messages = futures::stream::iter([acquire(&key, Some(Duration::from_secs(5))), release()]);
+            let mut replies = LockServiceClient::new(channel.clone())
+                .with_lock(authed(messages, token))
+                .await?
+                .into_inner();
+            match replies.message().await? {
+                Some(proto::WithLockResponse {
+                    event: Some(Event::Acquired(_)),
+                }) => Ok(()),
+                other => panic!("expected the lock to be acquired, got {other:?}"),
+            }
+        }
+        other => panic!("no RPC {other}"),
+    }
+}
+
+async fn every_rpc_needs_its_scope_and_known_credentials(backend: Backend) {
+    let db = TestDb::create(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let entries = [
+        Entry::new("reader", "t-read", &["health.read"]),
+        Entry::new("writer", "t-write", &["health.write"]),
+        Entry::new("admin", "t-admin", &["health.admin"]),
+        Entry::new("locker", "t-locks", &["locks"]),
+        Entry::new("nobody", "t-none", &[]),
+    ];
+    let app = start(&db, dir.path(), &auth_file(&entries), &[]).await;
+    let channel = app.channel().await;
+    // The system exists, so GetSystemHealth has something to return.
+    call(&channel, "SubmitRun", "sys", Some("t-write")).await.unwrap();
+
+    for (rpc, scope) in RPCS {
+        for entry in &entries {
+            let outcome = call(&channel, rpc, "sys", Some(entry.token)).await;
+            if entry.scopes.contains(&scope) {
+                assert!(outcome.is_ok(), "{rpc} as {}: {outcome:?}", entry.name);
+            } else {
+                let status = outcome.expect_err(rpc);
+                let info = assert_reason(&status, Code::PermissionDenied, "PERMISSION_DENIED");
+                assert_eq!(info.metadata.get("scope").map(String::as_str), Some(scope), "{rpc}");
+                assert_eq!(info.metadata.get("principal"), Some(&entry.name.to_owned()), "{rpc}");
+            }
+        }
+        for token in [None, Some("not-a-known-token"), Some("")] {
+            let status = call(&channel, rpc, "sys", token).await.expect_err(rpc);
+            assert_reason(&status, Code::Unauthenticated, "UNAUTHENTICATED");
+        }
+    }
+    // Health stays open: probes carry no credentials.
+    assert_eq!(
+        app.serving_status("").await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    app.stop().await;
+}
+
+async fn namespaces_bound_the_systems_and_lock_keys_a_principal_touches(backend: Backend) {
+    let db = TestDb::create(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let all_scopes: &[&str] = &["health.read", "health.write", "health.admin", "locks"];
+    let payments = Entry {
+        systems: Some(&["payments-*", "ledger"]),
+        lock_keys: Some(&["payments/*"]),
+        ..Entry::new("payments", "t-payments", all_scopes)
+    };
+    let app = start(&db, dir.path(), &auth_file(&[payments]), &[]).await;
+    let channel = app.channel().await;
+    let token = Some("t-payments");
+
+    for system in ["payments-eu", "ledger"] {
+        // A run first, so GetSystemHealth finds the system.
+        call(&channel, "SubmitRun", system, token).await.unwrap();
+        for (rpc, _) in RPCS {
+            if rpc == "WithLock" {
+                continue;
+            }
+            call(&channel, rpc, system, token)
+                .await
+                .unwrap_or_else(|s| panic!("{rpc} on {system}: {s:?}"));
+        }
+    }
+    call(&channel, "WithLock", "payments", token).await.unwrap();
+
+    for system in ["billing", "ledger-2", "payment"] {
+        for rpc in [
+            "SubmitRun",
+            "ConfigureCheck",
+            "GetSystemHealth",
+            "ListRuns",
+            "ListTransitions",
+            "WatchTransitions",
+        ] {
+            let status = call(&channel, rpc, system, token).await.expect_err(rpc);
+            let info = assert_reason(&status, Code::PermissionDenied, "PERMISSION_DENIED");
+            assert_eq!(
+                info.metadata.get("system_id"),
+                Some(&system.to_owned()),
+                "{rpc} on {system}"
+            );
+        }
+    }
+    let status = call(&channel, "WithLock", "billing", token)
+        .await
+        .expect_err("WithLock");
+    let info = assert_reason(&status, Code::PermissionDenied, "PERMISSION_DENIED");
+    assert_eq!(info.metadata.get("key").map(String::as_str), Some("billing/lock"));
+    until(PATIENCE, "the refused stream holds no place in the lock budget", || {
+        app.lock_budget_available() == 10_000
+    })
+    .await;
+    app.stop().await;
+}
+
+async fn listings_and_watches_of_every_system_show_only_the_principals_systems(backend: Backend) {
+    let db = TestDb::create(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let narrow = Entry {
+        systems: Some(&["mine-*"]),
+        ..Entry::new("narrow", "t-narrow", &["health.read"])
+    };
+    let app = start(
+        &db,
+        dir.path(),
+        &auth_file(&[narrow, Entry::new("root", "t-root", &["health.read", "health.write"])]),
+        &[],
+    )
+    .await;
+    let mut client = app.health_client().await;
+    // The narrow principal watches every system before anything happens.
+    let mut watch = client
+        .watch_transitions(authed(proto::WatchTransitionsRequest::default(), Some("t-narrow")))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Two failures move a system to DEGRADED: one transition each, the
+    // caller's systems between others'.
+    let systems = ["theirs-1", "mine-1", "theirs-2", "mine-2", "theirs-3"];
+    for system in systems {
+        for i in 0..2 {
+            let mut run = submit(&format!("{system}-{i}"), system);
+            run.status = proto::HealthStatus::Unhealthy as i32;
+            client.submit_run(authed(run, Some("t-root"))).await.unwrap();
+        }
+    }
+
+    let mut watched = Vec::new();
+    while watched.len() < 2 {
+        let next = tokio::time::timeout(PATIENCE, watch.next())
+            .await
+            .expect("a transition arrives")
+            .expect("the watch goes on")
+            .unwrap();
+        watched.push(next.transition.unwrap().system_id);
+    }
+    assert_eq!(watched, ["mine-1", "mine-2"]);
+
+    // Pages of 2 over 5 transitions: every page is followed to the end, and
+    // only the caller's systems appear, newest first.
+    let mut listed = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_transitions(authed(
+                proto::ListTransitionsRequest {
+                    page_size: 2,
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                },
+                Some("t-narrow"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        listed.extend(page.transitions.into_iter().map(|t| t.system_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(listed, ["mine-2", "mine-1"]);
+    // The last transition of a system the caller may not read passed the
+    // watch unseen: the next one it sees is its own.
+    let mut run = submit("mine-1-healthy", "mine-1");
+    run.status = proto::HealthStatus::Healthy as i32;
+    client.submit_run(authed(run, Some("t-root"))).await.unwrap();
+    let next = tokio::time::timeout(PATIENCE, watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.transition.unwrap().system_id, "mine-1");
+    app.stop().await;
+}
+
+both_backends!(
+    every_rpc_needs_its_scope_and_known_credentials,
+    namespaces_bound_the_systems_and_lock_keys_a_principal_touches,
+    listings_and_watches_of_every_system_show_only_the_principals_systems,
+);
+
+#[tokio::test]
+async fn a_changed_auth_file_takes_effect_without_a_restart_and_a_broken_one_keeps_the_last_good() {
+    let db = TestDb::embedded();
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(
+        &db,
+        dir.path(),
+        &auth_file(&[Entry::new("old", "t-old", &["health.read"])]),
+        &[],
+    )
+    .await;
+    let channel = app.channel().await;
+    call(&channel, "EvaluateHealth", "s", Some("t-old")).await.unwrap();
+
+    let file = dir.path().join("auth.toml");
+    write_whole(&file, &auth_file(&[Entry::new("new", "t-new", &["health.read"])]));
+    eventually(PATIENCE, "the new principal's token is accepted", async || {
+        call(&channel, "EvaluateHealth", "s", Some("t-new")).await
+    })
+    .await;
+    let status = call(&channel, "EvaluateHealth", "s", Some("t-old")).await.unwrap_err();
+    assert_reason(&status, Code::Unauthenticated, "UNAUTHENTICATED");
+
+    let reloads = app.auth_reloads.clone().expect("authentication is on");
+    let refused = reloads.refused();
+    write_whole(&file, "[[principal]]\nname = \"typo\"\nscopes = [\"health.reed\"]\n");
+    until(PATIENCE, "the broken file is refused", || reloads.refused() > refused).await;
+    call(&channel, "EvaluateHealth", "s", Some("t-new"))
+        .await
+        .expect("the last good principals stay in force");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reflection_needs_a_principal_only_when_required() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let list = || ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let text = auth_file(&[Entry::new("nobody", "t-none", &[])]);
+    for (required, extra) in [(false, "open"), (true, "required")] {
+        let db = TestDb::embedded();
+        let dir = tempfile::tempdir().unwrap();
+        let app = start(&db, dir.path(), &text, &["--auth-reflection", extra]).await;
+        let mut reflection = ServerReflectionClient::new(app.channel().await);
+        let anonymous = reflection
+            .server_reflection_info(authed(futures::stream::iter([list()]), None))
+            .await;
+        if required {
+            assert_reason(&anonymous.unwrap_err(), Code::Unauthenticated, "UNAUTHENTICATED");
+            reflection
+                .server_reflection_info(authed(futures::stream::iter([list()]), Some("t-none")))
+                .await
+                .expect("any known principal may reflect");
+        } else {
+            anonymous.expect("reflection is open");
+        }
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_verified_client_certificate_names_its_principal_without_a_token() {
+    let db = TestDb::embedded();
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let files = ServerFiles::write(dir.path(), &server_ca.server(), Some(&client_ca));
+    let auth = dir.path().join("auth.toml");
+    write_whole(
+        &auth,
+        "[[principal]]\nname = \"prober\"\nclient_cert_san = \"spiffe://test/prober\"\nscopes = [\"health.write\"]\n\
+         systems = [\"probed\"]\n",
+    );
+    let mut flags = files.flags(true);
+    flags.extend(["--auth-file".to_owned(), auth.display().to_string()]);
+    let prober = client_ca.client("spiffe://test/prober");
+    let app = TestApp::start_tls(&db, &as_strs(&flags), prober.presented(server_ca.trusted_by_client())).await;
+    let channel = app.channel().await;
+    call(&channel, "SubmitRun", "probed", None).await.unwrap();
+    let status = call(&channel, "SubmitRun", "elsewhere", None).await.unwrap_err();
+    assert_reason(&status, Code::PermissionDenied, "PERMISSION_DENIED");
+    let status = call(&channel, "EvaluateHealth", "probed", None).await.unwrap_err();
+    let info = assert_reason(&status, Code::PermissionDenied, "PERMISSION_DENIED");
+    assert_eq!(
+        info.metadata,
+        HashMap::from([
+            ("principal".to_owned(), "prober".to_owned()),
+            ("scope".to_owned(), "health.read".to_owned())
+        ])
+    );
+
+    // A certificate of the same CA whose SAN names nobody is verified, but
+    // is no principal.
+    let stranger = client_ca.client("spiffe://test/stranger");
+    let channel = crate::harness::tls_endpoint(app.addr, stranger.presented(server_ca.trusted_by_client()))
+        .connect()
+        .await
+        .unwrap();
+    let status = call(&channel, "SubmitRun", "probed", None).await.unwrap_err();
+    assert_reason(&status, Code::Unauthenticated, "UNAUTHENTICATED");
+    app.stop().await;
+}
