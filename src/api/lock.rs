@@ -104,15 +104,27 @@ impl LockService for LockApi {
             () = &mut shutdown => return Err(Error::ShuttingDown.into()),
             held = self.locks.acquire(permit, key, wait) => held?,
         };
-        // Grants and releases are an audit record: who held which key,
-        // with which token (the request id and principal are the span's).
-        tracing::info!(
-            key = held.key().as_str(),
-            owner = owner.as_str(),
-            token = held.fencing_token,
-            principal = access.name(),
-            "lock granted"
-        );
+        // With authentication on, grants and releases are an audit record:
+        // who held which key, with which token (the request id and principal
+        // are the span's). Without it there is nobody to name, and a line
+        // per grant and release would cost more than the lock.
+        let audited = !matches!(access, Access::Open);
+        if audited {
+            tracing::info!(
+                key = held.key().as_str(),
+                owner = owner.as_str(),
+                token = held.fencing_token,
+                principal = access.name(),
+                "lock granted"
+            );
+        } else {
+            tracing::debug!(
+                key = held.key().as_str(),
+                owner = owner.as_str(),
+                token = held.fencing_token,
+                "lock granted"
+            );
+        }
 
         let lease = self.locks.lease();
         let acquired = proto::WithLockResponse {
@@ -128,7 +140,13 @@ impl LockService for LockApi {
             inbound,
             lease,
             &self.locks,
-            tracing::Span::current(),
+            // Kept for the release's audit line only: a span kept open
+            // holds its data for as long as the lock is held.
+            if audited {
+                tracing::Span::current()
+            } else {
+                tracing::Span::none()
+            },
         )))
     }
 }
@@ -161,7 +179,8 @@ pin_project! {
         #[pin]
         lost: Option<WaitForCancellationFutureOwned>,
         // The request's span (request id, principal), for the release's
-        // log line: the stream is polled outside the handler's future.
+        // audit line: the stream is polled outside the handler's future.
+        // None when nothing is audited.
         span: tracing::Span,
     }
 }
@@ -216,7 +235,16 @@ fn ending(held: HeldLock, end: End, span: &tracing::Span) -> Pin<Box<dyn Future<
         End::Fail(_) => "ended by the server",
         End::Gone => "client gone",
     };
-    tracing::info!(parent: span, key = held.key().as_str(), token = held.fencing_token, how, "lock released");
+    if span.is_none() {
+        tracing::debug!(
+            key = held.key().as_str(),
+            token = held.fencing_token,
+            how,
+            "lock released"
+        );
+    } else {
+        tracing::info!(parent: span, key = held.key().as_str(), token = held.fencing_token, how, "lock released");
+    }
     Box::pin(async move {
         Busy::Ended(match end {
             End::Release => Some(match held.release().await {
