@@ -59,8 +59,8 @@ pub(crate) struct BenchArgs {
     /// Skip the metrics cost: with `submit` or `lock` selected, the run
     /// otherwise drives `submit` and/or `lock-uncontended` at 32 clients (or
     /// the largest of --clients below it) against a second vitals with metrics
-    /// off (`vitals-metrics-off`), each cell followed at once by the same on
-    /// the main vitals (`vitals-metrics-on`).
+    /// off (`vitals-metrics-off`) and the main vitals (`vitals-metrics-on`),
+    /// in the order off, on, on, off.
     #[arg(long)]
     no_metrics_off: bool,
     /// Seconds of the `mixed` soak during which vitals' RSS is sampled (the
@@ -262,7 +262,7 @@ impl Options {
                 + usize::from(self.wants("submit")) * (1 + 2 * pgbench)
                 + usize::from(self.wants("lock")) * (2 + 2 * pgbench + 3 * etcd)
                 + usize::from(self.wants("mixed")))
-            + 2 * self.metrics_workloads().len()
+            + 4 * self.metrics_workloads().len()
     }
 
     /// Seconds the whole run takes, roughly.
@@ -719,9 +719,10 @@ impl Bench {
     /// What vitals' Prometheus metrics cost: `submit` and/or
     /// `lock-uncontended` (as selected) at `c` clients against a second
     /// vitals with `VITALS_METRICS_ADDR` empty (metrics off), on the same
-    /// database with the same settings; each such cell is followed at once
-    /// by the same cell on the main vitals (metrics on), so that the pair
-    /// the target compares is measured back to back.
+    /// database with the same settings, and the same cell on the main vitals
+    /// (metrics on), in the order off, on, on, off: a workload that slows as
+    /// the database grows (`submit`) then weighs on both sides alike, and the
+    /// target compares the means.
     async fn metrics_cost(&mut self, c: usize) -> Result<()> {
         let mut env = self.opts.vitals_env();
         env.push(("VITALS_METRICS_ADDR", String::new()));
@@ -758,8 +759,8 @@ impl Bench {
             },
         ];
         for workload in self.opts.metrics_workloads() {
-            for side in &sides {
-                self.metrics_cell(workload, c, side).await;
+            for (round, side) in [(1, &sides[0]), (1, &sides[1]), (2, &sides[1]), (2, &sides[0])] {
+                self.metrics_cell(workload, c, side, round).await;
             }
         }
         // The channels close before the process stops.
@@ -771,13 +772,13 @@ impl Bench {
     /// One cell of the metrics cost phase on `side`'s vitals. Its RSS is
     /// that process's; both sides' workers take the same seeds (the same
     /// systems, checks and keys in the same order).
-    async fn metrics_cell(&mut self, workload: &str, c: usize, side: &Side) {
+    async fn metrics_cell(&mut self, workload: &str, c: usize, side: &Side, round: u32) {
         let (rec, cpu) = if workload == "submit" {
             let workers = (0..c)
                 .map(|i| {
                     SubmitWorker::new(
                         side.channel(i),
-                        format!("{}-{}{c}-{i}", self.nonce, side.tag),
+                        format!("{}-{}{round}-{c}-{i}", self.nonce, side.tag),
                         seed(c, i),
                     )
                 })
@@ -901,9 +902,9 @@ impl Bench {
             r.notes.push(format!(
                 "Metrics cost: `vitals-metrics-off` is a second vitals process with VITALS_METRICS_ADDR empty \
                  (metrics off), on the same database with the same settings, started after the other workloads; \
-                 each of its cells ({c} clients) is followed at once by the same cell on the main vitals \
-                 (`vitals-metrics-on`, metrics on), and the target compares the two. Nothing scrapes /metrics \
-                 during the run."
+                 its cells ({c} clients) and the same cells on the main vitals (`vitals-metrics-on`, metrics \
+                 on) run in the order off, on, on, off, so that a workload slowing as the database grows weighs \
+                 on both alike, and the target compares their means. Nothing scrapes /metrics during the run."
             ));
         }
         if self.opts.run_etcd {
@@ -1046,11 +1047,11 @@ mod tests {
 
     #[test]
     fn the_metrics_cost_runs_at_32_clients_or_the_most_below_for_submit_and_lock_only() {
-        // submit and lock-uncontended, metrics off and on again: 4 more cells.
+        // submit and lock-uncontended, each off, on, on, off: 8 more cells.
         let opts = options(&["--workloads", "submit,lock", "--no-pgbench", "--no-etcd"]).unwrap();
         assert_eq!(opts.metrics_clients, Some(32));
         assert_eq!(opts.metrics_workloads(), ["submit", "lock-uncontended"]);
-        assert_eq!(opts.cells(4), 4 * (1 + 2) + 4);
+        assert_eq!(opts.cells(4), 4 * (1 + 2) + 8);
         let opts = options(&["--workloads", "lock", "--clients", "1,8,64"]).unwrap();
         assert_eq!(opts.metrics_clients, Some(8));
         assert_eq!(opts.metrics_workloads(), ["lock-uncontended"]);
