@@ -77,7 +77,7 @@ pub enum Error {
         limit: u32,
     },
 
-    /// ALREADY_EXISTS, reason `RUN_ID_CONFLICT`: the run_id is stored with other content.
+    /// ALREADY_EXISTS, reason `RUN_ID_CONFLICT`: the run_id is stored in the system with other content.
     #[error("run id conflict")]
     RunConflict {
         /// The reused run id.

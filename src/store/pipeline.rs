@@ -157,8 +157,13 @@ pub(crate) trait Statements: Sync {
     /// the feed when a transition was written).
     fn commit(&self, unit: Self::Unit, wrote_transition: bool) -> impl Future<Output = Result<()>> + Send;
 
-    /// The run stored under `run_id`, if any.
-    fn stored_run(&self, unit: &mut Self::Unit, run_id: &RunId) -> impl Future<Output = Result<Option<Run>>> + Send;
+    /// The run `system_id` stored under `run_id`, if any.
+    fn stored_run(
+        &self,
+        unit: &mut Self::Unit,
+        system_id: &SystemId,
+        run_id: &RunId,
+    ) -> impl Future<Output = Result<Option<Run>>> + Send;
 
     /// The stored health of a system.
     fn system(
@@ -285,7 +290,7 @@ async fn load<S: Statements>(s: &S, system_id: &SystemId, check_id: &CheckId) ->
 /// health and the transition the stored run caused, or `RUN_ID_CONFLICT`.
 async fn resubmitted<S: Statements>(s: &S, mut unit: S::Unit, new: &NewRun) -> Result<SubmitOutcome> {
     let stored = s
-        .stored_run(&mut unit, &new.run_id)
+        .stored_run(&mut unit, &new.system_id, &new.run_id)
         .instrument(statement("stored_run"))
         .await?
         .ok_or(Error::Invariant("a run id found taken is stored"))?;

@@ -290,7 +290,7 @@ impl PgStore {
         let mut conn = self.work.acquire().await?;
         let started = std::time::Instant::now();
         let deleted = sqlx::query(
-            "DELETE FROM runs WHERE run_id IN ( \
+            "DELETE FROM runs WHERE system_id = $1 AND run_id IN ( \
                  SELECT r.run_id FROM runs r \
                  WHERE r.system_id = $1 AND r.check_id = $2 AND r.observed_at < $3 \
                    AND (r.observed_at, r.run_id) < ( \
@@ -404,9 +404,10 @@ async fn system_in(conn: &mut PgConnection, system_id: &str) -> Result<Option<Sy
 /// run that retention deleted before the id was used again.
 async fn transition_caused_by(conn: &mut PgConnection, run: &Run) -> Result<Option<Transition>> {
     let row = sqlx::query(&format!(
-        "SELECT {TRANSITION_COLUMNS} FROM transitions WHERE run_id = $1 AND transitioned_at >= $2 \
+        "SELECT {TRANSITION_COLUMNS} FROM transitions WHERE system_id = $1 AND run_id = $2 AND transitioned_at >= $3 \
          ORDER BY sequence DESC LIMIT 1"
     ))
+    .bind(run.system_id.as_str())
     .bind(run.run_id.as_str())
     .bind(run.recorded_at)
     .fetch_optional(&mut *conn)
@@ -571,11 +572,14 @@ impl Statements for PgStore {
         Ok(())
     }
 
-    async fn stored_run(&self, conn: &mut Self::Unit, run_id: &RunId) -> Result<Option<Run>> {
-        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = $1"))
-            .bind(run_id.as_str())
-            .fetch_optional(conn.conn_mut())
-            .await?;
+    async fn stored_run(&self, conn: &mut Self::Unit, system_id: &SystemId, run_id: &RunId) -> Result<Option<Run>> {
+        let row = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE system_id = $1 AND run_id = $2"
+        ))
+        .bind(system_id.as_str())
+        .bind(run_id.as_str())
+        .fetch_optional(conn.conn_mut())
+        .await?;
         row.as_ref().map(run_from_row).transpose()
     }
 

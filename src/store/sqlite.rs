@@ -307,7 +307,7 @@ impl SqliteStore {
         let mut conn = self.db.writer().await?;
         let started = std::time::Instant::now();
         let deleted = sqlx::query(
-            "DELETE FROM runs WHERE run_id IN ( \
+            "DELETE FROM runs WHERE system_id = $1 AND run_id IN ( \
                  SELECT r.run_id FROM runs r \
                  WHERE r.system_id = $1 AND r.check_id = $2 AND r.observed_at < $3 \
                    AND (r.observed_at, r.run_id) < ( \
@@ -422,9 +422,10 @@ async fn system_in(conn: &mut SqliteConnection, system_id: &str) -> Result<Optio
 /// run that retention deleted before the id was used again.
 async fn transition_caused_by(conn: &mut SqliteConnection, run: &Run) -> Result<Option<Transition>> {
     let row = sqlx::query(&format!(
-        "SELECT {TRANSITION_COLUMNS} FROM transitions WHERE run_id = $1 AND transitioned_at >= $2 \
+        "SELECT {TRANSITION_COLUMNS} FROM transitions WHERE system_id = $1 AND run_id = $2 AND transitioned_at >= $3 \
          ORDER BY sequence DESC LIMIT 1"
     ))
+    .bind(run.system_id.as_str())
     .bind(run.run_id.as_str())
     .bind(micros(run.recorded_at))
     .fetch_optional(&mut *conn)
@@ -584,11 +585,14 @@ impl Statements for SqliteStore {
         Ok(())
     }
 
-    async fn stored_run(&self, tx: &mut Self::Unit, run_id: &RunId) -> Result<Option<Run>> {
-        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = $1"))
-            .bind(run_id.as_str())
-            .fetch_optional(&mut **tx)
-            .await?;
+    async fn stored_run(&self, tx: &mut Self::Unit, system_id: &SystemId, run_id: &RunId) -> Result<Option<Run>> {
+        let row = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE system_id = $1 AND run_id = $2"
+        ))
+        .bind(system_id.as_str())
+        .bind(run_id.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
         row.as_ref().map(run_from_row).transpose()
     }
 

@@ -487,7 +487,7 @@ async fn reusing_a_run_id_with_different_content_is_already_exists_with_reason_r
     submit(&mut client, original.clone()).await;
 
     type Change = fn(&mut SubmitRunRequest);
-    let variants: [(&str, Change); 6] = [
+    let variants: [(&str, Change); 5] = [
         ("status", |r| r.status = Degraded as i32),
         ("message", |r| r.message = "not fine".into()),
         ("observed_at", |r| {
@@ -497,7 +497,6 @@ async fn reusing_a_run_id_with_different_content_is_already_exists_with_reason_r
             r.latency = Some(prost_types::Duration { seconds: 1, nanos: 0 })
         }),
         ("check_id", |r| r.check_id = "index".into()),
-        ("system_id", |r| r.system_id = "elsewhere".into()),
     ];
     for (what, change) in variants {
         let mut req = original.clone();
@@ -526,7 +525,7 @@ async fn reusing_a_run_id_with_different_content_is_already_exists_with_reason_r
     );
     let err = client
         .get_system_health(GetSystemHealthRequest {
-            system_id: "elsewhere".into(),
+            system_id: "index".into(),
         })
         .await
         .unwrap_err();
@@ -590,6 +589,60 @@ async fn a_retry_of_a_run_reports_the_transition_that_run_caused_and_no_other(ba
         assert_eq!(retry.transition, None, "{}", retry.run.unwrap().run_id);
     }
     assert_eq!(stored_transitions(&db).await.len(), 3, "a retry writes nothing");
+    app.stop().await;
+}
+
+both_backends!(the_same_run_id_in_two_systems_is_two_runs_each_retried_as_its_own_duplicate);
+async fn the_same_run_id_in_two_systems_is_two_runs_each_retried_as_its_own_duplicate(backend: Backend) {
+    let (db, app, mut client) = serve(backend).await;
+    let t0 = base_time();
+    // Another system's client takes the id first, with other content: the
+    // id is an idempotency key within a system, so this cannot refuse the
+    // run that comes later.
+    let mut taken_first = run("squatter", "probe", "shared-id", Healthy, Some(at(t0)));
+    taken_first.message = "first".into();
+    assert!(!submit(&mut client, taken_first.clone()).await.duplicate);
+    let blip = run("payments", "api", "blip", Unhealthy, Some(at(t0)));
+    assert!(submit(&mut client, blip).await.transition.is_none());
+    let mut degrading = run("payments", "api", "shared-id", Unhealthy, Some(at(t0 + 1)));
+    degrading.message = "second".into();
+    let reply = submit(&mut client, degrading.clone()).await;
+    assert!(
+        !reply.duplicate,
+        "a run of another system under the same id is a new run"
+    );
+    let caused = reply.transition.expect("the second failure degrades payments");
+
+    for (system, message) in [("squatter", "first"), ("payments", "second")] {
+        assert_eq!(
+            count_rows(&db, "SELECT count(*) FROM runs WHERE system_id = $1", system).await,
+            if system == "payments" { 2 } else { 1 },
+            "{system}"
+        );
+        let runs = list_runs(
+            &mut client,
+            ListRunsRequest {
+                system_id: system.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .runs;
+        let shared: Vec<_> = runs.iter().filter(|r| r.run_id == "shared-id").collect();
+        assert_eq!(shared.len(), 1, "{system}");
+        assert_eq!(shared[0].message, message, "{system}");
+    }
+
+    // Each retry is a duplicate of its own system's run, with the transition
+    // that run caused: none for the first system, payments' for the second.
+    let retry = submit(&mut client, taken_first).await;
+    assert!(retry.duplicate);
+    assert_eq!(retry.run.as_ref().map(|r| r.system_id.as_str()), Some("squatter"));
+    assert_eq!(retry.transition, None);
+    let retry = submit(&mut client, degrading).await;
+    assert!(retry.duplicate);
+    assert_eq!(retry.transition.as_ref(), Some(&caused));
     app.stop().await;
 }
 
@@ -1395,6 +1448,14 @@ async fn retention_deletes_old_runs_and_transitions_but_never_a_checks_newest_10
             .await
             .unwrap();
     }
+    // A recent run of another system under the id of one of a's oldest:
+    // a different run, which retention of `retained` leaves alone.
+    let mut neighbour = new_run("a000".into(), "a", chrono::Utc::now());
+    neighbour.system_id = SystemId::parse("system_id", "neighbour".into()).unwrap();
+    store
+        .submit_run(&neighbour, &vitals::store::WriteRules::default())
+        .await
+        .unwrap();
     // Transitions past the 90 days: three of `retained` (the newest stays),
     // one of `flapping` before a recent one, the only one of `quiet`.
     let (old, recent) = (days_ago_sql(backend, 100), days_ago_sql(backend, 1));
@@ -1420,7 +1481,12 @@ async fn retention_deletes_old_runs_and_transitions_but_never_a_checks_newest_10
         "a pass over what is kept deletes nothing and runs no delete"
     );
     assert_eq!(
-        count_rows(&db, "SELECT count(*) FROM runs WHERE check_id = $1", "a").await,
+        count_rows(
+            &db,
+            "SELECT count(*) FROM runs WHERE check_id = $1 AND system_id = 'retained'",
+            "a"
+        )
+        .await,
         100
     );
     assert_eq!(
@@ -1434,6 +1500,11 @@ async fn retention_deletes_old_runs_and_transitions_but_never_a_checks_newest_10
         "the oldest went"
     );
     assert_eq!(runs_of(&db, "retained").await, 108);
+    assert_eq!(
+        runs_of(&db, "neighbour").await,
+        1,
+        "another system's run under a deleted id stays"
+    );
     let sequences: Vec<i64> = stored_transitions(&db).await.iter().map(|t| t.0).collect();
     assert_eq!(sequences, [1003, 1005, 1006], "each system's newest stays");
     database.close().await;

@@ -47,6 +47,32 @@ const DOWNGRADE_POSTGRES: [&str; 2] = [
     "ALTER TABLE runs ALTER COLUMN run_id TYPE text COLLATE \"default\"",
 ];
 
+/// And what the migration that keys runs by system and run id changed, on
+/// PostgreSQL ...
+const DOWNGRADE_RUN_KEY_POSTGRES: [&str; 5] = [
+    "DROP INDEX transitions_by_run",
+    "CREATE INDEX transitions_by_run ON transitions (run_id) WHERE run_id IS NOT NULL",
+    "ALTER TABLE runs DROP CONSTRAINT runs_pkey",
+    "ALTER TABLE runs ADD CONSTRAINT runs_pkey PRIMARY KEY (run_id)",
+    "DELETE FROM _sqlx_migrations WHERE version = 20261205000001",
+];
+
+/// ... and on SQLite, where a table's key changes only by moving its rows.
+const DOWNGRADE_RUN_KEY_EMBEDDED: [&str; 9] = [
+    "CREATE TABLE runs_keyed_by_id (run_id TEXT PRIMARY KEY NOT NULL, system_id TEXT NOT NULL, \
+     check_id TEXT NOT NULL, status INTEGER NOT NULL, observed_at INTEGER NOT NULL, latency_us INTEGER, \
+     message TEXT NOT NULL DEFAULT '', recorded_at INTEGER NOT NULL)",
+    "INSERT INTO runs_keyed_by_id SELECT run_id, system_id, check_id, status, observed_at, latency_us, message, \
+     recorded_at FROM runs",
+    "DROP TABLE runs",
+    "ALTER TABLE runs_keyed_by_id RENAME TO runs",
+    "CREATE INDEX runs_by_check ON runs (system_id, check_id, observed_at DESC, run_id DESC)",
+    "CREATE INDEX runs_by_system ON runs (system_id, observed_at DESC, run_id DESC)",
+    "DROP INDEX transitions_by_run",
+    "CREATE INDEX transitions_by_run ON transitions (run_id) WHERE run_id IS NOT NULL",
+    "DELETE FROM _sqlx_migrations WHERE version = 20261205000001",
+];
+
 fn base_time() -> i64 {
     chrono::Utc::now().timestamp() - 3600
 }
@@ -160,6 +186,33 @@ async fn execute(db: &TestDb, statements: &[&str]) {
                 conn.execute(*sql).await.unwrap();
             }
             conn.close().await.unwrap();
+        }
+    }
+}
+
+/// The indexes and primary keys of the test database, by table.
+async fn indexes(db: &TestDb) -> Vec<(String, String)> {
+    match db.backend {
+        Backend::Postgres => {
+            sqlx::query_as("SELECT tablename::text, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1, 2")
+                .fetch_all(&mut db.connect().await)
+                .await
+                .unwrap()
+        }
+        Backend::Embedded => {
+            let mut conn = db.connect_embedded().await;
+            let rows = sqlx::query_as(
+                "SELECT tbl_name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL \
+                 UNION ALL \
+                 SELECT m.name, 'primary key ' || group_concat(p.name) \
+                 FROM sqlite_master m, pragma_table_info(m.name) p \
+                 WHERE m.type = 'table' AND p.pk > 0 GROUP BY m.name ORDER BY 1, 2",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            conn.close().await.unwrap();
+            rows
         }
     }
 }
@@ -343,6 +396,10 @@ async fn a_database_written_before_run_windows_migrates_to_the_same_statuses_tra
     let windows_built_run_by_run = windows(&db).await;
     app.stop().await;
 
+    match backend {
+        Backend::Postgres => execute(&db, &DOWNGRADE_RUN_KEY_POSTGRES).await,
+        Backend::Embedded => execute(&db, &DOWNGRADE_RUN_KEY_EMBEDDED).await,
+    }
     execute(&db, &DOWNGRADE).await;
     if backend == Backend::Postgres {
         execute(&db, &DOWNGRADE_POSTGRES).await;
@@ -352,6 +409,11 @@ async fn a_database_written_before_run_windows_migrates_to_the_same_statuses_tra
         schema(&db).await,
         schema(&previous).await,
         "taken back to the schema before the windows"
+    );
+    assert_eq!(
+        indexes(&db).await,
+        indexes(&previous).await,
+        "with the indexes and keys from before"
     );
 
     let app = TestApp::start(&db, &[]).await;
@@ -385,5 +447,12 @@ async fn a_database_written_before_run_windows_migrates_to_the_same_statuses_tra
     let ties = health.checks.iter().find(|c| c.check_id == "ties").unwrap();
     assert_eq!(ties.evaluation.unwrap().failures_in_window, 0);
     assert_evaluated_from_history(&mut client, &health).await;
+    // Run ids are now keys within a system: the id `other` used is a new run
+    // of `legacy`, and `other`'s own retry is still its duplicate.
+    let reply = submit(&mut client, run("one", "o1", Healthy, t0)).await;
+    assert!(!reply.duplicate, "another system's run id is a new run here");
+    let mut retry = run("one", "o1", Degraded, t0);
+    retry.system_id = "other".to_owned();
+    assert!(submit(&mut client, retry).await.duplicate);
     app.stop().await;
 }
