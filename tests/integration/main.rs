@@ -9,6 +9,7 @@
 #[macro_use]
 mod harness;
 
+mod audit;
 mod auth;
 mod bad_input;
 mod cluster;
