@@ -29,9 +29,10 @@ use super::{
 use crate::{
     db::WorkPool,
     domain::{CheckId, RunId, RunWindow, Status, SystemId, evaluate},
-    error::{Corrupt, Error, Result, sqlstate},
+    error::{Corrupt, Error, Result},
 };
 
+mod batch;
 pub mod sql;
 
 pub use sql::TRANSITIONS_CHANNEL;
@@ -41,6 +42,8 @@ use sql::{CHECK_COLUMNS, TRANSITION_COLUMNS};
 #[derive(Debug, Clone)]
 pub struct PgStore {
     work: WorkPool,
+    /// Groups the writes of runs that arrive together, shared by clones.
+    batcher: Arc<batch::Batcher>,
     /// Reads by [`PgStore::transitions_after`], shared by clones.
     transition_reads: Arc<AtomicU64>,
 }
@@ -106,6 +109,7 @@ impl PgStore {
     /// A store on the work pool.
     pub fn new(work: WorkPool) -> Self {
         PgStore {
+            batcher: Arc::new(batch::Batcher::new(work.clone())),
             work,
             transition_reads: Arc::new(AtomicU64::new(0)),
         }
@@ -437,7 +441,7 @@ const LOCK_NOT_AVAILABLE: &str = "55P03";
 /// closed (the abandoned-write test measured 5.2 s instead of about 1 s).
 #[derive(Debug)]
 pub struct WriteConnection {
-    /// Taken only by `drop`.
+    /// Taken by `drop`, and lent to a group of writes (see the `batch` module).
     conn: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
     /// True from a statement's start until its reply was read.
     in_flight: bool,
@@ -445,17 +449,22 @@ pub struct WriteConnection {
 
 impl WriteConnection {
     /// The connection, for one statement: call [`Self::done`] when its
-    /// future completed.
-    fn start(&mut self) -> &mut PgConnection {
+    /// future completed. `None` when it was lent to a group of writes.
+    fn start(&mut self) -> Option<&mut PgConnection> {
+        let conn = self.conn.as_deref_mut()?;
         self.in_flight = true;
-        self.conn_mut()
+        Some(conn)
     }
 
-    fn conn_mut(&mut self) -> &mut PgConnection {
-        match &mut self.conn {
-            Some(conn) => conn,
-            None => unreachable!("the connection is taken only when the write is dropped"),
+    /// The connection, or another from the pool when it was lent to a group
+    /// of writes (a resubmission's reads after the write).
+    async fn ensure(&mut self, work: &WorkPool) -> Result<&mut PgConnection> {
+        if self.conn.is_none() {
+            self.conn = Some(work.acquire().await?);
         }
+        self.conn
+            .as_deref_mut()
+            .ok_or(Error::Invariant("a connection just taken is there"))
     }
 
     fn done(&mut self) {
@@ -489,7 +498,10 @@ impl Statements for PgStore {
         let rows = sqlx::query(sql::LOAD_SYSTEM)
             .bind(system_id.as_str())
             .bind(check_id.as_str())
-            .fetch_all(conn.start())
+            .fetch_all(
+                conn.start()
+                    .ok_or(Error::Invariant("an attempt loads on its own connection"))?,
+            )
             .await;
         conn.done();
         let rows = rows?;
@@ -524,47 +536,32 @@ impl Statements for PgStore {
 
     async fn write(&self, conn: &mut Self::Unit, write: &Write<'_>) -> Result<Written> {
         let check = write.check;
-        let run = write.run;
-        let row = sqlx::query(sql::WRITE_SYSTEM)
-            .bind(write.system_id.as_str())
-            .bind(check.check_id.as_str())
-            .bind(write.status.as_i16())
-            .bind(write.loaded_version)
-            .bind(encode_thresholds(&check.thresholds))
-            .bind(check.enabled)
-            .bind(check.evaluation.status.as_i16())
-            .bind(encode_evaluation(&check.evaluation))
-            .bind(i32::try_from(check.runs_considered).unwrap_or(i32::MAX))
-            .bind(check.last_run_at)
-            .bind(encode_window(write.window))
-            .bind(run.map(|r| r.run_id.as_str()))
-            .bind(run.map(|r| r.status.as_i16()))
-            .bind(run.map(|r| r.observed_at))
-            .bind(run.and_then(NewRun::latency_us))
-            .bind(run.map(|r| r.message.as_str()))
-            .bind(write.transition_from.is_some())
-            .bind(write.transition_from.map(Status::as_i16))
-            .fetch_optional(conn.start())
-            .await;
-        conn.done();
-        let row = match row {
-            Ok(Some(row)) => row,
-            Err(err) if violates(&err, STALE_WRITE) => return Ok(Written::Stale),
-            Err(err) if violates(&err, RUNS_KEY) => return Ok(Written::RunIdTaken),
-            // Another write of the system held its row past `lock_timeout`.
-            Err(err) if sqlstate(&err).as_deref() == Some(LOCK_NOT_AVAILABLE) => {
-                return Err(Error::SystemBusy {
-                    system_id: write.system_id.as_str().to_owned(),
-                });
-            }
-            Ok(None) => return Err(Error::Invariant("a write that was not refused wrote its system")),
-            Err(err) => return Err(err.into()),
+        let member = batch::Member {
+            system_id: write.system_id.as_str().to_owned(),
+            check_id: check.check_id.clone(),
+            status: write.status.as_i16(),
+            loaded_version: write.loaded_version,
+            thresholds: encode_thresholds(&check.thresholds),
+            enabled: check.enabled,
+            check_status: check.evaluation.status.as_i16(),
+            evaluation: encode_evaluation(&check.evaluation),
+            runs_considered: i32::try_from(check.runs_considered).unwrap_or(i32::MAX),
+            last_run_at: check.last_run_at,
+            window: encode_window(write.window),
+            run: write.run.map(|r| batch::MemberRun {
+                run_id: r.run_id.as_str().to_owned(),
+                status: r.status.as_i16(),
+                observed_at: r.observed_at,
+                latency_us: r.latency_us(),
+                message: r.message.as_str().to_owned(),
+            }),
+            transition_from: write.transition_from.map(Status::as_i16),
         };
-        let sequence: Option<i64> = row.try_get("sequence")?;
-        Ok(Written::Applied {
-            at: row.try_get("evaluated_at")?,
-            sequence: sequence.map(|s| u64::try_from(s).unwrap_or(0)),
-        })
+        if member.run.is_none() {
+            // A configuration change: rare, and alone.
+            return batch::write_one(conn, &member).await;
+        }
+        self.batcher.write(conn, member).await
     }
 
     async fn commit(&self, _conn: Self::Unit, _wrote_transition: bool) -> Result<()> {
@@ -578,17 +575,17 @@ impl Statements for PgStore {
         ))
         .bind(system_id.as_str())
         .bind(run_id.as_str())
-        .fetch_optional(conn.conn_mut())
+        .fetch_optional(conn.ensure(&self.work).await?)
         .await?;
         row.as_ref().map(run_from_row).transpose()
     }
 
     async fn system(&self, conn: &mut Self::Unit, system_id: &str) -> Result<Option<SystemRecord>> {
-        system_in(conn.conn_mut(), system_id).await
+        system_in(conn.ensure(&self.work).await?, system_id).await
     }
 
     async fn transition_caused_by(&self, conn: &mut Self::Unit, run: &Run) -> Result<Option<Transition>> {
-        transition_caused_by(conn.conn_mut(), run).await
+        transition_caused_by(conn.ensure(&self.work).await?, run).await
     }
 
     fn lost_before_writing(&self, err: &Error) -> bool {

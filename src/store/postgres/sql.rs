@@ -97,6 +97,71 @@ pub const WRITE_SYSTEM: &str = "WITH run AS ( \
     SELECT sys.evaluated_at, tr.sequence, (SELECT count(*) FROM notified) AS notified \
     FROM sys LEFT JOIN tr ON true";
 
+/// [`WRITE_SYSTEM`] for several systems at once, each at most once, in one
+/// statement that commits on its own (see the `batch` module). Each
+/// parameter is an array with an element per system, in the order of
+/// [`WRITE_SYSTEM`]'s parameters (`$1` system ids .. `$11` run windows, `$12`
+/// run ids .. `$16` messages; every element has a run), then `$17` the
+/// status before for a system whose status changes, `NULL` for one whose
+/// status does not. Returns a row per system: its id, the time of the write
+/// and its transition's sequence. Fails as a whole, writing nothing, where
+/// [`WRITE_SYSTEM`] fails for any one system.
+///
+/// Rows are written in system order, and transitions draw their sequences in
+/// that order from one increment of `transition_sequence`, whose row lock the
+/// statement holds until it commits, as [`WRITE_SYSTEM`] does.
+pub const WRITE_SYSTEMS: &str = "WITH input AS MATERIALIZED ( \
+        SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::int8[], $5::text[], $6::bool[], \
+            $7::int2[], $8::text[], $9::int4[], $10::timestamptz[], $11::text[], $12::text[], $13::int2[], \
+            $14::timestamptz[], $15::int8[], $16::text[], $17::int2[]) \
+        AS i(system_id, check_id, status, version, thresholds, enabled, check_status, evaluation, \
+             runs_considered, last_run_at, run_window, run_id, run_status, observed_at, latency_us, message, \
+             from_status)), \
+    run AS ( \
+        INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at) \
+        SELECT run_id, system_id, check_id, run_status, observed_at, latency_us, message, now() \
+        FROM input ORDER BY system_id \
+        RETURNING run_id), \
+    sys AS ( \
+        INSERT INTO systems AS s (system_id, status, evaluated_at, version) \
+        SELECT system_id, status, now(), 1 FROM input WHERE EXISTS (SELECT FROM run) ORDER BY system_id \
+        ON CONFLICT (system_id) DO UPDATE \
+            SET status = excluded.status, evaluated_at = excluded.evaluated_at, \
+                version = CASE WHEN s.version = \
+                    (SELECT i.version FROM input i WHERE i.system_id = s.system_id) \
+                    THEN s.version + 1 ELSE 0 END \
+        RETURNING s.system_id, s.evaluated_at), \
+    chk AS ( \
+        INSERT INTO checks AS c \
+            (system_id, check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at, \
+             run_window, updated_at) \
+        SELECT i.system_id, i.check_id, i.thresholds, i.enabled, i.check_status, i.evaluation, \
+               i.runs_considered, i.last_run_at, i.run_window, sys.evaluated_at \
+        FROM input i JOIN sys ON sys.system_id = i.system_id ORDER BY i.system_id \
+        ON CONFLICT (system_id, check_id) DO UPDATE \
+            SET thresholds = excluded.thresholds, enabled = excluded.enabled, status = excluded.status, \
+                evaluation = excluded.evaluation, runs_considered = excluded.runs_considered, \
+                last_run_at = excluded.last_run_at, run_window = excluded.run_window, \
+                updated_at = excluded.updated_at), \
+    changed AS ( \
+        SELECT i.system_id, i.check_id, i.from_status, i.status, i.evaluation, i.run_id, \
+               row_number() OVER (ORDER BY i.system_id) AS n, count(*) OVER () AS how_many \
+        FROM input i WHERE i.from_status IS NOT NULL), \
+    seq AS ( \
+        UPDATE transition_sequence SET last = last + (SELECT count(*) FROM changed) \
+        WHERE EXISTS (SELECT FROM changed) AND EXISTS (SELECT FROM sys) RETURNING last), \
+    tr AS ( \
+        INSERT INTO transitions \
+            (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, run_id) \
+        SELECT seq.last - t.how_many + t.n, t.system_id, t.check_id, t.from_status, t.status, \
+               sys.evaluated_at, t.evaluation, t.run_id \
+        FROM changed t JOIN sys ON sys.system_id = t.system_id CROSS JOIN seq \
+        ORDER BY t.n \
+        RETURNING system_id, sequence), \
+    notified AS (SELECT pg_notify('vitals_transitions', sequence::text) FROM tr) \
+    SELECT sys.system_id, sys.evaluated_at, tr.sequence, (SELECT count(*) FROM notified) AS notified \
+    FROM sys LEFT JOIN tr ON tr.system_id = sys.system_id";
+
 /// The transitions of all systems after a sequence: `$1` NULL, `$2` the
 /// sequence, `$3` how many at most. The transition feed's read (and a
 /// watcher's replay of all systems).
@@ -138,6 +203,7 @@ mod tests {
     fn each_statement_numbers_the_parameters_its_documentation_lists() {
         assert_eq!(highest_parameter(LOAD_SYSTEM), 2);
         assert_eq!(highest_parameter(WRITE_SYSTEM), 18);
+        assert_eq!(highest_parameter(WRITE_SYSTEMS), 17);
         assert_eq!(highest_parameter(TRANSITIONS_AFTER), 3);
         assert_eq!(highest_parameter(TRANSITIONS_AFTER_OF_SYSTEM), 3);
     }
@@ -148,6 +214,7 @@ mod tests {
             assert!(LOAD_SYSTEM.contains(&format!("c.{column}")), "{column}");
         }
         assert!(WRITE_SYSTEM.contains(&format!("pg_notify('{TRANSITIONS_CHANNEL}'")));
+        assert!(WRITE_SYSTEMS.contains(&format!("pg_notify('{TRANSITIONS_CHANNEL}'")));
         for statement in [TRANSITIONS_AFTER, TRANSITIONS_AFTER_OF_SYSTEM] {
             assert!(statement.starts_with(&format!("SELECT {TRANSITION_COLUMNS} FROM transitions")));
         }
