@@ -30,7 +30,7 @@ use chrono::{DateTime, Utc};
 
 pub use feed::{FeedStats, Subscription, TransitionFeed, TransitionNotifier, WatchLimits};
 pub use pipeline::WriteRules;
-pub use postgres::PgStore;
+pub use postgres::{PgStore, WriteGroups};
 pub use retention::{PassStats, RetentionPass};
 pub use sqlite::SqliteStore;
 
@@ -51,6 +51,23 @@ impl Store {
         match database {
             Database::Postgres(pools) => Store::Postgres(PgStore::new(pools.work.clone())),
             Database::Embedded(db) => Store::Embedded(SqliteStore::new(db.clone(), notifier)),
+        }
+    }
+
+    /// What PostgreSQL's groups of writes did since the store was opened
+    /// (the embedded store writes one at a time: none).
+    pub fn write_groups(&self) -> WriteGroups {
+        match self {
+            Store::Postgres(s) => s.write_groups(),
+            Store::Embedded(_) => WriteGroups::default(),
+        }
+    }
+
+    /// Writes waiting for a group to take them (PostgreSQL).
+    pub fn writes_waiting(&self) -> usize {
+        match self {
+            Store::Postgres(s) => s.writes_waiting(),
+            Store::Embedded(_) => 0,
         }
     }
 

@@ -35,6 +35,8 @@ use crate::{
 mod batch;
 pub mod sql;
 
+pub use batch::WriteGroups;
+
 pub use sql::TRANSITIONS_CHANNEL;
 use sql::{CHECK_COLUMNS, TRANSITION_COLUMNS};
 
@@ -113,6 +115,16 @@ impl PgStore {
             work,
             transition_reads: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// What the store's groups of writes did since it was created.
+    pub fn write_groups(&self) -> WriteGroups {
+        self.batcher.groups()
+    }
+
+    /// Writes waiting for a group to take them.
+    pub fn writes_waiting(&self) -> usize {
+        self.batcher.waiting()
     }
 
     /// Reads by [`PgStore::transitions_after`] since the store was created.

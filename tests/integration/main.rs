@@ -34,3 +34,4 @@ mod traces;
 mod upgrade;
 mod watchers;
 mod withlock;
+mod write_groups;

@@ -25,7 +25,10 @@
 
 use std::{
     collections::{HashSet, VecDeque},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use chrono::{DateTime, Utc};
@@ -95,6 +98,26 @@ struct Queue {
 pub(super) struct Batcher {
     work: WorkPool,
     queue: Mutex<Queue>,
+    stats: Arc<Stats>,
+}
+
+/// What the groups of a store did since it was opened (writes alone are not
+/// counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteGroups {
+    /// Groups of two or more writes stored by one statement.
+    pub applied: u64,
+    /// Writes stored in those groups.
+    pub members: u64,
+    /// Groups refused as a whole, whose members were then written one by one.
+    pub refused: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    applied: AtomicU64,
+    members: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -108,7 +131,21 @@ impl Batcher {
         Batcher {
             work,
             queue: Mutex::new(Queue::default()),
+            stats: Arc::default(),
         }
+    }
+
+    pub(super) fn groups(&self) -> WriteGroups {
+        WriteGroups {
+            applied: self.stats.applied.load(Ordering::Relaxed),
+            members: self.stats.members.load(Ordering::Relaxed),
+            refused: self.stats.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Writes waiting for a group to take them.
+    pub(super) fn waiting(&self) -> usize {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).waiting.len()
     }
 
     /// Stores `member` with whatever other writes are waiting. When fewer
@@ -159,7 +196,7 @@ impl Batcher {
                     }
                 }
             }
-            apply(&mut conn, group).await;
+            apply(&mut conn, group, &self.stats).await;
         }
     }
 }
@@ -195,7 +232,7 @@ fn refuse(group: Vec<Waiting>, err: &Error) {
 
 /// Stores `group` on `conn` and answers each member; ends the statement (by
 /// closing the connection) if every member's client went away meanwhile.
-async fn apply(conn: &mut WriteConnection, mut group: Vec<Waiting>) {
+async fn apply(conn: &mut WriteConnection, mut group: Vec<Waiting>, stats: &Stats) {
     // Rows are locked in this order by every group: two never wait for
     // each other's systems in opposite orders.
     group.sort_unstable_by(|a, b| a.member.system_id.cmp(&b.member.system_id));
@@ -204,7 +241,7 @@ async fn apply(conn: &mut WriteConnection, mut group: Vec<Waiting>) {
     let outcomes = {
         let all_gone = all_gone(&mut answers);
         tokio::select! {
-            outcomes = write_all(conn, &members) => Some(outcomes),
+            outcomes = write_all(conn, &members, stats) => Some(outcomes),
             () = all_gone => None,
         }
     };
@@ -215,13 +252,18 @@ async fn apply(conn: &mut WriteConnection, mut group: Vec<Waiting>) {
 }
 
 /// The outcome of each of `members`, in their order.
-async fn write_all(conn: &mut WriteConnection, members: &[Member]) -> Vec<Result<Written>> {
+async fn write_all(conn: &mut WriteConnection, members: &[Member], stats: &Stats) -> Vec<Result<Written>> {
     if let [alone] = members {
         return vec![write_one(conn, alone).await];
     }
     match write_group(conn, members).await {
-        Ok(outcomes) => outcomes,
+        Ok(outcomes) => {
+            stats.applied.fetch_add(1, Ordering::Relaxed);
+            stats.members.fetch_add(members.len() as u64, Ordering::Relaxed);
+            outcomes
+        }
         Err(err) => {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
             // Nothing of the group was written (the statement failed as a
             // whole): each member on its own, for its own answer.
             tracing::debug!(error = %err, members = members.len(), "group write refused; writing its members one by one");
