@@ -150,8 +150,8 @@ impl Batcher {
 
     /// Stores `member` with whatever other writes are waiting. When fewer
     /// than [`MAX_RUNNING`] groups run, a new one starts on `conn`'s
-    /// connection (which the write then no longer has: it takes another if
-    /// it needs one).
+    /// connection; otherwise the connection goes back to the pool. Either way
+    /// the write no longer has it, and takes another if it needs one.
     pub(super) async fn write(self: &Arc<Self>, conn: &mut WriteConnection, member: Member) -> Result<Written> {
         let (answer, answered) = oneshot::channel();
         let start = {
@@ -163,8 +163,11 @@ impl Batcher {
             }
             start
         };
-        if start && let Some(lent) = conn.conn.take() {
-            tokio::spawn(Arc::clone(self).run(lent));
+        match conn.conn.take() {
+            Some(lent) if start => drop(tokio::spawn(Arc::clone(self).run(lent))),
+            // Back to the pool while the write waits for a group, for the
+            // loads of the writes that will join it.
+            idle => drop(idle),
         }
         answered
             .await
