@@ -394,6 +394,7 @@ impl Application {
                 let render = scrape(
                     metrics.clone(),
                     database.clone(),
+                    store.clone(),
                     locks.clone(),
                     feed.clone(),
                     gate.clone(),
@@ -641,6 +642,7 @@ impl Application {
 fn scrape(
     metrics: Metrics,
     database: Database,
+    store: Store,
     locks: Locks,
     feed: TransitionFeed,
     gate: Arc<Readiness>,
@@ -656,6 +658,8 @@ fn scrape(
             },
         );
         metrics.set_watchers(feed.stats().watchers);
+        let groups = store.write_groups();
+        metrics.set_write_groups(groups.applied, groups.refused, groups.members);
         metrics.set_ready(gate.is_ready());
         metrics.render()
     })

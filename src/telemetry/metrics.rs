@@ -65,6 +65,8 @@ const LOCK_WAIT: &str = "vitals_lock_wait_seconds";
 const LOCK_HOLD: &str = "vitals_lock_hold_seconds";
 const LOCK_GRANTS: &str = "vitals_lock_grants_total";
 const LOCK_LOST: &str = "vitals_lock_lost_total";
+const WRITE_GROUPS: &str = "vitals_db_write_groups_total";
+const WRITE_GROUP_MEMBERS: &str = "vitals_db_write_group_members_total";
 const RUNS: &str = "vitals_runs_submitted_total";
 const TRANSITIONS: &str = "vitals_transitions_total";
 const SYSTEMS: &str = "vitals_systems";
@@ -99,6 +101,11 @@ pub const METRICS: &[(&str, &str)] = &[
         POOL_TIMEOUTS,
         "Waits for a connection that ran out of time (WORK_POOL_EXHAUSTED).",
     ),
+    (
+        WRITE_GROUPS,
+        "Statements that stored the runs of several systems at once, by outcome (applied; refused: written one by one).",
+    ),
+    (WRITE_GROUP_MEMBERS, "Runs stored by applied group statements."),
     (LOCKS_HELD, "WithLock locks held now."),
     (LOCKS_WAITING, "WithLock streams waiting for their lock now."),
     (
@@ -261,6 +268,9 @@ struct Inner {
     systems: [Gauge; 3],
     watchers: Gauge,
     ready: Gauge,
+    /// `vitals_db_write_groups_total` applied and refused, and
+    /// `vitals_db_write_group_members_total`: the store counts, a scrape copies.
+    write_groups: [Counter; 3],
 }
 
 impl Metrics {
@@ -348,6 +358,11 @@ impl Metrics {
             systems: Status::ALL.map(|s| r.gauge(SYSTEMS, &[("status", label(s.as_str()))])),
             watchers: r.gauge(WATCHERS, &[]),
             ready: r.gauge(READY, &[]),
+            write_groups: [
+                r.counter(WRITE_GROUPS, &[("outcome", label("applied"))]),
+                r.counter(WRITE_GROUPS, &[("outcome", label("refused"))]),
+                r.counter(WRITE_GROUP_MEMBERS, &[]),
+            ],
             handle,
             recorder,
         };
@@ -402,6 +417,14 @@ impl Metrics {
         let [idle, in_use] = &self.inner.pool_connections[pool as usize];
         idle.set(usage.idle as f64);
         in_use.set(usage.in_use as f64);
+    }
+
+    /// Sets the group-write counters to the store's counts since it opened.
+    pub fn set_write_groups(&self, applied: u64, refused: u64, members: u64) {
+        let [applied_total, refused_total, members_total] = &self.inner.write_groups;
+        applied_total.absolute(applied);
+        refused_total.absolute(refused);
+        members_total.absolute(members);
     }
 
     /// Sets `vitals_watchers`.

@@ -239,6 +239,11 @@ async fn a_scrape_counts_runs_locks_refusals_and_errors_exactly(backend: Backend
     assert_eq!(after.get("vitals_lock_hold_seconds_count", &[]), 2.0);
     assert!(after.get("vitals_db_pool_acquire_seconds_count", &[("pool", "work")]) >= 4.0);
     assert_eq!(after.get("vitals_db_pool_timeouts_total", &[("pool", "work")]), 0.0);
+    // One run at a time: each write is alone, never a group.
+    for outcome in ["applied", "refused"] {
+        assert_eq!(after.get("vitals_db_write_groups_total", &[("outcome", outcome)]), 0.0);
+    }
+    assert_eq!(after.get("vitals_db_write_group_members_total", &[]), 0.0);
     assert!(
         after.get("vitals_db_pool_connections", &[("pool", "work"), ("state", "idle")])
             + after.get("vitals_db_pool_connections", &[("pool", "work"), ("state", "in_use")])
