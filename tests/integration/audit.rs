@@ -3,12 +3,12 @@
 //! the request id. Logs are the process's, so this runs the real binary and
 //! reads its stderr.
 
-use std::{path::Path, process::Stdio, time::Duration};
+use std::{path::Path, time::Duration};
 
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
+    process::Child,
     sync::mpsc,
 };
 use tonic::{Request, transport::Channel};
@@ -26,7 +26,7 @@ use crate::{
 const TOKEN: &str = "audit-token";
 
 /// Starts the binary on the embedded store in `dir` with one principal,
-/// `ops`, that may configure checks and take locks.
+/// `ops`, that may configure checks and take locks; it logs text to a pipe.
 fn spawn_vitals(dir: &Path) -> Child {
     let auth = dir.join("auth.toml");
     write_whole(
@@ -36,22 +36,7 @@ fn spawn_vitals(dir: &Path) -> Child {
             hex::encode(Sha256::digest(TOKEN.as_bytes()))
         ),
     );
-    Command::new(env!("CARGO_BIN_EXE_vitals"))
-        .args(["--listen-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--auth-file")
-        .arg(&auth)
-        .env_remove("DATABASE_URL")
-        .env_remove("PGHOST")
-        .env("RUST_LOG", "info")
-        .env("VITALS_LOG_FORMAT", "text")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the vitals binary")
+    crate::embedded::spawn_vitals_with(&dir.join("data"), &["--auth-file".as_ref(), auth.as_os_str()])
 }
 
 /// `message` sent as principal `ops` with request id `id`.

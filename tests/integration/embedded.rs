@@ -174,7 +174,13 @@ async fn after_a_restart_health_runs_transitions_and_fencing_tokens_continue_whe
 
 /// Starts the real binary on the embedded store in `data_dir`, logging to a pipe.
 fn spawn_vitals(data_dir: &Path) -> Child {
+    spawn_vitals_with(data_dir, &[])
+}
+
+/// [`spawn_vitals`] with more flags.
+pub fn spawn_vitals_with(data_dir: &Path, flags: &[&std::ffi::OsStr]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vitals"))
+        .args(flags)
         .arg("--listen-addr")
         .arg("127.0.0.1:0")
         // Processes run side by side: metrics on ports of their own too.

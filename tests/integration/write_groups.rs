@@ -8,7 +8,7 @@
 //! held by another session) occupy the two group tasks while the writes
 //! under test queue behind them, and the stall ends once they all wait.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use sqlx::PgConnection;
@@ -237,5 +237,104 @@ async fn a_group_with_a_refused_member_is_written_member_by_member_and_only_that
         .await
         .unwrap();
     assert_eq!(r2_runs, 2, "the refused run was not stored");
+    database.close().await;
+}
+
+#[tokio::test]
+async fn a_member_whose_row_another_session_holds_is_answered_system_busy_without_holding_up_its_group() {
+    let db = TestDb::postgres().await;
+    let (database, store) = open_store(&db).await;
+    // `a-held` sorts first: the members after it must not wait for it.
+    for system in ["a-held", "g1", "g2"] {
+        submit(
+            &store,
+            new_run(system, "c", &format!("{system}-0"), Status::Healthy, 50),
+        )
+        .await;
+    }
+    let mut holder = hold_rows(&db, &["a-held"]).await;
+    let queued = ["a-held", "g1", "g2"]
+        .iter()
+        .map(|system| new_run(system, "c", &format!("{system}-1"), Status::Unhealthy, 40))
+        .collect();
+    let started = Instant::now();
+    let outcomes = queued_behind_a_stall(&db, &store, queued).await;
+    let took = started.elapsed();
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+
+    let mut outcomes = outcomes.into_iter();
+    let busy = outcomes.next().unwrap().unwrap_err();
+    assert!(matches!(busy, Error::SystemBusy { .. }), "{busy:?}");
+    for outcome in outcomes {
+        assert!(!outcome.unwrap().duplicate);
+    }
+    // The work sessions' lock_timeout is 14.75 s: nobody waited for it.
+    assert!(took < Duration::from_secs(10), "answered after {took:?}");
+    assert_eq!(store.write_groups().refused, 1);
+    database.close().await;
+}
+
+#[tokio::test]
+async fn a_group_task_whose_connection_was_killed_takes_another_for_the_next_group() {
+    let db = TestDb::postgres().await;
+    let (database, store) = open_store(&db).await;
+    for system in ["stall-a", "stall-b", "k1", "k2"] {
+        submit(
+            &store,
+            new_run(system, "c", &format!("{system}-0"), Status::Healthy, 60),
+        )
+        .await;
+    }
+    let mut blocker = hold_rows(&db, &["stall-a", "stall-b"]).await;
+    let mut probe = db.connect().await;
+    let mut stalled = Vec::new();
+    for (tasks, system) in [(1, "stall-a"), (2, "stall-b")] {
+        stalled.push(spawn_submit(
+            &store,
+            new_run(system, "c", &format!("{system}-1"), Status::Healthy, 30),
+        ));
+        until_count(
+            &mut probe,
+            WORK_SESSIONS_BLOCKED,
+            tasks,
+            "a group task waits for a held row",
+        )
+        .await;
+    }
+    let queued: Vec<_> = ["k1", "k2"]
+        .iter()
+        .map(|system| {
+            spawn_submit(
+                &store,
+                new_run(system, "c", &format!("{system}-1"), Status::Unhealthy, 40),
+            )
+        })
+        .collect();
+    until(PATIENCE, "the writes under test queue for a group", || {
+        store.writes_waiting() == 2
+    })
+    .await;
+
+    // Both group tasks' connections die under their statements.
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'vitals-work' AND wait_event_type = 'Lock') k",
+    )
+    .fetch_one(&mut probe)
+    .await
+    .unwrap();
+    assert_eq!(killed, 2);
+    for stalled in stalled {
+        let err = stalled.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::DatabaseUnavailable(_)), "{err:?}");
+    }
+    for waiting in queued {
+        let outcome = tokio::time::timeout(Duration::from_secs(30), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!outcome.expect("written on another connection").duplicate);
+    }
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
     database.close().await;
 }

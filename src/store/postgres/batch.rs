@@ -25,6 +25,7 @@
 
 use std::{
     collections::{HashSet, VecDeque},
+    panic::AssertUnwindSafe,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -32,7 +33,8 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use sqlx::{Row, pool::PoolConnection};
+use futures::FutureExt;
+use sqlx::{Row, pool::PoolConnection, postgres::PgRow};
 use tokio::sync::oneshot;
 
 use super::{WriteConnection, sql};
@@ -41,6 +43,9 @@ use crate::{
     error::{Error, Result},
     store::pipeline::Written,
 };
+
+/// SQLSTATE of a statement PostgreSQL ended to break a deadlock.
+const DEADLOCK_DETECTED: &str = "40P01";
 
 /// At most this many writes in one statement: its parameters stay well
 /// below a megabyte (a run window is at most about 8 KiB).
@@ -199,7 +204,15 @@ impl Batcher {
                     }
                 }
             }
-            apply(&mut conn, group, &self.stats).await;
+            let applied = AssertUnwindSafe(apply(&mut conn, group, &self.work, &self.stats))
+                .catch_unwind()
+                .await;
+            if applied.is_err() {
+                // The group's members heard of it (their answers were
+                // dropped); the connection's state is unknown.
+                tracing::error!("a group write panicked; its connection is closed");
+                abandon(&mut conn);
+            }
         }
     }
 }
@@ -211,7 +224,10 @@ fn take_group(waiting: &mut VecDeque<Waiting>) -> Vec<Waiting> {
     let mut systems = HashSet::new();
     let mut index = 0;
     while index < waiting.len() && group.len() < MAX_MEMBERS {
-        if systems.insert(waiting[index].member.system_id.clone())
+        if waiting[index].answer.is_closed() {
+            // Nobody waits for it (the request ended): not written at all.
+            waiting.remove(index);
+        } else if systems.insert(waiting[index].member.system_id.clone())
             && let Some(taken) = waiting.remove(index)
         {
             group.push(taken);
@@ -234,10 +250,11 @@ fn refuse(group: Vec<Waiting>, err: &Error) {
 }
 
 /// Stores `group` on `conn` and answers each member; ends the statement (by
-/// closing the connection) if every member's client went away meanwhile.
-async fn apply(conn: &mut WriteConnection, mut group: Vec<Waiting>, stats: &Stats) {
-    // Rows are locked in this order by every group: two never wait for
-    // each other's systems in opposite orders.
+/// closing the connection) if every member's client went away meanwhile, and
+/// closes a connection found broken, so the next group takes another.
+async fn apply(conn: &mut WriteConnection, mut group: Vec<Waiting>, work: &WorkPool, stats: &Stats) {
+    // Byte order, as `WRITE_SYSTEMS` orders them with `COLLATE "C"`: every
+    // group locks its systems' rows in this order.
     group.sort_unstable_by(|a, b| a.member.system_id.cmp(&b.member.system_id));
     let (members, mut answers): (Vec<Member>, Vec<oneshot::Sender<Result<Written>>>) =
         group.into_iter().map(|w| (w.member, w.answer)).unzip();
@@ -248,9 +265,16 @@ async fn apply(conn: &mut WriteConnection, mut group: Vec<Waiting>, stats: &Stat
             () = all_gone => None,
         }
     };
-    match outcomes {
-        Some(outcomes) => answer(answers, outcomes),
-        None => abandon(conn),
+    let Some(outcomes) = outcomes else {
+        abandon(conn);
+        return;
+    };
+    let broken = outcomes
+        .iter()
+        .any(|o| matches!(o, Err(err) if work.health().check(err)));
+    answer(answers, outcomes);
+    if broken {
+        abandon(conn);
     }
 }
 
@@ -260,23 +284,52 @@ async fn write_all(conn: &mut WriteConnection, members: &[Member], stats: &Stats
         return vec![write_one(conn, alone).await];
     }
     match write_group(conn, members).await {
-        Ok(outcomes) => {
+        Ok(rows) => {
             stats.applied.fetch_add(1, Ordering::Relaxed);
             stats.members.fetch_add(members.len() as u64, Ordering::Relaxed);
+            members.iter().map(|m| applied(&rows, &m.system_id)).collect()
+        }
+        Err(err) if crate::error::is_connection_lost(&err) => {
+            // The statement's outcome is unknown, and the connection gone:
+            // each member hears UNAVAILABLE, as a write of its own would.
+            let err = Error::from(err);
+            let mut outcomes = Vec::with_capacity(members.len());
+            outcomes.push(Err(err));
+            outcomes.extend(members[1..].iter().map(|_| Err(Error::DatabaseUnavailable(None))));
             outcomes
         }
         Err(err) => {
-            stats.refused.fetch_add(1, Ordering::Relaxed);
             // Nothing of the group was written (the statement failed as a
-            // whole): each member on its own, for its own answer.
+            // whole): each member on its own, for its own answer, with the
+            // group's short wait for a row another session holds.
+            stats.refused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %err, members = members.len(), "group write refused; writing its members one by one");
             let mut outcomes = Vec::with_capacity(members.len());
             for member in members {
-                outcomes.push(write_one(conn, member).await);
+                let outcome = match write_group(conn, std::slice::from_ref(member)).await {
+                    Ok(rows) => applied(&rows, &member.system_id),
+                    Err(err) => refused(err, &member.system_id),
+                };
+                outcomes.push(outcome);
             }
             outcomes
         }
     }
+}
+
+/// A member's outcome from the rows a group statement returned.
+fn applied(rows: &[PgRow], system_id: &str) -> Result<Written> {
+    let row = rows
+        .iter()
+        .find(|r| r.try_get::<&str, _>("system_id").is_ok_and(|s| s == system_id))
+        .ok_or(Error::Invariant(
+            "a group write that was not refused wrote each of its systems",
+        ))?;
+    let sequence: Option<i64> = row.try_get("sequence")?;
+    Ok(Written::Applied {
+        at: row.try_get("evaluated_at")?,
+        sequence: sequence.map(|s| u64::try_from(s).unwrap_or(0)),
+    })
 }
 
 /// Resolves once no member of a group waits for its answer any more.
@@ -352,8 +405,12 @@ fn refused(err: sqlx::Error, system_id: &str) -> Result<Written> {
     if super::violates(&err, super::RUNS_KEY) {
         return Ok(Written::RunIdTaken);
     }
-    // Another write of the system held its row past `lock_timeout`.
-    if crate::error::sqlstate(&err).as_deref() == Some(super::LOCK_NOT_AVAILABLE) {
+    // Another write of the system held its row past `lock_timeout`, or
+    // waited for this one's while this one waited for it.
+    if matches!(
+        crate::error::sqlstate(&err).as_deref(),
+        Some(super::LOCK_NOT_AVAILABLE | DEADLOCK_DETECTED)
+    ) {
         return Err(Error::SystemBusy {
             system_id: system_id.to_owned(),
         });
@@ -362,12 +419,9 @@ fn refused(err: sqlx::Error, system_id: &str) -> Result<Written> {
 }
 
 /// Several writes, of distinct systems ordered by id, in
-/// [`sql::WRITE_SYSTEMS`]: the outcome of each, in their order, or the
-/// statement's error (nothing written).
-async fn write_group(
-    conn: &mut WriteConnection,
-    members: &[Member],
-) -> std::result::Result<Vec<Result<Written>>, Error> {
+/// [`sql::WRITE_SYSTEMS`]: the rows it returned, or its error (nothing
+/// written).
+async fn write_group(conn: &mut WriteConnection, members: &[Member]) -> std::result::Result<Vec<PgRow>, sqlx::Error> {
     let column = |f: &dyn Fn(&Member) -> String| members.iter().map(f).collect::<Vec<String>>();
     let system_ids = column(&|m| m.system_id.clone());
     let check_ids = column(&|m| m.check_id.clone());
@@ -394,7 +448,7 @@ async fn write_group(
     let from: Vec<Option<i16>> = members.iter().map(|m| m.transition_from).collect();
 
     let Some(target) = conn.start() else {
-        return Err(Error::DatabaseUnavailable(None));
+        return Err(sqlx::Error::PoolClosed);
     };
     let rows = sqlx::query(sql::WRITE_SYSTEMS)
         .bind(&system_ids)
@@ -417,20 +471,5 @@ async fn write_group(
         .fetch_all(target)
         .await;
     conn.done();
-    let rows = rows?;
-    let mut outcomes = Vec::with_capacity(members.len());
-    for member in members {
-        let row = rows
-            .iter()
-            .find(|r| r.try_get::<&str, _>("system_id").is_ok_and(|s| s == member.system_id))
-            .ok_or(Error::Invariant(
-                "a group write that was not refused wrote each of its systems",
-            ))?;
-        let sequence: Option<i64> = row.try_get("sequence")?;
-        outcomes.push(Ok(Written::Applied {
-            at: row.try_get("evaluated_at")?,
-            sequence: sequence.map(|s| u64::try_from(s).unwrap_or(0)),
-        }));
-    }
-    Ok(outcomes)
+    rows
 }

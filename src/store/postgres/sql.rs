@@ -107,24 +107,33 @@ pub const WRITE_SYSTEM: &str = "WITH run AS ( \
 /// and its transition's sequence. Fails as a whole, writing nothing, where
 /// [`WRITE_SYSTEM`] fails for any one system.
 ///
-/// Rows are written in system order, and transitions draw their sequences in
-/// that order from one increment of `transition_sequence`, whose row lock the
-/// statement holds until it commits, as [`WRITE_SYSTEM`] does.
+/// A row another session holds is waited for at most 100 ms (or the
+/// session's `lock_timeout`, when shorter), not the session's
+/// `lock_timeout`: the other members must not wait that long for it. Each
+/// part ends before the next starts (each waits for a count of the one
+/// before), so locks are taken in a fixed order: every run's key, every
+/// system's row and every check's row, in system order by bytes, then the
+/// counter row, held to the commit. Transitions draw their sequences from
+/// one increment of the counter, in system order.
 pub const WRITE_SYSTEMS: &str = "WITH input AS MATERIALIZED ( \
         SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::int8[], $5::text[], $6::bool[], \
             $7::int2[], $8::text[], $9::int4[], $10::timestamptz[], $11::text[], $12::text[], $13::int2[], \
             $14::timestamptz[], $15::int8[], $16::text[], $17::int2[]) \
         AS i(system_id, check_id, status, version, thresholds, enabled, check_status, evaluation, \
              runs_considered, last_run_at, run_window, run_id, run_status, observed_at, latency_us, message, \
-             from_status)), \
+             from_status) \
+        WHERE set_config('lock_timeout', \
+            CASE WHEN current_setting('lock_timeout')::interval < interval '100 ms' \
+                 THEN current_setting('lock_timeout') ELSE '100ms' END, true) IS NOT NULL), \
     run AS ( \
         INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at) \
         SELECT run_id, system_id, check_id, run_status, observed_at, latency_us, message, now() \
-        FROM input ORDER BY system_id \
+        FROM input ORDER BY system_id COLLATE \"C\" \
         RETURNING run_id), \
     sys AS ( \
         INSERT INTO systems AS s (system_id, status, evaluated_at, version) \
-        SELECT system_id, status, now(), 1 FROM input WHERE EXISTS (SELECT FROM run) ORDER BY system_id \
+        SELECT system_id, status, now(), 1 FROM input \
+        WHERE (SELECT count(*) FROM run) = (SELECT count(*) FROM input) ORDER BY system_id COLLATE \"C\" \
         ON CONFLICT (system_id) DO UPDATE \
             SET status = excluded.status, evaluated_at = excluded.evaluated_at, \
                 version = CASE WHEN s.version = \
@@ -136,20 +145,24 @@ pub const WRITE_SYSTEMS: &str = "WITH input AS MATERIALIZED ( \
             (system_id, check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at, \
              run_window, updated_at) \
         SELECT i.system_id, i.check_id, i.thresholds, i.enabled, i.check_status, i.evaluation, \
-               i.runs_considered, i.last_run_at, i.run_window, sys.evaluated_at \
-        FROM input i JOIN sys ON sys.system_id = i.system_id ORDER BY i.system_id \
+               i.runs_considered, i.last_run_at, i.run_window, w.evaluated_at \
+        FROM input i JOIN (SELECT max(evaluated_at) AS evaluated_at, count(*) AS written FROM sys) w \
+            ON w.written = (SELECT count(*) FROM input) \
+        ORDER BY i.system_id COLLATE \"C\" \
         ON CONFLICT (system_id, check_id) DO UPDATE \
             SET thresholds = excluded.thresholds, enabled = excluded.enabled, status = excluded.status, \
                 evaluation = excluded.evaluation, runs_considered = excluded.runs_considered, \
                 last_run_at = excluded.last_run_at, run_window = excluded.run_window, \
-                updated_at = excluded.updated_at), \
+                updated_at = excluded.updated_at \
+        RETURNING c.system_id), \
     changed AS ( \
         SELECT i.system_id, i.check_id, i.from_status, i.status, i.evaluation, i.run_id, \
-               row_number() OVER (ORDER BY i.system_id) AS n, count(*) OVER () AS how_many \
+               row_number() OVER (ORDER BY i.system_id COLLATE \"C\") AS n, count(*) OVER () AS how_many \
         FROM input i WHERE i.from_status IS NOT NULL), \
     seq AS ( \
         UPDATE transition_sequence SET last = last + (SELECT count(*) FROM changed) \
-        WHERE EXISTS (SELECT FROM changed) AND EXISTS (SELECT FROM sys) RETURNING last), \
+        WHERE EXISTS (SELECT FROM changed) AND (SELECT count(*) FROM chk) = (SELECT count(*) FROM input) \
+        RETURNING last), \
     tr AS ( \
         INSERT INTO transitions \
             (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, run_id) \
@@ -206,6 +219,37 @@ mod tests {
         assert_eq!(highest_parameter(WRITE_SYSTEMS), 17);
         assert_eq!(highest_parameter(TRANSITIONS_AFTER), 3);
         assert_eq!(highest_parameter(TRANSITIONS_AFTER_OF_SYSTEM), 3);
+    }
+
+    /// The text of `sql` from `start` to the next `end` after it.
+    fn clause<'a>(sql: &'a str, start: &str, end: &str) -> &'a str {
+        let from = sql.find(start).unwrap_or_else(|| panic!("{start:?} missing"));
+        let rest = &sql[from..];
+        let to = rest
+            .find(end)
+            .unwrap_or_else(|| panic!("{end:?} missing after {start:?}"));
+        &rest[..to]
+    }
+
+    #[test]
+    fn a_group_write_stores_the_same_columns_the_same_way_as_a_write_alone() {
+        for (start, end) in [
+            ("INSERT INTO runs (", ")"),
+            ("INSERT INTO systems AS s (", ")"),
+            ("INSERT INTO checks AS c", ")"),
+            (
+                "ON CONFLICT (system_id, check_id) DO UPDATE",
+                "updated_at = excluded.updated_at",
+            ),
+            ("INSERT INTO transitions", ")"),
+            ("notified AS (", ")"),
+        ] {
+            assert_eq!(
+                clause(WRITE_SYSTEMS, start, end),
+                clause(WRITE_SYSTEM, start, end),
+                "{start}"
+            );
+        }
     }
 
     #[test]
