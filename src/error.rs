@@ -210,6 +210,9 @@ pub enum Corrupt {
     /// An evaluation column that does not decode.
     #[error("stored evaluation {0:?} does not decode")]
     Evaluation(String),
+    /// A check's flapping settings that do not decode.
+    #[error("stored flapping settings {0:?} do not decode")]
+    Flapping(String),
     /// A check's run window that does not decode, or breaks a window's rules.
     #[error("stored run window {0:?} does not decode")]
     Window(String),

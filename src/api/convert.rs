@@ -10,7 +10,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use crate::{
     domain::{ConsecutiveThresholds, Evaluation, FieldViolation, Mode, Rule, Status, Thresholds, WindowThresholds},
     proto,
-    store::{CheckRecord, Run, SystemRecord, Transition},
+    store::{CheckRecord, Run, SystemRecord, SystemSummary, Transition},
 };
 
 /// Collects violations while a request is parsed.
@@ -242,6 +242,19 @@ pub(crate) fn transition_out(t: &Transition) -> proto::HealthTransition {
         to_status: status_out(t.to) as i32,
         transitioned_at: Some(timestamp_out(t.transitioned_at)),
         evaluation: Some(evaluation_out(&t.evaluation)),
+        check_deleted: t.check_deleted,
+    }
+}
+
+pub(crate) fn summary_out(s: &SystemSummary) -> proto::SystemSummary {
+    proto::SystemSummary {
+        system_id: s.system_id.clone(),
+        status: status_out(s.status) as i32,
+        check_count: s.check_count,
+        last_run_at: s.last_run_at.map(timestamp_out),
+        in_maintenance: s.in_maintenance,
+        flapping: s.flapping,
+        evaluated_at: Some(timestamp_out(s.evaluated_at)),
     }
 }
 
@@ -284,6 +297,12 @@ mod tests {
                 evaluation,
                 runs_considered: u32::MAX,
                 last_run_at: Some(latest),
+                flapping_settings: Some(crate::domain::FlappingSettings {
+                    runs: u32::MAX,
+                    start_changes: u32::MAX,
+                    stop_changes: u32::MAX,
+                }),
+                flapping: true,
             })
             .collect();
         let system = SystemRecord {
@@ -310,6 +329,10 @@ mod tests {
             to: Status::Unhealthy,
             transitioned_at: latest,
             evaluation,
+            in_maintenance: true,
+            flapping: true,
+            caused_by: (0..crate::domain::MAX_DEPENDENCIES).map(longest_id).collect(),
+            check_deleted: true,
         };
         let reply = proto::SubmitRunResponse {
             system_health: Some(system_out(&system)),

@@ -9,14 +9,14 @@ use tonic::{Request, Response, Status};
 
 use super::{
     convert::{
-        Violations, check_out, duration_in, evaluation_out, run_out, status_in, status_out, system_out, thresholds_in,
-        timestamp_in, transition_out,
+        Violations, check_out, duration_in, evaluation_out, run_out, status_in, status_out, summary_out, system_out,
+        thresholds_in, timestamp_in, transition_out,
     },
     page_token::{self, Kind, PageTokenKey},
 };
 use crate::{
     auth::Access,
-    domain::{CheckId, Latency, MAX_RUNS_CONSIDERED, RunId, RunMessage, SystemId},
+    domain::{CheckId, FieldViolation, Latency, MAX_RUNS_CONSIDERED, RunId, RunMessage, SystemId},
     error::Error,
     middleware::RequestDeadline,
     proto::{self, health_check_service_server::HealthCheckService},
@@ -30,6 +30,8 @@ const MAX_FUTURE_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Largest page.
 const MAX_PAGE_SIZE: u32 = 1000;
+/// Longest system id prefix: as long as an id.
+const MAX_PREFIX_BYTES: usize = 256;
 
 /// The handler state.
 #[derive(Debug, Clone)]
@@ -327,6 +329,7 @@ impl HealthCheckService for HealthApi {
                 check_id: check_id?,
                 thresholds: thresholds?,
                 enabled: req.enabled,
+                flapping: None,
             })
         })?;
         access.check_system(update.system_id.as_str())?;
@@ -345,5 +348,111 @@ impl HealthCheckService for HealthApi {
             system_health: Some(system_out(&outcome.health)),
             transition: outcome.transition.as_ref().map(transition_out),
         }))
+    }
+
+    async fn list_systems(
+        &self,
+        request: Request<proto::ListSystemsRequest>,
+    ) -> Result<Response<proto::ListSystemsResponse>, Status> {
+        let access = Access::of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let status = if req.status == proto::HealthStatus::Unspecified as i32 {
+            Some(None)
+        } else {
+            v.take(status_in("status", req.status)).map(Some)
+        };
+        if req.system_id_prefix.len() > MAX_PREFIX_BYTES {
+            v.push("system_id_prefix", format!("must be at most {MAX_PREFIX_BYTES} bytes"));
+        }
+        if req.system_id_prefix.chars().any(char::is_control) {
+            v.push("system_id_prefix", "must not contain control characters");
+        }
+        let filter = format!("{}\u{0}{}", req.status, req.system_id_prefix);
+        let limit = page_size(&mut v, "page_size", req.page_size);
+        let after = if req.page_token.is_empty() {
+            Some(None)
+        } else {
+            v.take(
+                page_token::decode(&self.page_tokens, "page_token", Kind::Systems, &filter, &req.page_token).and_then(
+                    |body| {
+                        String::from_utf8(body)
+                            .map(Some)
+                            .map_err(|_| FieldViolation::new("page_token", "is not a valid page token"))
+                    },
+                ),
+            )
+        };
+        let (status, after) = v.finish(|| Some((status?, after?)))?;
+        let page = self
+            .service
+            .list_systems(status, &req.system_id_prefix, after.as_deref(), limit)
+            .await?;
+        // As ListTransitions: the token resumes after the last system read,
+        // shown or not.
+        let next_page_token = page
+            .items
+            .last()
+            .filter(|_| page.more)
+            .map(|s| page_token::encode(&self.page_tokens, Kind::Systems, &filter, s.system_id.as_bytes()))
+            .transpose()?
+            .unwrap_or_default();
+        Ok(Response::new(proto::ListSystemsResponse {
+            systems: page
+                .items
+                .iter()
+                .filter(|s| access.may_use_system(s.system_id.as_str()))
+                .map(summary_out)
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_check(
+        &self,
+        request: Request<proto::DeleteCheckRequest>,
+    ) -> Result<Response<proto::DeleteCheckResponse>, Status> {
+        let deadline = RequestDeadline::of(&request);
+        let access = Access::of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let system_id = v.take(SystemId::parse("system_id", req.system_id));
+        let check_id = v.take(CheckId::parse("check_id", req.check_id));
+        let (system_id, check_id) = v.finish(|| Some((system_id?, check_id?)))?;
+        access.check_system(system_id.as_str())?;
+        let outcome = self.service.delete_check(&system_id, &check_id, deadline).await?;
+        if outcome.deleted {
+            tracing::info!(
+                principal = access.name(),
+                system_id = system_id.as_str(),
+                check_id = check_id.as_str(),
+                "check deleted"
+            );
+        }
+        Ok(Response::new(proto::DeleteCheckResponse {
+            deleted: outcome.deleted,
+            system_health: outcome.health.as_ref().map(system_out),
+            transition: outcome.transition.as_ref().map(transition_out),
+        }))
+    }
+
+    async fn delete_system(
+        &self,
+        request: Request<proto::DeleteSystemRequest>,
+    ) -> Result<Response<proto::DeleteSystemResponse>, Status> {
+        let deadline = RequestDeadline::of(&request);
+        let access = Access::of(&request)?;
+        let req = request.into_inner();
+        let system_id = SystemId::parse("system_id", req.system_id).map_err(|v| Error::InvalidArgument(vec![v]))?;
+        access.check_system(system_id.as_str())?;
+        let deleted = self.service.delete_system(&system_id, deadline).await?;
+        if deleted {
+            tracing::info!(
+                principal = access.name(),
+                system_id = system_id.as_str(),
+                "system deleted"
+            );
+        }
+        Ok(Response::new(proto::DeleteSystemResponse { deleted }))
     }
 }

@@ -60,6 +60,7 @@ impl PageTokenKey {
 pub(crate) enum Kind {
     Runs = 1,
     Transitions = 2,
+    Systems = 3,
 }
 
 fn filter_digest(filter: &str) -> [u8; 8] {

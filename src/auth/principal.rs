@@ -26,11 +26,11 @@ use crate::error::{Denied, Error, Missing};
 /// What a principal may call, one scope per group of RPCs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
-    /// EvaluateHealth, GetSystemHealth, ListRuns, ListTransitions, WatchTransitions.
+    /// EvaluateHealth, GetSystemHealth, ListRuns, ListTransitions, WatchTransitions, ListSystems.
     HealthRead,
     /// SubmitRun.
     HealthWrite,
-    /// ConfigureCheck.
+    /// ConfigureCheck, DeleteCheck, DeleteSystem.
     HealthAdmin,
     /// WithLock.
     Locks,

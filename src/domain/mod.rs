@@ -14,11 +14,16 @@
 //! - `evaluation`: [`evaluate`], which turns the newest runs of a check into an [`Evaluation`].
 //! - `window`: [`RunWindow`], a check's newest runs kept up to date one run at a time, so that a
 //!   submission evaluates without reading the history.
+//! - `dependencies`: [`find_cycle`], the rule that systems never depend on themselves.
+//! - `flapping`: [`FlappingSettings`] and [`is_flapping`], a check's status-change count with
+//!   hysteresis.
 //! - `ids`: validated newtypes ([`SystemId`], [`LockKey`], ...) parsed where input enters.
 //! - `latency`: [`Latency`], a run's reported duration, bounded and at the stored precision.
 //! - `violation`: [`FieldViolation`], one reason an input was rejected.
 
+mod dependencies;
 mod evaluation;
+mod flapping;
 mod ids;
 mod latency;
 mod status;
@@ -26,7 +31,9 @@ mod thresholds;
 mod violation;
 mod window;
 
+pub use dependencies::{MAX_DEPENDENCIES, find_cycle};
 pub use evaluation::{Evaluation, MAX_RUNS_CONSIDERED, Rule, evaluate, system_status};
+pub use flapping::{FlappingSettings, MIN_FLAPPING_RUNS, is_flapping, status_changes};
 pub use ids::{CheckId, LockKey, Owner, RunId, RunMessage, SystemId};
 pub use latency::{Latency, MAX_LATENCY};
 pub use status::{Status, worst};

@@ -117,9 +117,12 @@ fn needs(path: &str, reflection_required: bool) -> Needs {
         | "HealthCheckService/GetSystemHealth"
         | "HealthCheckService/ListRuns"
         | "HealthCheckService/ListTransitions"
-        | "HealthCheckService/WatchTransitions" => Needs::Scope(Scope::HealthRead),
+        | "HealthCheckService/WatchTransitions"
+        | "HealthCheckService/ListSystems" => Needs::Scope(Scope::HealthRead),
         "HealthCheckService/SubmitRun" => Needs::Scope(Scope::HealthWrite),
-        "HealthCheckService/ConfigureCheck" => Needs::Scope(Scope::HealthAdmin),
+        "HealthCheckService/ConfigureCheck" | "HealthCheckService/DeleteCheck" | "HealthCheckService/DeleteSystem" => {
+            Needs::Scope(Scope::HealthAdmin)
+        }
         "LockService/WithLock" => Needs::Scope(Scope::Locks),
         _ => Needs::Principal,
     }
@@ -365,6 +368,9 @@ mod tests {
             (format!("/{health}/WatchTransitions"), Scope::HealthRead),
             (format!("/{health}/SubmitRun"), Scope::HealthWrite),
             (format!("/{health}/ConfigureCheck"), Scope::HealthAdmin),
+            (format!("/{health}/ListSystems"), Scope::HealthRead),
+            (format!("/{health}/DeleteCheck"), Scope::HealthAdmin),
+            (format!("/{health}/DeleteSystem"), Scope::HealthAdmin),
             (format!("/{locks}/WithLock"), Scope::Locks),
         ] {
             assert_eq!(needs(&method, false), Needs::Scope(scope), "{method}");

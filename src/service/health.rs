@@ -19,8 +19,8 @@ use crate::{
     error::{Error, Result},
     lock::Locks,
     store::{
-        CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, Store, SubmitOutcome, Subscription, SystemRecord,
-        Transition, TransitionFeed, WriteRules,
+        CheckUpdate, ConfigureOutcome, DeleteCheckOutcome, NewRun, Run, RunCursor, Store, SubmitOutcome, Subscription,
+        SystemRecord, SystemSummary, Transition, TransitionFeed, WriteRules,
     },
     telemetry::metrics::{RunMetrics, RunOutcome},
 };
@@ -169,6 +169,58 @@ impl HealthService {
             })
     }
 
+    /// Up to `limit` systems in byte order of their ids after `after`, with
+    /// `status` (any when `None`) and ids starting with `prefix`.
+    pub async fn list_systems(
+        &self,
+        status: Option<Status>,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<SystemSummary>> {
+        let systems = self
+            .store
+            .list_systems(status, prefix, after, limit.saturating_add(1))
+            .instrument(tracing::debug_span!("read", db.operation = "list_systems"))
+            .await?;
+        Ok(Page::from_overfetch(systems, limit))
+    }
+
+    /// Deletes a check with its runs and re-evaluates its system, under the
+    /// system's lock (bounded by `deadline` as for [`Self::submit_run`]).
+    pub async fn delete_check(
+        &self,
+        system_id: &SystemId,
+        check_id: &CheckId,
+        deadline: Option<Instant>,
+    ) -> Result<DeleteCheckOutcome> {
+        let outcome = self
+            .locks
+            .with_system_lock(system_id, deadline, || {
+                self.store
+                    .delete_check(system_id, check_id)
+                    .instrument(tracing::debug_span!("work transaction", db.operation = "delete_check"))
+            })
+            .await?;
+        if let Some(t) = &outcome.transition {
+            log_transition(t);
+            self.metrics.transition(t.to);
+        }
+        Ok(outcome)
+    }
+
+    /// Deletes a system with everything of it but its transitions, under its
+    /// lock. True when it existed.
+    pub async fn delete_system(&self, system_id: &SystemId, deadline: Option<Instant>) -> Result<bool> {
+        self.locks
+            .with_system_lock(system_id, deadline, || {
+                self.store
+                    .delete_system(system_id)
+                    .instrument(tracing::debug_span!("work transaction", db.operation = "delete_system"))
+            })
+            .await
+    }
+
     /// Up to `limit` runs of a system (of one check, with `check_id`), newest
     /// first, after `after`.
     pub async fn list_runs(
@@ -284,6 +336,10 @@ mod tests {
             to: Status::Degraded,
             transitioned_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             evaluation: evaluate(&[], &Thresholds::default()),
+            in_maintenance: false,
+            flapping: false,
+            caused_by: Vec::new(),
+            check_deleted: false,
         };
         tracing::subscriber::with_default(subscriber, || log_transition(&transition));
         let line = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();

@@ -6,7 +6,8 @@
 //! JSON dependency.
 
 use crate::domain::{
-    ConsecutiveThresholds, Evaluation, Mode, Rule, RunWindow, Status, Thresholds, WindowRun, WindowThresholds,
+    ConsecutiveThresholds, Evaluation, FlappingSettings, Mode, Rule, RunWindow, Status, Thresholds, WindowRun,
+    WindowThresholds,
 };
 
 /// Separates the runs of an encoded window (ASCII record separator). Ids
@@ -50,6 +51,50 @@ pub(crate) fn decode_thresholds(s: &str) -> Option<Thresholds> {
         })),
         _ => None,
     }
+}
+
+/// `""` when flapping detection is off, else `f:<runs>:<start>:<stop>`.
+pub(crate) fn encode_flapping(settings: Option<&FlappingSettings>) -> String {
+    settings.map_or_else(String::new, |f| {
+        format!("f:{}:{}:{}", f.runs, f.start_changes, f.stop_changes)
+    })
+}
+
+/// The settings [`encode_flapping`] wrote; `Some(None)` when off, `None`
+/// when the text is no such encoding.
+pub(crate) fn decode_flapping(s: &str) -> Option<Option<FlappingSettings>> {
+    if s.is_empty() {
+        return Some(None);
+    }
+    let mut parts = s.strip_prefix("f:")?.split(':');
+    let mut n = || parts.next()?.parse::<u32>().ok();
+    let (runs, start_changes, stop_changes) = (n()?, n()?, n()?);
+    Some(Some(FlappingSettings {
+        runs,
+        start_changes,
+        stop_changes,
+    }))
+}
+
+/// Ids joined by the unit separator, which ids cannot hold.
+pub(crate) fn decode_ids(s: &str) -> Vec<String> {
+    if s.is_empty() {
+        Vec::new()
+    } else {
+        s.split(FIELD_SEPARATOR).map(str::to_owned).collect()
+    }
+}
+
+/// The inverse of [`decode_ids`].
+pub(crate) fn encode_ids<S: AsRef<str>>(ids: &[S]) -> String {
+    let mut out = String::new();
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            out.push(FIELD_SEPARATOR);
+        }
+        out.push_str(id.as_ref());
+    }
+    out
 }
 
 fn rule_code(rule: Rule) -> u8 {
@@ -158,6 +203,25 @@ pub(crate) fn decode_window(s: &str) -> Option<RunWindow> {
 mod tests {
     use super::*;
     use crate::domain::evaluate;
+
+    #[test]
+    fn flapping_settings_and_id_lists_round_trip() {
+        let settings = FlappingSettings {
+            runs: 20,
+            start_changes: 8,
+            stop_changes: 3,
+        };
+        assert_eq!(decode_flapping(&encode_flapping(Some(&settings))), Some(Some(settings)));
+        assert_eq!(decode_flapping(&encode_flapping(None)), Some(None));
+        assert_eq!(decode_flapping("x:1"), None);
+        for ids in [
+            vec![],
+            vec!["db".to_owned()],
+            vec!["db".to_owned(), "dns, eu".to_owned()],
+        ] {
+            assert_eq!(decode_ids(&encode_ids(&ids)), ids);
+        }
+    }
 
     #[test]
     fn evaluations_and_thresholds_round_trip() {

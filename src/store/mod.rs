@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use crate::{
     db::Database,
-    domain::{CheckId, Evaluation, Latency, RunId, RunMessage, Status, SystemId, Thresholds},
+    domain::{CheckId, Evaluation, FlappingSettings, Latency, RunId, RunMessage, Status, SystemId, Thresholds},
     error::{Error, Result},
 };
 use chrono::{DateTime, Utc};
@@ -112,6 +112,40 @@ impl Store {
         match self {
             Store::Postgres(s) => s.count_systems().await,
             Store::Embedded(s) => s.count_systems().await,
+        }
+    }
+
+    /// One page of systems in byte order of their ids, after `after`, with
+    /// `status` (any when `None`) and ids starting with `prefix`.
+    pub async fn list_systems(
+        &self,
+        status: Option<Status>,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SystemSummary>> {
+        match self {
+            Store::Postgres(s) => s.list_systems(status, prefix, after, limit).await,
+            Store::Embedded(s) => s.list_systems(status, prefix, after, limit).await,
+        }
+    }
+
+    /// Deletes a check and its runs and re-evaluates its system. The caller
+    /// holds the system's lock.
+    pub async fn delete_check(&self, system_id: &SystemId, check_id: &CheckId) -> Result<DeleteCheckOutcome> {
+        match self {
+            Store::Postgres(s) => s.delete_check(system_id, check_id).await,
+            Store::Embedded(s) => s.delete_check(system_id, check_id).await,
+        }
+    }
+
+    /// Deletes a system with its runs, checks, maintenance windows and
+    /// dependencies; its transitions stay. True when it existed. The caller
+    /// holds the system's lock.
+    pub async fn delete_system(&self, system_id: &SystemId) -> Result<bool> {
+        match self {
+            Store::Postgres(s) => s.delete_system(system_id).await,
+            Store::Embedded(s) => s.delete_system(system_id).await,
         }
     }
 
@@ -274,6 +308,10 @@ pub struct CheckRecord {
     pub runs_considered: u32,
     /// observed_at of its newest run.
     pub last_run_at: Option<DateTime<Utc>>,
+    /// Its flapping detection; `None` when off.
+    pub flapping_settings: Option<FlappingSettings>,
+    /// Whether it flaps now (always false with detection off).
+    pub flapping: bool,
 }
 
 /// The stored health of a system.
@@ -318,6 +356,17 @@ pub struct Transition {
     pub transitioned_at: DateTime<Utc>,
     /// The causing check's evaluation.
     pub evaluation: Evaluation,
+    /// Written while a maintenance window of the system was open (and not
+    /// the recovery that resolves an announced problem).
+    pub in_maintenance: bool,
+    /// Written while the causing check was flapping (and not the recovery
+    /// that resolves an announced problem).
+    pub flapping: bool,
+    /// The system's dependencies that were already non-healthy when it
+    /// became worse; empty otherwise.
+    pub caused_by: Vec<String>,
+    /// Caused by deleting the check.
+    pub check_deleted: bool,
 }
 
 /// What SubmitRun did.
@@ -345,6 +394,8 @@ pub struct CheckUpdate {
     pub thresholds: Option<Thresholds>,
     /// New enabled flag, or keep.
     pub enabled: Option<bool>,
+    /// New flapping detection (`Some(None)`: off), or keep.
+    pub flapping: Option<Option<FlappingSettings>>,
 }
 
 /// What ConfigureCheck did.
@@ -354,6 +405,36 @@ pub struct ConfigureOutcome {
     pub check: CheckRecord,
     /// The system after the change.
     pub health: SystemRecord,
+    /// Set when the system's status changed.
+    pub transition: Option<Transition>,
+}
+
+/// One row of ListSystems.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemSummary {
+    /// The system.
+    pub system_id: String,
+    /// Its stored status.
+    pub status: Status,
+    /// How many checks it has.
+    pub check_count: u32,
+    /// observed_at of the newest run of any of its checks.
+    pub last_run_at: Option<DateTime<Utc>>,
+    /// A maintenance window of it is open now.
+    pub in_maintenance: bool,
+    /// One of its enabled checks flaps.
+    pub flapping: bool,
+    /// When it was last evaluated.
+    pub evaluated_at: DateTime<Utc>,
+}
+
+/// What DeleteCheck did.
+#[derive(Debug, Clone)]
+pub struct DeleteCheckOutcome {
+    /// True when the check existed.
+    pub deleted: bool,
+    /// The system after the deletion; `None` when it does not exist.
+    pub health: Option<SystemRecord>,
     /// Set when the system's status changed.
     pub transition: Option<Transition>,
 }

@@ -32,10 +32,16 @@ use std::future::Future;
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
-use super::{CheckRecord, CheckUpdate, ConfigureOutcome, NewRun, Run, SubmitOutcome, SystemRecord, Transition};
+use super::{
+    CheckRecord, CheckUpdate, ConfigureOutcome, DeleteCheckOutcome, NewRun, Run, SubmitOutcome, SystemRecord,
+    Transition,
+};
 use crate::{
     config::{Config, DEFAULT_MAX_CHECKS_PER_SYSTEM},
-    domain::{CheckId, Placement, RunId, RunWindow, Status, SystemId, Thresholds, WindowRun, evaluate, system_status},
+    domain::{
+        CheckId, Evaluation, Placement, RunId, RunWindow, Status, SystemId, Thresholds, WindowRun, evaluate,
+        is_flapping, system_status,
+    },
     error::{Error, Result},
 };
 
@@ -92,6 +98,8 @@ pub(crate) struct SystemState {
     pub(crate) status: Status,
     /// Incremented by every write of the system.
     pub(crate) version: i64,
+    /// The status a notifier hiding flagged transitions last saw.
+    pub(crate) announced: Status,
 }
 
 /// Everything one write stores.
@@ -113,10 +121,34 @@ pub(crate) struct Write<'a> {
     /// The status before, when the write changes the system's status: a
     /// transition is recorded, caused by `run` if there is one.
     pub(crate) transition_from: Option<Status>,
+    /// The transition is the recovery of a status announced as non-healthy:
+    /// it carries no flag, whatever window is open or check flaps.
+    pub(crate) resolves: bool,
+    /// The transition carries `flapping`.
+    pub(crate) flapping: bool,
+}
+
+/// Everything DeleteCheck stores.
+#[derive(Debug)]
+pub(crate) struct Removal<'a> {
+    /// The system.
+    pub(crate) system_id: &'a SystemId,
+    /// The check to delete, with its runs.
+    pub(crate) check_id: &'a str,
+    /// The version loaded; the removal applies only if it still is.
+    pub(crate) loaded_version: i64,
+    /// The system's status without the check.
+    pub(crate) status: Status,
+    /// The status before, when removing the check changes it.
+    pub(crate) transition_from: Option<Status>,
+    /// As for [`Write::resolves`].
+    pub(crate) resolves: bool,
+    /// The deleted check's last evaluation, for the transition.
+    pub(crate) evaluation: &'a Evaluation,
 }
 
 /// What a write did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Written {
     /// Everything was written at `at` (the system's `evaluated_at`, the run's
     /// `recorded_at`, the transition's time); `sequence` is the transition's.
@@ -125,6 +157,11 @@ pub(crate) enum Written {
         at: DateTime<Utc>,
         /// The recorded transition's sequence.
         sequence: Option<u64>,
+        /// The transition was written in an open maintenance window (the
+        /// store judges it at `at`).
+        in_maintenance: bool,
+        /// The dependencies the store found non-healthy for the transition.
+        caused_by: Vec<String>,
     },
     /// Another write of the system committed since the load; nothing was
     /// written.
@@ -152,6 +189,14 @@ pub(crate) trait Statements: Sync {
 
     /// Stores `write` if the system's version is still the one loaded.
     fn write(&self, unit: &mut Self::Unit, write: &Write<'_>) -> impl Future<Output = Result<Written>> + Send;
+
+    /// Deletes the check of `removal` with its runs and stores the system
+    /// without it, if the system's version is still the one loaded.
+    fn remove_check(
+        &self,
+        unit: &mut Self::Unit,
+        removal: &Removal<'_>,
+    ) -> impl Future<Output = Result<Written>> + Send;
 
     /// Ends an attempt whose write was applied (embedded: commits, and wakes
     /// the feed when a transition was written).
@@ -198,11 +243,20 @@ pub(crate) async fn submit_run<S: Statements>(s: &S, new: &NewRun, rules: &Write
             .instrument(statement("write"))
             .await?;
         match written {
-            Written::Applied { at, sequence } => {
+            Written::Applied {
+                at,
+                sequence,
+                in_maintenance,
+                caused_by,
+            } => {
                 s.commit(unit, sequence.is_some())
                     .instrument(statement("commit"))
                     .await?;
-                let (health, transition) = change.outcome(&new.system_id, at, sequence)?;
+                let flags = Flags {
+                    in_maintenance,
+                    caused_by,
+                };
+                let (health, transition) = change.outcome(&new.system_id, at, sequence, flags)?;
                 return Ok(SubmitOutcome {
                     run: new.recorded(at),
                     health,
@@ -232,12 +286,21 @@ pub(crate) async fn configure_check<S: Statements>(
             .instrument(statement("write"))
             .await?;
         match written {
-            Written::Applied { at, sequence } => {
+            Written::Applied {
+                at,
+                sequence,
+                in_maintenance,
+                caused_by,
+            } => {
                 s.commit(unit, sequence.is_some())
                     .instrument(statement("commit"))
                     .await?;
                 let check = change.checks[change.target].clone();
-                let (health, transition) = change.outcome(&update.system_id, at, sequence)?;
+                let flags = Flags {
+                    in_maintenance,
+                    caused_by,
+                };
+                let (health, transition) = change.outcome(&update.system_id, at, sequence, flags)?;
                 return Ok(ConfigureOutcome {
                     check,
                     health,
@@ -249,6 +312,111 @@ pub(crate) async fn configure_check<S: Statements>(
         }
     }
     Err(busy(&update.system_id))
+}
+
+/// Deletes a check with its runs and re-evaluates its system without it.
+/// The caller holds the system's lock. A check (or system) that does not
+/// exist is no error: nothing is written and `deleted` is false.
+pub(crate) async fn delete_check<S: Statements>(
+    s: &S,
+    system_id: &SystemId,
+    check_id: &CheckId,
+) -> Result<DeleteCheckOutcome> {
+    for _ in 0..MAX_ATTEMPTS {
+        let (mut unit, loaded) = load(s, system_id, check_id).await?;
+        let Some(state) = loaded.system else {
+            return Ok(DeleteCheckOutcome {
+                deleted: false,
+                health: None,
+                transition: None,
+            });
+        };
+        let mut checks = loaded.checks;
+        let Some(target) = checks.iter().position(|c| c.check_id == check_id.as_str()) else {
+            let health = s.system(&mut unit, system_id.as_str()).await?;
+            return Ok(DeleteCheckOutcome {
+                deleted: false,
+                health,
+                transition: None,
+            });
+        };
+        let removed = checks.remove(target);
+        let status = system_status(checks.iter().filter(|c| c.enabled).map(|c| c.evaluation.status));
+        let transition_from = (status != state.status).then_some(state.status);
+        let removal = Removal {
+            system_id,
+            check_id: check_id.as_str(),
+            loaded_version: state.version,
+            status,
+            transition_from,
+            resolves: resolves(status, state.announced),
+            evaluation: &removed.evaluation,
+        };
+        let written = s
+            .remove_check(&mut unit, &removal)
+            .instrument(statement("write"))
+            .await?;
+        match written {
+            Written::Applied {
+                at,
+                sequence,
+                in_maintenance,
+                caused_by,
+            } => {
+                s.commit(unit, sequence.is_some())
+                    .instrument(statement("commit"))
+                    .await?;
+                let transition = match (transition_from, sequence) {
+                    (None, None) => None,
+                    (Some(from), Some(sequence)) => Some(Transition {
+                        sequence,
+                        system_id: system_id.as_str().to_owned(),
+                        check_id: removed.check_id.clone(),
+                        from,
+                        to: status,
+                        transitioned_at: at,
+                        evaluation: removed.evaluation,
+                        in_maintenance,
+                        flapping: false,
+                        caused_by,
+                        check_deleted: true,
+                    }),
+                    _ => {
+                        return Err(Error::Invariant(
+                            "a transition is recorded exactly when the status changed",
+                        ));
+                    }
+                };
+                let health = SystemRecord {
+                    system_id: system_id.as_str().to_owned(),
+                    status,
+                    checks,
+                    evaluated_at: Some(at),
+                };
+                return Ok(DeleteCheckOutcome {
+                    deleted: true,
+                    health: Some(health),
+                    transition,
+                });
+            }
+            Written::Stale => {}
+            Written::RunIdTaken => return Err(Error::Invariant("a deletion inserts no run")),
+        }
+    }
+    Err(busy(system_id))
+}
+
+/// A change to `to` resolves a problem a notifier was told of: it must reach
+/// whoever saw the problem, so it is never flagged.
+fn resolves(to: Status, announced: Status) -> bool {
+    to == Status::Healthy && announced != Status::Healthy
+}
+
+/// What the store decided about a transition it wrote.
+#[derive(Debug, Default)]
+struct Flags {
+    in_maintenance: bool,
+    caused_by: Vec<String>,
 }
 
 /// A span for one class of statement of a write, beneath its work
@@ -315,6 +483,8 @@ fn new_check(check_id: &CheckId) -> CheckRecord {
         evaluation: evaluate(&[], &thresholds),
         runs_considered: 0,
         last_run_at: None,
+        flapping_settings: None,
+        flapping: false,
     }
 }
 
@@ -325,6 +495,8 @@ struct Change {
     loaded_version: Option<i64>,
     /// The system's status before the write.
     previous: Status,
+    /// The status a notifier hiding flagged transitions last saw.
+    announced: Status,
     /// Every check after the write, ordered by `check_id`.
     checks: Vec<CheckRecord>,
     /// Which of them the write changes.
@@ -365,6 +537,9 @@ impl Change {
         if let Some(enabled) = update.enabled {
             check.enabled = enabled;
         }
+        if let Some(flapping) = update.flapping {
+            check.flapping_settings = flapping;
+        }
         change.evaluate();
         Ok(change)
     }
@@ -395,6 +570,7 @@ impl Change {
         Ok(Change {
             loaded_version: system.map(|s| s.version),
             previous,
+            announced: system.map_or(Status::Healthy, |s| s.announced),
             checks,
             target,
             window,
@@ -412,12 +588,22 @@ impl Change {
             .window
             .newest()
             .and_then(|r| DateTime::from_timestamp_micros(r.observed_at_micros));
+        // Only a check with detection on pays for its window's statuses.
+        check.flapping = check.flapping_settings.is_some()
+            && is_flapping(
+                check.flapping_settings.as_ref(),
+                check.flapping,
+                &self.window.statuses(),
+            );
         self.status = system_status(self.checks.iter().filter(|c| c.enabled).map(|c| c.evaluation.status));
     }
 
     /// What to store.
     fn write<'a>(&'a self, system_id: &'a SystemId, run: Option<&'a NewRun>) -> Write<'a> {
+        let resolves = resolves(self.status, self.announced);
         Write {
+            resolves,
+            flapping: !resolves && self.checks[self.target].flapping,
             system_id,
             loaded_version: self.loaded_version,
             status: self.status,
@@ -435,7 +621,9 @@ impl Change {
         system_id: &SystemId,
         at: DateTime<Utc>,
         sequence: Option<u64>,
+        flags: Flags,
     ) -> Result<(SystemRecord, Option<Transition>)> {
+        let flapping = !resolves(self.status, self.announced) && self.checks[self.target].flapping;
         let transition = match (self.previous != self.status, sequence) {
             (false, None) => None,
             (true, Some(sequence)) => {
@@ -448,6 +636,10 @@ impl Change {
                     to: self.status,
                     transitioned_at: at,
                     evaluation: check.evaluation,
+                    in_maintenance: flags.in_maintenance,
+                    flapping,
+                    caused_by: flags.caused_by,
+                    check_deleted: false,
                 })
             }
             _ => {
@@ -507,7 +699,11 @@ mod tests {
 
     fn loaded(status: Status, checks: Vec<CheckRecord>, window: RunWindow) -> Loaded {
         Loaded {
-            system: Some(SystemState { status, version: 7 }),
+            system: Some(SystemState {
+                status,
+                version: 7,
+                announced: status,
+            }),
             checks,
             window,
         }
@@ -581,6 +777,7 @@ mod tests {
             check_id: check_id("db"),
             thresholds: None,
             enabled: Some(true),
+            flapping: None,
         };
         let failures: Vec<_> = (0..5)
             .map(|i| {
@@ -596,7 +793,7 @@ mod tests {
         assert_eq!(change.status, Status::Unhealthy);
         assert_eq!(change.write(&system(), None).transition_from, Some(Status::Degraded));
         let at = DateTime::from_timestamp(1_700_000_100, 0).unwrap();
-        let (health, transition) = change.outcome(&system(), at, Some(12)).unwrap();
+        let (health, transition) = change.outcome(&system(), at, Some(12), Flags::default()).unwrap();
         let transition = transition.unwrap();
         assert_eq!(
             (
@@ -658,6 +855,7 @@ mod tests {
             check_id: check_id("d"),
             thresholds: None,
             enabled: Some(false),
+            flapping: None,
         };
         assert!(matches!(
             Change::of_update(
@@ -703,6 +901,7 @@ mod tests {
                 unhealthy_min_failure_count: 2,
             })),
             enabled: None,
+            flapping: None,
         };
         let change = Change::of_update(loaded(Status::Degraded, checks, window), &update, &RULES).unwrap();
         assert_eq!(change.checks[0].evaluation.status, Status::Unhealthy);
@@ -722,9 +921,15 @@ mod tests {
         assert_eq!(change.status, Status::Degraded);
         let at = DateTime::from_timestamp(1_700_000_100, 0).unwrap();
         assert!(matches!(
-            change.clone().outcome(&system(), at, None),
+            change.clone().outcome(&system(), at, None, Flags::default()),
             Err(Error::Invariant(_))
         ));
-        assert!(change.outcome(&system(), at, Some(1)).unwrap().1.is_some());
+        assert!(
+            change
+                .outcome(&system(), at, Some(1), Flags::default())
+                .unwrap()
+                .1
+                .is_some()
+        );
     }
 }

@@ -21,9 +21,13 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row, postgres::PgRow};
 
 use super::{
-    CheckRecord, CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, SubmitOutcome, SystemRecord, Transition,
-    codec::{decode_evaluation, decode_thresholds, decode_window, encode_evaluation, encode_thresholds, encode_window},
-    pipeline::{self, Loaded, Statements, SystemState, Write, WriteRules, Written},
+    CheckRecord, CheckUpdate, ConfigureOutcome, DeleteCheckOutcome, NewRun, Run, RunCursor, SubmitOutcome,
+    SystemRecord, SystemSummary, Transition,
+    codec::{
+        decode_evaluation, decode_flapping, decode_ids, decode_thresholds, decode_window, encode_evaluation,
+        encode_flapping, encode_thresholds, encode_window,
+    },
+    pipeline::{self, Loaded, Removal, Statements, SystemState, Write, WriteRules, Written},
     retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
 };
 use crate::{
@@ -88,7 +92,13 @@ fn check_from_row(row: &PgRow) -> Result<CheckRecord> {
         evaluation,
         runs_considered: u32_of(row.try_get("runs_considered")?),
         last_run_at: row.try_get("last_run_at")?,
+        flapping_settings: flapping_of(row.try_get("flapping_settings")?)?,
+        flapping: row.try_get("flapping")?,
     })
+}
+
+fn flapping_of(text: String) -> Result<Option<crate::domain::FlappingSettings>> {
+    decode_flapping(&text).ok_or_else(|| Corrupt::Flapping(text).into())
 }
 
 fn transition_from_row(row: &PgRow) -> Result<Transition> {
@@ -102,6 +112,22 @@ fn transition_from_row(row: &PgRow) -> Result<Transition> {
         to: status_of(row.try_get("to_status")?)?,
         transitioned_at: row.try_get("transitioned_at")?,
         evaluation: decode_evaluation(&evaluation_text).ok_or_else(|| Corrupt::Evaluation(evaluation_text.clone()))?,
+        in_maintenance: row.try_get("in_maintenance")?,
+        flapping: row.try_get("flapping")?,
+        caused_by: decode_ids(row.try_get("caused_by")?),
+        check_deleted: row.try_get("check_deleted")?,
+    })
+}
+
+/// What [`sql::WRITE_SYSTEM`] and [`sql::REMOVE_CHECK`] return.
+pub(super) fn written_from_row(row: &PgRow) -> Result<Written> {
+    let sequence: Option<i64> = row.try_get("sequence")?;
+    let caused_by: Option<String> = row.try_get("caused_by")?;
+    Ok(Written::Applied {
+        at: row.try_get("evaluated_at")?,
+        sequence: sequence.map(|s| u64::try_from(s).unwrap_or(0)),
+        in_maintenance: row.try_get::<Option<bool>, _>("in_maintenance")?.unwrap_or(false),
+        caused_by: caused_by.as_deref().map(decode_ids).unwrap_or_default(),
     })
 }
 
@@ -159,6 +185,84 @@ impl PgStore {
         rows.into_iter()
             .map(|(status, n)| Ok((status_of(status)?, u64::try_from(n).unwrap_or(0))))
             .collect()
+    }
+
+    /// One page of systems in byte order of their ids (see [`super::Store::list_systems`]).
+    pub async fn list_systems(
+        &self,
+        status: Option<Status>,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SystemSummary>> {
+        let mut conn = self.work.acquire().await?;
+        // Only the conditions that apply (see `list_runs`).
+        let status_filter = if status.is_some() {
+            "s.status = $1"
+        } else {
+            "$1::smallint IS NULL"
+        };
+        let after_filter = if after.is_some() {
+            "s.system_id COLLATE \"C\" > $3"
+        } else {
+            "$3::text IS NULL"
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT s.system_id, s.status, s.evaluated_at, k.check_count, k.last_run_at, k.flapping, \
+                    EXISTS (SELECT FROM maintenance_windows m WHERE m.system_id = s.system_id \
+                            AND m.starts_at <= now() AND m.ends_at > now()) AS in_maintenance \
+             FROM systems s \
+             CROSS JOIN LATERAL ( \
+                 SELECT count(*) AS check_count, max(c.last_run_at) AS last_run_at, \
+                        coalesce(bool_or(c.flapping AND c.enabled), false) AS flapping \
+                 FROM checks c WHERE c.system_id = s.system_id) k \
+             WHERE {status_filter} AND starts_with(s.system_id, $2) AND {after_filter} \
+             ORDER BY s.system_id COLLATE \"C\" LIMIT $4"
+        ))
+        .bind(status.map(Status::as_i16))
+        .bind(prefix)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let check_count: i64 = row.try_get("check_count")?;
+                Ok(SystemSummary {
+                    system_id: row.try_get("system_id")?,
+                    status: status_of(row.try_get("status")?)?,
+                    check_count: u32::try_from(check_count).unwrap_or(u32::MAX),
+                    last_run_at: row.try_get("last_run_at")?,
+                    in_maintenance: row.try_get("in_maintenance")?,
+                    flapping: row.try_get("flapping")?,
+                    evaluated_at: row.try_get("evaluated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes a check and its runs and re-evaluates its system. The caller
+    /// holds the system's lock.
+    pub async fn delete_check(&self, system_id: &SystemId, check_id: &CheckId) -> Result<DeleteCheckOutcome> {
+        pipeline::delete_check(self, system_id, check_id).await
+    }
+
+    /// Deletes a system with everything of it but its transitions, in one
+    /// statement. True when it existed. The caller holds the system's lock.
+    pub async fn delete_system(&self, system_id: &SystemId) -> Result<bool> {
+        let mut conn = self.work.acquire().await?;
+        let existed: bool = sqlx::query_scalar(
+            "WITH sys AS (DELETE FROM systems WHERE system_id = $1 RETURNING 1), \
+                  chk AS (DELETE FROM checks WHERE system_id = $1), \
+                  gone AS (DELETE FROM runs WHERE system_id = $1), \
+                  win AS (DELETE FROM maintenance_windows WHERE system_id = $1), \
+                  dep AS (DELETE FROM system_dependencies WHERE system_id = $1) \
+             SELECT EXISTS (SELECT FROM sys)",
+        )
+        .bind(system_id.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(existed)
     }
 
     /// One page of a system's runs, newest first, after `cursor`.
@@ -527,6 +631,7 @@ impl Statements for PgStore {
         let system = SystemState {
             status: status_of(first.try_get("system_status")?)?,
             version: first.try_get("version")?,
+            announced: status_of(first.try_get("announced_status")?)?,
         };
         let mut window = RunWindow::default();
         let mut checks = Vec::with_capacity(rows.len());
@@ -568,12 +673,46 @@ impl Statements for PgStore {
                 message: r.message.as_str().to_owned(),
             }),
             transition_from: write.transition_from.map(Status::as_i16),
+            flapping_settings: encode_flapping(check.flapping_settings.as_ref()),
+            flapping: check.flapping,
+            resolves: write.resolves,
+            transition_flapping: write.flapping,
         };
-        if member.run.is_none() {
-            // A configuration change: rare, and alone.
+        // A group writes neither a transition's flags nor a check's flapping
+        // state (see the `batch` module): such writes, rare, go alone, as a
+        // configuration change does.
+        if member.run.is_none() || member.transition_from.is_some() || check.flapping_settings.is_some() {
             return batch::write_one(conn, &member).await;
         }
         self.batcher.write(conn, member).await
+    }
+
+    async fn remove_check(&self, conn: &mut Self::Unit, removal: &Removal<'_>) -> Result<Written> {
+        let row = sqlx::query(sql::REMOVE_CHECK)
+            .bind(removal.system_id.as_str())
+            .bind(removal.check_id)
+            .bind(removal.status.as_i16())
+            .bind(removal.loaded_version)
+            .bind(removal.transition_from.is_some())
+            .bind(removal.transition_from.map(Status::as_i16))
+            .bind(encode_evaluation(removal.evaluation))
+            .bind(removal.resolves)
+            .fetch_optional(
+                conn.start()
+                    .ok_or(Error::Invariant("a removal writes on its own connection"))?,
+            )
+            .await;
+        conn.done();
+        match row {
+            Ok(Some(row)) => written_from_row(&row),
+            Err(err) if violates(&err, STALE_WRITE) => Ok(Written::Stale),
+            Err(err) if crate::error::sqlstate(&err).as_deref() == Some(LOCK_NOT_AVAILABLE) => Err(Error::SystemBusy {
+                system_id: removal.system_id.as_str().to_owned(),
+            }),
+            // The row went since the load: nothing was written.
+            Ok(None) => Ok(Written::Stale),
+            Err(err) => Err(err.into()),
+        }
     }
 
     async fn commit(&self, _conn: Self::Unit, _wrote_transition: bool) -> Result<()> {

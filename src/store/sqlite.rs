@@ -24,10 +24,13 @@ use chrono::{DateTime, Utc};
 use sqlx::{Connection, Row, SqliteConnection, sqlite::SqliteRow};
 
 use super::{
-    CheckRecord, CheckUpdate, ConfigureOutcome, NewRun, Run, RunCursor, SubmitOutcome, SystemRecord, Transition,
-    TransitionNotifier,
-    codec::{decode_evaluation, decode_thresholds, decode_window, encode_evaluation, encode_thresholds, encode_window},
-    pipeline::{self, Loaded, Statements, SystemState, Write, WriteRules, Written},
+    CheckRecord, CheckUpdate, ConfigureOutcome, DeleteCheckOutcome, NewRun, Run, RunCursor, SubmitOutcome,
+    SystemRecord, SystemSummary, Transition, TransitionNotifier,
+    codec::{
+        decode_evaluation, decode_flapping, decode_ids, decode_thresholds, decode_window, encode_evaluation,
+        encode_flapping, encode_thresholds, encode_window,
+    },
+    pipeline::{self, Loaded, Removal, Statements, SystemState, Write, WriteRules, Written},
     retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
 };
 use crate::{
@@ -37,8 +40,10 @@ use crate::{
 };
 
 const RUN_COLUMNS: &str = "run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at";
-const CHECK_COLUMNS: &str = "check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at";
-const TRANSITION_COLUMNS: &str = "sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation";
+const CHECK_COLUMNS: &str =
+    "check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at, flapping_settings, flapping";
+const TRANSITION_COLUMNS: &str = "sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, \
+                                  in_maintenance, flapping, caused_by, check_deleted";
 
 /// The SQLite implementation of the store.
 #[derive(Debug, Clone)]
@@ -110,6 +115,11 @@ fn check_from_row(row: &SqliteRow) -> Result<CheckRecord> {
         evaluation,
         runs_considered: u32::try_from(runs_considered).unwrap_or(0),
         last_run_at: row.try_get::<Option<i64>, _>("last_run_at")?.map(time_of).transpose()?,
+        flapping_settings: {
+            let text: String = row.try_get("flapping_settings")?;
+            decode_flapping(&text).ok_or(Corrupt::Flapping(text))?
+        },
+        flapping: row.try_get("flapping")?,
     })
 }
 
@@ -124,6 +134,10 @@ fn transition_from_row(row: &SqliteRow) -> Result<Transition> {
         to: status_of(row.try_get("to_status")?)?,
         transitioned_at: time_of(row.try_get("transitioned_at")?)?,
         evaluation: decode_evaluation(&evaluation_text).ok_or_else(|| Corrupt::Evaluation(evaluation_text.clone()))?,
+        in_maintenance: row.try_get("in_maintenance")?,
+        flapping: row.try_get("flapping")?,
+        caused_by: decode_ids(row.try_get("caused_by")?),
+        check_deleted: row.try_get("check_deleted")?,
     })
 }
 
@@ -173,6 +187,78 @@ impl SqliteStore {
         let system = system_in(&mut tx, system_id.as_str()).await?;
         tx.rollback().await?;
         Ok(system)
+    }
+
+    /// One page of systems in byte order of their ids (see [`super::Store::list_systems`]).
+    pub async fn list_systems(
+        &self,
+        status: Option<Status>,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SystemSummary>> {
+        let mut conn = self.db.reader().await?;
+        let rows = sqlx::query(
+            "SELECT s.system_id, s.status, s.evaluated_at, \
+                    (SELECT count(*) FROM checks c WHERE c.system_id = s.system_id) AS check_count, \
+                    (SELECT max(c.last_run_at) FROM checks c WHERE c.system_id = s.system_id) AS last_run_at, \
+                    EXISTS (SELECT 1 FROM checks c WHERE c.system_id = s.system_id AND c.flapping AND c.enabled) \
+                        AS flapping, \
+                    EXISTS (SELECT 1 FROM maintenance_windows m WHERE m.system_id = s.system_id \
+                            AND m.starts_at <= $5 AND m.ends_at > $5) AS in_maintenance \
+             FROM systems s \
+             WHERE ($1 IS NULL OR s.status = $1) AND substr(s.system_id, 1, length($2)) = $2 \
+               AND ($3 IS NULL OR s.system_id > $3) \
+             ORDER BY s.system_id LIMIT $4",
+        )
+        .bind(status.map(Status::as_i16))
+        .bind(prefix)
+        .bind(after)
+        .bind(i64::from(limit))
+        .bind(micros(now()))
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let check_count: i64 = row.try_get("check_count")?;
+                Ok(SystemSummary {
+                    system_id: row.try_get("system_id")?,
+                    status: status_of(row.try_get("status")?)?,
+                    check_count: u32::try_from(check_count).unwrap_or(u32::MAX),
+                    last_run_at: row.try_get::<Option<i64>, _>("last_run_at")?.map(time_of).transpose()?,
+                    in_maintenance: row.try_get("in_maintenance")?,
+                    flapping: row.try_get("flapping")?,
+                    evaluated_at: time_of(row.try_get("evaluated_at")?)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes a check and its runs and re-evaluates its system. The caller
+    /// holds the system's lock.
+    pub async fn delete_check(&self, system_id: &SystemId, check_id: &CheckId) -> Result<DeleteCheckOutcome> {
+        pipeline::delete_check(self, system_id, check_id).await
+    }
+
+    /// Deletes a system with everything of it but its transitions, in one
+    /// write transaction. True when it existed. The caller holds the
+    /// system's lock.
+    pub async fn delete_system(&self, system_id: &SystemId) -> Result<bool> {
+        let mut tx = self.db.begin_write().await?;
+        let existed = sqlx::query("DELETE FROM systems WHERE system_id = $1")
+            .bind(system_id.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        for table in ["checks", "runs", "maintenance_windows", "system_dependencies"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE system_id = $1"))
+                .bind(system_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(existed)
     }
 
     /// One page of a system's runs, newest first, after `cursor`.
@@ -436,11 +522,90 @@ async fn transition_caused_by(conn: &mut SqliteConnection, run: &Run) -> Result<
 /// What a write reads of a system (see the PostgreSQL store's
 /// `LOAD_SYSTEM`): its status and version, every check (the pipeline sorts
 /// them), the run window of check `$2` only.
-const LOAD_SYSTEM: &str = "SELECT s.status AS system_status, s.version, \
+const LOAD_SYSTEM: &str = "SELECT s.status AS system_status, s.version, s.announced_status, \
         c.check_id, c.thresholds, c.enabled, c.status, c.evaluation, c.runs_considered, c.last_run_at, \
+        c.flapping_settings, c.flapping, \
         CASE WHEN c.check_id = $2 THEN c.run_window END AS run_window \
     FROM systems s LEFT JOIN checks c ON c.system_id = s.system_id \
     WHERE s.system_id = $1";
+
+/// The flags of a transition of `system_id` from `from` to `to` written at
+/// `at` (see the PostgreSQL store's `WRITE_SYSTEM`): whether a maintenance
+/// window is open then (unless the transition `resolves`), and, when the
+/// status got worse, the dependencies that are non-healthy.
+async fn flags_of(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    system_id: &SystemId,
+    from: Status,
+    to: Status,
+    resolves: bool,
+    at: DateTime<Utc>,
+) -> Result<(bool, Vec<String>)> {
+    let in_maintenance = !resolves
+        && sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM maintenance_windows \
+             WHERE system_id = $1 AND starts_at <= $2 AND ends_at > $2)",
+        )
+        .bind(system_id.as_str())
+        .bind(micros(at))
+        .fetch_one(&mut **tx)
+        .await?;
+    let caused_by = if to > from {
+        sqlx::query_scalar(
+            "SELECT d.depends_on FROM system_dependencies d JOIN systems x ON x.system_id = d.depends_on \
+             WHERE d.system_id = $1 AND x.status <> 1 ORDER BY d.depends_on",
+        )
+        .bind(system_id.as_str())
+        .fetch_all(&mut **tx)
+        .await?
+    } else {
+        Vec::new()
+    };
+    Ok((in_maintenance, caused_by))
+}
+
+/// A transition as the embedded store inserts it.
+struct TransitionRow<'a> {
+    system_id: &'a str,
+    check_id: &'a str,
+    from: Status,
+    to: Status,
+    at: DateTime<Utc>,
+    evaluation: &'a crate::domain::Evaluation,
+    run_id: Option<&'a str>,
+    in_maintenance: bool,
+    flapping: bool,
+    caused_by: &'a [String],
+    check_deleted: bool,
+}
+
+impl TransitionRow<'_> {
+    /// Inserts it with the next sequence: one writer, so max + 1 inside its
+    /// transaction commits in order.
+    async fn insert(&self, tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>) -> Result<u64> {
+        let sequence: i64 = sqlx::query_scalar(
+            "INSERT INTO transitions \
+                 (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, run_id, \
+                  in_maintenance, flapping, caused_by, check_deleted) \
+             SELECT coalesce(max(sequence), 0) + 1, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 FROM transitions \
+             RETURNING sequence",
+        )
+        .bind(self.system_id)
+        .bind(self.check_id)
+        .bind(self.from.as_i16())
+        .bind(self.to.as_i16())
+        .bind(micros(self.at))
+        .bind(encode_evaluation(self.evaluation))
+        .bind(self.run_id)
+        .bind(self.in_maintenance)
+        .bind(self.flapping)
+        .bind(super::codec::encode_ids(self.caused_by))
+        .bind(self.check_deleted)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(u64::try_from(sequence).unwrap_or(0))
+    }
+}
 
 impl Statements for SqliteStore {
     /// The writer connection's `BEGIN IMMEDIATE` transaction: nothing else
@@ -467,6 +632,7 @@ impl Statements for SqliteStore {
         let system = SystemState {
             status: status_of(first.try_get("system_status")?)?,
             version: first.try_get("version")?,
+            announced: status_of(first.try_get("announced_status")?)?,
         };
         let mut window = RunWindow::default();
         let mut checks = Vec::with_capacity(rows.len());
@@ -514,10 +680,20 @@ impl Statements for SqliteStore {
                 Err(err) => return Err(err.into()),
             }
         }
+        let flags = match write.transition_from {
+            Some(from) => Some(flags_of(tx, write.system_id, from, write.status, write.resolves, now).await?),
+            None => None,
+        };
+        let announced = flags
+            .as_ref()
+            .filter(|(in_maintenance, _)| !in_maintenance && !write.flapping)
+            .map(|_| write.status.as_i16());
         let applied = sqlx::query(
-            "INSERT INTO systems (system_id, status, evaluated_at, version) VALUES ($1, $2, $3, 1) \
+            "INSERT INTO systems (system_id, status, evaluated_at, version, created_at, announced_status) \
+             VALUES ($1, $2, $3, 1, $3, coalesce($5, 1)) \
              ON CONFLICT (system_id) DO UPDATE \
-                 SET status = excluded.status, evaluated_at = excluded.evaluated_at, version = systems.version + 1 \
+                 SET status = excluded.status, evaluated_at = excluded.evaluated_at, version = systems.version + 1, \
+                     announced_status = coalesce($5, systems.announced_status) \
                  WHERE systems.version = $4 \
              RETURNING version",
         )
@@ -525,6 +701,7 @@ impl Statements for SqliteStore {
         .bind(write.status.as_i16())
         .bind(micros(now))
         .bind(write.loaded_version)
+        .bind(announced)
         .fetch_optional(&mut **tx)
         .await?;
         if applied.is_none() {
@@ -532,13 +709,14 @@ impl Statements for SqliteStore {
         }
         sqlx::query(
             "INSERT INTO checks (system_id, check_id, thresholds, enabled, status, evaluation, runs_considered, \
-                                 last_run_at, run_window, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                                 last_run_at, run_window, updated_at, flapping_settings, flapping) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
              ON CONFLICT (system_id, check_id) DO UPDATE \
                  SET thresholds = excluded.thresholds, enabled = excluded.enabled, status = excluded.status, \
                      evaluation = excluded.evaluation, runs_considered = excluded.runs_considered, \
                      last_run_at = excluded.last_run_at, run_window = excluded.run_window, \
-                     updated_at = excluded.updated_at",
+                     updated_at = excluded.updated_at, flapping_settings = excluded.flapping_settings, \
+                     flapping = excluded.flapping",
         )
         .bind(write.system_id.as_str())
         .bind(check.check_id.as_str())
@@ -550,31 +728,94 @@ impl Statements for SqliteStore {
         .bind(check.last_run_at.map(micros))
         .bind(encode_window(write.window))
         .bind(micros(now))
+        .bind(encode_flapping(check.flapping_settings.as_ref()))
+        .bind(check.flapping)
         .execute(&mut **tx)
         .await?;
-        let sequence = match write.transition_from {
-            None => None,
-            // One writer: max + 1 inside its transaction commits in order.
-            Some(from) => {
-                let sequence: i64 = sqlx::query_scalar(
-                    "INSERT INTO transitions \
-                         (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, run_id) \
-                     SELECT coalesce(max(sequence), 0) + 1, $1, $2, $3, $4, $5, $6, $7 FROM transitions \
-                     RETURNING sequence",
-                )
-                .bind(write.system_id.as_str())
-                .bind(check.check_id.as_str())
-                .bind(from.as_i16())
-                .bind(write.status.as_i16())
-                .bind(micros(now))
-                .bind(encode_evaluation(&check.evaluation))
-                .bind(write.run.map(|r| r.run_id.as_str()))
-                .fetch_one(&mut **tx)
-                .await?;
-                Some(u64::try_from(sequence).unwrap_or(0))
+        let (sequence, in_maintenance, caused_by) = match (write.transition_from, flags) {
+            (Some(from), Some((in_maintenance, caused_by))) => {
+                let record = TransitionRow {
+                    system_id: write.system_id.as_str(),
+                    check_id: check.check_id.as_str(),
+                    from,
+                    to: write.status,
+                    at: now,
+                    evaluation: &check.evaluation,
+                    run_id: write.run.map(|r| r.run_id.as_str()),
+                    in_maintenance,
+                    flapping: write.flapping,
+                    caused_by: &caused_by,
+                    check_deleted: false,
+                };
+                (Some(record.insert(tx).await?), in_maintenance, caused_by)
             }
+            _ => (None, false, Vec::new()),
         };
-        Ok(Written::Applied { at: now, sequence })
+        Ok(Written::Applied {
+            at: now,
+            sequence,
+            in_maintenance,
+            caused_by,
+        })
+    }
+
+    async fn remove_check(&self, tx: &mut Self::Unit, removal: &Removal<'_>) -> Result<Written> {
+        let now = now();
+        let flags = match removal.transition_from {
+            Some(from) => Some(flags_of(tx, removal.system_id, from, removal.status, removal.resolves, now).await?),
+            None => None,
+        };
+        let announced = flags
+            .as_ref()
+            .filter(|(in_maintenance, _)| !in_maintenance)
+            .map(|_| removal.status.as_i16());
+        let applied = sqlx::query(
+            "UPDATE systems SET status = $2, evaluated_at = $3, version = version + 1, \
+                 announced_status = coalesce($5, announced_status) \
+             WHERE system_id = $1 AND version = $4",
+        )
+        .bind(removal.system_id.as_str())
+        .bind(removal.status.as_i16())
+        .bind(micros(now))
+        .bind(removal.loaded_version)
+        .bind(announced)
+        .execute(&mut **tx)
+        .await?;
+        if applied.rows_affected() == 0 {
+            return Ok(Written::Stale);
+        }
+        for table in ["checks", "runs"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE system_id = $1 AND check_id = $2"))
+                .bind(removal.system_id.as_str())
+                .bind(removal.check_id)
+                .execute(&mut **tx)
+                .await?;
+        }
+        let (sequence, in_maintenance, caused_by) = match (removal.transition_from, flags) {
+            (Some(from), Some((in_maintenance, caused_by))) => {
+                let record = TransitionRow {
+                    system_id: removal.system_id.as_str(),
+                    check_id: removal.check_id,
+                    from,
+                    to: removal.status,
+                    at: now,
+                    evaluation: removal.evaluation,
+                    run_id: None,
+                    in_maintenance,
+                    flapping: false,
+                    caused_by: &caused_by,
+                    check_deleted: true,
+                };
+                (Some(record.insert(tx).await?), in_maintenance, caused_by)
+            }
+            _ => (None, false, Vec::new()),
+        };
+        Ok(Written::Applied {
+            at: now,
+            sequence,
+            in_maintenance,
+            caused_by,
+        })
     }
 
     async fn commit(&self, tx: Self::Unit, wrote_transition: bool) -> Result<()> {

@@ -18,6 +18,7 @@ mod edge;
 mod embedded;
 mod faults;
 mod foundation;
+mod health_features;
 mod health_service;
 mod limits;
 mod lock_capacity;

@@ -448,6 +448,10 @@ mod tests {
             to: Status::Degraded,
             transitioned_at: chrono::DateTime::UNIX_EPOCH,
             evaluation: evaluate(&[], &Thresholds::default()),
+            in_maintenance: false,
+            flapping: false,
+            caused_by: Vec::new(),
+            check_deleted: false,
         })
     }
 

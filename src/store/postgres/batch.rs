@@ -74,6 +74,14 @@ pub(super) struct Member {
     /// The run (none: a configuration change, never grouped).
     pub(super) run: Option<MemberRun>,
     pub(super) transition_from: Option<i16>,
+    /// The check's flapping settings, encoded; "" (off) in a group.
+    pub(super) flapping_settings: String,
+    /// Whether the check flaps; false in a group.
+    pub(super) flapping: bool,
+    /// The transition resolves an announced problem (see [`sql::WRITE_SYSTEM`]).
+    pub(super) resolves: bool,
+    /// The transition carries `flapping`.
+    pub(super) transition_flapping: bool,
 }
 
 /// The run a write adds to the history.
@@ -325,10 +333,14 @@ fn applied(rows: &[PgRow], system_id: &str) -> Result<Written> {
         .ok_or(Error::Invariant(
             "a group write that was not refused wrote each of its systems",
         ))?;
+    // Members with a transition are written alone (see `PgStore::write`):
+    // a group's carry no flags.
     let sequence: Option<i64> = row.try_get("sequence")?;
     Ok(Written::Applied {
         at: row.try_get("evaluated_at")?,
         sequence: sequence.map(|s| u64::try_from(s).unwrap_or(0)),
+        in_maintenance: false,
+        caused_by: Vec::new(),
     })
 }
 
@@ -382,6 +394,10 @@ pub(super) async fn write_one(conn: &mut WriteConnection, m: &Member) -> Result<
         .bind(run.map(|r| r.message.as_str()))
         .bind(m.transition_from.is_some())
         .bind(m.transition_from)
+        .bind(m.flapping_settings.as_str())
+        .bind(m.flapping)
+        .bind(m.resolves)
+        .bind(m.transition_flapping)
         .fetch_optional(target)
         .await;
     conn.done();
@@ -390,11 +406,7 @@ pub(super) async fn write_one(conn: &mut WriteConnection, m: &Member) -> Result<
         Err(err) => return refused(err, &m.system_id),
         Ok(None) => return Err(Error::Invariant("a write that was not refused wrote its system")),
     };
-    let sequence: Option<i64> = row.try_get("sequence")?;
-    Ok(Written::Applied {
-        at: row.try_get("evaluated_at")?,
-        sequence: sequence.map(|s| u64::try_from(s).unwrap_or(0)),
-    })
+    super::written_from_row(&row)
 }
 
 /// What a refused write means for its member.

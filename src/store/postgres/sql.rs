@@ -12,14 +12,15 @@
 // Columns of a check, as `check_from_row` reads them.
 macro_rules! check_columns {
     () => {
-        "check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at"
+        "check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at, flapping_settings, flapping"
     };
 }
 
 // Columns of a transition, as `transition_from_row` reads them.
 macro_rules! transition_columns {
     () => {
-        "sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation"
+        "sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, in_maintenance, \
+         flapping, caused_by, check_deleted"
     };
 }
 
@@ -27,6 +28,38 @@ macro_rules! transition_columns {
 macro_rules! transitions_channel {
     () => {
         "vitals_transitions"
+    };
+}
+
+// Whether a transition (written when `$when`) falls into an open
+// maintenance window of system `$1`, unless it resolves (`$resolves`): read
+// only for a transition.
+macro_rules! maintenance_flag {
+    ($when:literal, $resolves:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $when,
+            "::boolean AND NOT ",
+            $resolves,
+            "::boolean THEN EXISTS (SELECT FROM maintenance_windows m \
+             WHERE m.system_id = $1 AND m.starts_at <= now() AND m.ends_at > now()) ELSE false END"
+        )
+    };
+}
+
+// The non-healthy dependencies of system `$1`, joined by \x1f, when its
+// status got worse (`$to` above `$from`); '' otherwise.
+macro_rules! caused_by {
+    ($to:literal, $from:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $to,
+            "::smallint > ",
+            $from,
+            "::smallint THEN coalesce((SELECT string_agg(d.depends_on, E'\\x1f' ORDER BY d.depends_on COLLATE \"C\") \
+             FROM system_dependencies d JOIN systems x ON x.system_id = d.depends_on \
+             WHERE d.system_id = $1 AND x.status <> 1), '') ELSE '' END"
+        )
     };
 }
 
@@ -41,8 +74,9 @@ pub const TRANSITIONS_CHANNEL: &str = transitions_channel!();
 /// sort that carries the run window along), the run window of check `$2`
 /// only. No row: the system was never written; one row without a check: a
 /// system without checks.
-pub const LOAD_SYSTEM: &str = "SELECT s.status AS system_status, s.version, \
+pub const LOAD_SYSTEM: &str = "SELECT s.status AS system_status, s.version, s.announced_status, \
         c.check_id, c.thresholds, c.enabled, c.status, c.evaluation, c.runs_considered, c.last_run_at, \
+        c.flapping_settings, c.flapping, \
         CASE WHEN c.check_id = $2 THEN c.run_window END AS run_window \
     FROM systems s LEFT JOIN checks c ON c.system_id = s.system_id \
     WHERE s.system_id = $1";
@@ -50,10 +84,20 @@ pub const LOAD_SYSTEM: &str = "SELECT s.status AS system_status, s.version, \
 /// Everything a write stores, in one statement that commits on its own: the
 /// run (`$12`.., none when `$12` is `NULL`), the system (`$1`, status `$3`),
 /// provided its version is still `$4` (`NULL`: it had no row), the check
-/// (`$2`) and, when `$17`, the transition from `$18`. Returns the time of the
-/// write and the transition's sequence. Fails, undoing all of it, on
-/// `runs_pkey` when the run id is stored already, and on `systems_stale_write`
-/// when another write of the system committed since `$4` was read.
+/// (`$2`, with its flapping settings `$19` and state `$20`) and, when `$17`,
+/// the transition from `$18`. Returns the time of the write, the
+/// transition's sequence and the flags the statement decided for it. Fails,
+/// undoing all of it, on `runs_pkey` when the run id is stored already, and
+/// on `systems_stale_write` when another write of the system committed since
+/// `$4` was read.
+///
+/// The transition's flags: `$22` flapping (decided by the caller);
+/// `in_maintenance` when a maintenance window of the system is open at the
+/// write's time, unless `$21` (the transition resolves an announced
+/// problem); `caused_by`, when the status got worse, the system's
+/// dependencies that are non-healthy. Both are read only when a transition
+/// is written. A transition with neither flag is what a notifier that hides
+/// flagged ones sees, so it becomes the system's `announced_status`.
 ///
 /// The parts run in a fixed order, each reading the one before, so locks are
 /// always taken in the same order: the run's key (a wait for a concurrent
@@ -62,40 +106,93 @@ pub const LOAD_SYSTEM: &str = "SELECT s.status AS system_status, s.version, \
 /// is drawn from `transition_sequence`, whose row lock the statement holds
 /// until it commits: the next sequence is drawn only after this one is
 /// visible, so sequences are gap-free and commit in order.
-pub const WRITE_SYSTEM: &str = "WITH run AS ( \
+pub const WRITE_SYSTEM: &str = concat!(
+    "WITH run AS ( \
         INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at) \
         SELECT $12::text, $1, $2, $13::smallint, $14::timestamptz, $15::bigint, $16::text, now() \
         WHERE $12::text IS NOT NULL \
         RETURNING run_id), \
+    flag AS (SELECT ",
+    maintenance_flag!("$17", "$21"),
+    " AS in_maintenance), \
     sys AS ( \
-        INSERT INTO systems AS s (system_id, status, evaluated_at, version) \
-        SELECT $1, $3, now(), 1 WHERE $12::text IS NULL OR EXISTS (SELECT FROM run) \
+        INSERT INTO systems AS s (system_id, status, evaluated_at, version, announced_status) \
+        SELECT $1, $3, now(), 1, \
+               CASE WHEN $17::boolean AND NOT $22::boolean AND NOT flag.in_maintenance THEN $3 ELSE 1 END \
+        FROM flag WHERE $12::text IS NULL OR EXISTS (SELECT FROM run) \
         ON CONFLICT (system_id) DO UPDATE \
             SET status = excluded.status, evaluated_at = excluded.evaluated_at, \
-                version = CASE WHEN s.version = $4 THEN s.version + 1 ELSE 0 END \
+                version = CASE WHEN s.version = $4 THEN s.version + 1 ELSE 0 END, \
+                announced_status = CASE WHEN $17::boolean AND NOT $22::boolean \
+                                             AND NOT (SELECT in_maintenance FROM flag) \
+                                        THEN excluded.status ELSE s.announced_status END \
         RETURNING s.evaluated_at), \
     chk AS ( \
         INSERT INTO checks AS c \
             (system_id, check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at, \
-             run_window, updated_at) \
+             run_window, updated_at, flapping_settings, flapping) \
         SELECT $1, $2, $5::text, $6::boolean, $7::smallint, $8::text, $9::integer, $10::timestamptz, $11::text, \
-               evaluated_at FROM sys \
+               evaluated_at, $19::text, $20::boolean FROM sys \
         ON CONFLICT (system_id, check_id) DO UPDATE \
             SET thresholds = excluded.thresholds, enabled = excluded.enabled, status = excluded.status, \
                 evaluation = excluded.evaluation, runs_considered = excluded.runs_considered, \
                 last_run_at = excluded.last_run_at, run_window = excluded.run_window, \
-                updated_at = excluded.updated_at), \
+                updated_at = excluded.updated_at, flapping_settings = excluded.flapping_settings, \
+                flapping = excluded.flapping), \
     seq AS ( \
         UPDATE transition_sequence SET last = last + 1 \
         WHERE $17::boolean AND EXISTS (SELECT FROM sys) RETURNING last), \
     tr AS ( \
         INSERT INTO transitions \
-            (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, run_id) \
-        SELECT seq.last, $1, $2, $18::smallint, $3, sys.evaluated_at, $8::text, $12::text FROM seq, sys \
-        RETURNING sequence), \
+            (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, run_id, \
+             in_maintenance, flapping, caused_by) \
+        SELECT seq.last, $1, $2, $18::smallint, $3, sys.evaluated_at, $8::text, $12::text, \
+               flag.in_maintenance, $22::boolean, ",
+    caused_by!("$3", "$18"),
+    " FROM seq, sys, flag \
+        RETURNING sequence, in_maintenance, caused_by), \
     notified AS (SELECT pg_notify('vitals_transitions', sequence::text) FROM tr) \
-    SELECT sys.evaluated_at, tr.sequence, (SELECT count(*) FROM notified) AS notified \
-    FROM sys LEFT JOIN tr ON true";
+    SELECT sys.evaluated_at, tr.sequence, tr.in_maintenance, tr.caused_by, \
+           (SELECT count(*) FROM notified) AS notified \
+    FROM sys LEFT JOIN tr ON true"
+);
+
+/// DeleteCheck's write, in one statement that commits on its own: deletes
+/// check `$2` of system `$1` and its runs, stores the system's status `$3`
+/// provided its version is still `$4`, and, when `$5`, records the
+/// transition from `$6` with the deleted check's evaluation `$7`
+/// (`check_deleted`). `$8`: the transition resolves an announced problem
+/// (see [`WRITE_SYSTEM`] for the flags). Returns what [`WRITE_SYSTEM`]
+/// returns. Locks in [`WRITE_SYSTEM`]'s order: the system's row, the check's,
+/// then the transition counter.
+pub const REMOVE_CHECK: &str = concat!(
+    "WITH flag AS (SELECT ",
+    maintenance_flag!("$5", "$8"),
+    " AS in_maintenance), \
+    sys AS ( \
+        UPDATE systems s SET status = $3, evaluated_at = now(), \
+            version = CASE WHEN s.version = $4 THEN s.version + 1 ELSE 0 END, \
+            announced_status = CASE WHEN $5::boolean AND NOT (SELECT in_maintenance FROM flag) \
+                                    THEN $3 ELSE s.announced_status END \
+        WHERE s.system_id = $1 RETURNING s.evaluated_at), \
+    chk AS (DELETE FROM checks c WHERE c.system_id = $1 AND c.check_id = $2 AND EXISTS (SELECT FROM sys)), \
+    gone AS (DELETE FROM runs r WHERE r.system_id = $1 AND r.check_id = $2 AND EXISTS (SELECT FROM sys)), \
+    seq AS ( \
+        UPDATE transition_sequence SET last = last + 1 \
+        WHERE $5::boolean AND EXISTS (SELECT FROM sys) RETURNING last), \
+    tr AS ( \
+        INSERT INTO transitions \
+            (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, \
+             in_maintenance, caused_by, check_deleted) \
+        SELECT seq.last, $1, $2, $6::smallint, $3, sys.evaluated_at, $7::text, flag.in_maintenance, ",
+    caused_by!("$3", "$6"),
+    ", true FROM seq, sys, flag \
+        RETURNING sequence, in_maintenance, caused_by), \
+    notified AS (SELECT pg_notify('vitals_transitions', sequence::text) FROM tr) \
+    SELECT sys.evaluated_at, tr.sequence, tr.in_maintenance, tr.caused_by, \
+           (SELECT count(*) FROM notified) AS notified \
+    FROM sys LEFT JOIN tr ON true"
+);
 
 /// [`WRITE_SYSTEM`] for several systems at once, each at most once, in one
 /// statement that commits on its own (see the `batch` module). Each
@@ -215,8 +312,9 @@ mod tests {
     #[test]
     fn each_statement_numbers_the_parameters_its_documentation_lists() {
         assert_eq!(highest_parameter(LOAD_SYSTEM), 2);
-        assert_eq!(highest_parameter(WRITE_SYSTEM), 18);
+        assert_eq!(highest_parameter(WRITE_SYSTEM), 22);
         assert_eq!(highest_parameter(WRITE_SYSTEMS), 17);
+        assert_eq!(highest_parameter(REMOVE_CHECK), 8);
         assert_eq!(highest_parameter(TRANSITIONS_AFTER), 3);
         assert_eq!(highest_parameter(TRANSITIONS_AFTER_OF_SYSTEM), 3);
     }
