@@ -77,6 +77,16 @@ pub enum Error {
         limit: u32,
     },
 
+    /// FAILED_PRECONDITION, reason `TOO_MANY_MAINTENANCE_WINDOWS`, with a `PreconditionFailure`:
+    /// the system would have more than 100 open and upcoming maintenance windows.
+    #[error("too many maintenance windows")]
+    TooManyWindows {
+        /// The system.
+        system_id: String,
+        /// The most open and upcoming windows a system may have.
+        limit: usize,
+    },
+
     /// ALREADY_EXISTS, reason `RUN_ID_CONFLICT`: the run_id is stored in the system with other content.
     #[error("run id conflict")]
     RunConflict {
@@ -234,6 +244,7 @@ impl Error {
         "SYSTEM_NOT_FOUND",
         "RUN_ID_CONFLICT",
         "TOO_MANY_CHECKS",
+        "TOO_MANY_MAINTENANCE_WINDOWS",
         "LOCK_NOT_AVAILABLE",
         "LOCK_LOST",
         "WATCHER_TOO_SLOW",
@@ -275,6 +286,7 @@ impl Error {
             Error::LockProtocol(_) => "LOCK_PROTOCOL_VIOLATION",
             Error::SystemNotFound { .. } => "SYSTEM_NOT_FOUND",
             Error::TooManyChecks { .. } => "TOO_MANY_CHECKS",
+            Error::TooManyWindows { .. } => "TOO_MANY_MAINTENANCE_WINDOWS",
             Error::RunConflict { .. } => "RUN_ID_CONFLICT",
             Error::LockNotAvailable { .. } => "LOCK_NOT_AVAILABLE",
             Error::LockLost { .. } => "LOCK_LOST",
@@ -303,7 +315,9 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument(_) | Error::MalformedRequest(_) => Code::InvalidArgument,
-            Error::LockProtocol(_) | Error::TooManyChecks { .. } => Code::FailedPrecondition,
+            Error::LockProtocol(_) | Error::TooManyChecks { .. } | Error::TooManyWindows { .. } => {
+                Code::FailedPrecondition
+            }
             Error::SystemNotFound { .. } => Code::NotFound,
             Error::RunConflict { .. } => Code::AlreadyExists,
             Error::LockNotAvailable { .. } | Error::LockLost { .. } | Error::WatcherTooSlow { .. } => Code::Aborted,
@@ -334,6 +348,9 @@ impl Error {
             Error::SystemNotFound { system_id } => format!("system {system_id:?} not found"),
             Error::TooManyChecks { system_id, limit } => {
                 format!("system {system_id:?} has {limit} checks, the most a system may have")
+            }
+            Error::TooManyWindows { system_id, limit } => {
+                format!("system {system_id:?} would have more than {limit} open and upcoming maintenance windows")
             }
             Error::RunConflict { run_id } => {
                 format!("run {run_id:?} already exists with different content")
@@ -373,6 +390,10 @@ impl Error {
                 m.insert("run_id".into(), run_id.clone());
             }
             Error::TooManyChecks { system_id, limit } => {
+                m.insert("system_id".into(), system_id.clone());
+                m.insert("limit".into(), limit.to_string());
+            }
+            Error::TooManyWindows { system_id, limit } => {
                 m.insert("system_id".into(), system_id.clone());
                 m.insert("limit".into(), limit.to_string());
             }
@@ -504,6 +525,13 @@ impl From<Error> for Status {
                     "TOO_MANY_CHECKS",
                     system_id.clone(),
                     format!("a system has at most {limit} checks (VITALS_MAX_CHECKS_PER_SYSTEM)"),
+                );
+            }
+            Error::TooManyWindows { system_id, limit } => {
+                details.add_precondition_failure_violation(
+                    "TOO_MANY_MAINTENANCE_WINDOWS",
+                    system_id.clone(),
+                    format!("a system has at most {limit} open and upcoming maintenance windows"),
                 );
             }
             Error::PoolExhausted(_) | Error::DatabaseUnavailable(_) | Error::SystemBusy { .. } => {

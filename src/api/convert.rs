@@ -8,7 +8,10 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 
 use crate::{
-    domain::{ConsecutiveThresholds, Evaluation, FieldViolation, Mode, Rule, Status, Thresholds, WindowThresholds},
+    domain::{
+        ConsecutiveThresholds, Evaluation, FieldViolation, MaintenanceWindow, Mode, Rule, Status, Thresholds,
+        WindowThresholds,
+    },
     proto,
     store::{CheckRecord, Run, SystemRecord, SystemSummary, Transition},
 };
@@ -230,6 +233,8 @@ pub(crate) fn system_out(s: &SystemRecord) -> proto::SystemHealth {
         status: status_out(s.status) as i32,
         checks: s.checks.iter().map(check_out).collect(),
         evaluated_at: s.evaluated_at.map(timestamp_out),
+        maintenance_windows: s.maintenance_windows.iter().map(window_out).collect(),
+        in_maintenance: s.in_maintenance,
     }
 }
 
@@ -243,6 +248,15 @@ pub(crate) fn transition_out(t: &Transition) -> proto::HealthTransition {
         transitioned_at: Some(timestamp_out(t.transitioned_at)),
         evaluation: Some(evaluation_out(&t.evaluation)),
         check_deleted: t.check_deleted,
+        in_maintenance: t.in_maintenance,
+    }
+}
+
+pub(crate) fn window_out(w: &MaintenanceWindow) -> proto::MaintenanceWindow {
+    proto::MaintenanceWindow {
+        starts_at: Some(timestamp_out(w.starts_at)),
+        ends_at: Some(timestamp_out(w.ends_at)),
+        reason: w.reason.clone(),
     }
 }
 
@@ -310,6 +324,14 @@ mod tests {
             status: Status::Unhealthy,
             checks,
             evaluated_at: Some(latest),
+            maintenance_windows: (0..crate::domain::MAX_OPEN_WINDOWS)
+                .map(|_| crate::domain::MaintenanceWindow {
+                    starts_at: latest,
+                    ends_at: latest,
+                    reason: "r".repeat(crate::domain::MAX_REASON_BYTES),
+                })
+                .collect(),
+            in_maintenance: true,
         };
         let run = Run {
             run_id: longest_id(1),

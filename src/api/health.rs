@@ -10,13 +10,13 @@ use tonic::{Request, Response, Status};
 use super::{
     convert::{
         Violations, check_out, duration_in, evaluation_out, run_out, status_in, status_out, summary_out, system_out,
-        thresholds_in, timestamp_in, transition_out,
+        thresholds_in, timestamp_in, transition_out, window_out,
     },
     page_token::{self, Kind, PageTokenKey},
 };
 use crate::{
     auth::Access,
-    domain::{CheckId, FieldViolation, Latency, MAX_RUNS_CONSIDERED, RunId, RunMessage, SystemId},
+    domain::{CheckId, FieldViolation, Latency, MAX_RUNS_CONSIDERED, MaintenanceWindow, RunId, RunMessage, SystemId},
     error::Error,
     middleware::RequestDeadline,
     proto::{self, health_check_service_server::HealthCheckService},
@@ -296,12 +296,13 @@ impl HealthCheckService for HealthApi {
         }
         let subscription = self.service.watch(system_id, req.after_sequence).await?;
         // A watch of every system shows the caller only the systems it may
-        // read; the others pass by unseen.
+        // read; the others pass by unseen, as do the transitions the caller
+        // asked to leave out.
+        let exclude_maintenance = req.exclude_maintenance;
         let readable = move |item: &Result<Arc<Transition>, Error>| {
-            futures::future::ready(
-                item.as_ref()
-                    .map_or(true, |t| access.may_use_system(t.system_id.as_str())),
-            )
+            futures::future::ready(item.as_ref().map_or(true, |t| {
+                access.may_use_system(t.system_id.as_str()) && !(exclude_maintenance && t.in_maintenance)
+            }))
         };
         let stream = subscription.filter(readable).map(|item| {
             item.map(|t| proto::WatchTransitionsResponse {
@@ -454,5 +455,72 @@ impl HealthCheckService for HealthApi {
             );
         }
         Ok(Response::new(proto::DeleteSystemResponse { deleted }))
+    }
+
+    async fn set_maintenance(
+        &self,
+        request: Request<proto::SetMaintenanceRequest>,
+    ) -> Result<Response<proto::SetMaintenanceResponse>, Status> {
+        let deadline = RequestDeadline::of(&request);
+        let access = Access::of(&request)?;
+        let req = request.into_inner();
+        let now = chrono::Utc::now();
+        let mut v = Violations::default();
+        let system_id = v.take(SystemId::parse("system_id", req.system_id));
+        let starts_at = match &req.starts_at {
+            None => Some(now),
+            Some(ts) => v.take(timestamp_in("starts_at", ts)),
+        };
+        let ends_at = match &req.ends_at {
+            None => {
+                v.push("ends_at", "is required");
+                None
+            }
+            Some(ts) => v.take(timestamp_in("ends_at", ts)),
+        };
+        let window = match (starts_at, ends_at) {
+            (Some(starts_at), Some(ends_at)) => {
+                v.take_all(MaintenanceWindow::requested(starts_at, ends_at, req.reason, now))
+            }
+            _ => None,
+        };
+        let (system_id, window) = v.finish(|| Some((system_id?, window?)))?;
+        access.check_system(system_id.as_str())?;
+        let (window, health) = self.service.set_maintenance(&system_id, window, deadline).await?;
+        tracing::info!(
+            principal = access.name(),
+            system_id = system_id.as_str(),
+            starts_at = %window.starts_at,
+            ends_at = %window.ends_at,
+            "maintenance window set"
+        );
+        Ok(Response::new(proto::SetMaintenanceResponse {
+            window: Some(window_out(&window)),
+            system_health: Some(system_out(&health)),
+        }))
+    }
+
+    async fn clear_maintenance(
+        &self,
+        request: Request<proto::ClearMaintenanceRequest>,
+    ) -> Result<Response<proto::ClearMaintenanceResponse>, Status> {
+        let deadline = RequestDeadline::of(&request);
+        let access = Access::of(&request)?;
+        let req = request.into_inner();
+        let system_id = SystemId::parse("system_id", req.system_id).map_err(|v| Error::InvalidArgument(vec![v]))?;
+        access.check_system(system_id.as_str())?;
+        let (cleared, health) = self.service.clear_maintenance(&system_id, deadline).await?;
+        if cleared > 0 {
+            tracing::info!(
+                principal = access.name(),
+                system_id = system_id.as_str(),
+                cleared,
+                "maintenance cleared"
+            );
+        }
+        Ok(Response::new(proto::ClearMaintenanceResponse {
+            cleared,
+            system_health: health.as_ref().map(system_out),
+        }))
     }
 }

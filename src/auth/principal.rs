@@ -30,7 +30,7 @@ pub enum Scope {
     HealthRead,
     /// SubmitRun.
     HealthWrite,
-    /// ConfigureCheck, DeleteCheck, DeleteSystem.
+    /// ConfigureCheck, DeleteCheck, DeleteSystem, SetMaintenance, ClearMaintenance.
     HealthAdmin,
     /// WithLock.
     Locks,

@@ -18,6 +18,7 @@
 //! - `flapping`: [`FlappingSettings`] and [`is_flapping`], a check's status-change count with
 //!   hysteresis.
 //! - `ids`: validated newtypes ([`SystemId`], [`LockKey`], ...) parsed where input enters.
+//! - `maintenance`: [`MaintenanceWindow`]s, how they [`merge`], and the time they cover.
 //! - `latency`: [`Latency`], a run's reported duration, bounded and at the stored precision.
 //! - `violation`: [`FieldViolation`], one reason an input was rejected.
 
@@ -26,6 +27,7 @@ mod evaluation;
 mod flapping;
 mod ids;
 mod latency;
+mod maintenance;
 mod status;
 mod thresholds;
 mod violation;
@@ -36,6 +38,7 @@ pub use evaluation::{Evaluation, MAX_RUNS_CONSIDERED, Rule, evaluate, system_sta
 pub use flapping::{FlappingSettings, MIN_FLAPPING_RUNS, is_flapping, status_changes};
 pub use ids::{CheckId, LockKey, Owner, RunId, RunMessage, SystemId};
 pub use latency::{Latency, MAX_LATENCY};
+pub use maintenance::{MAX_OPEN_WINDOWS, MAX_REASON_BYTES, MAX_WINDOW_AHEAD, MaintenanceWindow, covered, merge};
 pub use status::{Status, worst};
 pub use thresholds::{ConsecutiveThresholds, MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, Mode, Thresholds, WindowThresholds};
 pub use violation::FieldViolation;

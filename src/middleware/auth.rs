@@ -120,9 +120,11 @@ fn needs(path: &str, reflection_required: bool) -> Needs {
         | "HealthCheckService/WatchTransitions"
         | "HealthCheckService/ListSystems" => Needs::Scope(Scope::HealthRead),
         "HealthCheckService/SubmitRun" => Needs::Scope(Scope::HealthWrite),
-        "HealthCheckService/ConfigureCheck" | "HealthCheckService/DeleteCheck" | "HealthCheckService/DeleteSystem" => {
-            Needs::Scope(Scope::HealthAdmin)
-        }
+        "HealthCheckService/ConfigureCheck"
+        | "HealthCheckService/DeleteCheck"
+        | "HealthCheckService/DeleteSystem"
+        | "HealthCheckService/SetMaintenance"
+        | "HealthCheckService/ClearMaintenance" => Needs::Scope(Scope::HealthAdmin),
         "LockService/WithLock" => Needs::Scope(Scope::Locks),
         _ => Needs::Principal,
     }
@@ -371,6 +373,8 @@ mod tests {
             (format!("/{health}/ListSystems"), Scope::HealthRead),
             (format!("/{health}/DeleteCheck"), Scope::HealthAdmin),
             (format!("/{health}/DeleteSystem"), Scope::HealthAdmin),
+            (format!("/{health}/SetMaintenance"), Scope::HealthAdmin),
+            (format!("/{health}/ClearMaintenance"), Scope::HealthAdmin),
             (format!("/{locks}/WithLock"), Scope::Locks),
         ] {
             assert_eq!(needs(&method, false), Needs::Scope(scope), "{method}");

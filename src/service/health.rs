@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
-    domain::{CheckId, Evaluation, Status, SystemId, Thresholds, evaluate},
+    domain::{CheckId, Evaluation, MaintenanceWindow, Status, SystemId, Thresholds, evaluate},
     error::{Error, Result},
     lock::Locks,
     store::{
@@ -217,6 +217,43 @@ impl HealthService {
                 self.store
                     .delete_system(system_id)
                     .instrument(tracing::debug_span!("work transaction", db.operation = "delete_system"))
+            })
+            .await
+    }
+
+    /// Adds a maintenance window to a system, under its lock; the window as
+    /// stored (merged) and the system after.
+    pub async fn set_maintenance(
+        &self,
+        system_id: &SystemId,
+        window: MaintenanceWindow,
+        deadline: Option<Instant>,
+    ) -> Result<(MaintenanceWindow, SystemRecord)> {
+        self.locks
+            .with_system_lock(system_id, deadline, || {
+                self.store
+                    .set_maintenance(system_id, window)
+                    .instrument(tracing::debug_span!(
+                        "work transaction",
+                        db.operation = "set_maintenance"
+                    ))
+            })
+            .await
+    }
+
+    /// Ends a system's open maintenance window and removes its upcoming
+    /// ones, under its lock.
+    pub async fn clear_maintenance(
+        &self,
+        system_id: &SystemId,
+        deadline: Option<Instant>,
+    ) -> Result<(u32, Option<SystemRecord>)> {
+        self.locks
+            .with_system_lock(system_id, deadline, || {
+                self.store.clear_maintenance(system_id).instrument(tracing::debug_span!(
+                    "work transaction",
+                    db.operation = "clear_maintenance"
+                ))
             })
             .await
     }

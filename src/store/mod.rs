@@ -23,7 +23,10 @@ use std::time::Duration;
 
 use crate::{
     db::Database,
-    domain::{CheckId, Evaluation, FlappingSettings, Latency, RunId, RunMessage, Status, SystemId, Thresholds},
+    domain::{
+        CheckId, Evaluation, FlappingSettings, Latency, MaintenanceWindow, RunId, RunMessage, Status, SystemId,
+        Thresholds,
+    },
     error::{Error, Result},
 };
 use chrono::{DateTime, Utc};
@@ -146,6 +149,30 @@ impl Store {
         match self {
             Store::Postgres(s) => s.delete_system(system_id).await,
             Store::Embedded(s) => s.delete_system(system_id).await,
+        }
+    }
+
+    /// Adds `window` to the system's maintenance windows, merged with those
+    /// it meets, creating the system if needed; the window as stored and the
+    /// system after. The caller holds the system's lock.
+    pub async fn set_maintenance(
+        &self,
+        system_id: &SystemId,
+        window: MaintenanceWindow,
+    ) -> Result<(MaintenanceWindow, SystemRecord)> {
+        match self {
+            Store::Postgres(s) => s.set_maintenance(system_id, window).await,
+            Store::Embedded(s) => s.set_maintenance(system_id, window).await,
+        }
+    }
+
+    /// Ends the system's open window now and removes its upcoming ones; how
+    /// many, and the system after (`None`: no such system). The caller holds
+    /// the system's lock.
+    pub async fn clear_maintenance(&self, system_id: &SystemId) -> Result<(u32, Option<SystemRecord>)> {
+        match self {
+            Store::Postgres(s) => s.clear_maintenance(system_id).await,
+            Store::Embedded(s) => s.clear_maintenance(system_id).await,
         }
     }
 
@@ -325,6 +352,11 @@ pub struct SystemRecord {
     pub checks: Vec<CheckRecord>,
     /// When it was last evaluated.
     pub evaluated_at: Option<DateTime<Utc>>,
+    /// Its open and upcoming maintenance windows, by start; empty in the
+    /// outcomes of the write path, which reads none.
+    pub maintenance_windows: Vec<MaintenanceWindow>,
+    /// One of `maintenance_windows` is open now.
+    pub in_maintenance: bool,
 }
 
 impl SystemRecord {
@@ -335,6 +367,8 @@ impl SystemRecord {
             status: Status::Healthy,
             checks: Vec::new(),
             evaluated_at: None,
+            maintenance_windows: Vec::new(),
+            in_maintenance: false,
         }
     }
 }

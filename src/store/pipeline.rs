@@ -392,6 +392,8 @@ pub(crate) async fn delete_check<S: Statements>(
                     status,
                     checks,
                     evaluated_at: Some(at),
+                    maintenance_windows: Vec::new(),
+                    in_maintenance: false,
                 };
                 return Ok(DeleteCheckOutcome {
                     deleted: true,
@@ -653,6 +655,8 @@ impl Change {
             status: self.status,
             checks: self.checks,
             evaluated_at: Some(at),
+            maintenance_windows: Vec::new(),
+            in_maintenance: false,
         };
         Ok((health, transition))
     }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, Row, postgres::PgRow};
+use sqlx::{Connection, PgConnection, Row, postgres::PgRow};
 
 use super::{
     CheckRecord, CheckUpdate, ConfigureOutcome, DeleteCheckOutcome, NewRun, Run, RunCursor, SubmitOutcome,
@@ -32,7 +32,7 @@ use super::{
 };
 use crate::{
     db::WorkPool,
-    domain::{CheckId, RunId, RunWindow, Status, SystemId, evaluate},
+    domain::{CheckId, MAX_OPEN_WINDOWS, MaintenanceWindow, RunId, RunWindow, Status, SystemId, evaluate, merge},
     error::{Corrupt, Error, Result},
 };
 
@@ -263,6 +263,81 @@ impl PgStore {
         .fetch_one(&mut *conn)
         .await?;
         Ok(existed)
+    }
+
+    /// Adds a maintenance window, merged with those it meets, in one
+    /// transaction (see [`super::Store::set_maintenance`]).
+    pub async fn set_maintenance(
+        &self,
+        system_id: &SystemId,
+        window: MaintenanceWindow,
+    ) -> Result<(MaintenanceWindow, SystemRecord)> {
+        let mut conn = self.work.acquire().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::query(
+            "INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, 1, now()) ON CONFLICT DO NOTHING",
+        )
+        .bind(system_id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        let rows = sqlx::query(
+            "SELECT starts_at, ends_at, reason FROM maintenance_windows \
+             WHERE system_id = $1 AND starts_at <= $3 AND ends_at >= $2",
+        )
+        .bind(system_id.as_str())
+        .bind(window.starts_at)
+        .bind(window.ends_at)
+        .fetch_all(&mut *tx)
+        .await?;
+        let met = rows.iter().map(window_from_row).collect::<Result<Vec<_>>>()?;
+        let (merged, replaced) = merge(window, &met);
+        sqlx::query("DELETE FROM maintenance_windows WHERE system_id = $1 AND starts_at = ANY($2)")
+            .bind(system_id.as_str())
+            .bind(&replaced)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO maintenance_windows (system_id, starts_at, ends_at, reason) VALUES ($1, $2, $3, $4)")
+            .bind(system_id.as_str())
+            .bind(merged.starts_at)
+            .bind(merged.ends_at)
+            .bind(merged.reason.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let system = system_in(&mut tx, system_id.as_str())
+            .await?
+            .ok_or(Error::Invariant("a system with a maintenance window is stored"))?;
+        if system.maintenance_windows.len() > MAX_OPEN_WINDOWS {
+            tx.rollback().await?;
+            return Err(Error::TooManyWindows {
+                system_id: system_id.as_str().to_owned(),
+                limit: MAX_OPEN_WINDOWS,
+            });
+        }
+        tx.commit().await?;
+        Ok((merged, system))
+    }
+
+    /// Ends the open window now and removes the upcoming ones, in one
+    /// transaction (see [`super::Store::clear_maintenance`]).
+    pub async fn clear_maintenance(&self, system_id: &SystemId) -> Result<(u32, Option<SystemRecord>)> {
+        let mut conn = self.work.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let ended = sqlx::query(
+            "UPDATE maintenance_windows SET ends_at = now() \
+             WHERE system_id = $1 AND starts_at < now() AND ends_at > now()",
+        )
+        .bind(system_id.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let removed = sqlx::query("DELETE FROM maintenance_windows WHERE system_id = $1 AND starts_at >= now()")
+            .bind(system_id.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let system = system_in(&mut tx, system_id.as_str()).await?;
+        tx.commit().await?;
+        Ok((u32::try_from(ended + removed).unwrap_or(u32::MAX), system))
     }
 
     /// One page of a system's runs, newest first, after `cursor`.
@@ -510,12 +585,32 @@ async fn system_in(conn: &mut PgConnection, system_id: &str) -> Result<Option<Sy
     .bind(system_id)
     .fetch_all(&mut *conn)
     .await?;
+    let now = Utc::now();
+    let windows = sqlx::query(
+        "SELECT starts_at, ends_at, reason FROM maintenance_windows \
+         WHERE system_id = $1 AND ends_at > $2 ORDER BY starts_at",
+    )
+    .bind(system_id)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let maintenance_windows: Vec<MaintenanceWindow> = windows.iter().map(window_from_row).collect::<Result<_>>()?;
     Ok(Some(SystemRecord {
         system_id: system_id.to_owned(),
         status: status_of(system.try_get("status")?)?,
         checks: checks.iter().map(check_from_row).collect::<Result<_>>()?,
         evaluated_at: system.try_get::<Option<DateTime<Utc>>, _>("evaluated_at")?,
+        in_maintenance: maintenance_windows.iter().any(|w| w.is_open_at(now)),
+        maintenance_windows,
     }))
+}
+
+fn window_from_row(row: &PgRow) -> Result<MaintenanceWindow> {
+    Ok(MaintenanceWindow {
+        starts_at: row.try_get("starts_at")?,
+        ends_at: row.try_get("ends_at")?,
+        reason: row.try_get("reason")?,
+    })
 }
 
 /// The transition `run` caused, if it caused one and it is still kept.

@@ -148,6 +148,7 @@ async fn after_a_restart_health_runs_transitions_and_fencing_tokens_continue_whe
         .watch_transitions(WatchTransitionsRequest {
             system_id: "restarted".into(),
             after_sequence: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

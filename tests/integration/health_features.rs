@@ -6,16 +6,18 @@
 //! Every body runs on PostgreSQL and on the embedded store ([`both_backends!`]).
 
 use prost_types::Timestamp;
-use tonic::{Code, transport::Channel};
+use tonic::{Code, Streaming, transport::Channel};
+use tonic_types::StatusExt;
 use vitals::proto::{
-    ConfigureCheckRequest, DeleteCheckRequest, DeleteSystemRequest, GetSystemHealthRequest, HealthStatus,
-    ListRunsRequest, ListSystemsRequest, SubmitRunRequest, SubmitRunResponse, SystemSummary,
-    health_check_service_client::HealthCheckServiceClient,
+    self, ClearMaintenanceRequest, ConfigureCheckRequest, DeleteCheckRequest, DeleteSystemRequest,
+    GetSystemHealthRequest, HealthStatus, HealthTransition, ListRunsRequest, ListSystemsRequest, SetMaintenanceRequest,
+    SubmitRunRequest, SubmitRunResponse, SystemHealth, SystemSummary, Thresholds, WatchTransitionsRequest,
+    WatchTransitionsResponse, health_check_service_client::HealthCheckServiceClient, thresholds::Mode,
 };
 
 use HealthStatus::{Degraded, Healthy, Unhealthy};
 
-use crate::harness::{Backend, TestApp, TestDb, assert_reason};
+use crate::harness::{Backend, PATIENCE, TestApp, TestDb, assert_reason};
 
 type Client = HealthCheckServiceClient<Channel>;
 
@@ -92,6 +94,79 @@ async fn all_systems(
         assert!(pages.len() < 100, "ListSystems never ends");
         page_token = page.next_page_token;
     }
+}
+
+/// Thresholds under which one failure degrades a check and two make it
+/// unhealthy; one success recovers it.
+fn sensitive() -> Thresholds {
+    Thresholds {
+        mode: Some(Mode::Consecutive(proto::ConsecutiveThresholds {
+            healthy_min_success_count: 1,
+            degraded_min_failure_count: 1,
+            unhealthy_min_failure_count: 2,
+        })),
+    }
+}
+
+async fn make_sensitive(client: &mut Client, system: &str, check: &str) {
+    client
+        .configure_check(ConfigureCheckRequest {
+            system_id: system.into(),
+            check_id: check.into(),
+            thresholds: Some(sensitive()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+fn now_plus(seconds: i64) -> Timestamp {
+    Timestamp {
+        seconds: chrono::Utc::now().timestamp() + seconds,
+        nanos: 0,
+    }
+}
+
+async fn system_health(client: &mut Client, system: &str) -> SystemHealth {
+    client
+        .get_system_health(GetSystemHealthRequest {
+            system_id: system.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .system_health
+        .unwrap()
+}
+
+async fn watch(
+    client: &mut Client,
+    after_sequence: u64,
+    exclude_maintenance: bool,
+) -> Streaming<WatchTransitionsResponse> {
+    client
+        .watch_transitions(WatchTransitionsRequest {
+            system_id: String::new(),
+            after_sequence,
+            exclude_maintenance,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The transitions a watch delivers up to and including `last_sequence`.
+async fn watched_until(stream: &mut Streaming<WatchTransitionsResponse>, last_sequence: u64) -> Vec<HealthTransition> {
+    let mut seen: Vec<HealthTransition> = Vec::new();
+    while seen.last().is_none_or(|t| t.sequence < last_sequence) {
+        let next = tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .expect("a transition arrives in time")
+            .unwrap()
+            .unwrap();
+        seen.push(next.transition.unwrap());
+    }
+    seen
 }
 
 fn ids(systems: &[SystemSummary]) -> Vec<&str> {
@@ -322,4 +397,195 @@ async fn deleting_a_system_removes_its_runs_and_checks_keeps_its_transitions_and
         .unwrap()
         .into_inner();
     assert_eq!(reply.system_health.unwrap().status(), Healthy);
+}
+
+// ---- maintenance windows ----
+
+both_backends!(
+    transitions_in_a_window_are_marked_and_hidden_from_a_quiet_watcher_except_the_resolution_of_an_announced_problem
+);
+async fn transitions_in_a_window_are_marked_and_hidden_from_a_quiet_watcher_except_the_resolution_of_an_announced_problem(
+    backend: Backend,
+) {
+    let (_db, _app, mut client) = serve(backend).await;
+    make_sensitive(&mut client, "shop", "http").await;
+    // Degraded before any window: announced.
+    let before = submit(&mut client, run("shop", "http", "r0", Degraded, 0)).await;
+    let announced = before.transition.unwrap();
+    assert!(!announced.in_maintenance);
+
+    // A window that started a minute ago and ends in an hour.
+    let set = client
+        .set_maintenance(SetMaintenanceRequest {
+            system_id: "shop".into(),
+            starts_at: Some(now_plus(-60)),
+            ends_at: Some(now_plus(3600)),
+            reason: "database upgrade".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let health = set.system_health.unwrap();
+    assert!(health.in_maintenance);
+    assert_eq!(health.maintenance_windows.len(), 1);
+    assert_eq!(health.maintenance_windows[0].reason, "database upgrade");
+
+    let worse = submit(&mut client, run("shop", "http", "r1", Unhealthy, 1)).await;
+    let worse = worse.transition.unwrap();
+    assert_eq!((worse.to_status(), worse.in_maintenance), (Unhealthy, true));
+    // The problem announced before the window is resolved: never hidden.
+    let resolved = submit(&mut client, run("shop", "http", "r2", Healthy, 2)).await;
+    let resolved = resolved.transition.unwrap();
+    assert_eq!((resolved.to_status(), resolved.in_maintenance), (Healthy, false));
+    // A problem that starts and ends inside the window stays hidden, both ways.
+    let hidden = submit(&mut client, run("shop", "http", "r3", Degraded, 3))
+        .await
+        .transition
+        .unwrap();
+    let hidden_recovery = submit(&mut client, run("shop", "http", "r4", Healthy, 4))
+        .await
+        .transition
+        .unwrap();
+    assert!(hidden.in_maintenance && hidden_recovery.in_maintenance);
+
+    // Another system, outside any window, marks the end of the story.
+    make_sensitive(&mut client, "marker", "http").await;
+    let marker = submit(&mut client, run("marker", "http", "m0", Degraded, 0))
+        .await
+        .transition
+        .unwrap();
+    assert!(!marker.in_maintenance);
+
+    let mut quiet = watch(&mut client, 0, true).await;
+    let seen: Vec<u64> = watched_until(&mut quiet, marker.sequence)
+        .await
+        .iter()
+        .map(|t| t.sequence)
+        .collect();
+    assert_eq!(seen, [announced.sequence, resolved.sequence, marker.sequence]);
+    let mut everything = watch(&mut client, 0, false).await;
+    let all = watched_until(&mut everything, marker.sequence).await;
+    assert_eq!(all.len(), 6);
+    assert_eq!(all.iter().filter(|t| t.in_maintenance).count(), 3);
+
+    let (listed, _) = all_systems(&mut client, HealthStatus::Unspecified, "", 10).await;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|s| (s.system_id.as_str(), s.in_maintenance))
+            .collect::<Vec<_>>(),
+        [("marker", false), ("shop", true)]
+    );
+}
+
+both_backends!(
+    overlapping_windows_merge_repeating_one_changes_nothing_and_clear_ends_the_open_one_and_drops_the_upcoming
+);
+async fn overlapping_windows_merge_repeating_one_changes_nothing_and_clear_ends_the_open_one_and_drops_the_upcoming(
+    backend: Backend,
+) {
+    let (_db, _app, mut client) = serve(backend).await;
+    let now = chrono::Utc::now().timestamp();
+    let at = move |seconds: i64| Timestamp {
+        seconds: now + seconds,
+        nanos: 0,
+    };
+    let set = async |client: &mut Client, from: i64, to: i64, reason: &str| {
+        client
+            .set_maintenance(SetMaintenanceRequest {
+                system_id: "planned".into(),
+                starts_at: Some(at(from)),
+                ends_at: Some(at(to)),
+                reason: reason.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    // A window for a system never seen creates it.
+    set(&mut client, 3600, 7200, "first").await;
+    set(&mut client, 10_000, 11_000, "apart").await;
+    let merged = set(&mut client, 7000, 8000, "longer").await;
+    let window = merged.window.unwrap();
+    assert_eq!(window.reason, "longer");
+    assert_eq!(
+        window.ends_at.unwrap().seconds - window.starts_at.unwrap().seconds,
+        4400,
+        "one window from the first's start to the new end"
+    );
+    let health = merged.system_health.unwrap();
+    assert_eq!(health.maintenance_windows.len(), 2);
+    assert!(!health.in_maintenance, "nothing is open yet");
+    assert_eq!(health.status(), Healthy);
+    assert!(health.checks.is_empty());
+    let again = set(&mut client, 7000, 8000, "longer").await;
+    assert_eq!(again.window.unwrap(), window, "the same request again changes nothing");
+    assert_eq!(again.system_health.unwrap().maintenance_windows.len(), 2);
+
+    // Open one now too, then clear: it ends now, the upcoming ones go.
+    set(&mut client, -10, 600, "now").await;
+    assert!(system_health(&mut client, "planned").await.in_maintenance);
+    let cleared = client
+        .clear_maintenance(ClearMaintenanceRequest {
+            system_id: "planned".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cleared.cleared, 3);
+    let health = cleared.system_health.unwrap();
+    assert!(!health.in_maintenance && health.maintenance_windows.is_empty());
+    let nothing = client
+        .clear_maintenance(ClearMaintenanceRequest {
+            system_id: "planned".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(nothing.cleared, 0);
+}
+
+both_backends!(a_window_in_the_past_backwards_or_without_an_end_is_refused_naming_each_field);
+async fn a_window_in_the_past_backwards_or_without_an_end_is_refused_naming_each_field(backend: Backend) {
+    let (_db, _app, mut client) = serve(backend).await;
+    let refused = async |client: &mut Client, req: SetMaintenanceRequest| {
+        let err = client.set_maintenance(req).await.unwrap_err();
+        assert_reason(&err, Code::InvalidArgument, "INVALID_ARGUMENT");
+        let mut fields: Vec<String> = err
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        fields.sort();
+        fields
+    };
+    let past = SetMaintenanceRequest {
+        system_id: "s".into(),
+        starts_at: Some(now_plus(-600)),
+        ends_at: Some(now_plus(-60)),
+        reason: String::new(),
+    };
+    assert_eq!(refused(&mut client, past).await, ["ends_at"]);
+    let backwards = SetMaintenanceRequest {
+        system_id: String::new(),
+        starts_at: Some(now_plus(600)),
+        ends_at: Some(now_plus(60)),
+        reason: "x".repeat(1025),
+    };
+    assert_eq!(
+        refused(&mut client, backwards).await,
+        ["ends_at", "reason", "system_id"]
+    );
+    let open_ended = SetMaintenanceRequest {
+        system_id: "s".into(),
+        ..Default::default()
+    };
+    assert_eq!(refused(&mut client, open_ended).await, ["ends_at"]);
+    let err = client
+        .get_system_health(GetSystemHealthRequest { system_id: "s".into() })
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
 }

@@ -194,6 +194,7 @@ async fn watch(client: &mut Client, system: &str, after_sequence: u64) -> Stream
         .watch_transitions(WatchTransitionsRequest {
             system_id: system.to_owned(),
             after_sequence,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("WatchTransitions failed: {e:?}"))

@@ -31,7 +31,18 @@ const WINDOWS_MIGRATION: i64 = 20_261_203_000_001;
 
 /// Undoes what [`WINDOWS_MIGRATION`] and the migrations after it added on
 /// both backends.
-const DOWNGRADE: [&str; 5] = [
+const DOWNGRADE: [&str; 16] = [
+    "DROP TABLE maintenance_windows",
+    "DROP TABLE system_dependencies",
+    "ALTER TABLE systems DROP COLUMN created_at",
+    "ALTER TABLE systems DROP COLUMN announced_status",
+    "ALTER TABLE checks DROP COLUMN flapping_settings",
+    "ALTER TABLE checks DROP COLUMN flapping",
+    "ALTER TABLE transitions DROP COLUMN in_maintenance",
+    "ALTER TABLE transitions DROP COLUMN flapping",
+    "ALTER TABLE transitions DROP COLUMN caused_by",
+    "ALTER TABLE transitions DROP COLUMN check_deleted",
+    "DELETE FROM _sqlx_migrations WHERE version = 20261206000001",
     "ALTER TABLE checks DROP COLUMN run_window",
     "ALTER TABLE systems DROP COLUMN version",
     "DELETE FROM _sqlx_migrations WHERE version = 20261203000001",
@@ -42,7 +53,8 @@ const DOWNGRADE: [&str; 5] = [
 /// And on PostgreSQL, which draws transition sequences from a counter (the
 /// embedded store's one writer takes max + 1), and where run ids compared in
 /// the database's collation before (SQLite's were always byte order).
-const DOWNGRADE_POSTGRES: [&str; 2] = [
+const DOWNGRADE_POSTGRES: [&str; 3] = [
+    "DROP INDEX systems_by_id_bytes",
     "DROP TABLE transition_sequence",
     "ALTER TABLE runs ALTER COLUMN run_id TYPE text COLLATE \"default\"",
 ];

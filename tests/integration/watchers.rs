@@ -78,6 +78,7 @@ async fn watch(
         .watch_transitions(WatchTransitionsRequest {
             system_id: system.to_owned(),
             after_sequence,
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)
