@@ -9,8 +9,8 @@ use tonic::{Request, Response, Status};
 
 use super::{
     convert::{
-        Violations, check_out, duration_in, evaluation_out, run_out, status_in, status_out, summary_out, system_out,
-        thresholds_in, timestamp_in, transition_out, window_out,
+        Violations, check_out, duration_in, duration_out, evaluation_out, run_out, status_in, status_out, summary_out,
+        system_out, thresholds_in, timestamp_in, timestamp_out, transition_out, window_out,
     },
     page_token::{self, Kind, PageTokenKey},
 };
@@ -21,7 +21,7 @@ use crate::{
     middleware::RequestDeadline,
     proto::{self, health_check_service_server::HealthCheckService},
     service::HealthService,
-    store::{CheckUpdate, NewRun, RunCursor, Transition},
+    store::{CheckUpdate, NewRun, RunCursor, TRANSITION_RETENTION, Transition},
 };
 
 /// Runs may be observed at most this far in the future (clock skew allowance).
@@ -521,6 +521,54 @@ impl HealthCheckService for HealthApi {
         Ok(Response::new(proto::ClearMaintenanceResponse {
             cleared,
             system_health: health.as_ref().map(system_out),
+        }))
+    }
+
+    async fn get_uptime(
+        &self,
+        request: Request<proto::GetUptimeRequest>,
+    ) -> Result<Response<proto::GetUptimeResponse>, Status> {
+        let access = Access::of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let system_id = v.take(SystemId::parse("system_id", req.system_id));
+        let window = match &req.window {
+            None => {
+                v.push("window", "is required");
+                None
+            }
+            Some(d) => v.take(duration_in("window", d).and_then(|d| {
+                if d < std::time::Duration::from_secs(1) {
+                    Err(FieldViolation::new("window", "must be at least 1s"))
+                } else {
+                    Ok(d)
+                }
+            })),
+        };
+        let (system_id, window) = v.finish(|| Some((system_id?, window?)))?;
+        access.check_system(system_id.as_str())?;
+        // At the stored precision, so that every duration is whole microseconds.
+        let now = chrono::Utc::now();
+        let to = chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
+        // Older transitions are gone: a longer window would count a guess.
+        let window = chrono::TimeDelta::from_std(window)
+            .unwrap_or(TRANSITION_RETENTION)
+            .min(TRANSITION_RETENTION);
+        let from = to - window;
+        let uptime = self.service.uptime(&system_id, from, to).await?;
+        let delta_out = |d: chrono::TimeDelta| duration_out(d.to_std().unwrap_or_default());
+        Ok(Response::new(proto::GetUptimeResponse {
+            system_id: system_id.into_inner(),
+            window_start: Some(timestamp_out(from)),
+            window_end: Some(timestamp_out(to)),
+            counted_from: Some(timestamp_out(uptime.counted_from)),
+            healthy: Some(delta_out(uptime.healthy)),
+            degraded: Some(delta_out(uptime.degraded)),
+            unhealthy: Some(delta_out(uptime.unhealthy)),
+            maintenance: Some(delta_out(uptime.maintenance)),
+            healthy_percent: uptime.percent(crate::domain::Status::Healthy),
+            degraded_percent: uptime.percent(crate::domain::Status::Degraded),
+            unhealthy_percent: uptime.percent(crate::domain::Status::Unhealthy),
         }))
     }
 }

@@ -26,7 +26,8 @@ use crate::error::{Denied, Error, Missing};
 /// What a principal may call, one scope per group of RPCs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
-    /// EvaluateHealth, GetSystemHealth, ListRuns, ListTransitions, WatchTransitions, ListSystems.
+    /// EvaluateHealth, GetSystemHealth, ListRuns, ListTransitions, WatchTransitions, ListSystems,
+    /// GetUptime.
     HealthRead,
     /// SubmitRun.
     HealthWrite,

@@ -20,6 +20,7 @@
 //! - `ids`: validated newtypes ([`SystemId`], [`LockKey`], ...) parsed where input enters.
 //! - `maintenance`: [`MaintenanceWindow`]s, how they [`merge`], and the time they cover.
 //! - `latency`: [`Latency`], a run's reported duration, bounded and at the stored precision.
+//! - `uptime`: [`UptimeCount`], a system's time per status from its transitions.
 //! - `violation`: [`FieldViolation`], one reason an input was rejected.
 
 mod dependencies;
@@ -30,6 +31,7 @@ mod latency;
 mod maintenance;
 mod status;
 mod thresholds;
+mod uptime;
 mod violation;
 mod window;
 
@@ -41,5 +43,6 @@ pub use latency::{Latency, MAX_LATENCY};
 pub use maintenance::{MAX_OPEN_WINDOWS, MAX_REASON_BYTES, MAX_WINDOW_AHEAD, MaintenanceWindow, covered, merge};
 pub use status::{Status, worst};
 pub use thresholds::{ConsecutiveThresholds, MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, Mode, Thresholds, WindowThresholds};
+pub use uptime::{StatusChange, Uptime, UptimeCount};
 pub use violation::FieldViolation;
 pub use window::{Placement, RunWindow, WindowRun};

@@ -118,7 +118,8 @@ fn needs(path: &str, reflection_required: bool) -> Needs {
         | "HealthCheckService/ListRuns"
         | "HealthCheckService/ListTransitions"
         | "HealthCheckService/WatchTransitions"
-        | "HealthCheckService/ListSystems" => Needs::Scope(Scope::HealthRead),
+        | "HealthCheckService/ListSystems"
+        | "HealthCheckService/GetUptime" => Needs::Scope(Scope::HealthRead),
         "HealthCheckService/SubmitRun" => Needs::Scope(Scope::HealthWrite),
         "HealthCheckService/ConfigureCheck"
         | "HealthCheckService/DeleteCheck"
@@ -371,6 +372,7 @@ mod tests {
             (format!("/{health}/SubmitRun"), Scope::HealthWrite),
             (format!("/{health}/ConfigureCheck"), Scope::HealthAdmin),
             (format!("/{health}/ListSystems"), Scope::HealthRead),
+            (format!("/{health}/GetUptime"), Scope::HealthRead),
             (format!("/{health}/DeleteCheck"), Scope::HealthAdmin),
             (format!("/{health}/DeleteSystem"), Scope::HealthAdmin),
             (format!("/{health}/SetMaintenance"), Scope::HealthAdmin),

@@ -15,7 +15,10 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
-    domain::{CheckId, Evaluation, MaintenanceWindow, Status, SystemId, Thresholds, evaluate},
+    domain::{
+        CheckId, Evaluation, MAX_OPEN_WINDOWS, MaintenanceWindow, Status, SystemId, Thresholds, Uptime, UptimeCount,
+        evaluate,
+    },
     error::{Error, Result},
     lock::Locks,
     store::{
@@ -256,6 +259,49 @@ impl HealthService {
                 ))
             })
             .await
+    }
+
+    /// A system's uptime over `[from, to)`, folded from its transitions read
+    /// a page at a time; `SYSTEM_NOT_FOUND` for an unknown system.
+    pub async fn uptime(
+        &self,
+        system_id: &SystemId,
+        from: chrono::DateTime<chrono::Utc>,
+        to: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Uptime> {
+        const PAGE: u32 = 5000;
+        let span = tracing::debug_span!("read", db.operation = "uptime");
+        async {
+            let (created_at, current) =
+                self.store
+                    .system_origin(system_id)
+                    .await?
+                    .ok_or_else(|| Error::SystemNotFound {
+                        system_id: system_id.as_str().to_owned(),
+                    })?;
+            // Windows never overlap and are kept as long as transitions, so
+            // a range holds a bounded number; more than that many open ones
+            // at once cannot exist.
+            let limit = u32::try_from(MAX_OPEN_WINDOWS * 100).unwrap_or(u32::MAX);
+            let windows = self.store.windows_between(system_id, from, to, limit).await?;
+            let mut count = UptimeCount::new(from, to, created_at, &windows);
+            let mut after = None;
+            loop {
+                let page = self.store.status_changes(system_id, from, after, PAGE).await?;
+                let read = page.len();
+                for (sequence, change) in page {
+                    count.push(change);
+                    after = Some(sequence);
+                }
+                // The first page may hold one extra (the change before the range).
+                if read < usize::try_from(PAGE).unwrap_or(usize::MAX) {
+                    break;
+                }
+            }
+            Ok(count.finish(current))
+        }
+        .instrument(span)
+        .await
     }
 
     /// Up to `limit` runs of a system (of one check, with `check_id`), newest

@@ -24,8 +24,8 @@ use std::time::Duration;
 use crate::{
     db::Database,
     domain::{
-        CheckId, Evaluation, FlappingSettings, Latency, MaintenanceWindow, RunId, RunMessage, Status, SystemId,
-        Thresholds,
+        CheckId, Evaluation, FlappingSettings, Latency, MaintenanceWindow, RunId, RunMessage, Status, StatusChange,
+        SystemId, Thresholds,
     },
     error::{Error, Result},
 };
@@ -34,7 +34,7 @@ use chrono::{DateTime, Utc};
 pub use feed::{FeedStats, Subscription, TransitionFeed, TransitionNotifier, WatchLimits};
 pub use pipeline::WriteRules;
 pub use postgres::{PgStore, WriteGroups};
-pub use retention::{PassStats, RetentionPass};
+pub use retention::{PassStats, RetentionPass, TRANSITION_RETENTION};
 pub use sqlite::SqliteStore;
 
 /// The store of one vitals process: the same operations on either backend.
@@ -173,6 +173,47 @@ impl Store {
         match self {
             Store::Postgres(s) => s.clear_maintenance(system_id).await,
             Store::Embedded(s) => s.clear_maintenance(system_id).await,
+        }
+    }
+
+    /// When a system was first written and its status now; `None` for an
+    /// unknown system.
+    pub async fn system_origin(&self, system_id: &SystemId) -> Result<Option<(DateTime<Utc>, Status)>> {
+        match self {
+            Store::Postgres(s) => s.system_origin(system_id).await,
+            Store::Embedded(s) => s.system_origin(system_id).await,
+        }
+    }
+
+    /// A page of a system's transitions for uptime, in sequence order: with
+    /// `after` `None`, the newest recorded at or before `from` (if any), then
+    /// those recorded after `from`; with `after`, those after that sequence
+    /// recorded after `from`.
+    pub async fn status_changes(
+        &self,
+        system_id: &SystemId,
+        from: DateTime<Utc>,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<(u64, StatusChange)>> {
+        match self {
+            Store::Postgres(s) => s.status_changes(system_id, from, after, limit).await,
+            Store::Embedded(s) => s.status_changes(system_id, from, after, limit).await,
+        }
+    }
+
+    /// A system's maintenance windows that overlap `[from, to)`, at most
+    /// `limit`.
+    pub async fn windows_between(
+        &self,
+        system_id: &SystemId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<MaintenanceWindow>> {
+        match self {
+            Store::Postgres(s) => s.windows_between(system_id, from, to, limit).await,
+            Store::Embedded(s) => s.windows_between(system_id, from, to, limit).await,
         }
     }
 

@@ -36,7 +36,8 @@ use super::{
 use crate::{
     db::EmbeddedDb,
     domain::{
-        CheckId, MAX_OPEN_WINDOWS, MaintenanceWindow, RunId, RunWindow, Status, SystemId, Thresholds, evaluate, merge,
+        CheckId, MAX_OPEN_WINDOWS, MaintenanceWindow, RunId, RunWindow, Status, StatusChange, SystemId, Thresholds,
+        evaluate, merge,
     },
     error::{Corrupt, Error, Result},
 };
@@ -290,6 +291,12 @@ impl SqliteStore {
         .fetch_all(&mut *tx)
         .await?;
         let met = rows.iter().map(window_from_row).collect::<Result<Vec<_>>>()?;
+        // Windows are kept as long as transitions, for uptime.
+        sqlx::query("DELETE FROM maintenance_windows WHERE system_id = $1 AND ends_at < $2")
+            .bind(system_id.as_str())
+            .bind(micros(now - super::TRANSITION_RETENTION))
+            .execute(&mut *tx)
+            .await?;
         let (merged, replaced) = merge(window, &met);
         for starts_at in replaced {
             sqlx::query("DELETE FROM maintenance_windows WHERE system_id = $1 AND starts_at = $2")
@@ -341,6 +348,78 @@ impl SqliteStore {
         let system = system_in(&mut tx, system_id.as_str()).await?;
         tx.commit().await?;
         Ok((u32::try_from(ended + removed).unwrap_or(u32::MAX), system))
+    }
+
+    /// When a system was first written and its status now.
+    pub async fn system_origin(&self, system_id: &SystemId) -> Result<Option<(DateTime<Utc>, Status)>> {
+        let mut conn = self.db.reader().await?;
+        let row: Option<(i64, i64)> = sqlx::query_as("SELECT created_at, status FROM systems WHERE system_id = $1")
+            .bind(system_id.as_str())
+            .fetch_optional(&mut *conn)
+            .await?;
+        row.map(|(created_at, status)| Ok((time_of(created_at)?, status_of(status)?)))
+            .transpose()
+    }
+
+    /// A page of a system's transitions for uptime (see [`super::Store::status_changes`]).
+    pub async fn status_changes(
+        &self,
+        system_id: &SystemId,
+        from: DateTime<Utc>,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<(u64, StatusChange)>> {
+        let mut conn = self.db.reader().await?;
+        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT * FROM ( \
+                 SELECT * FROM (SELECT sequence, transitioned_at, from_status, to_status FROM transitions \
+                  WHERE $5 AND system_id = $1 AND transitioned_at <= $2 ORDER BY sequence DESC LIMIT 1) \
+                 UNION ALL \
+                 SELECT * FROM (SELECT sequence, transitioned_at, from_status, to_status FROM transitions \
+                  WHERE system_id = $1 AND transitioned_at > $2 AND sequence > $3 ORDER BY sequence LIMIT $4)) \
+             ORDER BY sequence",
+        )
+        .bind(system_id.as_str())
+        .bind(micros(from))
+        .bind(after.map_or(0, bigint))
+        .bind(i64::from(limit))
+        .bind(after.is_none())
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.into_iter()
+            .map(|(sequence, at, from, to)| {
+                Ok((
+                    u64::try_from(sequence).unwrap_or(0),
+                    StatusChange {
+                        at: time_of(at)?,
+                        from: status_of(from)?,
+                        to: status_of(to)?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// A system's maintenance windows overlapping `[from, to)`.
+    pub async fn windows_between(
+        &self,
+        system_id: &SystemId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<MaintenanceWindow>> {
+        let mut conn = self.db.reader().await?;
+        let rows = sqlx::query(
+            "SELECT starts_at, ends_at, reason FROM maintenance_windows \
+             WHERE system_id = $1 AND ends_at > $2 AND starts_at < $3 ORDER BY starts_at LIMIT $4",
+        )
+        .bind(system_id.as_str())
+        .bind(micros(from))
+        .bind(micros(to))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter().map(window_from_row).collect()
     }
 
     /// One page of a system's runs, newest first, after `cursor`.

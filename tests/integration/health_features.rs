@@ -10,9 +10,10 @@ use tonic::{Code, Streaming, transport::Channel};
 use tonic_types::StatusExt;
 use vitals::proto::{
     self, ClearMaintenanceRequest, ConfigureCheckRequest, DeleteCheckRequest, DeleteSystemRequest,
-    GetSystemHealthRequest, HealthStatus, HealthTransition, ListRunsRequest, ListSystemsRequest, SetMaintenanceRequest,
-    SubmitRunRequest, SubmitRunResponse, SystemHealth, SystemSummary, Thresholds, WatchTransitionsRequest,
-    WatchTransitionsResponse, health_check_service_client::HealthCheckServiceClient, thresholds::Mode,
+    GetSystemHealthRequest, GetUptimeRequest, GetUptimeResponse, HealthStatus, HealthTransition, ListRunsRequest,
+    ListSystemsRequest, ListTransitionsRequest, SetMaintenanceRequest, SubmitRunRequest, SubmitRunResponse,
+    SystemHealth, SystemSummary, Thresholds, WatchTransitionsRequest, WatchTransitionsResponse,
+    health_check_service_client::HealthCheckServiceClient, thresholds::Mode,
 };
 
 use HealthStatus::{Degraded, Healthy, Unhealthy};
@@ -588,4 +589,154 @@ async fn a_window_in_the_past_backwards_or_without_an_end_is_refused_naming_each
         .await
         .unwrap_err();
     assert_reason(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
+}
+
+// ---- uptime ----
+
+fn days_ago_sql(backend: Backend, days: u32) -> String {
+    match backend {
+        Backend::Postgres => format!("(now() - interval '{days} days')"),
+        Backend::Embedded => format!("(unixepoch('now', '-{days} days') * 1000000)"),
+    }
+}
+
+async fn uptime(client: &mut Client, system: &str, days: i64) -> GetUptimeResponse {
+    client
+        .get_uptime(GetUptimeRequest {
+            system_id: system.into(),
+            window: Some(prost_types::Duration {
+                seconds: days * 86_400,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Microseconds from `a` to `b`.
+fn micros_between(a: &Timestamp, b: &Timestamp) -> i64 {
+    (b.seconds - a.seconds) * 1_000_000 + i64::from(b.nanos - a.nanos) / 1000
+}
+
+fn micros_of(d: Option<&prost_types::Duration>) -> i64 {
+    d.map_or(0, |d| d.seconds * 1_000_000 + i64::from(d.nanos) / 1000)
+}
+
+both_backends!(uptime_is_exact_from_transitions_starts_from_the_oldest_kept_one_across_retention_and_caps_at_90_days);
+async fn uptime_is_exact_from_transitions_starts_from_the_oldest_kept_one_across_retention_and_caps_at_90_days(
+    backend: Backend,
+) {
+    let (db, _app, mut client) = serve(backend).await;
+    submit(&mut client, run("legacy", "http", "r0", Healthy, 0)).await;
+    // A system written 200 days ago whose older transitions retention took:
+    // the one kept says it was unhealthy until 10 days ago.
+    db.execute(&format!(
+        "UPDATE systems SET created_at = {} WHERE system_id = 'legacy'; \
+         INSERT INTO transitions (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation) \
+         SELECT 1000, 'legacy', 'http', 3, 1, {}, evaluation FROM checks WHERE system_id = 'legacy';",
+        days_ago_sql(backend, 200),
+        days_ago_sql(backend, 10)
+    ))
+    .await;
+    let recovered_at = client
+        .list_transitions(ListTransitionsRequest {
+            system_id: "legacy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .transitions[0]
+        .transitioned_at
+        .unwrap();
+
+    let month = uptime(&mut client, "legacy", 30).await;
+    let (start, end) = (month.window_start.unwrap(), month.window_end.unwrap());
+    assert_eq!(micros_between(&start, &end), 30 * 86_400 * 1_000_000);
+    assert_eq!(month.counted_from, month.window_start);
+    assert_eq!(
+        micros_of(month.unhealthy.as_ref()),
+        micros_between(&start, &recovered_at)
+    );
+    assert_eq!(micros_of(month.healthy.as_ref()), micros_between(&recovered_at, &end));
+    assert_eq!(
+        micros_of(month.degraded.as_ref()) + micros_of(month.maintenance.as_ref()),
+        0
+    );
+    assert!(
+        (month.unhealthy_percent - 200.0 / 3.0).abs() < 0.01,
+        "{}",
+        month.unhealthy_percent
+    );
+    assert!((month.healthy_percent + month.unhealthy_percent - 100.0).abs() < 1e-6);
+
+    // A year is capped at the 90 days transitions are kept.
+    let year = uptime(&mut client, "legacy", 365).await;
+    let (start, end) = (year.window_start.unwrap(), year.window_end.unwrap());
+    assert_eq!(micros_between(&start, &end), 90 * 86_400 * 1_000_000);
+    assert_eq!(
+        micros_of(year.unhealthy.as_ref()),
+        micros_between(&start, &recovered_at)
+    );
+
+    // Time before the system existed is not counted.
+    submit(&mut client, run("young", "http", "y0", Healthy, 0)).await;
+    let young = uptime(&mut client, "young", 30).await;
+    assert!(young.counted_from.unwrap().seconds > young.window_start.unwrap().seconds);
+    assert!((young.healthy_percent - 100.0).abs() < 1e-9);
+
+    let err = client
+        .get_uptime(GetUptimeRequest {
+            system_id: "never".into(),
+            window: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+        })
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
+    let err = client
+        .get_uptime(GetUptimeRequest {
+            system_id: "legacy".into(),
+            window: None,
+        })
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::InvalidArgument, "INVALID_ARGUMENT");
+}
+
+both_backends!(time_in_maintenance_is_reported_apart_and_left_out_of_the_percentages);
+async fn time_in_maintenance_is_reported_apart_and_left_out_of_the_percentages(backend: Backend) {
+    let (db, _app, mut client) = serve(backend).await;
+    make_sensitive(&mut client, "shop", "http").await;
+    db.execute(&format!(
+        "UPDATE systems SET created_at = {} WHERE system_id = 'shop'",
+        days_ago_sql(backend, 2)
+    ))
+    .await;
+    let window = client
+        .set_maintenance(SetMaintenanceRequest {
+            system_id: "shop".into(),
+            starts_at: Some(now_plus(-3600)),
+            ends_at: Some(now_plus(3600)),
+            reason: "upgrade".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .window
+        .unwrap();
+    // Down only inside the window.
+    submit(&mut client, run("shop", "http", "r0", Unhealthy, 0)).await;
+    let day = uptime(&mut client, "shop", 1).await;
+    let end = day.window_end.unwrap();
+    assert_eq!(
+        micros_of(day.maintenance.as_ref()),
+        micros_between(&window.starts_at.unwrap(), &end)
+    );
+    assert_eq!(micros_of(day.unhealthy.as_ref()), 0);
+    assert_eq!(
+        micros_of(day.healthy.as_ref()) + micros_of(day.maintenance.as_ref()),
+        86_400 * 1_000_000
+    );
+    assert!((day.healthy_percent - 100.0).abs() < 1e-9);
 }
