@@ -9,8 +9,8 @@ use chrono::{DateTime, TimeZone, Utc};
 
 use crate::{
     domain::{
-        ConsecutiveThresholds, Evaluation, FieldViolation, MaintenanceWindow, Mode, Rule, Status, Thresholds,
-        WindowThresholds,
+        ConsecutiveThresholds, Evaluation, FieldViolation, FlappingSettings, MaintenanceWindow, Mode, Rule, Status,
+        Thresholds, WindowThresholds,
     },
     proto,
     store::{CheckRecord, Run, SystemRecord, SystemSummary, Transition},
@@ -105,6 +105,25 @@ pub(crate) fn thresholds_in(
     };
     thresholds.validate(field)?;
     Ok(Some(thresholds))
+}
+
+/// Optional flapping settings: unset keeps (`None`); all zero turns
+/// detection off (`Some(None)`); anything else must be valid settings.
+pub(crate) fn flapping_in(
+    field: &str,
+    raw: Option<proto::FlappingSettings>,
+) -> Result<Option<Option<FlappingSettings>>, Vec<FieldViolation>> {
+    let Some(raw) = raw else { return Ok(None) };
+    if raw.runs == 0 && raw.start_changes == 0 && raw.stop_changes == 0 {
+        return Ok(Some(None));
+    }
+    let settings = FlappingSettings {
+        runs: raw.runs,
+        start_changes: raw.start_changes,
+        stop_changes: raw.stop_changes,
+    };
+    settings.validate(field)?;
+    Ok(Some(Some(settings)))
 }
 
 pub(crate) fn thresholds_out(t: &Thresholds) -> proto::Thresholds {
@@ -224,6 +243,12 @@ pub(crate) fn check_out(c: &CheckRecord) -> proto::CheckHealth {
         last_run_at: c.last_run_at.map(timestamp_out),
         thresholds: Some(thresholds_out(&c.thresholds)),
         enabled: c.enabled,
+        flapping: c.flapping,
+        flapping_settings: c.flapping_settings.as_ref().map(|f| proto::FlappingSettings {
+            runs: f.runs,
+            start_changes: f.start_changes,
+            stop_changes: f.stop_changes,
+        }),
     }
 }
 
@@ -249,6 +274,7 @@ pub(crate) fn transition_out(t: &Transition) -> proto::HealthTransition {
         evaluation: Some(evaluation_out(&t.evaluation)),
         check_deleted: t.check_deleted,
         in_maintenance: t.in_maintenance,
+        flapping: t.flapping,
     }
 }
 

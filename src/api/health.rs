@@ -9,8 +9,8 @@ use tonic::{Request, Response, Status};
 
 use super::{
     convert::{
-        Violations, check_out, duration_in, duration_out, evaluation_out, run_out, status_in, status_out, summary_out,
-        system_out, thresholds_in, timestamp_in, timestamp_out, transition_out, window_out,
+        Violations, check_out, duration_in, duration_out, evaluation_out, flapping_in, run_out, status_in, status_out,
+        summary_out, system_out, thresholds_in, timestamp_in, timestamp_out, transition_out, window_out,
     },
     page_token::{self, Kind, PageTokenKey},
 };
@@ -298,10 +298,12 @@ impl HealthCheckService for HealthApi {
         // A watch of every system shows the caller only the systems it may
         // read; the others pass by unseen, as do the transitions the caller
         // asked to leave out.
-        let exclude_maintenance = req.exclude_maintenance;
+        let (exclude_maintenance, exclude_flapping) = (req.exclude_maintenance, req.exclude_flapping);
         let readable = move |item: &Result<Arc<Transition>, Error>| {
             futures::future::ready(item.as_ref().map_or(true, |t| {
-                access.may_use_system(t.system_id.as_str()) && !(exclude_maintenance && t.in_maintenance)
+                access.may_use_system(t.system_id.as_str())
+                    && !(exclude_maintenance && t.in_maintenance)
+                    && !(exclude_flapping && t.flapping)
             }))
         };
         let stream = subscription.filter(readable).map(|item| {
@@ -324,13 +326,14 @@ impl HealthCheckService for HealthApi {
         let system_id = v.take(SystemId::parse("system_id", req.system_id));
         let check_id = v.take(CheckId::parse("check_id", req.check_id));
         let thresholds = v.take_all(thresholds_in("thresholds", req.thresholds));
+        let flapping = v.take_all(flapping_in("flapping", req.flapping));
         let update = v.finish(|| {
             Some(CheckUpdate {
                 system_id: system_id?,
                 check_id: check_id?,
                 thresholds: thresholds?,
                 enabled: req.enabled,
-                flapping: None,
+                flapping: flapping?,
             })
         })?;
         access.check_system(update.system_id.as_str())?;

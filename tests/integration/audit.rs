@@ -142,6 +142,7 @@ async fn with_authentication_every_grant_release_and_check_change_is_logged_with
                 check_id: "api".into(),
                 thresholds: None,
                 enabled: Some(false),
+                flapping: None,
             },
             "req-config-1",
         ))

@@ -227,6 +227,7 @@ async fn random_valid_shaped_messages_never_produce_internal_errors() {
             check_id,
             thresholds,
             enabled,
+            flapping: None,
         },
     );
     let list_runs = (text(), text(), any::<i32>(), text()).prop_map(|(system_id, check_id, page_size, page_token)| {

@@ -144,12 +144,14 @@ async fn watch(
     client: &mut Client,
     after_sequence: u64,
     exclude_maintenance: bool,
+    exclude_flapping: bool,
 ) -> Streaming<WatchTransitionsResponse> {
     client
         .watch_transitions(WatchTransitionsRequest {
             system_id: String::new(),
             after_sequence,
             exclude_maintenance,
+            exclude_flapping,
         })
         .await
         .unwrap()
@@ -457,14 +459,14 @@ async fn transitions_in_a_window_are_marked_and_hidden_from_a_quiet_watcher_exce
         .unwrap();
     assert!(!marker.in_maintenance);
 
-    let mut quiet = watch(&mut client, 0, true).await;
+    let mut quiet = watch(&mut client, 0, true, false).await;
     let seen: Vec<u64> = watched_until(&mut quiet, marker.sequence)
         .await
         .iter()
         .map(|t| t.sequence)
         .collect();
     assert_eq!(seen, [announced.sequence, resolved.sequence, marker.sequence]);
-    let mut everything = watch(&mut client, 0, false).await;
+    let mut everything = watch(&mut client, 0, false, false).await;
     let all = watched_until(&mut everything, marker.sequence).await;
     assert_eq!(all.len(), 6);
     assert_eq!(all.iter().filter(|t| t.in_maintenance).count(), 3);
@@ -739,4 +741,127 @@ async fn time_in_maintenance_is_reported_apart_and_left_out_of_the_percentages(b
         86_400 * 1_000_000
     );
     assert!((day.healthy_percent - 100.0).abs() < 1e-9);
+}
+
+// ---- flapping ----
+
+both_backends!(a_check_flaps_from_the_start_bound_until_below_the_stop_bound_and_its_transitions_meanwhile_are_marked);
+async fn a_check_flaps_from_the_start_bound_until_below_the_stop_bound_and_its_transitions_meanwhile_are_marked(
+    backend: Backend,
+) {
+    let (_db, _app, mut client) = serve(backend).await;
+    let configured = client
+        .configure_check(ConfigureCheckRequest {
+            system_id: "flappy".into(),
+            check_id: "http".into(),
+            thresholds: Some(sensitive()),
+            enabled: None,
+            flapping: Some(proto::FlappingSettings {
+                runs: 10,
+                start_changes: 4,
+                stop_changes: 2,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let check = configured.check.unwrap();
+    assert!(!check.flapping);
+    assert_eq!(check.flapping_settings.unwrap().start_changes, 4);
+
+    let mut transitions = Vec::new();
+    let mut flapping_after = Vec::new();
+    // Alternating: the fourth change (r4) starts flapping.
+    for (i, status) in [Healthy, Degraded, Healthy, Degraded, Healthy, Degraded, Healthy]
+        .into_iter()
+        .enumerate()
+    {
+        let second = i64::try_from(i).unwrap();
+        let reply = submit(&mut client, run("flappy", "http", &format!("r{i}"), status, second)).await;
+        flapping_after.push(reply.system_health.unwrap().checks[0].flapping);
+        transitions.extend(reply.transition);
+    }
+    assert_eq!(flapping_after, [false, false, false, false, true, true, true]);
+    let flags: Vec<(u64, bool)> = transitions.iter().map(|t| (t.sequence, t.flapping)).collect();
+    assert_eq!(transitions.len(), 6);
+    // r4 resolves the degradation r3 announced: never marked. r5 and r6 are.
+    assert_eq!(
+        flags.iter().map(|(_, f)| *f).collect::<Vec<_>>(),
+        [false, false, false, false, true, true]
+    );
+    let (listed, _) = all_systems(&mut client, HealthStatus::Unspecified, "flappy", 10).await;
+    assert!(listed[0].flapping);
+
+    // Steady runs: the changes fall below the start bound first (still
+    // flapping: hysteresis), then below the stop bound (calm again).
+    let mut calm_at = None;
+    for i in 7..20 {
+        let reply = submit(&mut client, run("flappy", "http", &format!("r{i}"), Healthy, i)).await;
+        let check = &reply.system_health.unwrap().checks[0];
+        if i == 12 {
+            assert!(check.flapping, "3 changes: below start, not below stop");
+        }
+        if !check.flapping && calm_at.is_none() {
+            calm_at = Some(i);
+        }
+    }
+    assert_eq!(calm_at, Some(14), "one change left among the newest 10");
+    let (listed, _) = all_systems(&mut client, HealthStatus::Unspecified, "flappy", 10).await;
+    assert!(!listed[0].flapping);
+    let calm = submit(&mut client, run("flappy", "http", "r20", Degraded, 20))
+        .await
+        .transition
+        .unwrap();
+    assert!(!calm.flapping);
+
+    let mut quiet = watch(&mut client, 0, false, true).await;
+    let seen: Vec<u64> = watched_until(&mut quiet, calm.sequence)
+        .await
+        .iter()
+        .map(|t| t.sequence)
+        .collect();
+    let mut expected: Vec<u64> = flags.iter().filter(|(_, f)| !f).map(|(s, _)| *s).collect();
+    expected.push(calm.sequence);
+    assert_eq!(seen, expected);
+
+    // Turning detection off clears the state at once.
+    let off = client
+        .configure_check(ConfigureCheckRequest {
+            system_id: "flappy".into(),
+            check_id: "http".into(),
+            flapping: Some(proto::FlappingSettings::default()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .check
+        .unwrap();
+    assert!(!off.flapping && off.flapping_settings.is_none());
+    let err = client
+        .configure_check(ConfigureCheckRequest {
+            system_id: "flappy".into(),
+            check_id: "http".into(),
+            flapping: Some(proto::FlappingSettings {
+                runs: 200,
+                start_changes: 1,
+                stop_changes: 5,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::InvalidArgument, "INVALID_ARGUMENT");
+    let mut fields: Vec<String> = err
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        ["flapping.runs", "flapping.start_changes", "flapping.stop_changes"]
+    );
 }

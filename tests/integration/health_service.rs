@@ -97,6 +97,7 @@ fn set_thresholds(system: &str, check: &str, thresholds: Thresholds) -> Configur
         check_id: check.into(),
         thresholds: Some(thresholds),
         enabled: None,
+        flapping: None,
     }
 }
 
@@ -893,6 +894,7 @@ async fn switching_a_check_to_window_thresholds_re_evaluates_it_and_reports_the_
             check_id: "ping".into(),
             thresholds: Some(window(5, 3, 4)),
             enabled: Some(true),
+            flapping: None,
         },
     )
     .await;
@@ -912,6 +914,7 @@ async fn a_disabled_check_stops_counting_towards_its_system_until_it_is_enabled_
         check_id: "db".into(),
         thresholds: None,
         enabled: Some(enabled),
+        flapping: None,
     };
 
     submit(&mut client, run("shop", "web", "w0", Healthy, Some(at(t0)))).await;
@@ -1978,6 +1981,7 @@ async fn a_check_beyond_the_checks_per_system_limit_is_refused_with_too_many_che
             check_id: "d".into(),
             thresholds: None,
             enabled: Some(false),
+            flapping: None,
         })
         .await
         .unwrap_err();

@@ -375,6 +375,7 @@ async fn a_database_written_before_run_windows_migrates_to_the_same_statuses_tra
                 })),
             }),
             enabled: None,
+            flapping: None,
         })
         .await
         .unwrap();
@@ -393,6 +394,7 @@ async fn a_database_written_before_run_windows_migrates_to_the_same_statuses_tra
             check_id: "paused".to_owned(),
             thresholds: None,
             enabled: Some(false),
+            flapping: None,
         })
         .await
         .unwrap();

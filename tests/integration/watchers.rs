@@ -36,6 +36,7 @@ async fn flipping_check(client: &mut Client, system: &str) {
                 })),
             }),
             enabled: None,
+            flapping: None,
         })
         .await
         .expect("ConfigureCheck");
