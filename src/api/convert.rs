@@ -260,6 +260,7 @@ pub(crate) fn system_out(s: &SystemRecord) -> proto::SystemHealth {
         evaluated_at: s.evaluated_at.map(timestamp_out),
         maintenance_windows: s.maintenance_windows.iter().map(window_out).collect(),
         in_maintenance: s.in_maintenance,
+        depends_on: s.depends_on.clone(),
     }
 }
 
@@ -275,6 +276,7 @@ pub(crate) fn transition_out(t: &Transition) -> proto::HealthTransition {
         check_deleted: t.check_deleted,
         in_maintenance: t.in_maintenance,
         flapping: t.flapping,
+        caused_by: t.caused_by.clone(),
     }
 }
 
@@ -358,6 +360,7 @@ mod tests {
                 })
                 .collect(),
             in_maintenance: true,
+            depends_on: (0..crate::domain::MAX_DEPENDENCIES).map(longest_id).collect(),
         };
         let run = Run {
             run_id: longest_id(1),

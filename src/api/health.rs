@@ -16,7 +16,10 @@ use super::{
 };
 use crate::{
     auth::Access,
-    domain::{CheckId, FieldViolation, Latency, MAX_RUNS_CONSIDERED, MaintenanceWindow, RunId, RunMessage, SystemId},
+    domain::{
+        CheckId, FieldViolation, Latency, MAX_DEPENDENCIES, MAX_RUNS_CONSIDERED, MaintenanceWindow, RunId, RunMessage,
+        SystemId,
+    },
     error::Error,
     middleware::RequestDeadline,
     proto::{self, health_check_service_server::HealthCheckService},
@@ -572,6 +575,46 @@ impl HealthCheckService for HealthApi {
             healthy_percent: uptime.percent(crate::domain::Status::Healthy),
             degraded_percent: uptime.percent(crate::domain::Status::Degraded),
             unhealthy_percent: uptime.percent(crate::domain::Status::Unhealthy),
+        }))
+    }
+
+    async fn configure_system(
+        &self,
+        request: Request<proto::ConfigureSystemRequest>,
+    ) -> Result<Response<proto::ConfigureSystemResponse>, Status> {
+        let deadline = RequestDeadline::of(&request);
+        let access = Access::of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        let system_id = v.take(SystemId::parse("system_id", req.system_id));
+        let limit = usize::try_from(MAX_DEPENDENCIES).unwrap_or(usize::MAX);
+        if req.depends_on.len() > limit {
+            v.push("depends_on", format!("at most {MAX_DEPENDENCIES} systems"));
+        }
+        let mut depends_on = Vec::with_capacity(req.depends_on.len().min(limit));
+        for (i, raw) in req.depends_on.into_iter().take(limit + 1).enumerate() {
+            if let Some(id) = v.take(SystemId::parse(&format!("depends_on[{i}]"), raw)) {
+                depends_on.push(id);
+            }
+        }
+        depends_on.sort_unstable();
+        depends_on.dedup();
+        let system_id = v.finish(|| system_id)?;
+        access.check_system(system_id.as_str())?;
+        // Naming a dependency exposes its state in caused_by: the caller must
+        // be allowed to read it.
+        for dependency in &depends_on {
+            access.check_system(dependency.as_str())?;
+        }
+        let health = self.service.configure_system(&system_id, &depends_on, deadline).await?;
+        tracing::info!(
+            principal = access.name(),
+            system_id = system_id.as_str(),
+            dependencies = depends_on.len(),
+            "system configured"
+        );
+        Ok(Response::new(proto::ConfigureSystemResponse {
+            system_health: Some(system_out(&health)),
         }))
     }
 }

@@ -31,7 +31,8 @@ pub enum Scope {
     HealthRead,
     /// SubmitRun.
     HealthWrite,
-    /// ConfigureCheck, DeleteCheck, DeleteSystem, SetMaintenance, ClearMaintenance.
+    /// ConfigureCheck, DeleteCheck, DeleteSystem, SetMaintenance, ClearMaintenance,
+    /// ConfigureSystem.
     HealthAdmin,
     /// WithLock.
     Locks,

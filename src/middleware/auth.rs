@@ -125,7 +125,8 @@ fn needs(path: &str, reflection_required: bool) -> Needs {
         | "HealthCheckService/DeleteCheck"
         | "HealthCheckService/DeleteSystem"
         | "HealthCheckService/SetMaintenance"
-        | "HealthCheckService/ClearMaintenance" => Needs::Scope(Scope::HealthAdmin),
+        | "HealthCheckService/ClearMaintenance"
+        | "HealthCheckService/ConfigureSystem" => Needs::Scope(Scope::HealthAdmin),
         "LockService/WithLock" => Needs::Scope(Scope::Locks),
         _ => Needs::Principal,
     }
@@ -377,6 +378,7 @@ mod tests {
             (format!("/{health}/DeleteSystem"), Scope::HealthAdmin),
             (format!("/{health}/SetMaintenance"), Scope::HealthAdmin),
             (format!("/{health}/ClearMaintenance"), Scope::HealthAdmin),
+            (format!("/{health}/ConfigureSystem"), Scope::HealthAdmin),
             (format!("/{locks}/WithLock"), Scope::Locks),
         ] {
             assert_eq!(needs(&method, false), Needs::Scope(scope), "{method}");

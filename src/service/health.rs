@@ -261,6 +261,25 @@ impl HealthService {
             .await
     }
 
+    /// Replaces what a system depends on, under its lock; refuses a cycle.
+    pub async fn configure_system(
+        &self,
+        system_id: &SystemId,
+        depends_on: &[SystemId],
+        deadline: Option<Instant>,
+    ) -> Result<SystemRecord> {
+        self.locks
+            .with_system_lock(system_id, deadline, || {
+                self.store
+                    .configure_system(system_id, depends_on)
+                    .instrument(tracing::debug_span!(
+                        "work transaction",
+                        db.operation = "configure_system"
+                    ))
+            })
+            .await
+    }
+
     /// A system's uptime over `[from, to)`, folded from its transitions read
     /// a page at a time; `SYSTEM_NOT_FOUND` for an unknown system.
     pub async fn uptime(

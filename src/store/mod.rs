@@ -176,6 +176,16 @@ impl Store {
         }
     }
 
+    /// Replaces what a system depends on (creating the system if needed),
+    /// refusing a cycle; the system after. Serialised against every other
+    /// such change, so two changes can never close a cycle together.
+    pub async fn configure_system(&self, system_id: &SystemId, depends_on: &[SystemId]) -> Result<SystemRecord> {
+        match self {
+            Store::Postgres(s) => s.configure_system(system_id, depends_on).await,
+            Store::Embedded(s) => s.configure_system(system_id, depends_on).await,
+        }
+    }
+
     /// When a system was first written and its status now; `None` for an
     /// unknown system.
     pub async fn system_origin(&self, system_id: &SystemId) -> Result<Option<(DateTime<Utc>, Status)>> {
@@ -398,6 +408,9 @@ pub struct SystemRecord {
     pub maintenance_windows: Vec<MaintenanceWindow>,
     /// One of `maintenance_windows` is open now.
     pub in_maintenance: bool,
+    /// What it depends on, in byte order; empty in the outcomes of the
+    /// write path, as `maintenance_windows`.
+    pub depends_on: Vec<String>,
 }
 
 impl SystemRecord {
@@ -410,6 +423,7 @@ impl SystemRecord {
             evaluated_at: None,
             maintenance_windows: Vec::new(),
             in_maintenance: false,
+            depends_on: Vec::new(),
         }
     }
 }
@@ -482,6 +496,24 @@ pub struct ConfigureOutcome {
     pub health: SystemRecord,
     /// Set when the system's status changed.
     pub transition: Option<Transition>,
+}
+
+/// `INVALID_ARGUMENT` on `depends_on` when `system_id` depending on
+/// `depends_on` closes a cycle, given the other dependencies `edges`
+/// (system, what it depends on).
+pub(crate) fn refuse_cycle(system_id: &SystemId, depends_on: &[SystemId], edges: Vec<(String, String)>) -> Result<()> {
+    let mut graph: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    for (from, to) in edges {
+        graph.entry(from).or_default().push(to);
+    }
+    let wanted: Vec<String> = depends_on.iter().map(|d| d.as_str().to_owned()).collect();
+    match crate::domain::find_cycle(system_id.as_str(), &wanted, &graph) {
+        None => Ok(()),
+        Some(cycle) => Err(Error::invalid(
+            "depends_on",
+            format!("would close the dependency cycle {}", cycle.join(" -> ")),
+        )),
+    }
 }
 
 /// One row of ListSystems.

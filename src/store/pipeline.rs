@@ -394,6 +394,7 @@ pub(crate) async fn delete_check<S: Statements>(
                     evaluated_at: Some(at),
                     maintenance_windows: Vec::new(),
                     in_maintenance: false,
+                    depends_on: Vec::new(),
                 };
                 return Ok(DeleteCheckOutcome {
                     deleted: true,
@@ -657,6 +658,7 @@ impl Change {
             evaluated_at: Some(at),
             maintenance_windows: Vec::new(),
             in_maintenance: false,
+            depends_on: Vec::new(),
         };
         Ok((health, transition))
     }

@@ -28,6 +28,7 @@ use super::{
         encode_flapping, encode_thresholds, encode_window,
     },
     pipeline::{self, Loaded, Removal, Statements, SystemState, Write, WriteRules, Written},
+    refuse_cycle,
     retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
 };
 use crate::{
@@ -346,6 +347,54 @@ impl PgStore {
         let system = system_in(&mut tx, system_id.as_str()).await?;
         tx.commit().await?;
         Ok((u32::try_from(ended + removed).unwrap_or(u32::MAX), system))
+    }
+
+    /// Replaces a system's dependencies in one transaction that holds the
+    /// dependency table against other such changes (reads and SubmitRun are
+    /// not held up), so two changes can never close a cycle together.
+    pub async fn configure_system(&self, system_id: &SystemId, depends_on: &[SystemId]) -> Result<SystemRecord> {
+        let mut conn = self.work.acquire().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::query("LOCK TABLE system_dependencies IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let wanted: Vec<&str> = depends_on.iter().map(SystemId::as_str).collect();
+        // Every edge reachable from the new dependencies, not through the
+        // system itself (its own edges are being replaced).
+        let edges: Vec<(String, String)> = sqlx::query_as(
+            "WITH RECURSIVE reach(system_id) AS ( \
+                 SELECT unnest($2::text[]) \
+                 UNION \
+                 SELECT d.depends_on FROM system_dependencies d JOIN reach r ON d.system_id = r.system_id \
+                 WHERE d.system_id <> $1) \
+             SELECT d.system_id, d.depends_on FROM system_dependencies d JOIN reach r ON d.system_id = r.system_id \
+             WHERE d.system_id <> $1",
+        )
+        .bind(system_id.as_str())
+        .bind(&wanted)
+        .fetch_all(&mut *tx)
+        .await?;
+        refuse_cycle(system_id, depends_on, edges)?;
+        sqlx::query(
+            "INSERT INTO systems (system_id, status, evaluated_at) VALUES ($1, 1, now()) ON CONFLICT DO NOTHING",
+        )
+        .bind(system_id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM system_dependencies WHERE system_id = $1")
+            .bind(system_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO system_dependencies (system_id, depends_on) SELECT $1, unnest($2::text[])")
+            .bind(system_id.as_str())
+            .bind(&wanted)
+            .execute(&mut *tx)
+            .await?;
+        let system = system_in(&mut tx, system_id.as_str())
+            .await?
+            .ok_or(Error::Invariant("a configured system is stored"))?;
+        tx.commit().await?;
+        Ok(system)
     }
 
     /// When a system was first written and its status now.
@@ -679,7 +728,14 @@ async fn system_in(conn: &mut PgConnection, system_id: &str) -> Result<Option<Sy
     .fetch_all(&mut *conn)
     .await?;
     let maintenance_windows: Vec<MaintenanceWindow> = windows.iter().map(window_from_row).collect::<Result<_>>()?;
+    let depends_on: Vec<String> = sqlx::query_scalar(
+        "SELECT depends_on FROM system_dependencies WHERE system_id = $1 ORDER BY depends_on COLLATE \"C\"",
+    )
+    .bind(system_id)
+    .fetch_all(&mut *conn)
+    .await?;
     Ok(Some(SystemRecord {
+        depends_on,
         system_id: system_id.to_owned(),
         status: status_of(system.try_get("status")?)?,
         checks: checks.iter().map(check_from_row).collect::<Result<_>>()?,

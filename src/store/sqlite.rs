@@ -31,6 +31,7 @@ use super::{
         encode_flapping, encode_thresholds, encode_window,
     },
     pipeline::{self, Loaded, Removal, Statements, SystemState, Write, WriteRules, Written},
+    refuse_cycle,
     retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
 };
 use crate::{
@@ -350,6 +351,56 @@ impl SqliteStore {
         Ok((u32::try_from(ended + removed).unwrap_or(u32::MAX), system))
     }
 
+    /// Replaces a system's dependencies in one write transaction (the one
+    /// writer serialises every such change), walking the dependencies of the
+    /// new ones level by level to refuse a cycle.
+    pub async fn configure_system(&self, system_id: &SystemId, depends_on: &[SystemId]) -> Result<SystemRecord> {
+        let now = now();
+        let mut tx = self.db.begin_write().await?;
+        let mut edges: Vec<(String, String)> = Vec::new();
+        let mut seen: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let mut frontier: Vec<String> = depends_on.iter().map(|d| d.as_str().to_owned()).collect();
+        while let Some(node) = frontier.pop() {
+            if node == system_id.as_str() || !seen.insert(node.clone()) {
+                continue;
+            }
+            let next: Vec<String> =
+                sqlx::query_scalar("SELECT depends_on FROM system_dependencies WHERE system_id = $1")
+                    .bind(node.as_str())
+                    .fetch_all(&mut *tx)
+                    .await?;
+            for n in next {
+                edges.push((node.clone(), n.clone()));
+                frontier.push(n);
+            }
+        }
+        refuse_cycle(system_id, depends_on, edges)?;
+        sqlx::query(
+            "INSERT INTO systems (system_id, status, evaluated_at, created_at) VALUES ($1, 1, $2, $2) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(system_id.as_str())
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM system_dependencies WHERE system_id = $1")
+            .bind(system_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        for dependency in depends_on {
+            sqlx::query("INSERT INTO system_dependencies (system_id, depends_on) VALUES ($1, $2)")
+                .bind(system_id.as_str())
+                .bind(dependency.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let system = system_in(&mut tx, system_id.as_str())
+            .await?
+            .ok_or(Error::Invariant("a configured system is stored"))?;
+        tx.commit().await?;
+        Ok(system)
+    }
+
     /// When a system was first written and its status now.
     pub async fn system_origin(&self, system_id: &SystemId) -> Result<Option<(DateTime<Utc>, Status)>> {
         let mut conn = self.db.reader().await?;
@@ -665,7 +716,13 @@ async fn system_in(conn: &mut SqliteConnection, system_id: &str) -> Result<Optio
     .fetch_all(&mut *conn)
     .await?;
     let maintenance_windows: Vec<MaintenanceWindow> = windows.iter().map(window_from_row).collect::<Result<_>>()?;
+    let depends_on: Vec<String> =
+        sqlx::query_scalar("SELECT depends_on FROM system_dependencies WHERE system_id = $1 ORDER BY depends_on")
+            .bind(system_id)
+            .fetch_all(&mut *conn)
+            .await?;
     Ok(Some(SystemRecord {
+        depends_on,
         system_id: system_id.to_owned(),
         status: status_of(system.try_get("status")?)?,
         checks: checks.iter().map(check_from_row).collect::<Result<_>>()?,

@@ -9,10 +9,10 @@ use prost_types::Timestamp;
 use tonic::{Code, Streaming, transport::Channel};
 use tonic_types::StatusExt;
 use vitals::proto::{
-    self, ClearMaintenanceRequest, ConfigureCheckRequest, DeleteCheckRequest, DeleteSystemRequest,
-    GetSystemHealthRequest, GetUptimeRequest, GetUptimeResponse, HealthStatus, HealthTransition, ListRunsRequest,
-    ListSystemsRequest, ListTransitionsRequest, SetMaintenanceRequest, SubmitRunRequest, SubmitRunResponse,
-    SystemHealth, SystemSummary, Thresholds, WatchTransitionsRequest, WatchTransitionsResponse,
+    self, ClearMaintenanceRequest, ConfigureCheckRequest, ConfigureSystemRequest, DeleteCheckRequest,
+    DeleteSystemRequest, GetSystemHealthRequest, GetUptimeRequest, GetUptimeResponse, HealthStatus, HealthTransition,
+    ListRunsRequest, ListSystemsRequest, ListTransitionsRequest, SetMaintenanceRequest, SubmitRunRequest,
+    SubmitRunResponse, SystemHealth, SystemSummary, Thresholds, WatchTransitionsRequest, WatchTransitionsResponse,
     health_check_service_client::HealthCheckServiceClient, thresholds::Mode,
 };
 
@@ -864,4 +864,109 @@ async fn a_check_flaps_from_the_start_bound_until_below_the_stop_bound_and_its_t
         fields,
         ["flapping.runs", "flapping.start_changes", "flapping.stop_changes"]
     );
+}
+
+// ---- dependencies ----
+
+async fn depend(client: &mut Client, system: &str, on: &[&str]) -> Result<SystemHealth, tonic::Status> {
+    client
+        .configure_system(ConfigureSystemRequest {
+            system_id: system.into(),
+            depends_on: on.iter().map(|s| (*s).to_owned()).collect(),
+        })
+        .await
+        .map(|r| r.into_inner().system_health.unwrap())
+}
+
+both_backends!(along_a_chain_of_three_each_outage_names_the_dependency_already_down_and_no_recovery_names_any);
+async fn along_a_chain_of_three_each_outage_names_the_dependency_already_down_and_no_recovery_names_any(
+    backend: Backend,
+) {
+    let (_db, _app, mut client) = serve(backend).await;
+    for system in ["web", "api", "db"] {
+        make_sensitive(&mut client, system, "http").await;
+    }
+    // web -> api -> db; api also names a system never seen.
+    let web = depend(&mut client, "web", &["api"]).await.unwrap();
+    assert_eq!(web.depends_on, ["api"]);
+    let api = depend(&mut client, "api", &["db", "queue", "db"]).await.unwrap();
+    assert_eq!(api.depends_on, ["db", "queue"], "sorted, repeats once");
+    assert_eq!(system_health(&mut client, "api").await.depends_on, ["db", "queue"]);
+
+    let db_down = submit(&mut client, run("db", "http", "d0", Degraded, 0))
+        .await
+        .transition
+        .unwrap();
+    assert!(db_down.caused_by.is_empty(), "db depends on nothing");
+    let api_down = submit(&mut client, run("api", "http", "a0", Degraded, 0))
+        .await
+        .transition
+        .unwrap();
+    assert_eq!(api_down.caused_by, ["db"]);
+    let web_down = submit(&mut client, run("web", "http", "w0", Degraded, 0))
+        .await
+        .transition
+        .unwrap();
+    assert_eq!(web_down.caused_by, ["api"], "the direct dependency");
+    // Worse still: still caused by api.
+    let web_worse = submit(&mut client, run("web", "http", "w1", Unhealthy, 1))
+        .await
+        .transition
+        .unwrap();
+    assert_eq!(
+        (web_worse.to_status(), web_worse.caused_by.clone()),
+        (Unhealthy, vec!["api".to_owned()])
+    );
+    // Recoveries never carry it, even while dependencies are still down.
+    let web_up = submit(&mut client, run("web", "http", "w2", Healthy, 2))
+        .await
+        .transition
+        .unwrap();
+    assert!(web_up.caused_by.is_empty());
+    // Once api recovered, a new outage of web is its own.
+    submit(&mut client, run("api", "http", "a1", Healthy, 1)).await;
+    let web_alone = submit(&mut client, run("web", "http", "w3", Degraded, 3))
+        .await
+        .transition
+        .unwrap();
+    assert!(web_alone.caused_by.is_empty());
+}
+
+both_backends!(a_dependency_that_would_close_a_cycle_is_refused_naming_depends_on_and_changes_nothing);
+async fn a_dependency_that_would_close_a_cycle_is_refused_naming_depends_on_and_changes_nothing(backend: Backend) {
+    let (_db, _app, mut client) = serve(backend).await;
+    depend(&mut client, "web", &["api"]).await.unwrap();
+    depend(&mut client, "api", &["db"]).await.unwrap();
+    let fields = |err: tonic::Status| {
+        assert_reason(&err, Code::InvalidArgument, "INVALID_ARGUMENT");
+        err.get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .into_iter()
+            .map(|v| (v.field, v.description))
+            .collect::<Vec<_>>()
+    };
+    let cycle = fields(depend(&mut client, "db", &["web"]).await.unwrap_err());
+    assert_eq!(cycle.len(), 1);
+    assert_eq!(cycle[0].0, "depends_on");
+    assert!(cycle[0].1.contains("db -> web -> api -> db"), "{}", cycle[0].1);
+    let own = fields(depend(&mut client, "db", &["db"]).await.unwrap_err());
+    assert_eq!(own[0].0, "depends_on");
+    let err = client
+        .get_system_health(GetSystemHealthRequest { system_id: "db".into() })
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::NotFound, "SYSTEM_NOT_FOUND");
+    // Replacing web's dependency removes the path: db may now depend on web.
+    depend(&mut client, "web", &[]).await.unwrap();
+    assert_eq!(depend(&mut client, "db", &["web"]).await.unwrap().depends_on, ["web"]);
+    let too_many: Vec<String> = (0..33).map(|i| format!("s{i}")).collect();
+    let err = client
+        .configure_system(ConfigureSystemRequest {
+            system_id: "many".into(),
+            depends_on: too_many,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields(err)[0].0, "depends_on");
 }
