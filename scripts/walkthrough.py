@@ -28,7 +28,7 @@ Usage (scripts/walkthrough.sh starts the server and calls this):
    the block (as lines).
 2. Reflection contract, with no proto files: grpcurl (reflection v1alpha)
    and buf curl (--reflect-protocol grpc-v1) each list every service and
-   method, and call every RPC: the six unary ones, WatchTransitions (cut
+   method, and call every RPC: the unary ones, WatchTransitions (cut
    after a short time, after the replay) and WithLock (messages on stdin).
 
 Prints one line per check and closes with "walkthrough: N passed, N failed";
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import difflib
 import json
 import os
@@ -65,11 +66,18 @@ COMMAND_TIMEOUT = 30.0  # seconds, per command
 README_LABEL = "README.md"  # how messages name the README (set by main)
 
 HEALTH_METHODS = [
+    "ClearMaintenance",
     "ConfigureCheck",
+    "ConfigureSystem",
+    "DeleteCheck",
+    "DeleteSystem",
     "EvaluateHealth",
     "GetSystemHealth",
+    "GetUptime",
     "ListRuns",
+    "ListSystems",
     "ListTransitions",
+    "SetMaintenance",
     "SubmitRun",
     "WatchTransitions",
 ]
@@ -719,6 +727,46 @@ def calls_for(system: str) -> list[Call]:
             lambda d: expect(d, 1, **{"0__transition__systemId": system,
                                       "0__transition__toStatus": "HEALTH_STATUS_DEGRADED"}),
             stream_cut=True,
+        ),
+        Call(
+            hc + "ListSystems",
+            json.dumps({"system_id_prefix": system, "page_size": 10}),
+            lambda d: expect(d, 1, **{"0__systems__0__systemId": system, "0__systems__0__checkCount": 1}),
+        ),
+        Call(
+            hc + "SetMaintenance",
+            json.dumps({
+                "system_id": system,
+                "ends_at": (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1))
+                .strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "reason": "walkthrough",
+            }),
+            lambda d: expect(d, 1, **{"0__window__reason": "walkthrough", "0__systemHealth__inMaintenance": True}),
+        ),
+        Call(
+            hc + "ClearMaintenance",
+            json.dumps({"system_id": system}),
+            lambda d: expect(d, 1, **{"0__cleared": 1, "0__systemHealth__systemId": system}),
+        ),
+        Call(
+            hc + "GetUptime",
+            json.dumps({"system_id": system, "window": "3600s"}),
+            lambda d: expect(d, 1, **{"0__systemId": system, "0__unhealthy": "0s", "0__degraded": ...}),
+        ),
+        Call(
+            hc + "ConfigureSystem",
+            json.dumps({"system_id": system, "depends_on": [f"{system}-db"]}),
+            lambda d: expect(d, 1, **{"0__systemHealth__dependsOn__0": f"{system}-db"}),
+        ),
+        Call(
+            hc + "DeleteCheck",
+            json.dumps({"system_id": system, "check_id": "db"}),
+            lambda d: expect(d, 1, **{"0__deleted": True, "0__transition__checkDeleted": True}),
+        ),
+        Call(
+            hc + "DeleteSystem",
+            json.dumps({"system_id": system}),
+            lambda d: expect(d, 1, **{"0__deleted": True}),
         ),
         Call(
             "vitals.v1.LockService/WithLock",

@@ -1,4 +1,6 @@
-// VitalsClient: SubmitRun, EvaluateHealth, GetSystemHealth and WithLock over
+// VitalsClient: SubmitRun, EvaluateHealth, GetSystemHealth, ConfigureCheck,
+// ListSystems, DeleteCheck, DeleteSystem, SetMaintenance, ClearMaintenance,
+// GetUptime, ConfigureSystem and WithLock over
 // @grpc/grpc-js, with the .proto files of the checkout loaded at run time.
 //
 // Values cross the edge converted once: statuses are 'HEALTHY' | 'DEGRADED' |
@@ -114,20 +116,34 @@ function runOut(r) {
   };
 }
 
+function checkOut(c) {
+  return {
+    checkId: c.checkId,
+    status: statusOut(c.status),
+    evaluation: evaluationOut(c.evaluation),
+    runsConsidered: c.runsConsidered,
+    lastRunAt: timestampOut(c.lastRunAt),
+    thresholds: thresholdsOut(c.thresholds),
+    enabled: c.enabled,
+    flapping: c.flapping,
+    flappingSettings: c.flappingSettings ?? null,
+  };
+}
+
+function windowOut(w) {
+  return { startsAt: timestampOut(w.startsAt), endsAt: timestampOut(w.endsAt), reason: w.reason };
+}
+
 function systemOut(s) {
+  if (!s) return null;
   return {
     systemId: s.systemId,
     status: statusOut(s.status),
-    checks: s.checks.map((c) => ({
-      checkId: c.checkId,
-      status: statusOut(c.status),
-      evaluation: evaluationOut(c.evaluation),
-      runsConsidered: c.runsConsidered,
-      lastRunAt: timestampOut(c.lastRunAt),
-      thresholds: thresholdsOut(c.thresholds),
-      enabled: c.enabled,
-    })),
+    checks: s.checks.map(checkOut),
     evaluatedAt: timestampOut(s.evaluatedAt),
+    maintenanceWindows: s.maintenanceWindows.map(windowOut),
+    inMaintenance: s.inMaintenance,
+    dependsOn: [...s.dependsOn],
   };
 }
 
@@ -141,6 +157,10 @@ function transitionOut(t) {
     toStatus: statusOut(t.toStatus),
     transitionedAt: timestampOut(t.transitionedAt),
     evaluation: evaluationOut(t.evaluation),
+    checkDeleted: t.checkDeleted,
+    inMaintenance: t.inMaintenance,
+    flapping: t.flapping,
+    causedBy: [...t.causedBy],
   };
 }
 
@@ -243,6 +263,105 @@ export class VitalsClient {
   /** The stored health of a system; rejects with SystemNotFound for an unknown one. */
   async getSystemHealth(systemId, { timeoutMs } = {}) {
     const r = await this.#unary('GetSystemHealth', { systemId }, timeoutMs);
+    return systemOut(r.systemHealth);
+  }
+
+  /**
+   * Creates or updates a check; undefined leaves a setting as it is.
+   * @param {string} systemId
+   * @param {string} checkId
+   * @param {object} [change]
+   * @param {{consecutive?: object, window?: object}} [change.thresholds]
+   * @param {boolean} [change.enabled]
+   * @param {{runs: number, startChanges: number, stopChanges: number} | false} [change.flapping]
+   *   settings turn flapping detection on, false turns it off
+   */
+  async configureCheck(systemId, checkId, { thresholds, enabled, flapping } = {}, { timeoutMs } = {}) {
+    const request = { systemId, checkId };
+    if (thresholds) request.thresholds = thresholds;
+    if (enabled !== undefined) request.enabled = enabled;
+    if (flapping === false) request.flapping = { runs: 0, startChanges: 0, stopChanges: 0 };
+    else if (flapping) request.flapping = flapping;
+    const r = await this.#unary('ConfigureCheck', request, timeoutMs);
+    return { check: checkOut(r.check), systemHealth: systemOut(r.systemHealth), transition: transitionOut(r.transition) };
+  }
+
+  /**
+   * Every stored system (with `status`, whose id starts with `prefix`), in
+   * byte order of their ids, fetching pages as it goes.
+   * @returns {AsyncGenerator<object>}
+   */
+  async *listSystems({ status, prefix = '', pageSize = 0 } = {}, { timeoutMs } = {}) {
+    let pageToken = '';
+    do {
+      const request = { systemIdPrefix: prefix, pageSize, pageToken };
+      if (status !== undefined) request.status = statusIn(status);
+      const r = await this.#unary('ListSystems', request, timeoutMs);
+      for (const s of r.systems) {
+        yield {
+          systemId: s.systemId,
+          status: statusOut(s.status),
+          checkCount: s.checkCount,
+          lastRunAt: timestampOut(s.lastRunAt),
+          inMaintenance: s.inMaintenance,
+          flapping: s.flapping,
+          evaluatedAt: timestampOut(s.evaluatedAt),
+        };
+      }
+      pageToken = r.nextPageToken;
+    } while (pageToken);
+  }
+
+  /** Deletes a check and its runs; deleting what is gone resolves with deleted: false. */
+  async deleteCheck(systemId, checkId, { timeoutMs } = {}) {
+    const r = await this.#unary('DeleteCheck', { systemId, checkId }, timeoutMs);
+    return { deleted: r.deleted, systemHealth: systemOut(r.systemHealth), transition: transitionOut(r.transition) };
+  }
+
+  /** Deletes a system (its transitions stay); resolves false when there was none. */
+  async deleteSystem(systemId, { timeoutMs } = {}) {
+    const r = await this.#unary('DeleteSystem', { systemId }, timeoutMs);
+    return r.deleted;
+  }
+
+  /**
+   * Schedules a maintenance window (from now without startsAt); one it
+   * overlaps or touches is merged with it.
+   */
+  async setMaintenance(systemId, { endsAt, startsAt, reason = '' }, { timeoutMs } = {}) {
+    const request = { systemId, endsAt: timestampIn(endsAt), reason };
+    if (startsAt !== undefined) request.startsAt = timestampIn(startsAt);
+    const r = await this.#unary('SetMaintenance', request, timeoutMs);
+    return { window: windowOut(r.window), systemHealth: systemOut(r.systemHealth) };
+  }
+
+  /** Ends the open maintenance window now and removes upcoming ones. */
+  async clearMaintenance(systemId, { timeoutMs } = {}) {
+    const r = await this.#unary('ClearMaintenance', { systemId }, timeoutMs);
+    return { cleared: r.cleared, systemHealth: systemOut(r.systemHealth) };
+  }
+
+  /** Time per status over `windowMs` ending now (capped at 90 days); durations in ms. */
+  async getUptime(systemId, windowMs, { timeoutMs } = {}) {
+    const r = await this.#unary('GetUptime', { systemId, window: durationIn(windowMs, 'windowMs') }, timeoutMs);
+    return {
+      systemId: r.systemId,
+      windowStart: timestampOut(r.windowStart),
+      windowEnd: timestampOut(r.windowEnd),
+      countedFrom: timestampOut(r.countedFrom),
+      healthyMs: durationOut(r.healthy),
+      degradedMs: durationOut(r.degraded),
+      unhealthyMs: durationOut(r.unhealthy),
+      maintenanceMs: durationOut(r.maintenance),
+      healthyPercent: r.healthyPercent,
+      degradedPercent: r.degradedPercent,
+      unhealthyPercent: r.unhealthyPercent,
+    };
+  }
+
+  /** Sets what a system depends on; a cycle rejects with InvalidArgument on depends_on. */
+  async configureSystem(systemId, dependsOn, { timeoutMs } = {}) {
+    const r = await this.#unary('ConfigureSystem', { systemId, dependsOn }, timeoutMs);
     return systemOut(r.systemHealth);
   }
 

@@ -26,7 +26,14 @@ from ._gen.vitals.v1 import health_pb2_grpc, lock_pb2_grpc
 from .errors import VitalsError, from_rpc_error
 from .lock import Lock
 from .types import (
+    ClearMaintenanceResult,
     ConfigureCheckResult,
+    DeleteCheckResult,
+    FlappingSettings,
+    MaintenanceWindow,
+    SetMaintenanceResult,
+    SystemSummary,
+    Uptime,
     EvaluationResult,
     Evaluation,
     HealthStatus,
@@ -219,16 +226,24 @@ class Client:
         check_id: str,
         thresholds: Optional[Thresholds] = None,
         enabled: Optional[bool] = None,
+        flapping: Optional[FlappingSettings | bool] = None,
         *,
         timeout: Optional[float] = None,
     ) -> ConfigureCheckResult:
         """Creates or updates a check. None leaves a setting as it is (the
-        defaults for a new check)."""
+        defaults for a new check). `flapping`: FlappingSettings turn flapping
+        detection on, False turns it off."""
         request = pb.ConfigureCheckRequest(system_id=system_id, check_id=check_id)
         if thresholds is not None:
             request.thresholds.CopyFrom(thresholds_to_proto(thresholds))
         if enabled is not None:
             request.enabled = enabled
+        if flapping is False:
+            request.flapping.CopyFrom(pb.FlappingSettings())
+        elif isinstance(flapping, FlappingSettings):
+            request.flapping.CopyFrom(flapping.to_proto())
+        elif flapping is not None:
+            raise TypeError("flapping must be FlappingSettings, False or None")
         r = self._unary(self._health.ConfigureCheck, request, timeout)
         return ConfigureCheckResult(
             check=CheckHealth.from_proto(r.check),
@@ -280,14 +295,108 @@ class Client:
         system_id: Optional[str] = None,
         after_sequence: int = 0,
         *,
+        exclude_maintenance: bool = False,
+        exclude_flapping: bool = False,
         timeout: Optional[float] = None,
     ) -> TransitionWatch:
         """Follows transitions (of one system, when given): first the stored
         ones after `after_sequence`, then new ones as they commit, in sequence
         order. Iterate it; `cancel()` (from any thread) or leaving its `with`
-        block ends it. `timeout` is a deadline for the whole stream."""
-        request = pb.WatchTransitionsRequest(system_id=system_id or "", after_sequence=after_sequence)
+        block ends it. `timeout` is a deadline for the whole stream.
+        `exclude_maintenance` / `exclude_flapping` leave out transitions so
+        marked (a recovery of a problem the watcher was shown never is)."""
+        request = pb.WatchTransitionsRequest(
+            system_id=system_id or "",
+            after_sequence=after_sequence,
+            exclude_maintenance=exclude_maintenance,
+            exclude_flapping=exclude_flapping,
+        )
         return TransitionWatch(self._health.WatchTransitions(request, timeout=timeout))
+
+    def list_systems(
+        self,
+        status: Optional[StatusLike] = None,
+        prefix: str = "",
+        *,
+        page_size: int = 0,
+        timeout: Optional[float] = None,
+    ) -> Iterator[SystemSummary]:
+        """Every stored system (with `status`, whose id starts with
+        `prefix`), in byte order of their ids, fetching pages as it goes."""
+        token = ""
+        while True:
+            request = pb.ListSystemsRequest(
+                status=HealthStatus.parse(status) if status is not None else 0,
+                system_id_prefix=prefix,
+                page_size=page_size,
+                page_token=token,
+            )
+            r = self._unary(self._health.ListSystems, request, timeout)
+            yield from (SystemSummary.from_proto(m) for m in r.systems)
+            token = r.next_page_token
+            if not token:
+                return
+
+    def delete_check(self, system_id: str, check_id: str, *, timeout: Optional[float] = None) -> DeleteCheckResult:
+        """Deletes a check and its runs and re-evaluates its system. Deleting
+        what is gone is no error (`deleted=False`)."""
+        r = self._unary(
+            self._health.DeleteCheck, pb.DeleteCheckRequest(system_id=system_id, check_id=check_id), timeout
+        )
+        return DeleteCheckResult(
+            deleted=r.deleted,
+            system_health=SystemHealth.from_proto(r.system_health) if r.HasField("system_health") else None,
+            transition=Transition.from_proto(r.transition) if r.HasField("transition") else None,
+        )
+
+    def delete_system(self, system_id: str, *, timeout: Optional[float] = None) -> bool:
+        """Deletes a system (its transitions stay); False when there was none."""
+        r = self._unary(self._health.DeleteSystem, pb.DeleteSystemRequest(system_id=system_id), timeout)
+        return r.deleted
+
+    def set_maintenance(
+        self,
+        system_id: str,
+        ends_at: datetime,
+        starts_at: Optional[datetime] = None,
+        reason: str = "",
+        *,
+        timeout: Optional[float] = None,
+    ) -> SetMaintenanceResult:
+        """Schedules a maintenance window (from now when `starts_at` is None);
+        one it overlaps or touches is merged with it."""
+        request = pb.SetMaintenanceRequest(system_id=system_id, reason=reason)
+        request.ends_at.CopyFrom(timestamp_to_proto(ends_at))
+        if starts_at is not None:
+            request.starts_at.CopyFrom(timestamp_to_proto(starts_at))
+        r = self._unary(self._health.SetMaintenance, request, timeout)
+        return SetMaintenanceResult(
+            window=MaintenanceWindow.from_proto(r.window), system_health=SystemHealth.from_proto(r.system_health)
+        )
+
+    def clear_maintenance(self, system_id: str, *, timeout: Optional[float] = None) -> ClearMaintenanceResult:
+        """Ends the open maintenance window now and removes upcoming ones."""
+        r = self._unary(self._health.ClearMaintenance, pb.ClearMaintenanceRequest(system_id=system_id), timeout)
+        return ClearMaintenanceResult(
+            cleared=r.cleared,
+            system_health=SystemHealth.from_proto(r.system_health) if r.HasField("system_health") else None,
+        )
+
+    def get_uptime(self, system_id: str, window: timedelta | float, *, timeout: Optional[float] = None) -> Uptime:
+        """The system's time per status over `window` ending now (capped at
+        the 90 days transitions are kept)."""
+        request = pb.GetUptimeRequest(system_id=system_id)
+        request.window.CopyFrom(duration_to_proto(window))
+        return Uptime.from_proto(self._unary(self._health.GetUptime, request, timeout))
+
+    def configure_system(
+        self, system_id: str, depends_on: Iterable[str], *, timeout: Optional[float] = None
+    ) -> SystemHealth:
+        """Sets what a system depends on (replacing the list); a cycle raises
+        InvalidArgument naming `depends_on`."""
+        request = pb.ConfigureSystemRequest(system_id=system_id, depends_on=list(depends_on))
+        r = self._unary(self._health.ConfigureSystem, request, timeout)
+        return SystemHealth.from_proto(r.system_health)
 
     # -------------------------------------------------------------- locks
 

@@ -205,6 +205,44 @@ class Run:
 
 
 @dataclass(frozen=True)
+class FlappingSettings:
+    """Flapping detection of a check: it starts flapping at `start_changes`
+    status changes among its newest `runs` runs and stops only below
+    `stop_changes`."""
+
+    runs: int
+    start_changes: int
+    stop_changes: int
+
+    def to_proto(self) -> pb.FlappingSettings:
+        return pb.FlappingSettings(
+            runs=self.runs, start_changes=self.start_changes, stop_changes=self.stop_changes
+        )
+
+    @classmethod
+    def from_proto(cls, m: pb.FlappingSettings) -> FlappingSettings:
+        return cls(runs=m.runs, start_changes=m.start_changes, stop_changes=m.stop_changes)
+
+
+@dataclass(frozen=True)
+class MaintenanceWindow:
+    """A period in which a system's transitions are marked `in_maintenance`
+    and its time is left out of uptime percentages."""
+
+    starts_at: datetime
+    ends_at: datetime
+    reason: str = ""
+
+    @classmethod
+    def from_proto(cls, m: pb.MaintenanceWindow) -> MaintenanceWindow:
+        return cls(
+            starts_at=timestamp_from_proto(m.starts_at),
+            ends_at=timestamp_from_proto(m.ends_at),
+            reason=m.reason,
+        )
+
+
+@dataclass(frozen=True)
 class CheckHealth:
     """The health of one check."""
 
@@ -215,6 +253,10 @@ class CheckHealth:
     last_run_at: Optional[datetime]
     thresholds: Optional[Thresholds]
     enabled: bool
+    #: True while the check flaps (always False with detection off).
+    flapping: bool = False
+    #: The check's flapping detection; None when off.
+    flapping_settings: Optional[FlappingSettings] = None
 
     @classmethod
     def from_proto(cls, m: pb.CheckHealth) -> CheckHealth:
@@ -226,6 +268,10 @@ class CheckHealth:
             last_run_at=timestamp_from_proto(m.last_run_at) if m.HasField("last_run_at") else None,
             thresholds=thresholds_from_proto(m.thresholds) if m.HasField("thresholds") else None,
             enabled=m.enabled,
+            flapping=m.flapping,
+            flapping_settings=(
+                FlappingSettings.from_proto(m.flapping_settings) if m.HasField("flapping_settings") else None
+            ),
         )
 
 
@@ -237,6 +283,13 @@ class SystemHealth:
     status: HealthStatus
     checks: tuple[CheckHealth, ...] = field(default_factory=tuple)
     evaluated_at: Optional[datetime] = None
+    #: Open and upcoming maintenance windows (filled by get_system_health
+    #: and the maintenance calls; empty in the replies of runs and checks).
+    maintenance_windows: tuple[MaintenanceWindow, ...] = field(default_factory=tuple)
+    #: True while one of them is open.
+    in_maintenance: bool = False
+    #: The systems this one depends on.
+    depends_on: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
     def from_proto(cls, m: pb.SystemHealth) -> SystemHealth:
@@ -245,6 +298,9 @@ class SystemHealth:
             status=_enum(HealthStatus, m.status),
             checks=tuple(CheckHealth.from_proto(c) for c in m.checks),
             evaluated_at=timestamp_from_proto(m.evaluated_at) if m.HasField("evaluated_at") else None,
+            maintenance_windows=tuple(MaintenanceWindow.from_proto(w) for w in m.maintenance_windows),
+            in_maintenance=m.in_maintenance,
+            depends_on=tuple(m.depends_on),
         )
 
     def check(self, check_id: str) -> CheckHealth:
@@ -266,6 +322,14 @@ class Transition:
     to_status: HealthStatus
     transitioned_at: datetime
     evaluation: Optional[Evaluation]
+    #: Caused by deleting the check.
+    check_deleted: bool = False
+    #: Recorded during a maintenance window of the system.
+    in_maintenance: bool = False
+    #: Recorded while the causing check flapped.
+    flapping: bool = False
+    #: Dependencies already non-healthy when the system got worse.
+    caused_by: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
     def from_proto(cls, m: pb.HealthTransition) -> Transition:
@@ -277,6 +341,10 @@ class Transition:
             to_status=_enum(HealthStatus, m.to_status),
             transitioned_at=timestamp_from_proto(m.transitioned_at),
             evaluation=Evaluation.from_proto(m.evaluation) if m.HasField("evaluation") else None,
+            check_deleted=m.check_deleted,
+            in_maintenance=m.in_maintenance,
+            flapping=m.flapping,
+            caused_by=tuple(m.caused_by),
         )
 
 
@@ -300,3 +368,92 @@ class ConfigureCheckResult:
     system_health: SystemHealth
     #: Set only when the change altered the system's status.
     transition: Optional[Transition]
+
+
+@dataclass(frozen=True)
+class SystemSummary:
+    """One row of list_systems."""
+
+    system_id: str
+    status: HealthStatus
+    check_count: int
+    last_run_at: Optional[datetime]
+    in_maintenance: bool
+    flapping: bool
+    evaluated_at: Optional[datetime]
+
+    @classmethod
+    def from_proto(cls, m: pb.SystemSummary) -> SystemSummary:
+        return cls(
+            system_id=m.system_id,
+            status=_enum(HealthStatus, m.status),
+            check_count=m.check_count,
+            last_run_at=timestamp_from_proto(m.last_run_at) if m.HasField("last_run_at") else None,
+            in_maintenance=m.in_maintenance,
+            flapping=m.flapping,
+            evaluated_at=timestamp_from_proto(m.evaluated_at) if m.HasField("evaluated_at") else None,
+        )
+
+
+@dataclass(frozen=True)
+class DeleteCheckResult:
+    """What DeleteCheck did."""
+
+    #: False when there was nothing to delete.
+    deleted: bool
+    #: The system without the check; None when the system does not exist.
+    system_health: Optional[SystemHealth]
+    #: Set only when removing the check changed the system's status.
+    transition: Optional[Transition]
+
+
+@dataclass(frozen=True)
+class SetMaintenanceResult:
+    """What SetMaintenance did."""
+
+    #: The window as stored, merged with those it overlapped or touched.
+    window: MaintenanceWindow
+    system_health: SystemHealth
+
+
+@dataclass(frozen=True)
+class ClearMaintenanceResult:
+    """What ClearMaintenance did."""
+
+    #: Windows ended (the open one) or removed (upcoming ones).
+    cleared: int
+    #: None when the system does not exist.
+    system_health: Optional[SystemHealth]
+
+
+@dataclass(frozen=True)
+class Uptime:
+    """A system's time per status over a window ending now."""
+
+    system_id: str
+    window_start: datetime
+    window_end: datetime
+    counted_from: datetime
+    healthy: timedelta
+    degraded: timedelta
+    unhealthy: timedelta
+    maintenance: timedelta
+    healthy_percent: float
+    degraded_percent: float
+    unhealthy_percent: float
+
+    @classmethod
+    def from_proto(cls, m: pb.GetUptimeResponse) -> Uptime:
+        return cls(
+            system_id=m.system_id,
+            window_start=timestamp_from_proto(m.window_start),
+            window_end=timestamp_from_proto(m.window_end),
+            counted_from=timestamp_from_proto(m.counted_from),
+            healthy=m.healthy.ToTimedelta(),
+            degraded=m.degraded.ToTimedelta(),
+            unhealthy=m.unhealthy.ToTimedelta(),
+            maintenance=m.maintenance.ToTimedelta(),
+            healthy_percent=m.healthy_percent,
+            degraded_percent=m.degraded_percent,
+            unhealthy_percent=m.unhealthy_percent,
+        )
