@@ -646,6 +646,10 @@ mod tests {
                 system_id: "s".into(),
                 limit: 1,
             },
+            Error::TooManyWindows {
+                system_id: "s".into(),
+                limit: 1,
+            },
             Error::LockNotAvailable { key: "k".into() },
             Error::LockLost {
                 key: "k".into(),

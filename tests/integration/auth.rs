@@ -89,14 +89,23 @@ fn authed<T>(message: T, token: Option<&str>) -> Request<T> {
 }
 
 /// Every RPC of ours, by name, and the scope it needs.
-const RPCS: [(&str, &str); 8] = [
+/// DeleteSystem comes last of the health RPCs: the others need the system.
+const RPCS: [(&str, &str); 16] = [
     ("EvaluateHealth", "health.read"),
     ("GetSystemHealth", "health.read"),
     ("ListRuns", "health.read"),
     ("ListTransitions", "health.read"),
     ("WatchTransitions", "health.read"),
+    ("ListSystems", "health.read"),
+    ("GetUptime", "health.read"),
     ("SubmitRun", "health.write"),
     ("ConfigureCheck", "health.admin"),
+    ("SetMaintenance", "health.admin"),
+    ("ClearMaintenance", "health.admin"),
+    ("ConfigureSystem", "health.admin"),
+    ("DeleteCheck", "health.admin"),
+    ("GetSystemHealth", "health.read"),
+    ("DeleteSystem", "health.admin"),
     ("WithLock", "locks"),
 ];
 
@@ -162,6 +171,68 @@ async fn call(channel: &Channel, rpc: &str, system: &str, token: Option<&str>) -
                 },
                 token,
             ))
+            .await
+            .map(drop),
+        "ListSystems" => health
+            .list_systems(authed(
+                proto::ListSystemsRequest {
+                    system_id_prefix: system_id,
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "GetUptime" => health
+            .get_uptime(authed(
+                proto::GetUptimeRequest {
+                    system_id,
+                    window: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "SetMaintenance" => health
+            .set_maintenance(authed(
+                proto::SetMaintenanceRequest {
+                    system_id,
+                    ends_at: Some(prost_types::Timestamp {
+                        seconds: chrono::Utc::now().timestamp() + 3600,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "ClearMaintenance" => health
+            .clear_maintenance(authed(proto::ClearMaintenanceRequest { system_id }, token))
+            .await
+            .map(drop),
+        "ConfigureSystem" => health
+            .configure_system(authed(
+                proto::ConfigureSystemRequest {
+                    system_id,
+                    depends_on: Vec::new(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "DeleteCheck" => health
+            .delete_check(authed(
+                proto::DeleteCheckRequest {
+                    system_id,
+                    check_id: "c".into(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        "DeleteSystem" => health
+            .delete_system(authed(proto::DeleteSystemRequest { system_id }, token))
             .await
             .map(drop),
         "WithLock" => {
@@ -257,6 +328,12 @@ async fn namespaces_bound_the_systems_and_lock_keys_a_principal_touches(backend:
             "ListRuns",
             "ListTransitions",
             "WatchTransitions",
+            "GetUptime",
+            "SetMaintenance",
+            "ClearMaintenance",
+            "ConfigureSystem",
+            "DeleteCheck",
+            "DeleteSystem",
         ] {
             let status = call(&channel, rpc, system, token).await.expect_err(rpc);
             let info = assert_reason(&status, Code::PermissionDenied, "PERMISSION_DENIED");
@@ -267,6 +344,19 @@ async fn namespaces_bound_the_systems_and_lock_keys_a_principal_touches(backend:
             );
         }
     }
+    // Naming a dependency outside the namespace would show its state.
+    let status = HealthCheckServiceClient::new(channel.clone())
+        .configure_system(authed(
+            proto::ConfigureSystemRequest {
+                system_id: "ledger".into(),
+                depends_on: vec!["billing".into()],
+            },
+            token,
+        ))
+        .await
+        .expect_err("a dependency outside the namespace");
+    let info = assert_reason(&status, Code::PermissionDenied, "PERMISSION_DENIED");
+    assert_eq!(info.metadata.get("system_id").map(String::as_str), Some("billing"));
     let status = call(&channel, "WithLock", "billing", token)
         .await
         .expect_err("WithLock");
@@ -347,6 +437,29 @@ async fn listings_and_watches_of_every_system_show_only_the_principals_systems(b
         page_token = page.next_page_token;
     }
     assert_eq!(listed, ["mine-2", "mine-1"]);
+    // ListSystems pages the same way: every page followed, only the caller's.
+    let mut systems_listed = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_systems(authed(
+                proto::ListSystemsRequest {
+                    page_size: 2,
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                },
+                Some("t-narrow"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        systems_listed.extend(page.systems.into_iter().map(|s| s.system_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(systems_listed, ["mine-1", "mine-2"]);
     // The last transition of a system the caller may not read passed the
     // watch unseen: the next one it sees is its own.
     let mut run = submit("mine-1-healthy", "mine-1");
