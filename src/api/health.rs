@@ -470,7 +470,9 @@ impl HealthCheckService for HealthApi {
         let deadline = RequestDeadline::of(&request);
         let access = Access::of(&request)?;
         let req = request.into_inner();
+        // At the stored precision: the window replied is the window stored.
         let now = chrono::Utc::now();
+        let now = chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
         let mut v = Violations::default();
         let system_id = v.take(SystemId::parse("system_id", req.system_id));
         let starts_at = match &req.starts_at {

@@ -149,11 +149,10 @@ mod tests {
         #[test]
         fn flapping_is_monotonic_in_the_previous_state_and_bounded_by_the_two_thresholds(
             statuses in proptest::collection::vec(status(), 0..40),
-            runs in 3u32..=30,
-            start in 2u32..30,
-            stop in 1u32..30,
+            (runs, start, stop) in (3u32..=30)
+                .prop_flat_map(|runs| (Just(runs), 2..runs))
+                .prop_flat_map(|(runs, start)| (Just(runs), Just(start), 1..=start)),
         ) {
-            prop_assume!(start < runs && stop <= start);
             let settings = FlappingSettings { runs, start_changes: start, stop_changes: stop };
             prop_assert_eq!(settings.validate("f"), Ok(()));
             let changes = status_changes(&statuses, runs);

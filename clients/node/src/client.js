@@ -69,8 +69,8 @@ const statusOut = strip(STATUS_PREFIX);
 const modeOut = strip('EVALUATION_MODE_');
 const ruleOut = strip('EVALUATION_RULE_');
 
-function timestampIn(date) {
-  if (!(date instanceof Date) || Number.isNaN(date.getTime())) throw new TypeError('observedAt must be a valid Date');
+function timestampIn(date, what = 'observedAt') {
+  if (!(date instanceof Date) || Number.isNaN(date.getTime())) throw new TypeError(`${what} must be a valid Date`);
   const ms = date.getTime();
   return { seconds: String(Math.floor(ms / 1000)), nanos: (((ms % 1000) + 1000) % 1000) * 1e6 };
 }
@@ -329,8 +329,8 @@ export class VitalsClient {
    * overlaps or touches is merged with it.
    */
   async setMaintenance(systemId, { endsAt, startsAt, reason = '' }, { timeoutMs } = {}) {
-    const request = { systemId, endsAt: timestampIn(endsAt), reason };
-    if (startsAt !== undefined) request.startsAt = timestampIn(startsAt);
+    const request = { systemId, endsAt: timestampIn(endsAt, 'endsAt'), reason };
+    if (startsAt !== undefined) request.startsAt = timestampIn(startsAt, 'startsAt');
     const r = await this.#unary('SetMaintenance', request, timeoutMs);
     return { window: windowOut(r.window), systemHealth: systemOut(r.systemHealth) };
   }
