@@ -511,7 +511,7 @@ pub(crate) fn refuse_cycle(system_id: &SystemId, depends_on: &[SystemId], edges:
         None => Ok(()),
         Some(cycle) => Err(Error::invalid(
             "depends_on",
-            format!("would close the dependency cycle {}", cycle.join(" -> ")),
+            format!("would close a dependency cycle: {}", cycle.join(", ")),
         )),
     }
 }

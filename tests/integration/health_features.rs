@@ -949,7 +949,7 @@ async fn a_dependency_that_would_close_a_cycle_is_refused_naming_depends_on_and_
     let cycle = fields(depend(&mut client, "db", &["web"]).await.unwrap_err());
     assert_eq!(cycle.len(), 1);
     assert_eq!(cycle[0].0, "depends_on");
-    assert!(cycle[0].1.contains("db -> web -> api -> db"), "{}", cycle[0].1);
+    assert!(cycle[0].1.ends_with("cycle: db, web, api, db"), "{}", cycle[0].1);
     let own = fields(depend(&mut client, "db", &["db"]).await.unwrap_err());
     assert_eq!(own[0].0, "depends_on");
     let err = client
