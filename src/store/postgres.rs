@@ -913,10 +913,8 @@ impl Statements for PgStore {
             resolves: write.resolves,
             transition_flapping: write.flapping,
         };
-        // A group writes neither a transition's flags nor a check's flapping
-        // state (see the `batch` module): such writes, rare, go alone, as a
-        // configuration change does.
-        if member.run.is_none() || member.transition_from.is_some() || check.flapping_settings.is_some() {
+        if member.run.is_none() {
+            // A configuration change: rare, and alone.
             return batch::write_one(conn, &member).await;
         }
         self.batcher.write(conn, member).await

@@ -74,9 +74,9 @@ pub(super) struct Member {
     /// The run (none: a configuration change, never grouped).
     pub(super) run: Option<MemberRun>,
     pub(super) transition_from: Option<i16>,
-    /// The check's flapping settings, encoded; "" (off) in a group.
+    /// The check's flapping settings, encoded ("" when off).
     pub(super) flapping_settings: String,
-    /// Whether the check flaps; false in a group.
+    /// Whether the check flaps.
     pub(super) flapping: bool,
     /// The transition resolves an announced problem (see [`sql::WRITE_SYSTEM`]).
     pub(super) resolves: bool,
@@ -333,15 +333,7 @@ fn applied(rows: &[PgRow], system_id: &str) -> Result<Written> {
         .ok_or(Error::Invariant(
             "a group write that was not refused wrote each of its systems",
         ))?;
-    // Members with a transition are written alone (see `PgStore::write`):
-    // a group's carry no flags.
-    let sequence: Option<i64> = row.try_get("sequence")?;
-    Ok(Written::Applied {
-        at: row.try_get("evaluated_at")?,
-        sequence: sequence.map(|s| u64::try_from(s).unwrap_or(0)),
-        in_maintenance: false,
-        caused_by: Vec::new(),
-    })
+    super::written_from_row(row)
 }
 
 /// Resolves once no member of a group waits for its answer any more.
@@ -458,6 +450,10 @@ async fn write_group(conn: &mut WriteConnection, members: &[Member]) -> std::res
         .map(|m| m.run.as_ref().and_then(|r| r.latency_us))
         .collect();
     let from: Vec<Option<i16>> = members.iter().map(|m| m.transition_from).collect();
+    let resolves: Vec<bool> = members.iter().map(|m| m.resolves).collect();
+    let transition_flapping: Vec<bool> = members.iter().map(|m| m.transition_flapping).collect();
+    let flapping_settings = column(&|m| m.flapping_settings.clone());
+    let flapping: Vec<bool> = members.iter().map(|m| m.flapping).collect();
 
     let Some(target) = conn.start() else {
         return Err(sqlx::Error::PoolClosed);
@@ -480,6 +476,10 @@ async fn write_group(conn: &mut WriteConnection, members: &[Member]) -> std::res
         .bind(&latencies)
         .bind(&messages)
         .bind(&from)
+        .bind(&resolves)
+        .bind(&transition_flapping)
+        .bind(&flapping_settings)
+        .bind(&flapping)
         .fetch_all(target)
         .await;
     conn.done();

@@ -200,9 +200,13 @@ pub const REMOVE_CHECK: &str = concat!(
 /// [`WRITE_SYSTEM`]'s parameters (`$1` system ids .. `$11` run windows, `$12`
 /// run ids .. `$16` messages; every element has a run), then `$17` the
 /// status before for a system whose status changes, `NULL` for one whose
-/// status does not. Returns a row per system: its id, the time of the write
-/// and its transition's sequence. Fails as a whole, writing nothing, where
-/// [`WRITE_SYSTEM`] fails for any one system.
+/// status does not, `$18` whether that transition resolves an announced
+/// problem, `$19` whether it carries `flapping`, `$20` and `$21` the check's
+/// flapping settings and state. Returns a row per system: its id, the time
+/// of the write, its transition's sequence and the flags decided for it as
+/// [`WRITE_SYSTEM`] decides them (read only for members with a transition).
+/// Fails as a whole, writing nothing, where [`WRITE_SYSTEM`] fails for any
+/// one system.
 ///
 /// A row another session holds is waited for at most 100 ms (or the
 /// session's `lock_timeout`, when shorter), not the session's
@@ -215,34 +219,50 @@ pub const REMOVE_CHECK: &str = concat!(
 pub const WRITE_SYSTEMS: &str = "WITH input AS MATERIALIZED ( \
         SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::int8[], $5::text[], $6::bool[], \
             $7::int2[], $8::text[], $9::int4[], $10::timestamptz[], $11::text[], $12::text[], $13::int2[], \
-            $14::timestamptz[], $15::int8[], $16::text[], $17::int2[]) \
+            $14::timestamptz[], $15::int8[], $16::text[], $17::int2[], $18::bool[], $19::bool[], $20::text[], \
+            $21::bool[]) \
         AS i(system_id, check_id, status, version, thresholds, enabled, check_status, evaluation, \
              runs_considered, last_run_at, run_window, run_id, run_status, observed_at, latency_us, message, \
-             from_status) \
+             from_status, resolves, transition_flapping, flapping_settings, flapping) \
         WHERE set_config('lock_timeout', \
             CASE WHEN current_setting('lock_timeout')::interval < interval '100 ms' \
                  THEN current_setting('lock_timeout') ELSE '100ms' END, true) IS NOT NULL), \
+    flag AS MATERIALIZED ( \
+        SELECT f.system_id, f.in_maintenance, \
+               f.from_status IS NOT NULL AND NOT f.transition_flapping AND NOT f.in_maintenance AS announced, \
+               CASE WHEN f.status > f.from_status THEN coalesce(( \
+                   SELECT string_agg(d.depends_on, E'\\x1f' ORDER BY d.depends_on COLLATE \"C\") \
+                   FROM system_dependencies d JOIN systems x ON x.system_id = d.depends_on \
+                   WHERE d.system_id = f.system_id AND x.status <> 1), '') ELSE '' END AS caused_by \
+        FROM (SELECT i.system_id, i.status, i.from_status, i.transition_flapping, \
+                     CASE WHEN i.from_status IS NOT NULL AND NOT i.resolves THEN EXISTS ( \
+                         SELECT FROM maintenance_windows m WHERE m.system_id = i.system_id \
+                         AND m.starts_at <= now() AND m.ends_at > now()) ELSE false END AS in_maintenance \
+              FROM input i) f), \
     run AS ( \
         INSERT INTO runs (run_id, system_id, check_id, status, observed_at, latency_us, message, recorded_at) \
         SELECT run_id, system_id, check_id, run_status, observed_at, latency_us, message, now() \
         FROM input ORDER BY system_id COLLATE \"C\" \
         RETURNING run_id), \
     sys AS ( \
-        INSERT INTO systems AS s (system_id, status, evaluated_at, version) \
-        SELECT system_id, status, now(), 1 FROM input \
-        WHERE (SELECT count(*) FROM run) = (SELECT count(*) FROM input) ORDER BY system_id COLLATE \"C\" \
+        INSERT INTO systems AS s (system_id, status, evaluated_at, version, announced_status) \
+        SELECT i.system_id, i.status, now(), 1, CASE WHEN f.announced THEN i.status ELSE 1 END \
+        FROM input i JOIN flag f ON f.system_id = i.system_id \
+        WHERE (SELECT count(*) FROM run) = (SELECT count(*) FROM input) ORDER BY i.system_id COLLATE \"C\" \
         ON CONFLICT (system_id) DO UPDATE \
             SET status = excluded.status, evaluated_at = excluded.evaluated_at, \
                 version = CASE WHEN s.version = \
                     (SELECT i.version FROM input i WHERE i.system_id = s.system_id) \
-                    THEN s.version + 1 ELSE 0 END \
+                    THEN s.version + 1 ELSE 0 END, \
+                announced_status = CASE WHEN (SELECT f.announced FROM flag f WHERE f.system_id = s.system_id) \
+                    THEN excluded.status ELSE s.announced_status END \
         RETURNING s.system_id, s.evaluated_at), \
     chk AS ( \
         INSERT INTO checks AS c \
             (system_id, check_id, thresholds, enabled, status, evaluation, runs_considered, last_run_at, \
-             run_window, updated_at) \
+             run_window, updated_at, flapping_settings, flapping) \
         SELECT i.system_id, i.check_id, i.thresholds, i.enabled, i.check_status, i.evaluation, \
-               i.runs_considered, i.last_run_at, i.run_window, w.evaluated_at \
+               i.runs_considered, i.last_run_at, i.run_window, w.evaluated_at, i.flapping_settings, i.flapping \
         FROM input i JOIN (SELECT max(evaluated_at) AS evaluated_at, count(*) AS written FROM sys) w \
             ON w.written = (SELECT count(*) FROM input) \
         ORDER BY i.system_id COLLATE \"C\" \
@@ -250,26 +270,30 @@ pub const WRITE_SYSTEMS: &str = "WITH input AS MATERIALIZED ( \
             SET thresholds = excluded.thresholds, enabled = excluded.enabled, status = excluded.status, \
                 evaluation = excluded.evaluation, runs_considered = excluded.runs_considered, \
                 last_run_at = excluded.last_run_at, run_window = excluded.run_window, \
-                updated_at = excluded.updated_at \
+                updated_at = excluded.updated_at, flapping_settings = excluded.flapping_settings, \
+                flapping = excluded.flapping \
         RETURNING c.system_id), \
     changed AS ( \
         SELECT i.system_id, i.check_id, i.from_status, i.status, i.evaluation, i.run_id, \
+               f.in_maintenance, i.transition_flapping, f.caused_by, \
                row_number() OVER (ORDER BY i.system_id COLLATE \"C\") AS n, count(*) OVER () AS how_many \
-        FROM input i WHERE i.from_status IS NOT NULL), \
+        FROM input i JOIN flag f ON f.system_id = i.system_id WHERE i.from_status IS NOT NULL), \
     seq AS ( \
         UPDATE transition_sequence SET last = last + (SELECT count(*) FROM changed) \
         WHERE EXISTS (SELECT FROM changed) AND (SELECT count(*) FROM chk) = (SELECT count(*) FROM input) \
         RETURNING last), \
     tr AS ( \
         INSERT INTO transitions \
-            (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, run_id) \
+            (sequence, system_id, check_id, from_status, to_status, transitioned_at, evaluation, run_id, \
+             in_maintenance, flapping, caused_by) \
         SELECT seq.last - t.how_many + t.n, t.system_id, t.check_id, t.from_status, t.status, \
-               sys.evaluated_at, t.evaluation, t.run_id \
+               sys.evaluated_at, t.evaluation, t.run_id, t.in_maintenance, t.transition_flapping, t.caused_by \
         FROM changed t JOIN sys ON sys.system_id = t.system_id CROSS JOIN seq \
         ORDER BY t.n \
-        RETURNING system_id, sequence), \
+        RETURNING system_id, sequence, in_maintenance, caused_by), \
     notified AS (SELECT pg_notify('vitals_transitions', sequence::text) FROM tr) \
-    SELECT sys.system_id, sys.evaluated_at, tr.sequence, (SELECT count(*) FROM notified) AS notified \
+    SELECT sys.system_id, sys.evaluated_at, tr.sequence, tr.in_maintenance, tr.caused_by, \
+           (SELECT count(*) FROM notified) AS notified \
     FROM sys LEFT JOIN tr ON tr.system_id = sys.system_id";
 
 /// The transitions of all systems after a sequence: `$1` NULL, `$2` the
@@ -313,7 +337,7 @@ mod tests {
     fn each_statement_numbers_the_parameters_its_documentation_lists() {
         assert_eq!(highest_parameter(LOAD_SYSTEM), 2);
         assert_eq!(highest_parameter(WRITE_SYSTEM), 22);
-        assert_eq!(highest_parameter(WRITE_SYSTEMS), 17);
+        assert_eq!(highest_parameter(WRITE_SYSTEMS), 21);
         assert_eq!(highest_parameter(REMOVE_CHECK), 8);
         assert_eq!(highest_parameter(TRANSITIONS_AFTER), 3);
         assert_eq!(highest_parameter(TRANSITIONS_AFTER_OF_SYSTEM), 3);
