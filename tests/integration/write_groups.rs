@@ -338,3 +338,50 @@ async fn a_group_task_whose_connection_was_killed_takes_another_for_the_next_gro
     sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
     database.close().await;
 }
+
+#[tokio::test]
+async fn transitions_written_in_a_group_carry_the_maintenance_and_dependency_flags_a_write_of_their_own_would() {
+    let db = TestDb::postgres().await;
+    let (database, store) = open_store(&db).await;
+    let id = |s: &str| SystemId::parse("system_id", s.to_owned()).unwrap();
+    // `root` is already degraded; `child` depends on it; `quiet` is in a
+    // maintenance window that opened a minute ago.
+    for run in ["root-0", "root-1"] {
+        submit(&store, new_run("root", "c", run, Status::Unhealthy, 60)).await;
+    }
+    store.configure_system(&id("child"), &[id("root")]).await.unwrap();
+    let window = vitals::domain::MaintenanceWindow {
+        starts_at: Utc::now() - TimeDelta::minutes(1),
+        ends_at: Utc::now() + TimeDelta::hours(1),
+        reason: String::new(),
+    };
+    store.set_maintenance(&id("quiet"), window).await.unwrap();
+    for system in ["child", "quiet"] {
+        submit(
+            &store,
+            new_run(system, "c", &format!("{system}-0"), Status::Unhealthy, 50),
+        )
+        .await;
+    }
+    let before = store.write_groups();
+    let queued = ["child", "quiet"]
+        .iter()
+        .map(|system| new_run(system, "c", &format!("{system}-1"), Status::Unhealthy, 40))
+        .collect();
+    let outcomes = queued_behind_a_stall(&db, &store, queued).await;
+    let groups = store.write_groups();
+    assert_eq!(
+        groups.applied - before.applied,
+        1,
+        "one statement stored both: {groups:?}"
+    );
+    let mut outcomes = outcomes.into_iter().map(|o| o.unwrap().transition.unwrap());
+    let child = outcomes.next().unwrap();
+    assert_eq!(
+        (child.caused_by.clone(), child.in_maintenance),
+        (vec!["root".to_owned()], false)
+    );
+    let quiet = outcomes.next().unwrap();
+    assert_eq!((quiet.caused_by.is_empty(), quiet.in_maintenance), (true, true));
+    database.close().await;
+}
