@@ -24,9 +24,12 @@ type Client = HealthCheckServiceClient<Channel>;
 
 // ---- helpers ----
 
-/// Whole seconds an hour ago, so offsets never pass the 5-minute future limit.
+/// Whole seconds an hour before the first call, the same for every call of
+/// the test binary (a test that reads it twice must not see the clock tick
+/// between), so offsets never pass the 5-minute future limit.
 fn base_time() -> i64 {
-    chrono::Utc::now().timestamp() - 3600
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| chrono::Utc::now().timestamp() - 3600)
 }
 
 fn run(system: &str, check: &str, run_id: &str, status: HealthStatus, second: i64) -> SubmitRunRequest {
