@@ -435,8 +435,9 @@ impl Pools {
         self.check_lock_capacity(config).await?;
         self.log_encryption().await?;
         let available = i64::from(max_connections) - i64::from(superuser_reserved) - i64::from(reserved);
-        // Plus the LISTEN connection and the readiness probe's.
-        let wanted = i64::from(config.pool_max) + i64::from(config.lock_pool_max) + 2;
+        // Plus the LISTEN connection, the readiness probe's and the lock
+        // session that holds shared locks.
+        let wanted = i64::from(config.pool_max) + i64::from(config.lock_pool_max) + 3;
         tracing::info!(
             work_pool_max = config.pool_max,
             lock_pool_max = config.lock_pool_max,

@@ -346,6 +346,7 @@ fn acquire_request(key: String) -> WithLockRequest {
             // Distinct keys: a grant never waits for a holder.
             wait_timeout: Some(prost_types::Duration { seconds: 10, nanos: 0 }),
             owner: "vitals-bench held locks".to_owned(),
+            ..Default::default()
         })),
     }
 }

@@ -236,6 +236,7 @@ pub(crate) async fn with_lock_once(
                 nanos: 0,
             }),
             owner: "vitals-bench".to_owned(),
+            ..Default::default()
         })),
     };
     tx.try_send(acquire)

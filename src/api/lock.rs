@@ -30,7 +30,7 @@ use crate::{
     auth::Access,
     domain::{FieldViolation, LockKey, Owner},
     error::Error,
-    lock::{ACQUIRE_MESSAGE_TIMEOUT, HeldLock, LEASE_LAPSED, Locks},
+    lock::{ACQUIRE_MESSAGE_TIMEOUT, HeldLock, LEASE_LAPSED, Locks, Mode},
     proto::{self, lock_service_server::LockService, with_lock_request::Action, with_lock_response::Event},
 };
 use chrono::Utc;
@@ -52,15 +52,38 @@ fn protocol(field: &str, description: &str) -> Status {
     Error::LockProtocol(FieldViolation::new(field, description)).into()
 }
 
-fn parse_acquire(acquire: proto::Acquire) -> Result<(LockKey, Option<Duration>, Owner), Error> {
+/// An `acquire`, parsed.
+struct Acquire {
+    key: LockKey,
+    wait: Option<Duration>,
+    owner: Owner,
+    mode: Mode,
+}
+
+fn parse_acquire(acquire: proto::Acquire) -> Result<Acquire, Error> {
     let mut v = Violations::default();
+    let mode = match proto::LockMode::try_from(acquire.mode) {
+        Ok(proto::LockMode::Unspecified | proto::LockMode::Exclusive) => Some(Mode::Exclusive),
+        Ok(proto::LockMode::Shared) => Some(Mode::Shared),
+        Err(_) => {
+            v.push("acquire.mode", "must be a LockMode");
+            None
+        }
+    };
     let key = v.take(LockKey::parse("acquire.key", acquire.key));
     let wait = match &acquire.wait_timeout {
         None => Some(None),
         Some(d) => v.take(duration_in("acquire.wait_timeout", d)).map(Some),
     };
     let owner = v.take(Owner::parse("acquire.owner", acquire.owner));
-    v.finish(|| Some((key?, wait?, owner?)))
+    v.finish(|| {
+        Some(Acquire {
+            key: key?,
+            wait: wait?,
+            owner: owner?,
+            mode: mode?,
+        })
+    })
 }
 
 #[tonic::async_trait]
@@ -94,7 +117,7 @@ impl LockService for LockApi {
         let Some(Action::Acquire(acquire)) = first.action else {
             return Err(protocol("action", "the first message must be acquire"));
         };
-        let (key, wait, owner) = parse_acquire(acquire)?;
+        let Acquire { key, wait, owner, mode } = parse_acquire(acquire)?;
         access.check_lock_key(key.as_str())?;
         let held = tokio::select! {
             // Shutdown first: a holder ended by shutdown hands its lock to
@@ -102,7 +125,7 @@ impl LockService for LockApi {
             // hear SHUTTING_DOWN, not be granted the lock.
             biased;
             () = &mut shutdown => return Err(Error::ShuttingDown.into()),
-            held = self.locks.acquire(permit, key, wait) => held?,
+            held = self.locks.acquire(permit, key, wait, mode) => held?,
         };
         // With authentication on, grants and releases are an audit record:
         // who held which key, with which token (the request id and principal

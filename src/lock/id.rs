@@ -41,6 +41,11 @@ pub const INTEREST_SPACE: i32 = 0x7669_7477;
 pub enum LockId {
     /// A client key: `pg_advisory_lock(hashtextextended('lock:' || key, 0))`.
     Client(i64),
+    /// A client key held shared: `pg_advisory_lock_shared` of the same
+    /// number. Another lock than [`LockId::Client`] to the lock table and the
+    /// sessions, which keep the two modes apart; the same lock to
+    /// PostgreSQL, which makes them exclude each other across sessions.
+    Shared(i64),
     /// vitals' own: `pg_advisory_lock(space, object)`.
     Internal {
         /// The first key.
@@ -60,6 +65,15 @@ impl LockId {
         LockId::Client(pghash::hashtextextended(&full, 0))
     }
 
+    /// The key's number in PostgreSQL's single-`bigint` space, whatever
+    /// the mode (`None` for vitals' own locks).
+    pub fn key_number(self) -> Option<i64> {
+        match self {
+            LockId::Client(h) | LockId::Shared(h) => Some(h),
+            LockId::Internal { .. } => None,
+        }
+    }
+
     /// The serialisation lock of a system.
     pub fn system(system_id: &str) -> Self {
         LockId::Internal {
@@ -71,7 +85,8 @@ impl LockId {
     /// The interest lock of this lock: `(INTEREST_SPACE, the returned int4)`.
     pub(super) fn interest(self) -> (i32, i32) {
         let folded = match self {
-            LockId::Client(h) => {
+            // Readers and writers of a key wait for the same lock.
+            LockId::Client(h) | LockId::Shared(h) => {
                 let h = h.cast_unsigned();
                 h ^ (h >> 32)
             }
@@ -92,7 +107,7 @@ impl LockId {
         let n = u64::try_from(n.max(1)).unwrap_or(1);
         let mixed = match self {
             // Already a well-mixed hash.
-            LockId::Client(h) => h.cast_unsigned(),
+            LockId::Client(h) | LockId::Shared(h) => h.cast_unsigned(),
             LockId::Internal { space, object } => (u64::from(space.cast_unsigned()) << 32
                 | u64::from(object.cast_unsigned()))
             .wrapping_mul(0x9E37_79B9_7F4A_7C15),

@@ -17,6 +17,7 @@
 //! - [`id`]: what a lock is called in PostgreSQL; client keys and vitals'
 //!   own locks live in advisory-lock spaces that cannot meet.
 //! - [`table`]: fair local queues, hand-off between local holders.
+//! - [`shared`]: a key's shared holders of one replica, held as one group.
 //! - [`session`]: the PostgreSQL sessions, batching, heartbeats, fencing
 //!   tokens, lease under faults.
 //! - [`embedded`]: the embedded store's fencing tokens.
@@ -25,6 +26,7 @@ pub mod embedded;
 pub mod id;
 mod pghash;
 pub mod session;
+pub mod shared;
 pub mod table;
 
 use std::{
@@ -42,6 +44,7 @@ pub use self::id::{CLIENT_KEY_PREFIX, LockId};
 use self::{
     embedded::FencingTokens,
     session::{SessionHold, Sessions, Timing, TryOutcome},
+    shared::{Member, Readers, Step},
     table::{Entry, FAIR_PAUSE, Owned, Release, Remote, Table, Tokens},
 };
 use crate::{
@@ -92,6 +95,8 @@ pub struct Locks {
 #[derive(Debug)]
 struct Inner {
     table: Table,
+    /// Shared holders, by key.
+    readers: Readers,
     backend: Backend,
     /// Client locks held, waited for or about to be asked for:
     /// `VITALS_MAX_LOCKS`.
@@ -150,10 +155,28 @@ pub struct LockPermit {
     _permit: OwnedSemaphorePermit,
 }
 
+/// How a client holds a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Alone.
+    Exclusive,
+    /// With other shared holders, never with an exclusive one.
+    Shared,
+}
+
+/// What a granted lock holds.
+#[derive(Debug)]
+enum Hold {
+    /// The key, alone.
+    Exclusive(Owned),
+    /// A place in the key's group of shared holders.
+    Shared(Member),
+}
+
 /// A client's granted lock. Dropping it releases it (or hands it to the
 /// next local waiter).
 pub struct HeldLock {
-    owned: Owned,
+    hold: Hold,
     key: LockKey,
     /// Strictly increasing across all grants.
     pub fencing_token: u64,
@@ -215,7 +238,8 @@ impl Locks {
         };
         Locks {
             inner: Arc::new(Inner {
-                table: Table::new(release),
+                table: Table::new(release.clone()),
+                readers: Readers::new(release),
                 backend,
                 budget: Arc::new(Semaphore::new(usize::try_from(config.max_locks).unwrap_or(10_000))),
                 lease: config.lock_lease(),
@@ -246,6 +270,15 @@ impl Locks {
             keys: self.inner.table.keys_in_use(),
             waiting: self.inner.table.waiting(),
         }
+    }
+
+    /// Shared holders of the client key `key` on this replica right now,
+    /// and shared acquirers waiting for it.
+    pub fn shared_stats(&self, key: &str) -> (usize, usize) {
+        let Some(k) = LockId::client(key).key_number() else {
+            return (0, 0);
+        };
+        (self.inner.readers.holders(k), self.inner.readers.waiting(k))
     }
 
     /// The lock sessions' connections (none with the embedded store).
@@ -338,9 +371,23 @@ impl Locks {
         }
     }
 
-    /// Takes a client's lock `key`, waiting at most `wait` (`None`: the
-    /// server's default; zero: try once; capped at `VITALS_MAX_LOCK_WAIT_MS`).
-    pub async fn acquire(&self, permit: LockPermit, key: LockKey, wait: Option<Duration>) -> Result<HeldLock> {
+    /// Takes a client's lock `key` in `mode`, waiting at most `wait`
+    /// (`None`: the server's default; zero: try once; capped at
+    /// `VITALS_MAX_LOCK_WAIT_MS`).
+    pub async fn acquire(
+        &self,
+        permit: LockPermit,
+        key: LockKey,
+        wait: Option<Duration>,
+        mode: Mode,
+    ) -> Result<HeldLock> {
+        match mode {
+            Mode::Exclusive => self.acquire_exclusive(permit, key, wait).await,
+            Mode::Shared => self.acquire_shared(permit, key, wait).await,
+        }
+    }
+
+    async fn acquire_exclusive(&self, permit: LockPermit, key: LockKey, wait: Option<Duration>) -> Result<HeldLock> {
         let wait = wait.unwrap_or(self.inner.default_wait).min(self.inner.max_wait);
         let deadline = (!wait.is_zero()).then(|| tokio::time::Instant::now() + wait);
         let id = LockId::client(key.as_str());
@@ -364,7 +411,7 @@ impl Locks {
         };
         Ok(HeldLock {
             fencing_token: grant.token.unwrap_or(0),
-            owned: grant.owned,
+            hold: Hold::Exclusive(grant.owned),
             key,
             acquired_at: Utc::now(),
             started: now,
@@ -534,6 +581,159 @@ impl Locks {
         if self.inner.table.queued(id) == 0 { 1 } else { BLOCK }
     }
 
+    /// Takes the client key `key` shared: joins this replica's group of its
+    /// shared holders, or takes it for the group (see [`shared`]).
+    async fn acquire_shared(&self, permit: LockPermit, key: LockKey, wait: Option<Duration>) -> Result<HeldLock> {
+        let wait = wait.unwrap_or(self.inner.default_wait).min(self.inner.max_wait);
+        let deadline = (!wait.is_zero()).then(|| tokio::time::Instant::now() + wait);
+        let id = LockId::client(key.as_str());
+        let number = id
+            .key_number()
+            .ok_or(Error::Invariant("a client key has a key number"))?;
+        let metrics = self.inner.metrics.get();
+        let asked = Instant::now();
+        let waiting = metrics.map(LockMetrics::waiting);
+        let mut arrival = self.inner.readers.arrive(number);
+        let member = loop {
+            let writer_waits = self.inner.table.queued(id) > 0;
+            match arrival.step(writer_waits) {
+                Step::Joined(member) => break member,
+                Step::Take { pause } => match self.take_for_group(id, number, deadline, pause).await {
+                    Ok(Some((owned, pg, tokens))) => arrival.taken(owned, pg, tokens),
+                    Ok(None) => {
+                        arrival.take_failed();
+                        return Err(Error::LockNotAvailable { key: key.into_inner() });
+                    }
+                    Err(err) => {
+                        arrival.take_failed();
+                        return Err(err);
+                    }
+                },
+                Step::Check(hold) => {
+                    let wanted = match &self.inner.backend {
+                        Backend::Postgres(sessions) => matches!(
+                            tokio::time::timeout(self.inner.lease, sessions.wanted(&hold, LockId::Shared(number)))
+                                .await,
+                            Ok(Ok(true)) | Ok(Err(_)) | Err(_)
+                        ),
+                        Backend::Embedded(_) => false,
+                    };
+                    arrival.checked(wanted);
+                }
+                Step::Wait(mut changed) => {
+                    // A writer's queue here changes without a word to the
+                    // readers: look again now and then.
+                    let now = tokio::time::Instant::now();
+                    let recheck = now + session::POLL * 10;
+                    let until = deadline.map_or(now, |d| d.min(recheck));
+                    if deadline.is_none_or(|d| now >= d) {
+                        return Err(Error::LockNotAvailable { key: key.into_inner() });
+                    }
+                    let _ = tokio::time::timeout_at(until, changed.changed()).await;
+                }
+            }
+        };
+        drop(arrival);
+        drop(waiting);
+        let fencing_token = self.member_token(&member).await?;
+        let now = Instant::now();
+        let (lost, sessions) = match (&member.pg, &self.inner.backend) {
+            (Some(hold), Backend::Postgres(sessions)) => (Some(hold.generation.lost()), Some(sessions.clone())),
+            _ => (None, None),
+        };
+        Ok(HeldLock {
+            fencing_token,
+            hold: Hold::Shared(member),
+            key,
+            acquired_at: Utc::now(),
+            started: now,
+            lost,
+            sessions,
+            _permit: permit,
+            holding: metrics.map(|m| m.granted(asked, now)),
+        })
+    }
+
+    /// Takes `id` for its group of shared holders: its slot in the lock
+    /// table (in turn with this replica's writers), then with PostgreSQL its
+    /// shared advisory lock, waiting until `deadline` (`None`: try once).
+    async fn take_for_group(
+        &self,
+        id: LockId,
+        number: i64,
+        deadline: Option<tokio::time::Instant>,
+        pause: bool,
+    ) -> Result<Option<(Owned, Option<SessionHold>, Tokens)>> {
+        let mut owned = match self.inner.table.enter(id, deadline.is_some()) {
+            Entry::Busy => return Ok(None),
+            Entry::Owner(owned) => owned,
+            Entry::Queued(mut queued) => {
+                let Some(deadline) = deadline else { return Ok(None) };
+                match tokio::time::timeout_at(deadline, queued.turn()).await {
+                    Ok(Some(turn)) => turn.owned,
+                    Ok(None) => return Err(Error::ShuttingDown),
+                    Err(_elapsed) => return Ok(None),
+                }
+            }
+        };
+        let sessions = match &self.inner.backend {
+            Backend::Embedded(_) => return Ok(Some((owned, None, Tokens::default()))),
+            Backend::Postgres(sessions) => sessions,
+        };
+        // Handed on by a writer still holding it exclusively in PostgreSQL:
+        // the group's hold is a shared one of its own.
+        if let Some(Remote::Session(hold, _)) = owned.remote.take() {
+            sessions.release(id, hold, None);
+        }
+        if pause {
+            let until = tokio::time::Instant::now() + FAIR_PAUSE;
+            tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
+        }
+        let shared = LockId::Shared(number);
+        let mut interest = Interest {
+            sessions: None,
+            id: shared,
+        };
+        let count = 1 + u32::try_from(self.inner.readers.waiting(number)).unwrap_or(0).min(1023);
+        loop {
+            let waiting = interest.sessions.is_some();
+            match self.try_until(sessions, shared, count, waiting, deadline).await? {
+                TryOutcome::Granted(hold, drawn) => {
+                    drop(interest);
+                    return Ok(Some((owned, Some(hold), Tokens::from(drawn))));
+                }
+                TryOutcome::Busy => {
+                    interest.sessions.get_or_insert_with(|| sessions.clone());
+                    let now = tokio::time::Instant::now();
+                    match deadline {
+                        Some(deadline) if now < deadline => {
+                            tokio::time::sleep_until((now + session::POLL).min(deadline)).await;
+                        }
+                        _ => return Ok(None),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A fencing token for a new member of a group of shared holders: one
+    /// reserved when the group's hold was granted, or freshly drawn.
+    async fn member_token(&self, member: &Member) -> Result<u64> {
+        match (&self.inner.backend, &member.pg) {
+            (Backend::Postgres(sessions), Some(hold)) => {
+                let mut tokens = member.tokens.lock().await;
+                if let Some(token) = tokens.take() {
+                    return Ok(token);
+                }
+                let drawn = sessions.tokens(hold, 64).await?;
+                *tokens = Tokens::from(drawn);
+                tokens.take().ok_or(Error::Invariant("a token block is never empty"))
+            }
+            (Backend::Embedded(tokens), _) => tokens.next().await,
+            (Backend::Postgres(_), None) => Err(Error::Invariant("a shared hold in PostgreSQL has a session")),
+        }
+    }
+
     /// Whether lock streams are being ended for shutdown.
     pub fn is_shutting_down(&self) -> bool {
         self.inner.stop.is_cancelled()
@@ -569,9 +769,12 @@ impl HeldLock {
     }
 
     fn session(&self) -> Option<&SessionHold> {
-        match &self.owned.remote {
-            Some(Remote::Session(hold, _)) => Some(hold),
-            _ => None,
+        match &self.hold {
+            Hold::Exclusive(owned) => match &owned.remote {
+                Some(Remote::Session(hold, _)) => Some(hold),
+                _ => None,
+            },
+            Hold::Shared(member) => member.pg.as_ref(),
         }
     }
 
@@ -610,7 +813,10 @@ impl HeldLock {
             self.count_lost(LostReason::Session);
         }
         let (ack, acked) = oneshot::channel();
-        self.owned.pass_on(Some(ack));
+        match self.hold {
+            Hold::Exclusive(owned) => owned.pass_on(Some(ack)),
+            Hold::Shared(member) => member.leave(Some(ack)),
+        }
         let _ = acked.await;
         if was_lost {
             return Err(Error::LockLost {

@@ -106,6 +106,18 @@ SELECT NULL, NULL, NULL, token, (SELECT xid FROM durable), false FROM drawn
 UNION ALL
 SELECT NULL, a, b, NULL, NULL, true FROM unwanted";
 
+/// [`BATCH_SQL`] for the session that holds client locks shared: the same
+/// statement, with shared releases and tries of client locks.
+static SHARED_BATCH_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    BATCH_SQL
+        .replace("pg_advisory_unlock(u.k)", "pg_advisory_unlock_shared(u.k)")
+        .replace("pg_try_advisory_lock(t.k)", "pg_try_advisory_lock_shared(t.k)")
+});
+
+/// [`UNLOCK_ALL_SQL`] for the session that holds client locks shared.
+static SHARED_UNLOCK_ALL_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| UNLOCK_ALL_SQL.replace("pg_advisory_unlock(u.k)", "pg_advisory_unlock_shared(u.k)"));
+
 /// What this session holds, as `pg_locks` shows it.
 const HELD_SQL: &str = "SELECT objsubid::int4 AS sub, classid::int8 AS hi, objid::int8 AS lo FROM pg_locks \
      WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted";
@@ -235,7 +247,8 @@ enum Cmd {
     },
 }
 
-/// The sessions of one replica.
+/// The sessions of one replica: `DATABASE_LOCK_POOL_MAX` that hold locks
+/// exclusively, and one more, last, that holds them shared.
 #[derive(Debug)]
 pub struct Sessions {
     senders: Vec<mpsc::UnboundedSender<Cmd>>,
@@ -285,7 +298,12 @@ impl Sessions {
         // statements for the same locks.
         let turn = Arc::new(Semaphore::new(1));
         let mut states = Vec::new();
-        let senders = (0..n.max(1))
+        // One more session than asked for, last, holds shared locks: a
+        // session's own locks never conflict in PostgreSQL, so shared and
+        // exclusive holds of one key must live on different sessions for
+        // PostgreSQL to keep them apart. It connects at its first use.
+        let exclusive = n.max(1);
+        let senders = (0..=exclusive)
             .map(|index| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let state = Arc::new(SessionState::default());
@@ -299,6 +317,7 @@ impl Sessions {
                     generations: 0,
                     turn: turn.clone(),
                     state,
+                    shared: index == exclusive,
                 };
                 tokio::spawn(session.run(shutdown.clone()));
                 tx
@@ -331,6 +350,16 @@ impl Sessions {
         self.timing
     }
 
+    /// The session that holds `id`: shared holds on the last one, the
+    /// others spread over the rest.
+    fn index_of(&self, id: LockId) -> usize {
+        let exclusive = self.senders.len().saturating_sub(1).max(1);
+        match id {
+            LockId::Shared(_) => exclusive,
+            _ => id.shard(exclusive),
+        }
+    }
+
     fn send(&self, index: usize, cmd: Cmd) {
         if let Some(tx) = self.senders.get(index) {
             // A closed channel means shutdown: the reply channel drops, which
@@ -347,7 +376,7 @@ impl Sessions {
     pub async fn try_lock(&self, id: LockId, tokens: u32, interest: bool) -> Result<TryOutcome> {
         let (reply, rx) = oneshot::channel();
         self.send(
-            id.shard(self.senders.len()),
+            self.index_of(id),
             Cmd::Try {
                 id,
                 tokens,
@@ -386,7 +415,7 @@ impl Sessions {
 
     /// The acquirer that tried `id` with interest stopped waiting.
     pub fn uninterest(&self, id: LockId) {
-        self.send(id.shard(self.senders.len()), Cmd::Uninterest { id });
+        self.send(self.index_of(id), Cmd::Uninterest { id });
     }
 
     /// Whether another replica waits for `id`, held on `hold`'s session.
@@ -457,6 +486,8 @@ struct Live {
     interest: HashSet<LockId>,
     /// Interest to withdraw with the next statement (its acquirer was granted).
     withdrawn: Vec<LockId>,
+    /// Holds its client locks shared.
+    shared: bool,
 }
 
 struct Session {
@@ -470,6 +501,8 @@ struct Session {
     turn: Arc<Semaphore>,
     /// What this task reports of its connection.
     state: Arc<SessionState>,
+    /// Holds its client locks shared ([`LockId::Shared`]).
+    shared: bool,
 }
 
 /// One statement's worth of commands, sorted.
@@ -571,6 +604,7 @@ impl Session {
             orphans: Vec::new(),
             interest: HashSet::new(),
             withdrawn: Vec::new(),
+            shared: self.shared,
         });
         Ok(())
     }
@@ -669,7 +703,7 @@ fn sort(cmds: Vec<Cmd>, live: &mut Live) -> Batch {
                         live.held.remove(&id);
                     }
                     match id {
-                        LockId::Client(k) => batch.unlock_client.push(k),
+                        LockId::Client(k) | LockId::Shared(k) => batch.unlock_client.push(k),
                         LockId::Internal { space, object } => {
                             batch.unlock_a.push(space);
                             batch.unlock_b.push(object);
@@ -744,7 +778,7 @@ async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::resul
     let (mut try_a, mut try_b) = (Vec::new(), Vec::new());
     for (id, tokens, _) in &batch.tries {
         match *id {
-            LockId::Client(k) => {
+            LockId::Client(k) | LockId::Shared(k) => {
                 try_client.push(k);
                 try_token.push(i32::try_from(*tokens).unwrap_or(i32::MAX));
             }
@@ -766,7 +800,8 @@ async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::resul
     } else {
         live.generation.valid_until()
     };
-    let query = sqlx::query(BATCH_SQL)
+    let sql: &str = if live.shared { &SHARED_BATCH_SQL } else { BATCH_SQL };
+    let query = sqlx::query(sql)
         .bind(&batch.unlock_client)
         .bind(&batch.unlock_a)
         .bind(&batch.unlock_b)
@@ -792,6 +827,7 @@ async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::resul
         Ok(Ok(rows)) => rows,
     };
     live.generation.proved_alive_at(sent);
+    let shared = live.shared;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let decoded = (|| -> std::result::Result<Granted, sqlx::Error> {
@@ -799,6 +835,7 @@ async fn run_batch(live: &mut Live, batch: &Batch, timing: Timing) -> std::resul
             let a: Option<i32> = row.try_get("a")?;
             let b: Option<i32> = row.try_get("b")?;
             let id = match (k, a, b) {
+                (Some(k), _, _) if shared => Some(LockId::Shared(k)),
                 (Some(k), _, _) => Some(LockId::Client(k)),
                 (None, Some(space), Some(object)) => Some(LockId::Internal { space, object }),
                 _ => None,
@@ -920,7 +957,12 @@ async fn reconcile(live: &mut Live, tried: &[LockId], timing: Timing) -> Result<
         } else {
             let hi = u64::try_from(hi).unwrap_or(0);
             let lo = u64::try_from(lo).unwrap_or(0);
-            LockId::Client((hi << 32 | lo).cast_signed())
+            let k = (hi << 32 | lo).cast_signed();
+            if live.shared {
+                LockId::Shared(k)
+            } else {
+                LockId::Client(k)
+            }
         });
     }
     // Interest locks are shared locks this session keeps on purpose.
@@ -929,14 +971,14 @@ async fn reconcile(live: &mut Live, tried: &[LockId], timing: Timing) -> Result<
             && !matches!(id, LockId::Internal { space, .. } if *space == super::id::INTEREST_SPACE)
     });
     stray.sort_unstable_by_key(|id| match *id {
-        LockId::Client(k) => (0, k),
+        LockId::Client(k) | LockId::Shared(k) => (0, k),
         LockId::Internal { space, object } => (1, i64::from(space) << 32 | i64::from(object)),
     });
     stray.dedup();
     let (mut client, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
     for id in &stray {
         match *id {
-            LockId::Client(k) => client.push(k),
+            LockId::Client(k) | LockId::Shared(k) => client.push(k),
             LockId::Internal { space, object } => {
                 a.push(space);
                 b.push(object);
@@ -951,11 +993,15 @@ async fn reconcile(live: &mut Live, tried: &[LockId], timing: Timing) -> Result<
         }
         let released: i64 = tokio::time::timeout_at(
             deadline.into(),
-            sqlx::query_scalar(UNLOCK_ALL_SQL)
-                .bind(&client)
-                .bind(&a)
-                .bind(&b)
-                .fetch_one(&mut live.conn),
+            sqlx::query_scalar(if live.shared {
+                &SHARED_UNLOCK_ALL_SQL
+            } else {
+                UNLOCK_ALL_SQL
+            })
+            .bind(&client)
+            .bind(&a)
+            .bind(&b)
+            .fetch_one(&mut live.conn),
         )
         .await
         .map_err(|_| gone())??;
@@ -1064,5 +1110,24 @@ fn fail(cmds: Vec<Cmd>) {
             }
             Cmd::Uninterest { .. } => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shared_session_takes_and_releases_client_locks_shared_and_nothing_else() {
+        let shared: &str = &SHARED_BATCH_SQL;
+        assert_eq!(shared.matches("pg_advisory_unlock_shared(u.k)").count(), 1);
+        assert_eq!(shared.matches("pg_try_advisory_lock_shared(t.k)").count(), 1);
+        assert!(!shared.contains("pg_advisory_unlock(u.k)"));
+        assert!(!shared.contains("pg_try_advisory_lock(t.k)"));
+        // The interest check stays a momentary exclusive try.
+        assert!(shared.contains("pg_try_advisory_lock(t.a, t.b) THEN pg_advisory_unlock(t.a, t.b)"));
+        let unlock_all: &str = &SHARED_UNLOCK_ALL_SQL;
+        assert!(unlock_all.contains("pg_advisory_unlock_shared(u.k)"));
+        assert!(!unlock_all.contains("pg_advisory_unlock(u.k)"));
     }
 }

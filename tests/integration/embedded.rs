@@ -37,6 +37,7 @@ async fn fencing_token(client: &mut LockServiceClient<tonic::transport::Channel>
                 key: key.into(),
                 wait_timeout: Some(prost_types::Duration { seconds: 5, nanos: 0 }),
                 owner: "restart test".into(),
+                ..Default::default()
             })),
         },
         WithLockRequest {

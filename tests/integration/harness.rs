@@ -482,6 +482,11 @@ impl TestApp {
         }
     }
 
+    /// Its lock service.
+    pub fn locks(&self) -> &Locks {
+        &self.locks
+    }
+
     /// What the server's lock table holds.
     pub fn local_lock_stats(&self) -> LocalLockStats {
         self.locks.local_stats()

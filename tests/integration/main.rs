@@ -23,6 +23,7 @@ mod health_service;
 mod limits;
 mod lock_capacity;
 mod lock_faults;
+mod lock_modes;
 mod lock_service;
 mod metrics;
 mod pki;

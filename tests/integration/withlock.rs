@@ -21,8 +21,18 @@ pub fn acquire(key: &str, wait: Option<Duration>) -> proto::WithLockRequest {
             key: key.into(),
             wait_timeout: wait.map(|d| prost_types::Duration::try_from(d).expect("a representable duration")),
             owner: "vitals integration tests".into(),
+            ..Default::default()
         })),
     }
+}
+
+/// `acquire` of `key` in `mode`, waiting at most `wait`.
+pub fn acquire_as(key: &str, wait: Option<Duration>, mode: proto::LockMode) -> proto::WithLockRequest {
+    let mut request = acquire(key, wait);
+    if let Some(Action::Acquire(acquire)) = &mut request.action {
+        acquire.mode = mode as i32;
+    }
+    request
 }
 
 /// `keep_alive`.
@@ -98,6 +108,24 @@ pub struct Held {
 /// resolves once `acquired` has arrived.
 pub async fn lock(client: &mut LockClient, key: &str, wait: Option<Duration>) -> Result<Held, Status> {
     let mut stream = LockStream::open(client, acquire(key, wait)).await?;
+    match stream.next().await? {
+        Some(Event::Acquired(acquired)) => Ok(Held {
+            key: key.to_owned(),
+            acquired,
+            stream,
+        }),
+        other => panic!("expected acquired for {key:?}, got {other:?}"),
+    }
+}
+
+/// Takes `key` shared, waiting at most `wait`; resolves once `acquired` has arrived.
+pub async fn lock_shared(client: &mut LockClient, key: &str, wait: Option<Duration>) -> Result<Held, Status> {
+    lock_with(client, key, acquire_as(key, wait, proto::LockMode::Shared)).await
+}
+
+/// Opens a stream with `first` (an acquire of `key`); resolves once `acquired` has arrived.
+pub async fn lock_with(client: &mut LockClient, key: &str, first: proto::WithLockRequest) -> Result<Held, Status> {
+    let mut stream = LockStream::open(client, first).await?;
     match stream.next().await? {
         Some(Event::Acquired(acquired)) => Ok(Held {
             key: key.to_owned(),
