@@ -449,9 +449,9 @@ impl Pools {
             tracing::warn!(
                 wanted,
                 available,
-                "DATABASE_POOL_MAX + DATABASE_LOCK_POOL_MAX + 2 (the LISTEN and readiness connections) exceeds the \
+                "DATABASE_POOL_MAX + DATABASE_LOCK_POOL_MAX + 3 (the LISTEN, readiness and shared-lock connections) exceeds the \
                  server's max_connections minus reserved connections; size pools so that \
-                 replicas * (DATABASE_POOL_MAX + DATABASE_LOCK_POOL_MAX + 2) <= max_connections - headroom"
+                 replicas * (DATABASE_POOL_MAX + DATABASE_LOCK_POOL_MAX + 3) <= max_connections - headroom"
             );
         }
         Ok(())

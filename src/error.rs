@@ -101,6 +101,17 @@ pub enum Error {
         key: String,
     },
 
+    /// FAILED_PRECONDITION, reason `LOCK_MODE_MISMATCH`, metadata `key` and
+    /// `held_as`: the key is in use here as a semaphore of another size, or
+    /// as a semaphore by an acquire of a plain lock (or the other way round).
+    #[error("lock mode mismatch")]
+    LockModeMismatch {
+        /// The client's key.
+        key: String,
+        /// How the key is in use: `exclusive or shared`, or `semaphore of N`.
+        held_as: String,
+    },
+
     /// ABORTED, reason `LOCK_LOST`: the lease ran out or the lock connection died.
     #[error("lock lost")]
     LockLost {
@@ -289,6 +300,7 @@ impl Error {
             Error::TooManyWindows { .. } => "TOO_MANY_MAINTENANCE_WINDOWS",
             Error::RunConflict { .. } => "RUN_ID_CONFLICT",
             Error::LockNotAvailable { .. } => "LOCK_NOT_AVAILABLE",
+            Error::LockModeMismatch { .. } => "LOCK_MODE_MISMATCH",
             Error::LockLost { .. } => "LOCK_LOST",
             Error::WatcherTooSlow { .. } => "WATCHER_TOO_SLOW",
             Error::PoolExhausted(PoolKind::Work) => "WORK_POOL_EXHAUSTED",
@@ -315,7 +327,10 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument(_) | Error::MalformedRequest(_) => Code::InvalidArgument,
-            Error::LockProtocol(_) | Error::TooManyChecks { .. } | Error::TooManyWindows { .. } => {
+            Error::LockProtocol(_)
+            | Error::TooManyChecks { .. }
+            | Error::TooManyWindows { .. }
+            | Error::LockModeMismatch { .. } => {
                 Code::FailedPrecondition
             }
             Error::SystemNotFound { .. } => Code::NotFound,
@@ -356,6 +371,9 @@ impl Error {
                 format!("run {run_id:?} already exists with different content")
             }
             Error::LockNotAvailable { key } => format!("lock {key:?} not available"),
+            Error::LockModeMismatch { key, held_as } => {
+                format!("lock {key:?} is in use as {held_as}; every acquire of a key must name the same max_holders")
+            }
             Error::LockLost { key, why } => format!("lock {key:?} lost: {why}"),
             Error::WatcherTooSlow { last_sequence } => {
                 format!("watcher too slow: resume with after_sequence {last_sequence}")
@@ -396,6 +414,10 @@ impl Error {
             Error::TooManyWindows { system_id, limit } => {
                 m.insert("system_id".into(), system_id.clone());
                 m.insert("limit".into(), limit.to_string());
+            }
+            Error::LockModeMismatch { key, held_as } => {
+                m.insert("key".into(), key.clone());
+                m.insert("held_as".into(), held_as.clone());
             }
             Error::LockNotAvailable { key } | Error::LockLost { key, .. } => {
                 m.insert("key".into(), key.clone());

@@ -30,7 +30,7 @@ use crate::{
     auth::Access,
     domain::{FieldViolation, LockKey, Owner},
     error::Error,
-    lock::{ACQUIRE_MESSAGE_TIMEOUT, HeldLock, LEASE_LAPSED, Locks, Mode},
+    lock::{ACQUIRE_MESSAGE_TIMEOUT, HeldLock, LEASE_LAPSED, Locks, Mode, semaphore::MAX_HOLDERS},
     proto::{self, lock_service_server::LockService, with_lock_request::Action, with_lock_response::Event},
 };
 use chrono::Utc;
@@ -62,13 +62,22 @@ struct Acquire {
 
 fn parse_acquire(acquire: proto::Acquire) -> Result<Acquire, Error> {
     let mut v = Violations::default();
-    let mode = match proto::LockMode::try_from(acquire.mode) {
-        Ok(proto::LockMode::Unspecified | proto::LockMode::Exclusive) => Some(Mode::Exclusive),
-        Ok(proto::LockMode::Shared) => Some(Mode::Shared),
-        Err(_) => {
+    let mode = match (proto::LockMode::try_from(acquire.mode), acquire.max_holders) {
+        (Err(_), _) => {
             v.push("acquire.mode", "must be a LockMode");
             None
         }
+        (_, n) if n > MAX_HOLDERS => {
+            v.push("acquire.max_holders", format!("must be at most {MAX_HOLDERS}"));
+            None
+        }
+        (Ok(proto::LockMode::Shared), 0 | 1) => Some(Mode::Shared),
+        (Ok(proto::LockMode::Shared), _) => {
+            v.push("acquire.max_holders", "a semaphore is held in LOCK_MODE_EXCLUSIVE");
+            None
+        }
+        (Ok(proto::LockMode::Unspecified | proto::LockMode::Exclusive), 0 | 1) => Some(Mode::Exclusive),
+        (Ok(proto::LockMode::Unspecified | proto::LockMode::Exclusive), n) => Some(Mode::Semaphore(n)),
     };
     let key = v.take(LockKey::parse("acquire.key", acquire.key));
     let wait = match &acquire.wait_timeout {

@@ -18,6 +18,7 @@
 //!   own locks live in advisory-lock spaces that cannot meet.
 //! - [`table`]: fair local queues, hand-off between local holders.
 //! - [`shared`]: a key's shared holders of one replica, held as one group.
+//! - [`semaphore`]: keys held by at most N holders, as N slots.
 //! - [`session`]: the PostgreSQL sessions, batching, heartbeats, fencing
 //!   tokens, lease under faults.
 //! - [`embedded`]: the embedded store's fencing tokens.
@@ -25,6 +26,7 @@
 pub mod embedded;
 pub mod id;
 mod pghash;
+pub mod semaphore;
 pub mod session;
 pub mod shared;
 pub mod table;
@@ -43,6 +45,7 @@ use tracing::Instrument;
 pub use self::id::{CLIENT_KEY_PREFIX, LockId};
 use self::{
     embedded::FencingTokens,
+    semaphore::{SemaphoreUse, Semaphores},
     session::{SessionHold, Sessions, Timing, TryOutcome},
     shared::{Member, Readers, Step},
     table::{Entry, FAIR_PAUSE, Owned, Release, Remote, Table, Tokens},
@@ -97,6 +100,8 @@ struct Inner {
     table: Table,
     /// Shared holders, by key.
     readers: Readers,
+    /// Semaphores in use here, by key.
+    semaphores: Semaphores,
     backend: Backend,
     /// Client locks held, waited for or about to be asked for:
     /// `VITALS_MAX_LOCKS`.
@@ -162,6 +167,8 @@ pub enum Mode {
     Exclusive,
     /// With other shared holders, never with an exclusive one.
     Shared,
+    /// With at most this many holders (2 to [`semaphore::MAX_HOLDERS`]).
+    Semaphore(u32),
 }
 
 /// What a granted lock holds.
@@ -169,8 +176,9 @@ pub enum Mode {
 enum Hold {
     /// The key, alone.
     Exclusive(Owned),
-    /// A place in the key's group of shared holders.
-    Shared(Member),
+    /// A place in the key's group of shared holders (boxed: every held
+    /// lock's stream stores a `Hold`, and most are exclusive).
+    Shared(Box<Member>),
 }
 
 /// A client's granted lock. Dropping it releases it (or hands it to the
@@ -188,6 +196,8 @@ pub struct HeldLock {
     _permit: LockPermit,
     /// Counts the lock as held until it is dropped.
     holding: Option<Holding>,
+    /// Keeps the size of the key's semaphore while held (boxed, as rare).
+    _semaphore: Option<Box<SemaphoreUse>>,
 }
 
 impl std::fmt::Debug for HeldLock {
@@ -240,6 +250,7 @@ impl Locks {
             inner: Arc::new(Inner {
                 table: Table::new(release.clone()),
                 readers: Readers::new(release),
+                semaphores: Semaphores::default(),
                 backend,
                 budget: Arc::new(Semaphore::new(usize::try_from(config.max_locks).unwrap_or(10_000))),
                 lease: config.lock_lease(),
@@ -384,13 +395,102 @@ impl Locks {
         match mode {
             Mode::Exclusive => self.acquire_exclusive(permit, key, wait).await,
             Mode::Shared => self.acquire_shared(permit, key, wait).await,
+            Mode::Semaphore(max) => self.acquire_semaphore(permit, key, wait, max).await,
         }
+    }
+
+    /// LOCK_MODE_MISMATCH when `id` is in use here as a semaphore (a plain
+    /// acquire of it asks for one holder).
+    fn refuse_semaphore(&self, key: &LockKey, id: LockId) -> Result<()> {
+        match id.key_number().and_then(|k| self.inner.semaphores.size_of(k)) {
+            Some(max) => Err(Error::LockModeMismatch {
+                key: key.as_str().to_owned(),
+                held_as: format!("a semaphore of {max}"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes one of the `max` slots of the semaphore `key` (see [`semaphore`]).
+    async fn acquire_semaphore(
+        &self,
+        permit: LockPermit,
+        key: LockKey,
+        wait: Option<Duration>,
+        max: u32,
+    ) -> Result<HeldLock> {
+        let wait = wait.unwrap_or(self.inner.default_wait).min(self.inner.max_wait);
+        let deadline = (!wait.is_zero()).then(|| tokio::time::Instant::now() + wait);
+        let id = LockId::client(key.as_str());
+        let number = id
+            .key_number()
+            .ok_or(Error::Invariant("a client key has a key number"))?;
+        let mismatch = |held_as: String| Error::LockModeMismatch {
+            key: key.as_str().to_owned(),
+            held_as,
+        };
+        let used = self
+            .inner
+            .semaphores
+            .enter(number, max)
+            .map_err(|held| mismatch(format!("a semaphore of {held}")))?;
+        if self.inner.table.in_use(id) || self.inner.readers.holders(number) + self.inner.readers.waiting(number) > 0 {
+            return Err(mismatch("an exclusive or shared lock".to_owned()));
+        }
+        let metrics = self.inner.metrics.get();
+        let asked = Instant::now();
+        let waiting = metrics.map(LockMetrics::waiting);
+        let slots: Vec<LockId> = (0..max).map(|i| semaphore::slot(key.as_str(), i)).collect();
+        // Acquirers start their round at different slots, so that they
+        // spread over the free ones rather than all try the first.
+        let mut start = self.inner.semaphores.next_start();
+        let grant = 'granted: loop {
+            for j in 0..slots.len() {
+                let slot = slots[(start + j) % slots.len()];
+                if let Some(grant) = self.take(slot, None, deadline, true).await? {
+                    break 'granted grant;
+                }
+            }
+            let now = tokio::time::Instant::now();
+            let Some(deadline) = deadline.filter(|d| now < *d) else {
+                return Err(Error::LockNotAvailable { key: key.into_inner() });
+            };
+            let until = deadline.min(now + semaphore::SLOT_QUEUE);
+            if let Some(grant) = self
+                .take(slots[start % slots.len()], Some(until), Some(until), true)
+                .await?
+            {
+                break grant;
+            }
+            start += 1;
+        };
+        drop(waiting);
+        let now = Instant::now();
+        let (lost, sessions) = match (&grant.owned.remote, &self.inner.backend) {
+            (Some(Remote::Session(hold, _)), Backend::Postgres(sessions)) => {
+                (Some(hold.generation.lost()), Some(sessions.clone()))
+            }
+            _ => (None, None),
+        };
+        Ok(HeldLock {
+            fencing_token: grant.token.unwrap_or(0),
+            hold: Hold::Exclusive(grant.owned),
+            key,
+            acquired_at: Utc::now(),
+            started: now,
+            lost,
+            sessions,
+            _permit: permit,
+            holding: metrics.map(|m| m.granted(asked, now)),
+            _semaphore: Some(Box::new(used)),
+        })
     }
 
     async fn acquire_exclusive(&self, permit: LockPermit, key: LockKey, wait: Option<Duration>) -> Result<HeldLock> {
         let wait = wait.unwrap_or(self.inner.default_wait).min(self.inner.max_wait);
         let deadline = (!wait.is_zero()).then(|| tokio::time::Instant::now() + wait);
         let id = LockId::client(key.as_str());
+        self.refuse_semaphore(&key, id)?;
         let metrics = self.inner.metrics.get();
         let asked = Instant::now();
         let waiting = metrics.map(LockMetrics::waiting);
@@ -419,6 +519,7 @@ impl Locks {
             sessions,
             _permit: permit,
             holding: metrics.map(|m| m.granted(asked, now)),
+            _semaphore: None,
         })
     }
 
@@ -590,6 +691,7 @@ impl Locks {
         let number = id
             .key_number()
             .ok_or(Error::Invariant("a client key has a key number"))?;
+        self.refuse_semaphore(&key, id)?;
         let metrics = self.inner.metrics.get();
         let asked = Instant::now();
         let waiting = metrics.map(LockMetrics::waiting);
@@ -643,7 +745,7 @@ impl Locks {
         };
         Ok(HeldLock {
             fencing_token,
-            hold: Hold::Shared(member),
+            hold: Hold::Shared(Box::new(member)),
             key,
             acquired_at: Utc::now(),
             started: now,
@@ -651,6 +753,7 @@ impl Locks {
             sessions,
             _permit: permit,
             holding: metrics.map(|m| m.granted(asked, now)),
+            _semaphore: None,
         })
     }
 
@@ -815,7 +918,7 @@ impl HeldLock {
         let (ack, acked) = oneshot::channel();
         match self.hold {
             Hold::Exclusive(owned) => owned.pass_on(Some(ack)),
-            Hold::Shared(member) => member.leave(Some(ack)),
+            Hold::Shared(member) => (*member).leave(Some(ack)),
         }
         let _ = acked.await;
         if was_lost {

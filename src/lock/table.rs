@@ -200,6 +200,15 @@ impl Table {
         self.inner.waiting.load(Ordering::SeqCst)
     }
 
+    /// Whether somebody owns or waits for `id` here right now.
+    pub fn in_use(&self, id: LockId) -> bool {
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&id)
+    }
+
     /// Acquirers queued for `id` right now.
     pub fn queued(&self, id: LockId) -> usize {
         self.inner

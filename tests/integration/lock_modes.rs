@@ -7,7 +7,13 @@
 //! duration under test: how long a group of readers admits newcomers before
 //! it asks whether a writer of another replica waits.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use tonic::Code;
 use vitals::lock::table::MAX_STREAK;
@@ -215,4 +221,155 @@ async fn a_writer_on_another_replica_closes_the_door_to_later_readers_after_a_st
     let late = granted(late).await;
     late.release().await;
     replicas.stop().await;
+}
+
+/// `acquire` of the semaphore `key` of `max` holders.
+fn acquire_semaphore(key: &str, wait: Option<Duration>, max: u32) -> vitals::proto::WithLockRequest {
+    let mut request = acquire(key, wait);
+    if let Some(vitals::proto::with_lock_request::Action::Acquire(acquire)) = &mut request.action {
+        acquire.max_holders = max;
+    }
+    request
+}
+
+both_backends!(multi_thread: a_semaphore_of_three_with_ten_contenders_on_two_replicas_never_has_more_than_three_holders);
+async fn a_semaphore_of_three_with_ten_contenders_on_two_replicas_never_has_more_than_three_holders(backend: Backend) {
+    const CONTENDERS: usize = 10;
+    const SECTIONS: usize = 15;
+    let db = TestDb::create(backend).await;
+    let replicas = Replicas::start(&db, 2, &[]).await;
+    let inside = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new(AtomicBool::new(false));
+
+    // PostgreSQL's view, sampled for as long as the contenders run: granted
+    // slot locks of the semaphore.
+    let sampler = match backend {
+        Backend::Postgres => {
+            let mut conn = db.connect().await;
+            let slots: Vec<i64> = (0..3)
+                .map(|i| vitals::lock::semaphore::slot("pool", i).key_number().unwrap())
+                .collect();
+            let done = done.clone();
+            Some(tokio::spawn(async move {
+                let (mut samples, mut most) = (0_u64, 0_i64);
+                while !done.load(Ordering::SeqCst) {
+                    let held: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted \
+                         AND ((classid::int8 << 32) | objid::int8) = ANY($1)",
+                    )
+                    .bind(&slots)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+                    most = most.max(held);
+                    samples += 1;
+                }
+                (samples, most)
+            }))
+        }
+        Backend::Embedded => None,
+    };
+
+    let mut contenders = Vec::new();
+    for i in 0..CONTENDERS {
+        let mut client = replicas[i % 2].lock_client().await;
+        let (inside, most, tokens) = (inside.clone(), most.clone(), tokens.clone());
+        contenders.push(tokio::spawn(async move {
+            for _ in 0..SECTIONS {
+                let held = lock_with(&mut client, "pool", acquire_semaphore("pool", WAIT, 3))
+                    .await
+                    .unwrap();
+                let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                tokens.lock().unwrap().push(held.token());
+                // The critical section's length, under test: long enough
+                // that holders overlap.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                held.release().await;
+            }
+        }));
+    }
+    for contender in contenders {
+        contender.await.unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= 3, "{most} holders at once");
+    assert_eq!(most, 3, "three holders held it together at some point");
+    let mut tokens = std::mem::take(&mut *tokens.lock().unwrap());
+    assert_eq!(tokens.len(), CONTENDERS * SECTIONS);
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(
+        tokens.len(),
+        CONTENDERS * SECTIONS,
+        "every holder has a token of its own"
+    );
+    if let Some(sampler) = sampler {
+        let (samples, most) = sampler.await.unwrap();
+        assert!(samples > 0);
+        assert!(most <= 3, "PostgreSQL saw {most} slots held at once");
+    }
+    replicas.stop().await;
+}
+
+both_backends!(an_acquire_naming_another_size_for_a_key_in_use_is_refused);
+async fn an_acquire_naming_another_size_for_a_key_in_use_is_refused(backend: Backend) {
+    let db = TestDb::create(backend).await;
+    let app = TestApp::start(&db, &[]).await;
+    let mut client = app.lock_client().await;
+
+    let held = lock_with(&mut client, "pool", acquire_semaphore("pool", WAIT, 3))
+        .await
+        .unwrap();
+    for other in [
+        acquire_semaphore("pool", WAIT, 4),
+        acquire("pool", WAIT),
+        acquire_as("pool", WAIT, vitals::proto::LockMode::Shared),
+    ] {
+        let refused = match lock_with(&mut client, "pool", other.clone()).await {
+            Ok(held) => panic!("{other:?} granted: {:?}", held.acquired),
+            Err(status) => status,
+        };
+        let info = assert_reason(&refused, Code::FailedPrecondition, "LOCK_MODE_MISMATCH");
+        assert_eq!(
+            info.metadata.get("held_as").map(String::as_str),
+            Some("a semaphore of 3")
+        );
+    }
+    // The same size is fine.
+    let second = lock_with(&mut client, "pool", acquire_semaphore("pool", WAIT, 3))
+        .await
+        .unwrap();
+    second.release().await;
+    held.release().await;
+
+    // Once nobody uses it, the key may be anything.
+    let exclusive = lock(&mut client, "pool", WAIT).await.unwrap();
+    let refused = lock_with(&mut client, "pool", acquire_semaphore("pool", WAIT, 4))
+        .await
+        .err()
+        .expect("refused");
+    assert_reason(&refused, Code::FailedPrecondition, "LOCK_MODE_MISMATCH");
+    exclusive.release().await;
+    let four = lock_with(&mut client, "pool", acquire_semaphore("pool", WAIT, 4))
+        .await
+        .unwrap();
+    four.release().await;
+
+    // Sizes out of range, and a shared semaphore, are invalid.
+    for bad in [acquire_semaphore("pool", WAIT, 257), {
+        let mut r = acquire_as("pool", WAIT, vitals::proto::LockMode::Shared);
+        if let Some(vitals::proto::with_lock_request::Action::Acquire(a)) = &mut r.action {
+            a.max_holders = 2;
+        }
+        r
+    }] {
+        let refused = lock_with(&mut client, "pool", bad).await.err().expect("refused");
+        assert_reason(&refused, Code::InvalidArgument, "INVALID_ARGUMENT");
+    }
+    app.stop().await;
 }
