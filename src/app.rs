@@ -481,9 +481,10 @@ impl Application {
         let health_service = health_service.max_decoding_message_size(max_bytes);
         let health_checks = HealthService::new(store, locks.clone(), feed.clone(), WriteRules::from_config(&config))
             .with_metrics(metrics.runs());
-        let health_api = HealthCheckServiceServer::new(HealthApi::new(health_checks, page_tokens))
+        let health_api = HealthCheckServiceServer::new(HealthApi::new(health_checks, page_tokens.clone()))
             .max_decoding_message_size(max_bytes);
-        let lock_api = LockServiceServer::new(LockApi::new(locks.clone())).max_decoding_message_size(max_bytes);
+        let lock_api =
+            LockServiceServer::new(LockApi::new(locks.clone(), page_tokens)).max_decoding_message_size(max_bytes);
 
         // Both reflection versions describe the same files: the contract,
         // grpc.health.v1, and the google.rpc error details every error

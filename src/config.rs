@@ -297,6 +297,15 @@ pub struct Config {
     #[arg(long = "metrics-systems-interval-ms", env = "VITALS_METRICS_SYSTEMS_INTERVAL_MS", value_name = "VITALS_METRICS_SYSTEMS_INTERVAL_MS", default_value_t = 15_000, value_parser = millis_in(100, 3_600_000))]
     pub metrics_systems_interval_ms: u64,
 
+    /// How this replica is named in lock listings (ListLocks, GetLock); unset
+    /// or empty: the host name and a random suffix, new at every start.
+    #[arg(
+        long = "replica-name",
+        env = "VITALS_REPLICA_NAME",
+        value_name = "VITALS_REPLICA_NAME"
+    )]
+    pub replica_name: Option<String>,
+
     /// OTLP/gRPC collector that spans are exported to (http://host:4317); unset or empty: no traces.
     #[arg(
         long = "otel-exporter-otlp-endpoint",
@@ -433,6 +442,25 @@ impl Config {
     /// Idle time after which pooled connections close.
     pub fn pool_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.pool_idle_timeout_ms)
+    }
+
+    /// How this replica is named in lock listings: `VITALS_REPLICA_NAME`, or
+    /// the host name and a random suffix (at most 128 bytes either way).
+    pub fn replica_name(&self) -> String {
+        let mut name = match self.replica_name.as_deref().map(str::trim) {
+            Some(name) if !name.is_empty() => name.to_owned(),
+            _ => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                let host = host.trim();
+                let suffix = uuid::Uuid::new_v4().simple().to_string();
+                format!("{}-{}", if host.is_empty() { "vitals" } else { host }, &suffix[..8])
+            }
+        };
+        name.retain(|c| !c.is_control());
+        while name.len() > 128 {
+            name.pop();
+        }
+        name
     }
 
     /// The WithLock lease, equal to the lock pool's idle-in-transaction timeout.

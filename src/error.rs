@@ -112,6 +112,14 @@ pub enum Error {
         held_as: String,
     },
 
+    /// NOT_FOUND, reason `LOCK_NOT_HELD`, metadata `key`: GetLock of a key
+    /// nobody holds or waits for.
+    #[error("lock not held")]
+    LockNotHeld {
+        /// The client's key.
+        key: String,
+    },
+
     /// ABORTED, reason `LOCK_LOST`: the lease ran out or the lock connection died.
     #[error("lock lost")]
     LockLost {
@@ -301,6 +309,7 @@ impl Error {
             Error::RunConflict { .. } => "RUN_ID_CONFLICT",
             Error::LockNotAvailable { .. } => "LOCK_NOT_AVAILABLE",
             Error::LockModeMismatch { .. } => "LOCK_MODE_MISMATCH",
+            Error::LockNotHeld { .. } => "LOCK_NOT_HELD",
             Error::LockLost { .. } => "LOCK_LOST",
             Error::WatcherTooSlow { .. } => "WATCHER_TOO_SLOW",
             Error::PoolExhausted(PoolKind::Work) => "WORK_POOL_EXHAUSTED",
@@ -333,7 +342,7 @@ impl Error {
             | Error::LockModeMismatch { .. } => {
                 Code::FailedPrecondition
             }
-            Error::SystemNotFound { .. } => Code::NotFound,
+            Error::SystemNotFound { .. } | Error::LockNotHeld { .. } => Code::NotFound,
             Error::RunConflict { .. } => Code::AlreadyExists,
             Error::LockNotAvailable { .. } | Error::LockLost { .. } | Error::WatcherTooSlow { .. } => Code::Aborted,
             Error::WatcherLimitReached | Error::Overloaded | Error::RequestTooLarge => Code::ResourceExhausted,
@@ -371,6 +380,7 @@ impl Error {
                 format!("run {run_id:?} already exists with different content")
             }
             Error::LockNotAvailable { key } => format!("lock {key:?} not available"),
+            Error::LockNotHeld { key } => format!("lock {key:?} is neither held nor waited for"),
             Error::LockModeMismatch { key, held_as } => {
                 format!("lock {key:?} is in use as {held_as}; every acquire of a key must name the same max_holders")
             }
@@ -419,7 +429,7 @@ impl Error {
                 m.insert("key".into(), key.clone());
                 m.insert("held_as".into(), held_as.clone());
             }
-            Error::LockNotAvailable { key } | Error::LockLost { key, .. } => {
+            Error::LockNotAvailable { key } | Error::LockLost { key, .. } | Error::LockNotHeld { key } => {
                 m.insert("key".into(), key.clone());
             }
             Error::WatcherTooSlow { last_sequence } => {

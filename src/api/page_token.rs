@@ -61,6 +61,7 @@ pub(crate) enum Kind {
     Runs = 1,
     Transitions = 2,
     Systems = 3,
+    Locks = 4,
 }
 
 fn filter_digest(filter: &str) -> [u8; 8] {

@@ -22,9 +22,13 @@
 //! - [`session`]: the PostgreSQL sessions, batching, heartbeats, fencing
 //!   tokens, lease under faults.
 //! - [`embedded`]: the embedded store's fencing tokens.
+//! - [`inventory`]: who holds and waits for which key, on every replica.
+//! - [`election`]: leadership as a lock, and its observers.
 
+pub mod election;
 pub mod embedded;
 pub mod id;
+pub mod inventory;
 mod pghash;
 pub mod semaphore;
 pub mod session;
@@ -45,6 +49,7 @@ use tracing::Instrument;
 pub use self::id::{CLIENT_KEY_PREFIX, LockId};
 use self::{
     embedded::FencingTokens,
+    inventory::{Inventory, Listing, Row},
     semaphore::{SemaphoreUse, Semaphores},
     session::{SessionHold, Sessions, Timing, TryOutcome},
     shared::{Member, Readers, Step},
@@ -53,7 +58,7 @@ use self::{
 use crate::{
     config::Config,
     db::Database,
-    domain::{LockKey, SystemId},
+    domain::{LockKey, Owner, SystemId},
     error::{Error, Result},
     telemetry::metrics::{Holding, LockMetrics, LostReason},
 };
@@ -102,6 +107,12 @@ struct Inner {
     readers: Readers,
     /// Semaphores in use here, by key.
     semaphores: Semaphores,
+    /// This replica's WithLock streams, for listings.
+    inventory: Inventory,
+    /// Where the other replicas' streams are read (PostgreSQL's work pool).
+    published: Option<sqlx::PgPool>,
+    /// Elections' leaders, for observers.
+    elections: election::Elections,
     backend: Backend,
     /// Client locks held, waited for or about to be asked for:
     /// `VITALS_MAX_LOCKS`.
@@ -235,6 +246,15 @@ impl Locks {
     /// sessions connect at their first use.
     pub fn for_database(database: &Database, config: &Config) -> Self {
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let inventory = Inventory::new(config.replica_name());
+        let published = match database {
+            Database::Postgres(pools) => {
+                let pool = pools.work.pool().clone();
+                tokio::spawn(inventory::publish(inventory.clone(), pool.clone(), shutdown_rx.clone()));
+                Some(pool)
+            }
+            Database::Embedded(_) => None,
+        };
         let (backend, release): (Backend, Arc<dyn Release>) = match database {
             Database::Postgres(pools) => {
                 let timing = Timing::for_lease(config.lock_lease(), config.pool_connection_timeout());
@@ -251,6 +271,9 @@ impl Locks {
                 table: Table::new(release.clone()),
                 readers: Readers::new(release),
                 semaphores: Semaphores::default(),
+                inventory,
+                elections: election::Elections::new(published.clone()),
+                published,
                 backend,
                 budget: Arc::new(Semaphore::new(usize::try_from(config.max_locks).unwrap_or(10_000))),
                 lease: config.lock_lease(),
@@ -281,6 +304,59 @@ impl Locks {
             keys: self.inner.table.keys_in_use(),
             waiting: self.inner.table.waiting(),
         }
+    }
+
+    /// Lists a WithLock stream that asks for `key` as `mode` for `owner`,
+    /// until the returned listing is dropped.
+    pub fn list(&self, key: LockKey, owner: Owner, mode: Mode) -> Listing {
+        self.inner.inventory.enter(key, owner, mode)
+    }
+
+    /// This replica's name in listings.
+    pub fn replica(&self) -> &str {
+        self.inner.inventory.replica()
+    }
+
+    /// The holders and waiters of keys starting with `prefix` and after
+    /// `after`, on this replica and the others: enough rows for the first
+    /// `keys` held keys in key order (see [`inventory`]).
+    pub async fn inventory(&self, prefix: &str, after: Option<&str>, keys: usize, exact: bool) -> Result<Vec<Row>> {
+        let mut rows: Vec<Row> = self
+            .inner
+            .inventory
+            .local(prefix)
+            .into_iter()
+            .filter(|r| after.is_none_or(|a| r.key.as_str() > a) && (!exact || r.key == prefix))
+            .collect();
+        if let Some(pool) = &self.inner.published {
+            let remote = inventory::remote(
+                pool,
+                self.replica(),
+                prefix,
+                after,
+                i64::try_from(keys).unwrap_or(i64::MAX),
+                exact,
+            )
+            .await?;
+            // Keys held here but not elsewhere may have waiters elsewhere.
+            let seen: std::collections::HashSet<&str> = remote.iter().map(|r| r.key.as_str()).collect();
+            let mut held_here: Vec<String> = rows
+                .iter()
+                .filter(|r| r.holding && !seen.contains(r.key.as_str()))
+                .map(|r| r.key.clone())
+                .collect();
+            held_here.sort_unstable();
+            held_here.dedup();
+            held_here.truncate(keys);
+            let waiting = if exact || held_here.is_empty() {
+                Vec::new()
+            } else {
+                inventory::remote_keys(pool, self.replica(), &held_here).await?
+            };
+            rows.extend(remote);
+            rows.extend(waiting);
+        }
+        Ok(rows)
     }
 
     /// Shared holders of the client key `key` on this replica right now,
@@ -487,10 +563,33 @@ impl Locks {
     }
 
     async fn acquire_exclusive(&self, permit: LockPermit, key: LockKey, wait: Option<Duration>) -> Result<HeldLock> {
-        let wait = wait.unwrap_or(self.inner.default_wait).min(self.inner.max_wait);
-        let deadline = (!wait.is_zero()).then(|| tokio::time::Instant::now() + wait);
         let id = LockId::client(key.as_str());
         self.refuse_semaphore(&key, id)?;
+        self.acquire_id(permit, key, id, wait).await
+    }
+
+    /// Runs for leadership of `election`: takes its lock (see [`election`]),
+    /// waiting as [`Locks::acquire`] does.
+    pub async fn campaign(&self, permit: LockPermit, election: LockKey, wait: Option<Duration>) -> Result<HeldLock> {
+        let id = election::lock_id(election.as_str());
+        self.acquire_id(permit, election, id, wait).await
+    }
+
+    /// The elections of this replica.
+    pub fn elections(&self) -> &election::Elections {
+        &self.inner.elections
+    }
+
+    /// Takes `id` exclusively for the client, who knows it as `key`.
+    async fn acquire_id(
+        &self,
+        permit: LockPermit,
+        key: LockKey,
+        id: LockId,
+        wait: Option<Duration>,
+    ) -> Result<HeldLock> {
+        let wait = wait.unwrap_or(self.inner.default_wait).min(self.inner.max_wait);
+        let deadline = (!wait.is_zero()).then(|| tokio::time::Instant::now() + wait);
         let metrics = self.inner.metrics.get();
         let asked = Instant::now();
         let waiting = metrics.map(LockMetrics::waiting);

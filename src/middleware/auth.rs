@@ -127,7 +127,11 @@ fn needs(path: &str, reflection_required: bool) -> Needs {
         | "HealthCheckService/SetMaintenance"
         | "HealthCheckService/ClearMaintenance"
         | "HealthCheckService/ConfigureSystem" => Needs::Scope(Scope::HealthAdmin),
-        "LockService/WithLock" => Needs::Scope(Scope::Locks),
+        "LockService/WithLock"
+        | "LockService/ListLocks"
+        | "LockService/GetLock"
+        | "LockService/Campaign"
+        | "LockService/ObserveLeader" => Needs::Scope(Scope::Locks),
         _ => Needs::Principal,
     }
 }
@@ -380,6 +384,10 @@ mod tests {
             (format!("/{health}/ClearMaintenance"), Scope::HealthAdmin),
             (format!("/{health}/ConfigureSystem"), Scope::HealthAdmin),
             (format!("/{locks}/WithLock"), Scope::Locks),
+            (format!("/{locks}/ListLocks"), Scope::Locks),
+            (format!("/{locks}/GetLock"), Scope::Locks),
+            (format!("/{locks}/Campaign"), Scope::Locks),
+            (format!("/{locks}/ObserveLeader"), Scope::Locks),
         ] {
             assert_eq!(needs(&method, false), Needs::Scope(scope), "{method}");
         }

@@ -90,7 +90,7 @@ fn authed<T>(message: T, token: Option<&str>) -> Request<T> {
 
 /// Every RPC of ours, by name, and the scope it needs.
 /// DeleteSystem comes last of the health RPCs: the others need the system.
-const RPCS: [(&str, &str); 16] = [
+const RPCS: [(&str, &str); 20] = [
     ("EvaluateHealth", "health.read"),
     ("GetSystemHealth", "health.read"),
     ("ListRuns", "health.read"),
@@ -107,6 +107,10 @@ const RPCS: [(&str, &str); 16] = [
     ("GetSystemHealth", "health.read"),
     ("DeleteSystem", "health.admin"),
     ("WithLock", "locks"),
+    ("ListLocks", "locks"),
+    ("GetLock", "locks"),
+    ("Campaign", "locks"),
+    ("ObserveLeader", "locks"),
 ];
 
 /// Calls `rpc` on `system` (lock key `system/lock`) with `token`; `Ok` when
@@ -249,6 +253,55 @@ async fn call(channel: &Channel, rpc: &str, system: &str, token: Option<&str>) -
                 other => panic!("expected the lock to be acquired, got {other:?}"),
             }
         }
+        "ListLocks" => LockServiceClient::new(channel.clone())
+            .list_locks(authed(proto::ListLocksRequest::default(), token))
+            .await
+            .map(drop),
+        // Served: the key is neither held nor waited for.
+        "GetLock" => match LockServiceClient::new(channel.clone())
+            .get_lock(authed(
+                proto::GetLockRequest {
+                    key: format!("{system}/lock"),
+                },
+                token,
+            ))
+            .await
+        {
+            Err(status) if status.code() == Code::NotFound => Ok(()),
+            other => other.map(drop),
+        },
+        "Campaign" => {
+            let campaign = proto::CampaignRequest {
+                action: Some(proto::campaign_request::Action::Campaign(proto::Campaign {
+                    election: format!("{system}/lock"),
+                    candidate_value: "me".into(),
+                    wait_timeout: Some(prost_types::Duration { seconds: 5, nanos: 0 }),
+                })),
+            };
+            let resign = proto::CampaignRequest {
+                action: Some(proto::campaign_request::Action::Resign(proto::Resign {})),
+            };
+            let mut replies = LockServiceClient::new(channel.clone())
+                .campaign(authed(futures::stream::iter([campaign, resign]), token))
+                .await?
+                .into_inner();
+            match replies.message().await? {
+                Some(proto::CampaignResponse {
+                    event: Some(proto::campaign_response::Event::Elected(_)),
+                }) => Ok(()),
+                other => panic!("expected to be elected, got {other:?}"),
+            }
+        }
+        "ObserveLeader" => LockServiceClient::new(channel.clone())
+            .observe_leader(authed(
+                proto::ObserveLeaderRequest {
+                    election: format!("{system}/lock"),
+                    after_token: 0,
+                },
+                token,
+            ))
+            .await
+            .map(drop),
         other => panic!("no RPC {other}"),
     }
 }
@@ -310,7 +363,8 @@ async fn namespaces_bound_the_systems_and_lock_keys_a_principal_touches(backend:
         // A run first, so GetSystemHealth finds the system.
         call(&channel, "SubmitRun", system, token).await.unwrap();
         for (rpc, _) in RPCS {
-            if rpc == "WithLock" {
+            // Lock keys are payments/*, not the systems' names.
+            if ["WithLock", "GetLock", "Campaign", "ObserveLeader"].contains(&rpc) {
                 continue;
             }
             call(&channel, rpc, system, token)
@@ -474,7 +528,67 @@ async fn listings_and_watches_of_every_system_show_only_the_principals_systems(b
     app.stop().await;
 }
 
+/// Holds `key` as the principal of `token` until the returned sender is dropped.
+async fn hold_as(channel: &Channel, key: &str, token: &str) -> tokio::sync::mpsc::Sender<proto::WithLockRequest> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tx.send(acquire(key, Some(Duration::from_secs(5)))).await.unwrap();
+    let mut replies = LockServiceClient::new(channel.clone())
+        .with_lock(authed(tokio_stream::wrappers::ReceiverStream::new(rx), Some(token)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        replies.message().await.unwrap(),
+        Some(proto::WithLockResponse {
+            event: Some(Event::Acquired(_))
+        })
+    ));
+    tokio::spawn(async move { while let Ok(Some(_)) = replies.message().await {} });
+    tx
+}
+
+async fn lock_listings_show_only_the_principals_keys(backend: Backend) {
+    let db = TestDb::create(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let payments = Entry {
+        lock_keys: Some(&["payments/*"]),
+        ..Entry::new("payments", "t-payments", &["locks"])
+    };
+    let root = Entry::new("root", "t-root", &["locks"]);
+    let app = start(&db, dir.path(), &auth_file(&[payments, root]), &[]).await;
+    let channel = app.channel().await;
+    let _mine = hold_as(&channel, "payments/a", "t-payments").await;
+    let _theirs = hold_as(&channel, "billing/b", "t-root").await;
+    let mut locks = LockServiceClient::new(channel.clone());
+    let keys = |token: &'static str| {
+        let mut locks = locks.clone();
+        async move {
+            let listed = locks
+                .list_locks(authed(proto::ListLocksRequest::default(), Some(token)))
+                .await
+                .unwrap()
+                .into_inner();
+            listed.locks.into_iter().map(|l| l.key).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(keys("t-payments").await, ["payments/a"]);
+    assert_eq!(keys("t-root").await, ["billing/b", "payments/a"]);
+    let status = locks
+        .get_lock(authed(
+            proto::GetLockRequest {
+                key: "billing/b".into(),
+            },
+            Some("t-payments"),
+        ))
+        .await
+        .expect_err("another's key");
+    let info = assert_reason(&status, Code::PermissionDenied, "PERMISSION_DENIED");
+    assert_eq!(info.metadata.get("key").map(String::as_str), Some("billing/b"));
+    app.stop().await;
+}
+
 both_backends!(
+    lock_listings_show_only_the_principals_keys,
     every_rpc_needs_its_scope_and_known_credentials,
     namespaces_bound_the_systems_and_lock_keys_a_principal_touches,
     listings_and_watches_of_every_system_show_only_the_principals_systems,

@@ -31,7 +31,7 @@ const WINDOWS_MIGRATION: i64 = 20_261_203_000_001;
 
 /// Undoes what [`WINDOWS_MIGRATION`] and the migrations after it added on
 /// both backends.
-const DOWNGRADE: [&str; 16] = [
+const DOWNGRADE: [&str; 17] = [
     "DROP TABLE maintenance_windows",
     "DROP TABLE system_dependencies",
     "ALTER TABLE systems DROP COLUMN created_at",
@@ -48,14 +48,18 @@ const DOWNGRADE: [&str; 16] = [
     "DELETE FROM _sqlx_migrations WHERE version = 20261203000001",
     "DROP TABLE deployment_secrets",
     "DELETE FROM _sqlx_migrations WHERE version = 20261204000001",
+    "DELETE FROM _sqlx_migrations WHERE version = 20261207000001",
 ];
 
 /// And on PostgreSQL, which draws transition sequences from a counter (the
 /// embedded store's one writer takes max + 1), and where run ids compared in
 /// the database's collation before (SQLite's were always byte order).
-const DOWNGRADE_POSTGRES: [&str; 3] = [
+const DOWNGRADE_POSTGRES: [&str; 6] = [
     "DROP INDEX systems_by_id_bytes",
     "DROP TABLE transition_sequence",
+    "DROP TABLE lock_inventory",
+    "DROP TABLE lock_replicas",
+    "DROP TABLE election_leaders",
     "ALTER TABLE runs ALTER COLUMN run_id TYPE text COLLATE \"default\"",
 ];
 

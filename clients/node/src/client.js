@@ -386,11 +386,87 @@ export class VitalsClient {
    * @returns {Promise<T>}
    */
   async withLock(key, fn, { waitTimeoutMs, owner = '', keepAliveIntervalMs } = {}) {
-    const call = this.#locks.WithLock();
-    const inbox = new Inbox(call);
+    return this.#holdLock(key, fn, { waitTimeoutMs, owner, keepAliveIntervalMs });
+  }
+
+  /**
+   * withLock, held shared: with any number of other shared holders of `key`,
+   * never with an exclusive one. A shared acquirer that arrives while an
+   * exclusive one waits waits behind it. Options as withLock's.
+   */
+  async withSharedLock(key, fn, options = {}) {
+    return this.#holdLock(key, fn, { ...options, mode: 'LOCK_MODE_SHARED' });
+  }
+
+  /**
+   * withLock of a semaphore: at most `maxHolders` (2 to 256) holders of `key`
+   * at once, each with its own fencing token. Every acquirer of the key must
+   * name the same maxHolders (else LockModeMismatch). Options as withLock's.
+   */
+  async withSemaphore(key, maxHolders, fn, options = {}) {
+    return this.#holdLock(key, fn, { ...options, maxHolders });
+  }
+
+  /**
+   * Runs fn(leadership) while this candidate leads `election`, as withLock
+   * runs fn(grant) while holding a lock: it waits to be elected (waitTimeoutMs),
+   * keeps the leadership alive, and resigns when fn settles. leadership is
+   * withLock's grant, with `key` the election and `owner` the value.
+   */
+  async campaign(election, value, fn, { waitTimeoutMs, keepAliveIntervalMs } = {}) {
+    const campaign = { election, candidateValue: value };
+    if (waitTimeoutMs !== undefined) campaign.waitTimeout = durationIn(waitTimeoutMs, 'waitTimeoutMs');
+    return this.#hold(this.#locks.Campaign(), { campaign }, CAMPAIGN_EVENTS, election, value, fn, keepAliveIntervalMs);
+  }
+
+  /**
+   * Calls onLeader(leader) for each leader of `election`: the current one,
+   * then each new one, once each, in order, never one whose lease has ended.
+   * leader: { value, fencingToken (BigInt), electedAt, leaseExpiresAt,
+   * replica }. Returns { cancel(), lastToken, done } where `done` settles when
+   * the stream ends (rejecting with its error unless cancelled); resume with
+   * afterToken = lastToken.
+   */
+  observe(election, onLeader, { afterToken = 0n } = {}) {
+    const call = this.#locks.ObserveLeader({ election, afterToken: String(afterToken) });
+    let cancelled = false;
+    const watch = {
+      lastToken: BigInt(afterToken),
+      cancel() {
+        cancelled = true;
+        call.cancel();
+      },
+    };
+    watch.done = new Promise((resolve, reject) => {
+      call.on('data', ({ leader }) => {
+        const out = {
+          value: leader.value,
+          fencingToken: BigInt(leader.fencingToken),
+          electedAt: timestampOut(leader.electedAt),
+          leaseExpiresAt: timestampOut(leader.leaseExpiresAt),
+          replica: leader.replica,
+        };
+        watch.lastToken = out.fencingToken;
+        onLeader(out);
+      });
+      call.on('error', (err) => (cancelled && err.code === grpc.status.CANCELLED ? resolve() : reject(fromServiceError(err))));
+      call.on('end', resolve);
+    });
+    return watch;
+  }
+
+  async #holdLock(key, fn, { waitTimeoutMs, owner = '', keepAliveIntervalMs, mode, maxHolders } = {}) {
     const acquire = { key, owner };
+    if (mode !== undefined) acquire.mode = mode;
+    if (maxHolders !== undefined) acquire.maxHolders = maxHolders;
     if (waitTimeoutMs !== undefined) acquire.waitTimeout = durationIn(waitTimeoutMs, 'waitTimeoutMs');
-    call.write({ acquire });
+    return this.#hold(this.#locks.WithLock(), { acquire }, LOCK_EVENTS, key, owner, fn, keepAliveIntervalMs);
+  }
+
+  /** One held-lock stream: `first` sent on `call`, events named by `names`. */
+  async #hold(call, opening, names, key, owner, fn, keepAliveIntervalMs) {
+    const inbox = new Inbox(call);
+    call.write(opening);
 
     let first;
     try {
@@ -399,18 +475,19 @@ export class VitalsClient {
       call.end();
       throw fromServiceError(err);
     }
-    if (first?.event !== 'acquired') {
+    if (first?.event !== names.granted) {
       call.cancel();
-      throw new VitalsError({ code: grpc.status.INTERNAL, message: 'lock stream ended before acquired' });
+      throw new VitalsError({ code: grpc.status.INTERNAL, message: `lock stream ended before ${names.granted}` });
     }
+    const granted = first[names.granted];
 
     const controller = new AbortController();
     const grant = {
       key,
       owner,
-      fencingToken: BigInt(first.acquired.fencingToken),
-      acquiredAt: timestampOut(first.acquired.acquiredAt),
-      leaseMs: durationOut(first.acquired.lease),
+      fencingToken: BigInt(granted.fencingToken),
+      acquiredAt: timestampOut(granted.acquiredAt),
+      leaseMs: durationOut(granted.lease),
       signal: controller.signal,
       heldForMs: null,
       get lost() {
@@ -446,7 +523,7 @@ export class VitalsClient {
       releaseError = controller.signal.reason;
     } else {
       releasing = true;
-      call.write({ release: {} });
+      call.write(names.release);
       call.end();
       try {
         // Acknowledgements of keep-alives sent before the release may come first.
@@ -459,8 +536,8 @@ export class VitalsClient {
           RELEASE_TIMEOUT_MS,
           () => call.cancel(),
         );
-        if (released?.event !== 'released') throw new Error('lock stream ended before released');
-        grant.heldForMs = durationOut(released.released.heldFor);
+        if (released?.event !== names.released) throw new Error(`lock stream ended before ${names.released}`);
+        grant.heldForMs = durationOut(released[names.released].heldFor);
       } catch (err) {
         releaseError = fromServiceError(err);
         if (releaseError instanceof LockLost) controller.abort(releaseError);
@@ -471,6 +548,10 @@ export class VitalsClient {
     return outcome.value;
   }
 }
+
+/** The events and messages of a WithLock stream, and of a Campaign stream. */
+const LOCK_EVENTS = { granted: 'acquired', released: 'released', release: { release: {} } };
+const CAMPAIGN_EVENTS = { granted: 'elected', released: 'resigned', release: { resign: {} } };
 
 /** Messages of a stream as promises, in order, with its error kept. */
 class Inbox {

@@ -103,6 +103,10 @@ export class LockError extends VitalsError {}
 export class LockNotAvailable extends LockError {}
 /** ABORTED, reason LOCK_LOST: the lease ran out or the lock's session ended while held. */
 export class LockLost extends LockError {}
+/** FAILED_PRECONDITION, reason LOCK_MODE_MISMATCH: the key is in use as a semaphore of another size, or as a plain lock (metadata.held_as). */
+export class LockModeMismatch extends LockError {}
+/** NOT_FOUND, reason LOCK_NOT_HELD: nobody holds or waits for the key. */
+export class LockNotHeld extends LockError {}
 /** UNAVAILABLE (pool exhausted, system busy, database down, shutting down): retry. */
 export class Unavailable extends VitalsError {}
 
@@ -111,6 +115,8 @@ const BY_REASON = {
   SYSTEM_NOT_FOUND: SystemNotFound,
   LOCK_NOT_AVAILABLE: LockNotAvailable,
   LOCK_LOST: LockLost,
+  LOCK_MODE_MISMATCH: LockModeMismatch,
+  LOCK_NOT_HELD: LockNotHeld,
 };
 const BY_CODE = {
   [grpc.status.INVALID_ARGUMENT]: InvalidArgument,

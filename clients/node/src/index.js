@@ -2,8 +2,9 @@
 // locks over gRPC (package vitals.v1).
 //
 // Layout:
-//   client.js  VitalsClient: submitRun, evaluateHealth, getSystemHealth and
-//              withLock(key, fn, opts); the conversions at the edge
+//   client.js  VitalsClient: submitRun, evaluateHealth, getSystemHealth,
+//              withLock, withSharedLock, withSemaphore, campaign and
+//              observe; the conversions at the edge
 //   errors.js  VitalsError and its subclasses, decoded from the ErrorInfo in
 //              grpc-status-details-bin
 
@@ -16,6 +17,8 @@ export {
   LockError,
   LockNotAvailable,
   LockLost,
+  LockModeMismatch,
+  LockNotHeld,
   Unavailable,
   fromServiceError,
 } from './errors.js';

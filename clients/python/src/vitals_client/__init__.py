@@ -3,7 +3,8 @@ distributed advisory locks over gRPC.
 
 Layout:
 - `client`: `Client`, the typed helpers, one per RPC, and `TransitionWatch`.
-- `lock`: `Lock` and `LockGrant`, WithLock as a context manager with
+- `lock`: `Lock` and `LockGrant`, WithLock as a context manager (exclusive,
+  shared, semaphore), `Campaign` for elections and `LeaderWatch`, with
   background keep-alives.
 - `types`: the plain values (enums, dataclasses) requests take and
   responses become.
@@ -19,14 +20,16 @@ from .errors import (
     InvalidArgument,
     LockError,
     LockLost,
+    LockModeMismatch,
     LockNotAvailable,
+    LockNotHeld,
     LockProtocolViolation,
     RunIdConflict,
     SystemNotFound,
     Unavailable,
     VitalsError,
 )
-from .lock import Lock, LockGrant
+from .lock import Campaign, Leader, LeaderWatch, Lock, LockGrant
 from .types import (
     CheckHealth,
     ClearMaintenanceResult,
@@ -70,11 +73,16 @@ __all__ = [
     "FieldViolation",
     "HealthStatus",
     "InvalidArgument",
+    "Campaign",
+    "Leader",
+    "LeaderWatch",
     "Lock",
     "LockError",
     "LockGrant",
     "LockLost",
+    "LockModeMismatch",
     "LockNotAvailable",
+    "LockNotHeld",
     "LockProtocolViolation",
     "Run",
     "RunIdConflict",

@@ -22,9 +22,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 import grpc
 
 from ._gen.vitals.v1 import health_pb2 as pb
-from ._gen.vitals.v1 import health_pb2_grpc, lock_pb2_grpc
+from ._gen.vitals.v1 import health_pb2_grpc, lock_pb2, lock_pb2_grpc
 from .errors import VitalsError, from_rpc_error
-from .lock import Lock
+from .lock import Campaign, LeaderWatch, Lock
 from .types import (
     ClearMaintenanceResult,
     ConfigureCheckResult,
@@ -420,6 +420,59 @@ class Client:
         releases the lock; LockLost is raised there if it was lost meanwhile.
         """
         return Lock(self._locks, key, wait_timeout, owner, keepalive_interval)
+
+    def shared_lock(
+        self,
+        key: str,
+        wait_timeout: Optional[timedelta | float] = None,
+        owner: str = "",
+        *,
+        keepalive_interval: Optional[timedelta | float] = None,
+    ) -> Lock:
+        """`lock`, held shared: with any number of other shared holders of
+        `key`, never with an exclusive one. A shared acquirer that arrives
+        while an exclusive one waits waits behind it."""
+        return Lock(
+            self._locks, key, wait_timeout, owner, keepalive_interval, mode=lock_pb2.LOCK_MODE_SHARED
+        )
+
+    def semaphore(
+        self,
+        key: str,
+        max_holders: int,
+        wait_timeout: Optional[timedelta | float] = None,
+        owner: str = "",
+        *,
+        keepalive_interval: Optional[timedelta | float] = None,
+    ) -> Lock:
+        """`lock` of a semaphore: at most `max_holders` (2 to 256) holders of
+        `key` at once, each with its own fencing token. Every acquirer of the
+        key must name the same `max_holders` (else LockModeMismatch)."""
+        return Lock(self._locks, key, wait_timeout, owner, keepalive_interval, max_holders=max_holders)
+
+    def campaign(
+        self,
+        election: str,
+        value: str,
+        wait_timeout: Optional[timedelta | float] = None,
+        *,
+        keepalive_interval: Optional[timedelta | float] = None,
+    ) -> Campaign:
+        """Leadership of `election`, held for the duration of a `with` block
+        like `lock` (the grant's fencing token orders the leaders):
+
+        >>> with client.campaign("scheduler", "host-a:8080") as leadership:
+        ...     lead(fencing_token=leadership.fencing_token)
+        """
+        return Campaign(self._locks, election, wait_timeout, value, keepalive_interval)
+
+    def observe(self, election: str, after_token: int = 0, *, timeout: Optional[float] = None) -> LeaderWatch:
+        """Follows the leaders of `election`: the current one, then each new
+        one, once each, in order, never one whose lease has ended. Iterate
+        it; `cancel()` or leaving its `with` block ends it. Resume with
+        `after_token=watch.last_token`."""
+        request = lock_pb2.ObserveLeaderRequest(election=election, after_token=after_token)
+        return LeaderWatch(self._locks.ObserveLeader(request, timeout=timeout), after_token)
 
 
 class TransitionWatch:

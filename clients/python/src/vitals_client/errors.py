@@ -95,6 +95,15 @@ class LockLost(LockError):
     session ended while held. Anything done after the loss was unprotected."""
 
 
+class LockModeMismatch(LockError):
+    """FAILED_PRECONDITION, reason LOCK_MODE_MISMATCH: the key is in use as a
+    semaphore of another size, or as a plain lock (see `metadata["held_as"]`)."""
+
+
+class LockNotHeld(LockError):
+    """NOT_FOUND, reason LOCK_NOT_HELD: nobody holds or waits for the key."""
+
+
 class LockProtocolViolation(LockError):
     """FAILED_PRECONDITION, reason LOCK_PROTOCOL_VIOLATION: a bug in the client."""
 
@@ -111,6 +120,8 @@ _BY_REASON: dict[str, type[VitalsError]] = {
     "LOCK_NOT_AVAILABLE": LockNotAvailable,
     "LOCK_LOST": LockLost,
     "LOCK_PROTOCOL_VIOLATION": LockProtocolViolation,
+    "LOCK_MODE_MISMATCH": LockModeMismatch,
+    "LOCK_NOT_HELD": LockNotHeld,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[VitalsError]] = {

@@ -70,10 +70,14 @@ class LockGrant:
 
 
 class Lock:
-    """A lock to take on entry and release on exit; see `Client.lock`.
+    """A lock to take on entry and release on exit; see `Client.lock`,
+    `Client.shared_lock` and `Client.semaphore`.
 
     Not reentrant, and each `Lock` is used once.
     """
+
+    #: The server's names of the events of this stream.
+    _GRANTED, _RELEASED = "acquired", "released"
 
     def __init__(
         self,
@@ -83,11 +87,16 @@ class Lock:
         owner: str,
         keepalive_interval: Optional[timedelta | float] = None,
         release_timeout: float = 10.0,
+        *,
+        mode: int = lock_pb2.LOCK_MODE_EXCLUSIVE,
+        max_holders: int = 0,
     ) -> None:
         self._stub = stub
         self._key = key
         self._wait_timeout = wait_timeout
         self._owner = owner
+        self._mode = mode
+        self._max_holders = max_holders
         self._keepalive_interval = keepalive_interval
         self._release_timeout = release_timeout
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -112,11 +121,8 @@ class Lock:
         default; 0: try once). Raises LockNotAvailable when it was not granted."""
         if self._call is not None:
             raise RuntimeError("a Lock is used once; call client.lock() again")
-        acquire = lock_pb2.Acquire(key=self._key, owner=self._owner)
-        if self._wait_timeout is not None:
-            acquire.wait_timeout.CopyFrom(duration_to_proto(self._wait_timeout))
-        self._requests.put(lock_pb2.WithLockRequest(acquire=acquire))
-        self._call = self._stub.WithLock(self._outbound())
+        self._requests.put(self._first_request())
+        self._call = self._open(self._outbound())
         try:
             first = next(self._call)
         except grpc.RpcError as err:
@@ -129,11 +135,11 @@ class Lock:
             self._call.cancel()
             self._requests.put(_HALF_CLOSE)
             raise
-        if first.WhichOneof("event") != "acquired":
+        if first.WhichOneof("event") != self._GRANTED:
             self._call.cancel()
             self._requests.put(_HALF_CLOSE)
-            raise LockProtocolViolation(grpc.StatusCode.INTERNAL, f"expected acquired, got {first}")
-        a = first.acquired
+            raise LockProtocolViolation(grpc.StatusCode.INTERNAL, f"expected {self._GRANTED}, got {first}")
+        a = getattr(first, self._GRANTED)
         self._grant = LockGrant(
             key=self._key,
             owner=self._owner,
@@ -152,6 +158,23 @@ class Lock:
             self._keepalive.start()
         return self._grant
 
+    # The messages of this stream; `Campaign` speaks its own.
+
+    def _open(self, requests):
+        return self._stub.WithLock(requests)
+
+    def _first_request(self):
+        acquire = lock_pb2.Acquire(key=self._key, owner=self._owner, mode=self._mode, max_holders=self._max_holders)
+        if self._wait_timeout is not None:
+            acquire.wait_timeout.CopyFrom(duration_to_proto(self._wait_timeout))
+        return lock_pb2.WithLockRequest(acquire=acquire)
+
+    def _keep_alive_request(self):
+        return lock_pb2.WithLockRequest(keep_alive=lock_pb2.KeepAlive())
+
+    def _release_request(self):
+        return lock_pb2.WithLockRequest(release=lock_pb2.Release())
+
     def _interval(self, lease: timedelta) -> Optional[float]:
         if self._keepalive_interval is None:
             return max(lease.total_seconds() * KEEPALIVE_FRACTION, 0.01)
@@ -163,7 +186,7 @@ class Lock:
         return seconds if seconds > 0 else None  # 0 disables keep-alives (tests)
 
     def _keep_alive(self, interval: float) -> None:
-        message = lock_pb2.WithLockRequest(keep_alive=lock_pb2.KeepAlive())
+        message = self._keep_alive_request()
         while not self._stop.wait(interval):
             self._requests.put(message)
 
@@ -196,7 +219,7 @@ class Lock:
         self._stop.set()
         if self._keepalive is not None:
             self._keepalive.join()  # so no keep_alive follows the release
-        self._requests.put(lock_pb2.WithLockRequest(release=lock_pb2.Release()))
+        self._requests.put(self._release_request())
         self._requests.put(_HALF_CLOSE)
         outcome: list = []
         # next() has no timeout of its own; a helper thread bounds the wait.
@@ -219,9 +242,9 @@ class Lock:
     def _read_released(self):
         try:
             for response in self._call:
-                if response.WhichOneof("event") == "released":
-                    return response.released.held_for.ToTimedelta()
-            return LockProtocolViolation(grpc.StatusCode.INTERNAL, "stream ended before released")
+                if response.WhichOneof("event") == self._RELEASED:
+                    return getattr(response, self._RELEASED).held_for.ToTimedelta()
+            return LockProtocolViolation(grpc.StatusCode.INTERNAL, f"stream ended before {self._RELEASED}")
         except grpc.RpcError as err:
             mapped = from_rpc_error(err)
             if mapped.code == grpc.StatusCode.CANCELLED:
@@ -252,3 +275,94 @@ class Lock:
         except VitalsError:
             if exc_type is None:
                 raise
+
+
+class Campaign(Lock):
+    """Leadership of an election, held for the duration of a `with` block;
+    see `Client.campaign`. The grant's `key` is the election, its `owner`
+    the candidate's value."""
+
+    _GRANTED, _RELEASED = "elected", "resigned"
+
+    def _open(self, requests):
+        return self._stub.Campaign(requests)
+
+    def _first_request(self):
+        campaign = lock_pb2.Campaign(election=self._key, candidate_value=self._owner)
+        if self._wait_timeout is not None:
+            campaign.wait_timeout.CopyFrom(duration_to_proto(self._wait_timeout))
+        return lock_pb2.CampaignRequest(campaign=campaign)
+
+    def _keep_alive_request(self):
+        return lock_pb2.CampaignRequest(keep_alive=lock_pb2.KeepAlive())
+
+    def _release_request(self):
+        return lock_pb2.CampaignRequest(resign=lock_pb2.Resign())
+
+
+class Leader:
+    """An election's leader, as observers are told.
+
+    Attributes:
+        value: the leader's candidate value.
+        fencing_token: its leadership's token; later leaders have larger ones.
+        elected_at, lease_expires_at: when it was elected and when its lease
+            ends unless renewed (UTC).
+        replica: the vitals replica it campaigned on.
+    """
+
+    def __init__(self, value: str, fencing_token: int, elected_at: datetime, lease_expires_at: datetime, replica: str):
+        self.value = value
+        self.fencing_token = fencing_token
+        self.elected_at = elected_at
+        self.lease_expires_at = lease_expires_at
+        self.replica = replica
+
+    @classmethod
+    def from_proto(cls, m) -> "Leader":
+        return cls(
+            value=m.value,
+            fencing_token=m.fencing_token,
+            elected_at=timestamp_from_proto(m.elected_at),
+            lease_expires_at=timestamp_from_proto(m.lease_expires_at),
+            replica=m.replica,
+        )
+
+    def __repr__(self) -> str:
+        return f"Leader(value={self.value!r}, fencing_token={self.fencing_token})"
+
+
+class LeaderWatch:
+    """An iterator of an election's leaders over one ObserveLeader stream:
+    each new leader once, in order. `last_token` is the token of the last
+    leader seen: pass it as `after_token` to resume."""
+
+    def __init__(self, call, after_token: int) -> None:
+        self._call = call
+        self._cancelled = threading.Event()
+        self.last_token = after_token
+
+    def __iter__(self) -> "LeaderWatch":
+        return self
+
+    def __next__(self) -> Leader:
+        try:
+            response = next(self._call)
+        except grpc.RpcError as err:
+            if self._cancelled.is_set() and err.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise from_rpc_error(err) from None
+        leader = Leader.from_proto(response.leader)
+        self.last_token = leader.fencing_token
+        return leader
+
+    def cancel(self) -> None:
+        """Ends the stream; a blocked `next()` then stops the iteration."""
+        self._cancelled.set()
+        self._call.cancel()
+
+    def __enter__(self) -> "LeaderWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()

@@ -1,0 +1,584 @@
+//! Who holds and who waits for which client key, on every replica.
+//!
+//! Each replica lists its own WithLock streams in memory ([`Inventory`]):
+//! a stream enters the list when its `acquire` is accepted and leaves it
+//! when it ends; its grant and keep-alives update the entry in place. That is
+//! all the grant path pays: no statement, no write.
+//!
+//! With PostgreSQL a task of each replica ([`publish`]) copies what changed
+//! in its list, every [`PUBLISH_EVERY`], to the `lock_inventory` table, which
+//! is `UNLOGGED` (no WAL, no flush: it is a cache of what the replicas hold,
+//! rebuilt by them after a crash), and says the replica is alive in
+//! `lock_replicas`. Changes that cancel out within one period (a lock taken
+//! and released in the meantime) are never written, so short critical
+//! sections cost PostgreSQL nothing at all. A listing reads the answering
+//! replica's own list (exact) and the other live replicas' published rows
+//! (as of at most [`PUBLISH_EVERY`] ago), leaving out any holder whose lease
+//! has ended and any replica not seen for [`REPLICA_TIMEOUT`].
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row as _};
+use tokio::sync::watch;
+
+use super::Mode;
+use crate::{
+    domain::{LockKey, Owner},
+    error::{Error, Result},
+};
+
+/// How often a replica publishes what changed in its list.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(250);
+
+/// A replica not seen for this long is left out of listings (and its rows
+/// are removed).
+pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Shards of the in-memory list, so that grants on many cores rarely meet.
+const SHARDS: usize = 16;
+
+/// The WithLock streams of this replica.
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// How this replica is named in listings.
+    replica: String,
+    shards: Vec<Mutex<HashMap<u64, Arc<Entry>>>>,
+    next: AtomicU64,
+}
+
+/// One stream's entry.
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    key: LockKey,
+    owner: Owner,
+    mode: Mode,
+    holding: AtomicBool,
+    token: AtomicU64,
+    acquired_at_us: AtomicI64,
+    lease_expires_us: AtomicI64,
+    /// When the stream was listed: published only once listed a whole period.
+    listed_at: Instant,
+    inventory: Weak<Inner>,
+}
+
+/// A stream's place in the list; leaves it when dropped.
+#[derive(Debug)]
+pub struct Listing(Arc<Entry>);
+
+/// One holder or waiter, as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// The client's key.
+    pub key: String,
+    /// How the key is held.
+    pub mode: Mode,
+    /// Who, as the client said.
+    pub owner: String,
+    /// Holding (else waiting).
+    pub holding: bool,
+    /// Its fencing token (0 while waiting).
+    pub token: u64,
+    /// When it was granted.
+    pub acquired_at: Option<DateTime<Utc>>,
+    /// When its lease ends unless renewed.
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Which replica.
+    pub replica: String,
+}
+
+fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+fn from_micros(us: i64) -> Option<DateTime<Utc>> {
+    (us != 0).then(|| DateTime::from_timestamp_micros(us)).flatten()
+}
+
+impl Inventory {
+    /// An empty list of the replica named `replica`.
+    pub fn new(replica: String) -> Self {
+        Inventory {
+            inner: Arc::new(Inner {
+                replica,
+                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                next: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// This replica's name.
+    pub fn replica(&self) -> &str {
+        &self.inner.replica
+    }
+
+    /// Lists a stream that asks for `key` as `mode`, for `owner`.
+    pub fn enter(&self, key: LockKey, owner: Owner, mode: Mode) -> Listing {
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(Entry {
+            id,
+            key,
+            owner,
+            mode,
+            holding: AtomicBool::new(false),
+            token: AtomicU64::new(0),
+            acquired_at_us: AtomicI64::new(0),
+            lease_expires_us: AtomicI64::new(0),
+            listed_at: Instant::now(),
+            inventory: Arc::downgrade(&self.inner),
+        });
+        self.inner
+            .shard(id)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, entry.clone());
+        Listing(entry)
+    }
+
+    /// What this replica's streams hold and wait for, of keys starting
+    /// with `prefix`.
+    pub fn local(&self, prefix: &str) -> Vec<Row> {
+        self.entries()
+            .into_iter()
+            .filter(|e| e.key.as_str().starts_with(prefix))
+            .map(|e| e.row(&self.inner.replica))
+            .collect()
+    }
+
+    fn entries(&self) -> Vec<Arc<Entry>> {
+        let mut out = Vec::new();
+        for shard in &self.inner.shards {
+            out.extend(shard.lock().unwrap_or_else(PoisonError::into_inner).values().cloned());
+        }
+        out
+    }
+}
+
+impl Inner {
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Entry>>> {
+        &self.shards[usize::try_from(id % SHARDS as u64).unwrap_or(0)]
+    }
+}
+
+impl Entry {
+    fn row(&self, replica: &str) -> Row {
+        Row {
+            key: self.key.as_str().to_owned(),
+            mode: self.mode,
+            owner: self.owner.as_str().to_owned(),
+            holding: self.holding.load(Ordering::Acquire),
+            token: self.token.load(Ordering::Relaxed),
+            acquired_at: from_micros(self.acquired_at_us.load(Ordering::Relaxed)),
+            lease_expires_at: from_micros(self.lease_expires_us.load(Ordering::Relaxed)),
+            replica: replica.to_owned(),
+        }
+    }
+}
+
+impl Listing {
+    /// The stream was granted the key.
+    pub fn granted(&self, token: u64, acquired_at: DateTime<Utc>, lease_expires_at: DateTime<Utc>) {
+        self.0.token.store(token, Ordering::Relaxed);
+        self.0.acquired_at_us.store(micros(acquired_at), Ordering::Relaxed);
+        self.0
+            .lease_expires_us
+            .store(micros(lease_expires_at), Ordering::Relaxed);
+        self.0.holding.store(true, Ordering::Release);
+    }
+
+    /// The stream's lease was renewed until `lease_expires_at`.
+    pub fn kept_alive(&self, lease_expires_at: DateTime<Utc>) {
+        self.0
+            .lease_expires_us
+            .store(micros(lease_expires_at), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.inventory.upgrade() {
+            inner
+                .shard(self.0.id)
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&self.0.id);
+        }
+    }
+}
+
+/// The stored spelling of a mode: `exclusive`, `shared` or the size of a semaphore.
+fn mode_text(mode: Mode) -> String {
+    match mode {
+        Mode::Exclusive => "exclusive".to_owned(),
+        Mode::Shared => "shared".to_owned(),
+        Mode::Semaphore(n) => n.to_string(),
+    }
+}
+
+fn mode_of(text: &str) -> Option<Mode> {
+    match text {
+        "exclusive" => Some(Mode::Exclusive),
+        "shared" => Some(Mode::Shared),
+        n => n.parse().ok().map(Mode::Semaphore),
+    }
+}
+
+/// What was last published of one entry: holding, and the lease's end.
+type Published = (bool, i64);
+
+/// Publishes `inventory` to `pool` every [`PUBLISH_EVERY`] until `stop` turns
+/// true; then removes this replica's rows. Only streams listed for a whole
+/// period are published, so a lock held for less costs PostgreSQL nothing,
+/// and a replica with nothing to publish sends no statement at all.
+pub async fn publish(inventory: Inventory, pool: PgPool, mut stop: watch::Receiver<bool>) {
+    let mut published: HashMap<u64, Published> = HashMap::new();
+    // After a failed statement the rows are unknown: start over.
+    let mut resync = false;
+    // Rows of this replica may be in the table.
+    let mut stored = false;
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(PUBLISH_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        ticks += 1;
+        let entries = inventory.entries();
+        let mut upserts = Vec::new();
+        let mut now: HashMap<u64, Published> = HashMap::with_capacity(entries.len());
+        for entry in entries.iter().filter(|e| e.listed_at.elapsed() >= PUBLISH_EVERY) {
+            let state = (
+                entry.holding.load(Ordering::Acquire),
+                entry.lease_expires_us.load(Ordering::Relaxed),
+            );
+            now.insert(entry.id, state);
+            if resync || published.get(&entry.id) != Some(&state) {
+                upserts.push(entry.clone());
+            }
+        }
+        let gone: Vec<i64> = published
+            .keys()
+            .filter(|id| !now.contains_key(id))
+            .filter_map(|id| i64::try_from(*id).ok())
+            .collect();
+        // While it has rows, the replica says it is alive every period.
+        if upserts.is_empty() && gone.is_empty() && now.is_empty() && !(resync && stored) {
+            continue;
+        }
+        // Dead replicas' rows go now and then.
+        let sweep = ticks.is_multiple_of(20);
+        stored = true;
+        match write(&pool, inventory.replica(), &upserts, &gone, resync, sweep).await {
+            Ok(()) => {
+                stored = !now.is_empty();
+                published = now;
+                resync = false;
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "lock inventory not published; will retry");
+                resync = true;
+            }
+        }
+    }
+    if stored {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            sqlx::query("DELETE FROM lock_inventory WHERE replica = $1")
+                .bind(inventory.replica())
+                .execute(&pool),
+        )
+        .await;
+    }
+}
+
+/// One round of publishing, as one transaction.
+async fn write(
+    pool: &PgPool,
+    replica: &str,
+    upserts: &[Arc<Entry>],
+    gone: &[i64],
+    resync: bool,
+    sweep: bool,
+) -> Result<()> {
+    let bound = tokio::time::Instant::now() + REPLICA_TIMEOUT;
+    let work = async {
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO lock_replicas (replica, seen_at) VALUES ($1, now()) \
+             ON CONFLICT (replica) DO UPDATE SET seen_at = now()",
+        )
+        .bind(replica)
+        .execute(&mut *tx)
+        .await?;
+        if resync {
+            sqlx::query("DELETE FROM lock_inventory WHERE replica = $1")
+                .bind(replica)
+                .execute(&mut *tx)
+                .await?;
+        } else if !gone.is_empty() {
+            sqlx::query("DELETE FROM lock_inventory WHERE replica = $1 AND holder = ANY($2)")
+                .bind(replica)
+                .bind(gone)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !upserts.is_empty() {
+            let mut ids = Vec::with_capacity(upserts.len());
+            let (mut keys, mut owners, mut modes) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut holding, mut tokens, mut acquired, mut leases) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for e in upserts {
+                ids.push(i64::try_from(e.id).unwrap_or(i64::MAX));
+                keys.push(e.key.as_str());
+                owners.push(e.owner.as_str());
+                modes.push(mode_text(e.mode));
+                holding.push(e.holding.load(Ordering::Acquire));
+                tokens.push(i64::try_from(e.token.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+                acquired.push(e.acquired_at_us.load(Ordering::Relaxed));
+                leases.push(e.lease_expires_us.load(Ordering::Relaxed));
+            }
+            sqlx::query(
+                "INSERT INTO lock_inventory \
+                     (replica, holder, key, owner, mode, holding, token, acquired_at_us, lease_expires_us) \
+                 SELECT $1, * FROM unnest($2::int8[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::int8[], \
+                                          $8::int8[], $9::int8[]) \
+                 ON CONFLICT (replica, holder) DO UPDATE SET holding = excluded.holding, token = excluded.token, \
+                     acquired_at_us = excluded.acquired_at_us, lease_expires_us = excluded.lease_expires_us",
+            )
+            .bind(replica)
+            .bind(&ids)
+            .bind(&keys)
+            .bind(&owners)
+            .bind(&modes)
+            .bind(&holding)
+            .bind(&tokens)
+            .bind(&acquired)
+            .bind(&leases)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if sweep {
+            sqlx::query(
+                "WITH dead AS (DELETE FROM lock_replicas WHERE seen_at < now() - make_interval(secs => $1) \
+                               RETURNING replica) \
+                 DELETE FROM lock_inventory WHERE replica IN (SELECT replica FROM dead)",
+            )
+            .bind(REPLICA_TIMEOUT.as_secs_f64() * 12.0)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok::<_, Error>(())
+    };
+    tokio::time::timeout_at(bound, work)
+        .await
+        .map_err(|_| Error::DatabaseUnavailable(None))?
+}
+
+/// The rows other live replicas published, of keys starting with `prefix`
+/// and after `after`, for at most `keys` distinct held keys (the first in key
+/// order); with `exact`, of the key `prefix` only, held or not. Holders whose
+/// lease has ended are left out.
+pub async fn remote(
+    pool: &PgPool,
+    replica: &str,
+    prefix: &str,
+    after: Option<&str>,
+    keys: i64,
+    exact: bool,
+) -> Result<Vec<Row>> {
+    let rows = sqlx::query(
+        "WITH live AS (SELECT replica FROM lock_replicas \
+                       WHERE seen_at > now() - make_interval(secs => $2) AND replica <> $1), \
+              rows AS (SELECT i.* FROM lock_inventory i JOIN live USING (replica) \
+                       WHERE left(i.key, length($3)) = $3 AND ($4::text IS NULL OR i.key > $4) \
+                         AND (NOT $6 OR i.key = $3) \
+                         AND (NOT i.holding OR i.lease_expires_us > (extract(epoch FROM now()) * 1000000)::int8)), \
+              first AS (SELECT DISTINCT key FROM rows WHERE holding OR $6 ORDER BY key LIMIT $5) \
+         SELECT replica, key, owner, mode, holding, token, acquired_at_us, lease_expires_us \
+         FROM rows WHERE key IN (SELECT key FROM first)",
+    )
+    .bind(replica)
+    .bind(REPLICA_TIMEOUT.as_secs_f64())
+    .bind(prefix)
+    .bind(after)
+    .bind(keys)
+    .bind(exact)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(decode)
+        .filter_map(Result::transpose)
+        .map(|r| r.map_err(Error::from))
+        .collect()
+}
+
+/// The rows other live replicas published of exactly `keys` (holders
+/// whose lease has ended left out).
+pub async fn remote_keys(pool: &PgPool, replica: &str, keys: &[String]) -> Result<Vec<Row>> {
+    let rows = sqlx::query(
+        "SELECT i.replica, i.key, i.owner, i.mode, i.holding, i.token, i.acquired_at_us, i.lease_expires_us \
+         FROM lock_inventory i JOIN lock_replicas r USING (replica) \
+         WHERE r.seen_at > now() - make_interval(secs => $2) AND i.replica <> $1 AND i.key = ANY($3) \
+           AND (NOT i.holding OR i.lease_expires_us > (extract(epoch FROM now()) * 1000000)::int8)",
+    )
+    .bind(replica)
+    .bind(REPLICA_TIMEOUT.as_secs_f64())
+    .bind(keys)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(decode)
+        .filter_map(Result::transpose)
+        .map(|r| r.map_err(Error::from))
+        .collect()
+}
+
+fn decode(row: &sqlx::postgres::PgRow) -> std::result::Result<Option<Row>, sqlx::Error> {
+    let mode: String = row.try_get("mode")?;
+    let Some(mode) = mode_of(&mode) else { return Ok(None) };
+    Ok(Some(Row {
+        key: row.try_get("key")?,
+        mode,
+        owner: row.try_get("owner")?,
+        holding: row.try_get("holding")?,
+        token: u64::try_from(row.try_get::<i64, _>("token")?).unwrap_or(0),
+        acquired_at: from_micros(row.try_get("acquired_at_us")?),
+        lease_expires_at: from_micros(row.try_get("lease_expires_us")?),
+        replica: row.try_get("replica")?,
+    }))
+}
+
+/// A held key, as listings show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The key.
+    pub key: String,
+    /// How it is held.
+    pub mode: Mode,
+    /// Its holders, in token order.
+    pub holders: Vec<Row>,
+    /// Acquirers waiting for it, on every replica.
+    pub waiters: u32,
+}
+
+/// Groups `rows` by key, in key order, keeping keys with a holder (every
+/// key, with `include_waiting`), at most `limit` of them; and whether more
+/// keys followed.
+pub fn group(rows: Vec<Row>, limit: usize, include_waiting: bool) -> (Vec<KeyInfo>, bool) {
+    let mut keys: std::collections::BTreeMap<String, KeyInfo> = std::collections::BTreeMap::new();
+    for row in rows {
+        let info = keys.entry(row.key.clone()).or_insert_with(|| KeyInfo {
+            key: row.key.clone(),
+            mode: row.mode,
+            holders: Vec::new(),
+            waiters: 0,
+        });
+        if row.holding {
+            // A holder says how the key is held; a waiter may have asked otherwise.
+            if info.holders.is_empty() {
+                info.mode = row.mode;
+            }
+            info.holders.push(row);
+        } else {
+            info.waiters = info.waiters.saturating_add(1);
+        }
+    }
+    let mut held: Vec<KeyInfo> = keys
+        .into_values()
+        .filter(|k| include_waiting || !k.holders.is_empty())
+        .collect();
+    for info in &mut held {
+        info.holders.sort_by_key(|h| h.token);
+    }
+    let more = held.len() > limit;
+    held.truncate(limit);
+    (held, more)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_is_listed_from_its_acquire_until_it_ends_and_shows_its_grant() {
+        let inventory = Inventory::new("r1".into());
+        let key = LockKey::parse("key", "jobs/a".into()).unwrap();
+        let owner = Owner::parse("owner", "worker 1".into()).unwrap();
+        let listing = inventory.enter(key, owner, Mode::Exclusive);
+        let rows = inventory.local("jobs/");
+        assert_eq!(rows.len(), 1);
+        assert!(!rows[0].holding);
+        let at = Utc::now();
+        listing.granted(42, at, at + chrono::Duration::seconds(30));
+        let rows = inventory.local("jobs/");
+        assert!(rows[0].holding);
+        assert_eq!(rows[0].token, 42);
+        assert_eq!(rows[0].replica, "r1");
+        assert!(inventory.local("other/").is_empty());
+        drop(listing);
+        assert!(inventory.local("").is_empty());
+    }
+
+    fn row(key: &str, holding: bool, token: u64, replica: &str) -> Row {
+        Row {
+            key: key.into(),
+            mode: Mode::Shared,
+            owner: "o".into(),
+            holding,
+            token,
+            acquired_at: None,
+            lease_expires_at: None,
+            replica: replica.into(),
+        }
+    }
+
+    #[test]
+    fn rows_of_every_replica_group_by_key_in_key_order_with_waiters_counted() {
+        let rows = vec![
+            row("b", true, 9, "r2"),
+            row("a", true, 7, "r1"),
+            row("b", true, 3, "r1"),
+            row("b", false, 0, "r1"),
+            row("b", false, 0, "r2"),
+            row("c", false, 0, "r1"),
+            row("d", true, 1, "r2"),
+        ];
+        let (keys, more) = group(rows.clone(), 2, false);
+        assert!(more);
+        assert_eq!(keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(keys[1].holders.iter().map(|h| h.token).collect::<Vec<_>>(), [3, 9]);
+        assert_eq!(keys[1].waiters, 2);
+        let (keys, more) = group(rows.clone(), 10, false);
+        assert!(!more);
+        assert_eq!(keys.len(), 3, "a key only waited for is not held");
+        let (keys, _) = group(rows, 10, true);
+        assert_eq!(keys.len(), 4);
+    }
+
+    #[test]
+    fn replicas_publish_four_times_a_second_and_are_forgotten_after_seconds() {
+        assert_eq!(PUBLISH_EVERY, Duration::from_millis(250));
+        assert!(REPLICA_TIMEOUT >= PUBLISH_EVERY * 10);
+    }
+
+    #[test]
+    fn every_mode_reads_back_as_it_was_stored() {
+        for mode in [Mode::Exclusive, Mode::Shared, Mode::Semaphore(2), Mode::Semaphore(256)] {
+            assert_eq!(mode_of(&mode_text(mode)), Some(mode));
+        }
+    }
+}
