@@ -9,6 +9,8 @@
 #   scripts/bench.sh                 # everything, about 8 minutes on 2 cores
 #   scripts/bench.sh --soak 300      # with the 5-minute memory soak of the target
 #   scripts/bench.sh --duration 3 --workloads lock --clients 1,32   # a quick look
+#   scripts/bench.sh --duration 3 --workloads lock-modes --clients 32 --no-pgbench --no-metrics-off
+#                                    # shared locks, a semaphore of 4 and an election on one key
 #   scripts/bench.sh --workloads none   # only vitals' RSS per held lock (10,000 locks)
 #   scripts/bench.sh --no-metrics-off   # without the metrics-off vitals (metrics cost)
 #   scripts/bench.sh soak --minutes 2   # the soak: PostgreSQL restarted twice

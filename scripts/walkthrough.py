@@ -28,8 +28,9 @@ Usage (scripts/walkthrough.sh starts the server and calls this):
    the block (as lines).
 2. Reflection contract, with no proto files: grpcurl (reflection v1alpha)
    and buf curl (--reflect-protocol grpc-v1) each list every service and
-   method, and call every RPC: the unary ones, WatchTransitions (cut
-   after a short time, after the replay) and WithLock (messages on stdin).
+   method, and call every RPC: the unary ones (GetLock of a key nobody
+   holds must fail with LOCK_NOT_HELD), WatchTransitions and ObserveLeader
+   (cut after a short time), WithLock and Campaign (messages on stdin).
 
 Prints one line per check and closes with "walkthrough: N passed, N failed";
 exits 1 if any check failed. Python 3.11 standard library only.
@@ -81,6 +82,7 @@ HEALTH_METHODS = [
     "SubmitRun",
     "WatchTransitions",
 ]
+LOCK_METHODS = ["Campaign", "GetLock", "ListLocks", "ObserveLeader", "WithLock"]
 SERVICES = [
     "grpc.health.v1.Health",
     "vitals.v1.HealthCheckService",
@@ -662,6 +664,7 @@ class Call:
     request: str  # JSON, one or more documents
     check: Callable[[list[Any]], list[str]]
     stream_cut: bool = False  # a server stream cut by a short deadline
+    fails_with: str | None = None  # the call must fail with this text in its error output
 
 
 def calls_for(system: str) -> list[Call]:
@@ -778,6 +781,32 @@ def calls_for(system: str) -> list[Call]:
             lambda d: expect(d, 3, **{"0__acquired__fencingToken": ..., "0__acquired__lease": ...,
                                       "1__keptAlive__leaseExpiresAt": ..., "2__released__heldFor": ...}),
         ),
+        Call(
+            "vitals.v1.LockService/ListLocks",
+            json.dumps({"key_prefix": f"{system}-", "page_size": 10}),
+            lambda d: expect(d, 1),
+        ),
+        Call(
+            "vitals.v1.LockService/GetLock",
+            json.dumps({"key": f"{system}-lock"}),
+            lambda d: [],
+            fails_with="LOCK_NOT_HELD",
+        ),
+        Call(
+            "vitals.v1.LockService/Campaign",
+            "\n".join([
+                json.dumps({"campaign": {"election": f"{system}-election", "candidate_value": system,
+                                         "wait_timeout": "5s"}}),
+                json.dumps({"resign": {}}),
+            ]) + "\n",
+            lambda d: expect(d, 2, **{"0__elected__fencingToken": ..., "1__resigned__heldFor": ...}),
+        ),
+        Call(
+            "vitals.v1.LockService/ObserveLeader",
+            json.dumps({"election": f"{system}-election"}),
+            lambda d: expect(d, 0),
+            stream_cut=True,
+        ),
     ]
 
 
@@ -842,7 +871,9 @@ class BufCurl(Client):
 
 
 def check_client(client: Client, system: str, addr: str, report: Report) -> None:
-    want_methods = [f"vitals.v1.HealthCheckService/{m}" for m in HEALTH_METHODS] + ["vitals.v1.LockService/WithLock"]
+    want_methods = [f"vitals.v1.HealthCheckService/{m}" for m in HEALTH_METHODS] + [
+        f"vitals.v1.LockService/{m}" for m in LOCK_METHODS
+    ]
     short = client.name.split(" (")[0]
     report.say(f"walkthrough: {client.name}, no proto files: list and call every RPC")
     services, reflection, r = client.list_services(addr)
@@ -861,6 +892,12 @@ def check_client(client: Client, system: str, addr: str, report: Report) -> None
     for call in calls_for(system):
         what = f"{short}: {call.method}"
         r = client.call(addr, call)
+        if call.fails_with is not None:
+            if r.rc == 0 or call.fails_with not in r.err + r.out:
+                report.fail(what, [f"expected a failure naming {call.fails_with}, got exit {r.rc}"], r)
+            else:
+                report.ok(what, f"refused with {call.fails_with}")
+            continue
         if call.stream_cut:
             if not client.cut_ok(r):
                 report.fail(what, [f"expected the stream to be cut by the client's deadline, got exit {r.rc}"], r)

@@ -23,12 +23,19 @@ use crate::{
     roundtrips,
     services::{CpuTargets, CpuUse, Etcd, Postgres, Vitals, cpu_window, rss_kb},
     workloads::{
-        self, EtcdLockWorker, EvaluateWorker, Keys, Lease, LockWorker, MIXED_LOCK, MIXED_SUBMIT, MixedWorker,
+        self, EtcdLockWorker, EvaluateWorker, Hold, Keys, Lease, LockWorker, MIXED_LOCK, MIXED_SUBMIT, MixedWorker,
         SubmitWorker,
     },
 };
 
-const WORKLOADS: [&str; 4] = ["evaluate", "submit", "lock", "mixed"];
+/// The cells of the `lock-modes` workload and how each holds its key.
+const LOCK_MODES: [(&str, Hold); 3] = [
+    ("lock-shared", Hold::Shared),
+    ("lock-semaphore", Hold::Semaphore(4)),
+    ("campaign", Hold::Campaign),
+];
+
+const WORKLOADS: [&str; 5] = ["evaluate", "submit", "lock", "lock-modes", "mixed"];
 
 /// Clients of the metrics cost phase (its target's concurrency).
 const METRICS_CLIENTS: usize = 32;
@@ -48,7 +55,7 @@ pub(crate) struct BenchArgs {
     /// Workloads to run, comma separated: evaluate, submit, lock, mixed; or
     /// `none`: no timed workload and no soak, only the held-locks measurement
     /// (`--workloads none --hold-locks 10000`).
-    #[arg(long, value_delimiter = ',', default_value = "evaluate,submit,lock,mixed")]
+    #[arg(long, value_delimiter = ',', default_value = "evaluate,submit,lock,lock-modes,mixed")]
     workloads: Vec<String>,
     /// Skip the pgbench baseline.
     #[arg(long)]
@@ -261,6 +268,7 @@ impl Options {
             * (usize::from(self.wants("evaluate"))
                 + usize::from(self.wants("submit")) * (1 + 2 * pgbench)
                 + usize::from(self.wants("lock")) * (2 + 2 * pgbench + 3 * etcd)
+                + usize::from(self.wants("lock-modes")) * LOCK_MODES.len()
                 + usize::from(self.wants("mixed")))
             + 4 * self.metrics_workloads().len()
     }
@@ -316,6 +324,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         if bench.opts.run_etcd {
             bench.etcd_lock().await?;
         }
+    }
+    if bench.opts.wants("lock-modes") {
+        bench.lock_modes().await;
     }
     if bench.opts.wants("mixed") {
         bench.mixed().await;
@@ -618,6 +629,22 @@ impl Bench {
             for c in self.args.clients.clone() {
                 let workers = (0..c)
                     .map(|i| LockWorker::new(self.channel(i), keys, self.lock_wait(), seed(c, i)))
+                    .collect();
+                let (rec, cpu) = self.drive(1, workers).await;
+                self.push(workload, "vitals", c, rec.summary(0), cpu, None);
+            }
+        }
+    }
+
+    /// The other ways to hold a key, each on one key that every client
+    /// takes: `lock-shared` (readers that never wait for each other),
+    /// `lock-semaphore` (4 holders at a time), `campaign` (an election,
+    /// campaign then resign).
+    async fn lock_modes(&mut self) {
+        for (workload, hold) in LOCK_MODES {
+            for c in self.args.clients.clone() {
+                let workers = (0..c)
+                    .map(|i| LockWorker::new(self.channel(i), Keys::One, self.lock_wait(), seed(c, i)).holding(hold))
                     .collect();
                 let (rec, cpu) = self.drive(1, workers).await;
                 self.push(workload, "vitals", c, rec.summary(0), cpu, None);

@@ -220,6 +220,19 @@ impl Keys {
     }
 }
 
+/// How a lock workload holds its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// WithLock, exclusive.
+    Exclusive,
+    /// WithLock, `LOCK_MODE_SHARED`.
+    Shared,
+    /// WithLock, a semaphore of this many holders.
+    Semaphore(u32),
+    /// Campaign, then resign: leadership of the key as an election.
+    Campaign,
+}
+
 /// One WithLock critical section: acquire, wait for `acquired`, release,
 /// wait for `released` and the end of the stream.
 pub(crate) async fn with_lock_once(
@@ -227,16 +240,36 @@ pub(crate) async fn with_lock_once(
     key: String,
     wait: Duration,
 ) -> Result<(), Status> {
+    hold_once(client, key, wait, Hold::Exclusive).await
+}
+
+/// One critical section held as `hold`.
+pub(crate) async fn hold_once(
+    client: &mut LockServiceClient<Channel>,
+    key: String,
+    wait: Duration,
+    hold: Hold,
+) -> Result<(), Status> {
+    let wait_timeout = Some(prost_types::Duration {
+        seconds: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
+        nanos: 0,
+    });
+    if hold == Hold::Campaign {
+        return campaign_once(client, key, wait_timeout).await;
+    }
+    let (mode, max_holders) = match hold {
+        Hold::Shared => (proto::LockMode::Shared, 0),
+        Hold::Semaphore(n) => (proto::LockMode::Exclusive, n),
+        Hold::Exclusive | Hold::Campaign => (proto::LockMode::Unspecified, 0),
+    };
     let (tx, rx) = mpsc::channel(2);
     let acquire = WithLockRequest {
         action: Some(Action::Acquire(proto::Acquire {
             key,
-            wait_timeout: Some(prost_types::Duration {
-                seconds: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
-                nanos: 0,
-            }),
+            wait_timeout,
             owner: "vitals-bench".to_owned(),
-            ..Default::default()
+            mode: mode as i32,
+            max_holders,
         })),
     };
     tx.try_send(acquire)
@@ -266,12 +299,59 @@ pub(crate) async fn with_lock_once(
     Ok(())
 }
 
+/// One leadership: campaign, wait for `elected`, resign, wait for
+/// `resigned` and the end of the stream.
+async fn campaign_once(
+    client: &mut LockServiceClient<Channel>,
+    election: String,
+    wait_timeout: Option<prost_types::Duration>,
+) -> Result<(), Status> {
+    use proto::{campaign_request::Action as C, campaign_response::Event as E};
+    let (tx, rx) = mpsc::channel(2);
+    let campaign = proto::CampaignRequest {
+        action: Some(C::Campaign(proto::Campaign {
+            election,
+            candidate_value: "vitals-bench".to_owned(),
+            wait_timeout,
+        })),
+    };
+    tx.try_send(campaign)
+        .map_err(|_| Status::internal("client: campaign not queued"))?;
+    let mut inbound = client.campaign(ReceiverStream::new(rx)).await?.into_inner();
+    if !matches!(
+        inbound.message().await?,
+        Some(proto::CampaignResponse {
+            event: Some(E::Elected(_))
+        })
+    ) {
+        return Err(Status::internal("client: expected elected"));
+    }
+    let resign = proto::CampaignRequest {
+        action: Some(C::Resign(proto::Resign {})),
+    };
+    tx.send(resign)
+        .await
+        .map_err(|_| Status::internal("client: resign not sent"))?;
+    drop(tx);
+    if !matches!(
+        inbound.message().await?,
+        Some(proto::CampaignResponse {
+            event: Some(E::Resigned(_))
+        })
+    ) {
+        return Err(Status::internal("client: expected resigned"));
+    }
+    while inbound.message().await?.is_some() {}
+    Ok(())
+}
+
 /// WithLock acquire + release.
 pub(crate) struct LockWorker {
     client: LockServiceClient<Channel>,
     rng: fastrand::Rng,
     keys: Keys,
     wait: Duration,
+    hold: Hold,
 }
 
 impl LockWorker {
@@ -281,12 +361,19 @@ impl LockWorker {
             rng: fastrand::Rng::with_seed(seed),
             keys,
             wait,
+            hold: Hold::Exclusive,
         }
+    }
+
+    /// The same worker, holding its keys as `hold`.
+    pub(crate) fn holding(mut self, hold: Hold) -> Self {
+        self.hold = hold;
+        self
     }
 
     pub(crate) async fn lock(&mut self, kind: usize) -> Outcome {
         let key = self.keys.pick(&mut self.rng);
-        match with_lock_once(&mut self.client, key, self.wait).await {
+        match hold_once(&mut self.client, key, self.wait, self.hold).await {
             Ok(()) => Outcome::ok(kind),
             Err(status) => Outcome::code(kind, code_name(status.code())),
         }
