@@ -29,7 +29,7 @@ Usage (scripts/walkthrough.sh starts the server and calls this):
 2. Reflection contract, with no proto files: grpcurl (reflection v1alpha)
    and buf curl (--reflect-protocol grpc-v1) each list every service and
    method, and call every RPC: the unary ones (GetLock of a key nobody
-   holds must fail with LOCK_NOT_HELD), WatchTransitions and ObserveLeader
+   holds must fail, NOT_FOUND), WatchTransitions and ObserveLeader
    (cut after a short time), WithLock and Campaign (messages on stdin).
 
 Prints one line per check and closes with "walkthrough: N passed, N failed";
@@ -790,7 +790,7 @@ def calls_for(system: str) -> list[Call]:
             "vitals.v1.LockService/GetLock",
             json.dumps({"key": f"{system}-lock"}),
             lambda d: [],
-            fails_with="LOCK_NOT_HELD",
+            fails_with="neither held nor waited for",
         ),
         Call(
             "vitals.v1.LockService/Campaign",
