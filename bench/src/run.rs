@@ -52,7 +52,8 @@ pub(crate) struct BenchArgs {
     /// Concurrencies (closed-loop clients), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
     clients: Vec<usize>,
-    /// Workloads to run, comma separated: evaluate, submit, lock, mixed; or
+    /// Workloads to run, comma separated: evaluate, submit, lock, lock-modes
+    /// (shared locks, a semaphore, an election, each on one key), mixed; or
     /// `none`: no timed workload and no soak, only the held-locks measurement
     /// (`--workloads none --hold-locks 10000`).
     #[arg(long, value_delimiter = ',', default_value = "evaluate,submit,lock,lock-modes,mixed")]
