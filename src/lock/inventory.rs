@@ -461,6 +461,24 @@ fn decode(row: &sqlx::postgres::PgRow) -> std::result::Result<Option<Row>, sqlx:
     }))
 }
 
+/// How another live replica published that it uses `key`, if any of its
+/// streams asks for it otherwise than `mode`.
+pub async fn other_mode(pool: &PgPool, replica: &str, key: &str, mode: Mode) -> Result<Option<Mode>> {
+    let found: Option<String> = sqlx::query_scalar(
+        "SELECT i.mode FROM lock_inventory i JOIN lock_replicas r USING (replica) \
+         WHERE i.key = $1 AND i.replica <> $2 AND i.mode <> $3 \
+           AND r.seen_at > now() - make_interval(secs => $4) \
+         LIMIT 1",
+    )
+    .bind(key)
+    .bind(replica)
+    .bind(mode_text(mode))
+    .bind(REPLICA_TIMEOUT.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    Ok(found.as_deref().and_then(mode_of))
+}
+
 /// A held key, as listings show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {

@@ -67,6 +67,10 @@ use crate::{
 /// within the lease.
 pub const LEASE_LAPSED: &str = "no keep_alive or release within the lease";
 
+/// How long the first semaphore acquire of a key on a replica waits for the
+/// sizes other replicas published of it before it goes on without them.
+const SIZE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long a WithLock stream may take to send its `acquire`.
 pub const ACQUIRE_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -512,6 +516,21 @@ impl Locks {
             .map_err(|held| mismatch(format!("a semaphore of {held}")))?;
         if self.inner.table.in_use(id) || self.inner.readers.holders(number) + self.inner.readers.waiting(number) > 0 {
             return Err(mismatch("an exclusive or shared lock".to_owned()));
+        }
+        if used.first
+            && let Some(pool) = &self.inner.published
+        {
+            // Best effort: an answer that does not come soon is no answer.
+            let asked = inventory::other_mode(pool, self.replica(), key.as_str(), Mode::Semaphore(max));
+            match tokio::time::timeout(SIZE_CHECK_TIMEOUT, asked).await {
+                Ok(Ok(Some(Mode::Semaphore(other)))) => return Err(mismatch(format!("a semaphore of {other}"))),
+                Ok(Ok(Some(Mode::Exclusive | Mode::Shared))) => {
+                    return Err(mismatch("an exclusive or shared lock".to_owned()));
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(err)) => tracing::debug!(error = %err, "semaphore size not compared with other replicas"),
+                Err(_) => tracing::debug!("semaphore size not compared with other replicas in time"),
+            }
         }
         let metrics = self.inner.metrics.get();
         let asked = Instant::now();

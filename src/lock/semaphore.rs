@@ -9,10 +9,13 @@
 //!
 //! Every acquire of a key must name the same N: a replica refuses an acquire
 //! whose N differs from that of the key's holders and waiters there (a plain
-//! lock counts as N = 1). Replicas do not compare their N with each other;
-//! since a slot is the same lock whatever the N, holders that disagree are
-//! still never more than the largest N, and those that asked for N never take
-//! a slot beyond the N-th.
+//! lock counts as N = 1). The first semaphore acquire of a key on a replica
+//! also compares its N with what the other replicas published of the key
+//! ([`super::inventory`]: streams of at least a publication period), which
+//! catches replicas configured differently, though not two that start using a
+//! key within the same moment. Whatever slips through, a slot is the same lock
+//! whatever the N: holders that disagree are still never more than the
+//! largest N, and those that asked for N never take a slot beyond the N-th.
 
 use std::{
     collections::HashMap,
@@ -59,6 +62,8 @@ struct Inner {
 pub struct SemaphoreUse {
     inner: Arc<Inner>,
     key: i64,
+    /// The first use of the key on this replica (nobody held or waited).
+    pub first: bool,
 }
 
 impl Semaphores {
@@ -77,6 +82,7 @@ impl Semaphores {
         Ok(SemaphoreUse {
             inner: self.inner.clone(),
             key,
+            first: entry.1 == 1,
         })
     }
 

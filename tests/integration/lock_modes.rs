@@ -202,7 +202,8 @@ async fn a_writer_on_another_replica_closes_the_door_to_later_readers_after_a_st
     crate::harness::until_count(
         &mut conn,
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid::int8 = 1986622583 \
-         AND objsubid = 2 AND granted",
+         AND objsubid = 2 AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         1,
         "the writer's interest lock",
     )
@@ -257,6 +258,7 @@ async fn a_semaphore_of_three_with_ten_contenders_on_two_replicas_never_has_more
                 while !done.load(Ordering::SeqCst) {
                     let held: i64 = sqlx::query_scalar(
                         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted \
+                         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                          AND ((classid::int8 << 32) | objid::int8) = ANY($1)",
                     )
                     .bind(&slots)
@@ -372,4 +374,47 @@ async fn an_acquire_naming_another_size_for_a_key_in_use_is_refused(backend: Bac
         assert_reason(&refused, Code::InvalidArgument, "INVALID_ARGUMENT");
     }
     app.stop().await;
+}
+
+#[tokio::test]
+async fn a_semaphore_of_another_size_than_another_replica_publishes_for_the_key_is_refused() {
+    let db = TestDb::create(Backend::Postgres).await;
+    let replicas = Replicas::start(&db, 2, &[]).await;
+    let (mut a, mut b) = (replicas[0].lock_client().await, replicas[1].lock_client().await);
+    let three = lock_with(&mut a, "pool", acquire_semaphore("pool", WAIT, 3))
+        .await
+        .unwrap();
+    let plain = lock(&mut a, "plain", WAIT).await.unwrap();
+    // Once the first replica has published its streams.
+    for key in ["pool", "plain"] {
+        eventually(PATIENCE, &format!("the other replica sees {key:?}"), async || {
+            match b.get_lock(vitals::proto::GetLockRequest { key: key.into() }).await {
+                Ok(_) => Ok(()),
+                Err(status) => Err(format!("{status:?}")),
+            }
+        })
+        .await;
+    }
+    let refused = lock_with(&mut b, "pool", acquire_semaphore("pool", WAIT, 4))
+        .await
+        .err()
+        .expect("another size is refused");
+    let info = assert_reason(&refused, Code::FailedPrecondition, "LOCK_MODE_MISMATCH");
+    assert_eq!(
+        info.metadata.get("held_as").map(String::as_str),
+        Some("a semaphore of 3")
+    );
+    let refused = lock_with(&mut b, "plain", acquire_semaphore("plain", WAIT, 2))
+        .await
+        .err()
+        .expect("a semaphore of a plain lock's key is refused");
+    assert_reason(&refused, Code::FailedPrecondition, "LOCK_MODE_MISMATCH");
+    // The same size is granted.
+    let second = lock_with(&mut b, "pool", acquire_semaphore("pool", WAIT, 3))
+        .await
+        .unwrap();
+    second.release().await;
+    three.release().await;
+    plain.release().await;
+    replicas.stop().await;
 }
