@@ -339,9 +339,7 @@ impl Error {
             Error::LockProtocol(_)
             | Error::TooManyChecks { .. }
             | Error::TooManyWindows { .. }
-            | Error::LockModeMismatch { .. } => {
-                Code::FailedPrecondition
-            }
+            | Error::LockModeMismatch { .. } => Code::FailedPrecondition,
             Error::SystemNotFound { .. } | Error::LockNotHeld { .. } => Code::NotFound,
             Error::RunConflict { .. } => Code::AlreadyExists,
             Error::LockNotAvailable { .. } | Error::LockLost { .. } | Error::WatcherTooSlow { .. } => Code::Aborted,
