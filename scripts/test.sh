@@ -366,6 +366,9 @@ step_test() {
         run cargo test --locked "$@" | tee -a "$log"
     else
         run cargo test --locked --all-targets | tee -a "$log"
+        # The load generator's own tests: its pgbench scripts run the store's
+        # statements, so a statement's new parameter must reach them.
+        run cargo test --locked -p vitals-bench | tee -a "$log"
         # --all-targets leaves out the doc tests (of the library, if any).
         if [[ -f src/lib.rs ]]; then
             run cargo test --locked --doc | tee -a "$log"

@@ -183,6 +183,13 @@ fn submit() -> Result<String> {
             "''",
             ":t::int <= :tpm::int",
             "1",
+            // No flapping settings, not flapping, no recovery of an
+            // announced problem, no flapping flag: a check as the bench
+            // configures it.
+            "''",
+            "false",
+            "false",
+            "false",
         ],
     )?;
     Ok(format!(
