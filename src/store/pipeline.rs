@@ -157,11 +157,8 @@ pub(crate) enum Written {
         at: DateTime<Utc>,
         /// The recorded transition's sequence.
         sequence: Option<u64>,
-        /// The transition was written in an open maintenance window (the
-        /// store judges it at `at`).
-        in_maintenance: bool,
-        /// The dependencies the store found non-healthy for the transition.
-        caused_by: Vec<String>,
+        /// What the store decided about the transition.
+        flags: Flags,
     },
     /// Another write of the system committed since the load; nothing was
     /// written.
@@ -243,19 +240,10 @@ pub(crate) async fn submit_run<S: Statements>(s: &S, new: &NewRun, rules: &Write
             .instrument(statement("write"))
             .await?;
         match written {
-            Written::Applied {
-                at,
-                sequence,
-                in_maintenance,
-                caused_by,
-            } => {
+            Written::Applied { at, sequence, flags } => {
                 s.commit(unit, sequence.is_some())
                     .instrument(statement("commit"))
                     .await?;
-                let flags = Flags {
-                    in_maintenance,
-                    caused_by,
-                };
                 let (health, transition) = change.outcome(&new.system_id, at, sequence, flags)?;
                 return Ok(SubmitOutcome {
                     run: new.recorded(at),
@@ -286,20 +274,11 @@ pub(crate) async fn configure_check<S: Statements>(
             .instrument(statement("write"))
             .await?;
         match written {
-            Written::Applied {
-                at,
-                sequence,
-                in_maintenance,
-                caused_by,
-            } => {
+            Written::Applied { at, sequence, flags } => {
                 s.commit(unit, sequence.is_some())
                     .instrument(statement("commit"))
                     .await?;
                 let check = change.checks[change.target].clone();
-                let flags = Flags {
-                    in_maintenance,
-                    caused_by,
-                };
                 let (health, transition) = change.outcome(&update.system_id, at, sequence, flags)?;
                 return Ok(ConfigureOutcome {
                     check,
@@ -357,12 +336,7 @@ pub(crate) async fn delete_check<S: Statements>(
             .instrument(statement("write"))
             .await?;
         match written {
-            Written::Applied {
-                at,
-                sequence,
-                in_maintenance,
-                caused_by,
-            } => {
+            Written::Applied { at, sequence, flags } => {
                 s.commit(unit, sequence.is_some())
                     .instrument(statement("commit"))
                     .await?;
@@ -376,9 +350,9 @@ pub(crate) async fn delete_check<S: Statements>(
                         to: status,
                         transitioned_at: at,
                         evaluation: removed.evaluation,
-                        in_maintenance,
+                        in_maintenance: flags.in_maintenance,
                         flapping: false,
-                        caused_by,
+                        caused_by: flags.caused_by,
                         check_deleted: true,
                     }),
                     _ => {
@@ -416,10 +390,13 @@ fn resolves(to: Status, announced: Status) -> bool {
 }
 
 /// What the store decided about a transition it wrote.
-#[derive(Debug, Default)]
-struct Flags {
-    in_maintenance: bool,
-    caused_by: Vec<String>,
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Flags {
+    /// The transition was written in an open maintenance window (the store
+    /// judges it at the write's time).
+    pub(crate) in_maintenance: bool,
+    /// The dependencies the store found non-healthy for the transition.
+    pub(crate) caused_by: Vec<String>,
 }
 
 /// A span for one class of statement of a write, beneath its work

@@ -27,7 +27,7 @@ use super::{
         decode_evaluation, decode_flapping, decode_ids, decode_thresholds, decode_window, encode_evaluation,
         encode_flapping, encode_thresholds, encode_window,
     },
-    pipeline::{self, Loaded, Removal, Statements, SystemState, Write, WriteRules, Written},
+    pipeline::{self, Flags, Loaded, Removal, Statements, SystemState, Write, WriteRules, Written},
     refuse_cycle,
     retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
 };
@@ -129,8 +129,10 @@ pub(super) fn written_from_row(row: &PgRow) -> Result<Written> {
     Ok(Written::Applied {
         at: row.try_get("evaluated_at")?,
         sequence: sequence.map(|s| u64::try_from(s).unwrap_or(0)),
-        in_maintenance: row.try_get::<Option<bool>, _>("in_maintenance")?.unwrap_or(false),
-        caused_by: caused_by.as_deref().map(decode_ids).unwrap_or_default(),
+        flags: Flags {
+            in_maintenance: row.try_get::<Option<bool>, _>("in_maintenance")?.unwrap_or(false),
+            caused_by: caused_by.as_deref().map(decode_ids).unwrap_or_default(),
+        },
     })
 }
 

@@ -30,7 +30,7 @@ use super::{
         decode_evaluation, decode_flapping, decode_ids, decode_thresholds, decode_window, encode_evaluation,
         encode_flapping, encode_thresholds, encode_window,
     },
-    pipeline::{self, Loaded, Removal, Statements, SystemState, Write, WriteRules, Written},
+    pipeline::{self, Flags, Loaded, Removal, Statements, SystemState, Write, WriteRules, Written},
     refuse_cycle,
     retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
 };
@@ -992,8 +992,10 @@ impl Statements for SqliteStore {
         Ok(Written::Applied {
             at: now,
             sequence,
-            in_maintenance,
-            caused_by,
+            flags: Flags {
+                in_maintenance,
+                caused_by,
+            },
         })
     }
 
@@ -1051,8 +1053,10 @@ impl Statements for SqliteStore {
         Ok(Written::Applied {
             at: now,
             sequence,
-            in_maintenance,
-            caused_by,
+            flags: Flags {
+                in_maintenance,
+                caused_by,
+            },
         })
     }
 
