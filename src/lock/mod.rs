@@ -560,25 +560,7 @@ impl Locks {
             start += 1;
         };
         drop(waiting);
-        let now = Instant::now();
-        let (lost, sessions) = match (&grant.owned.remote, &self.inner.backend) {
-            (Some(Remote::Session(hold, _)), Backend::Postgres(sessions)) => {
-                (Some(hold.generation.lost()), Some(sessions.clone()))
-            }
-            _ => (None, None),
-        };
-        Ok(HeldLock {
-            fencing_token: grant.token.unwrap_or(0),
-            hold: Hold::Exclusive(grant.owned),
-            key,
-            acquired_at: Utc::now(),
-            started: now,
-            lost,
-            sessions,
-            _permit: permit,
-            holding: metrics.map(|m| m.granted(asked, now)),
-            _semaphore: Some(Box::new(used)),
-        })
+        Ok(self.held(grant, key, permit, asked, Some(Box::new(used))))
     }
 
     async fn acquire_exclusive(&self, permit: LockPermit, key: LockKey, wait: Option<Duration>) -> Result<HeldLock> {
@@ -620,6 +602,19 @@ impl Locks {
             return Err(Error::LockNotAvailable { key: key.into_inner() });
         };
         drop(waiting);
+        Ok(self.held(grant, key, permit, asked, None))
+    }
+
+    /// The client's lock from `grant`, asked for at `asked`: watched for the
+    /// loss of its PostgreSQL session, counted as held from now.
+    fn held(
+        &self,
+        grant: Grant,
+        key: LockKey,
+        permit: LockPermit,
+        asked: Instant,
+        semaphore: Option<Box<SemaphoreUse>>,
+    ) -> HeldLock {
         let now = Instant::now();
         let (lost, sessions) = match (&grant.owned.remote, &self.inner.backend) {
             (Some(Remote::Session(hold, _)), Backend::Postgres(sessions)) => {
@@ -627,7 +622,7 @@ impl Locks {
             }
             _ => (None, None),
         };
-        Ok(HeldLock {
+        HeldLock {
             fencing_token: grant.token.unwrap_or(0),
             hold: Hold::Exclusive(grant.owned),
             key,
@@ -636,9 +631,9 @@ impl Locks {
             lost,
             sessions,
             _permit: permit,
-            holding: metrics.map(|m| m.granted(asked, now)),
-            _semaphore: None,
-        })
+            holding: self.inner.metrics.get().map(|m| m.granted(asked, now)),
+            _semaphore: semaphore,
+        }
     }
 
     /// Owns `id` here and beyond, waiting for other holders until `deadline`
