@@ -393,7 +393,7 @@ impl HealthCheckService for HealthApi {
         let (status, after) = v.finish(|| Some((status?, after?)))?;
         let page = self
             .service
-            .list_systems(status, &req.system_id_prefix, after.as_deref(), limit)
+            .list_systems(status, &req.system_id_prefix, access.systems(), after.as_deref(), limit)
             .await?;
         // As ListTransitions: the token resumes after the last system read,
         // shown or not.

@@ -32,7 +32,7 @@ use super::{
 };
 use crate::{
     auth::Access,
-    domain::{FieldViolation, LockKey, Owner},
+    domain::{FieldViolation, LockKey, Namespace, Owner},
     error::Error,
     lock::{
         ACQUIRE_MESSAGE_TIMEOUT, HeldLock, LEASE_LAPSED, Locks, Mode,
@@ -247,29 +247,13 @@ impl LockService for LockApi {
             token = held.fencing_token,
             "leader elected"
         );
-        let acquired = proto::WithLockResponse {
-            event: Some(Event::Acquired(proto::Acquired {
-                fencing_token: held.fencing_token,
-                acquired_at: Some(timestamp_out(held.acquired_at)),
-                lease: Some(duration_out(lease)),
-            })),
-        };
         let leading = Leading {
             elections: self.locks.elections().clone(),
             election: election.into_inner(),
             token: held.fencing_token,
         };
         let inbound: CampaignInbound = inbound.map(campaign_request as fn(_) -> _);
-        let stream = LockStream::new(
-            held,
-            None,
-            acquired,
-            inbound,
-            lease,
-            &self.locks,
-            tracing::Span::none(),
-            Some(Box::new(leading)),
-        );
+        let stream = LockStream::new(held, None, inbound, lease, &self.locks, None, Some(Box::new(leading)));
         Ok(Response::new(Box::pin(stream.map(campaign_response))))
     }
 
@@ -351,11 +335,8 @@ impl LockService for LockApi {
         let limit = usize::try_from(limit).unwrap_or(100);
         let rows = self
             .locks
-            .inventory(&req.key_prefix, after.as_deref(), limit + 1, false)
-            .await?
-            .into_iter()
-            .filter(|row| access.check_lock_key(&row.key).is_ok())
-            .collect();
+            .inventory(&req.key_prefix, access.lock_keys(), after.as_deref(), limit + 1, false)
+            .await?;
         let (keys, more) = inventory::group(rows, limit, false);
         let next_page_token = match keys.last() {
             Some(last) if more => {
@@ -379,7 +360,7 @@ impl LockService for LockApi {
         access.check_lock_key(key.as_str())?;
         let rows = self
             .locks
-            .inventory(key.as_str(), None, 1, true)
+            .inventory(key.as_str(), &Namespace::All, None, 1, true)
             .await?
             .into_iter()
             .filter(|row| row.key == key.as_str())
@@ -422,7 +403,7 @@ impl LockService for LockApi {
         };
         let Acquire { key, wait, owner, mode } = parse_acquire(acquire)?;
         access.check_lock_key(key.as_str())?;
-        let listing = self.locks.list(key.clone(), owner.clone(), mode);
+        let listing = self.locks.list(&key, &owner, mode);
         let held = tokio::select! {
             // Shutdown first: a holder ended by shutdown hands its lock to
             // the next waiter at that very moment, and that waiter must
@@ -459,27 +440,15 @@ impl LockService for LockApi {
             held.acquired_at,
             held.acquired_at + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX),
         );
-        let acquired = proto::WithLockResponse {
-            event: Some(Event::Acquired(proto::Acquired {
-                fencing_token: held.fencing_token,
-                acquired_at: Some(timestamp_out(held.acquired_at)),
-                lease: Some(duration_out(lease)),
-            })),
-        };
         Ok(Response::new(LockStream::new(
             held,
             Some(listing),
-            acquired,
             inbound,
             lease,
             &self.locks,
             // Kept for the release's audit line only: a span kept open
             // holds its data for as long as the lock is held.
-            if audited {
-                tracing::Span::current()
-            } else {
-                tracing::Span::none()
-            },
+            audited.then(|| Box::new(tracing::Span::current())),
             None,
         )))
     }
@@ -495,8 +464,9 @@ pin_project! {
     /// it is what every held lock keeps in memory: each field is stored once,
     /// and the futures of a keep-alive or a release exist only while they run.
     pub struct LockStream<S = Streaming<proto::WithLockRequest>> {
-        // The `acquired` reply, sent first.
-        acquired: Option<proto::WithLockResponse>,
+        // The `acquired` reply is still to be sent (it is built from `held`
+        // then, not stored meanwhile).
+        announce: bool,
         // Taken when the stream ends (or lent to a running keep-alive).
         held: Option<HeldLock>,
         // The stream's entry in the replica's inventory (none for a campaign).
@@ -511,15 +481,13 @@ pin_project! {
         // When the lock is lost unless a keep_alive or release arrives.
         #[pin]
         lease_ends: Sleep,
+        // Shutdown, or the loss of the lock's PostgreSQL session.
         #[pin]
-        shutdown: WaitForCancellationFutureOwned,
-        // The lock's PostgreSQL session was lost (never, when embedded).
-        #[pin]
-        lost: Option<WaitForCancellationFutureOwned>,
+        ended: WaitForCancellationFutureOwned,
         // The request's span (request id, principal), for the release's
         // audit line: the stream is polled outside the handler's future.
-        // None when nothing is audited.
-        span: tracing::Span,
+        // None when nothing is audited (boxed: most streams have none).
+        span: Option<Box<tracing::Span>>,
     }
 }
 
@@ -559,20 +527,18 @@ impl Drop for Leading {
 }
 
 impl<S> LockStream<S> {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         held: HeldLock,
         listing: Option<Listing>,
-        acquired: proto::WithLockResponse,
         inbound: S,
         lease: Duration,
         locks: &Locks,
-        span: tracing::Span,
+        span: Option<Box<tracing::Span>>,
         leading: Option<Box<Leading>>,
     ) -> Self {
         LockStream {
-            acquired: Some(acquired),
-            lost: held.lost_signal(),
+            announce: true,
+            ended: held.ended(),
             held: Some(held),
             listing,
             inbound,
@@ -581,9 +547,19 @@ impl<S> LockStream<S> {
             leading,
             busy: None,
             lease_ends: tokio::time::sleep(lease),
-            shutdown: locks.shutting_down(),
             span,
         }
+    }
+}
+
+/// The first reply of a held lock's stream.
+fn acquired(held: &HeldLock, lease: Duration) -> proto::WithLockResponse {
+    proto::WithLockResponse {
+        event: Some(Event::Acquired(proto::Acquired {
+            fencing_token: held.fencing_token,
+            acquired_at: Some(timestamp_out(held.acquired_at)),
+            lease: Some(duration_out(lease)),
+        })),
     }
 }
 
@@ -593,7 +569,7 @@ fn ending(
     held: HeldLock,
     leading: Option<Box<Leading>>,
     end: End,
-    span: &tracing::Span,
+    span: Option<&tracing::Span>,
 ) -> Pin<Box<dyn Future<Output = Busy> + Send>> {
     // Observers stop being told of this leader now.
     drop(leading);
@@ -602,15 +578,16 @@ fn ending(
         End::Fail(_) => "ended by the server",
         End::Gone => "client gone",
     };
-    if span.is_none() {
-        tracing::debug!(
+    match span {
+        None => tracing::debug!(
             key = held.key().as_str(),
             token = held.fencing_token,
             how,
             "lock released"
-        );
-    } else {
-        tracing::info!(parent: span, key = held.key().as_str(), token = held.fencing_token, how, "lock released");
+        ),
+        Some(span) => {
+            tracing::info!(parent: span, key = held.key().as_str(), token = held.fencing_token, how, "lock released");
+        }
     }
     Box::pin(async move {
         Busy::Ended(match end {
@@ -674,27 +651,40 @@ where
                         } else {
                             err.into()
                         };
-                        *this.busy = Some(ending(held, this.leading.take(), End::Fail(status), this.span));
+                        *this.busy = Some(ending(
+                            held,
+                            this.leading.take(),
+                            End::Fail(status),
+                            this.span.as_deref(),
+                        ));
                         continue;
                     }
                     Busy::Ended(last) => return Poll::Ready(last),
                 }
             }
-            if let Some(acquired) = this.acquired.take() {
-                return Poll::Ready(Some(Ok(acquired)));
-            }
             let Some(held) = this.held.take() else {
                 return Poll::Ready(None);
             };
-            // Shutdown first: it also closes the lock sessions, which marks
-            // their locks lost, and a stream ending because of shutdown must
-            // say SHUTTING_DOWN, not LOCK_LOST.
-            if this.shutdown.as_mut().poll(cx).is_ready() {
+            if std::mem::take(this.announce) {
+                let reply = acquired(&held, *this.lease);
+                *this.held = Some(held);
+                return Poll::Ready(Some(Ok(reply)));
+            }
+            // First: a lock lost, or a server shutting down, ends the stream
+            // whatever the client says meanwhile.
+            if this.ended.as_mut().poll(cx).is_ready() {
+                // Shutdown also closes the lock sessions, which loses their
+                // locks: the client should hear why.
+                let status = if this.locks.is_shutting_down() {
+                    Error::ShuttingDown.into()
+                } else {
+                    held.lost_error("the lock's database session ended").into()
+                };
                 *this.busy = Some(ending(
                     held,
                     this.leading.take(),
-                    End::Fail(Error::ShuttingDown.into()),
-                    this.span,
+                    End::Fail(status),
+                    this.span.as_deref(),
                 ));
                 continue;
             }
@@ -720,25 +710,17 @@ where
                         None => End::Fail(Error::invalid("action", "set acquire, keep_alive or release").into()),
                     },
                 };
-                *this.busy = Some(ending(held, this.leading.take(), end, this.span));
+                *this.busy = Some(ending(held, this.leading.take(), end, this.span.as_deref()));
                 continue;
             }
             if this.lease_ends.as_mut().poll(cx).is_ready() {
                 let status = held.lost_error(LEASE_LAPSED).into();
-                *this.busy = Some(ending(held, this.leading.take(), End::Fail(status), this.span));
-                continue;
-            }
-            if let Some(lost) = this.lost.as_mut().as_pin_mut()
-                && lost.poll(cx).is_ready()
-            {
-                // Shutdown closes the lock sessions too (and may do so while
-                // this stream is being polled): the client should hear why.
-                let status = if this.locks.is_shutting_down() {
-                    Error::ShuttingDown.into()
-                } else {
-                    held.lost_error("the lock's database session ended").into()
-                };
-                *this.busy = Some(ending(held, this.leading.take(), End::Fail(status), this.span));
+                *this.busy = Some(ending(
+                    held,
+                    this.leading.take(),
+                    End::Fail(status),
+                    this.span.as_deref(),
+                ));
                 continue;
             }
             *this.held = Some(held);

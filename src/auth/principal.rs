@@ -21,6 +21,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+pub use crate::domain::{Namespace, Pattern};
 use crate::error::{Denied, Error, Missing};
 
 /// What a principal may call, one scope per group of RPCs.
@@ -62,65 +63,6 @@ impl Scope {
             Scope::HealthWrite => 2,
             Scope::HealthAdmin => 4,
             Scope::Locks => 8,
-        }
-    }
-}
-
-/// One entry of a namespace: an exact name, or every name with a prefix
-/// (written with a trailing `*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pattern {
-    /// This name only.
-    Exact(String),
-    /// Every name starting with this.
-    Prefix(String),
-}
-
-impl Pattern {
-    fn parse(raw: &str) -> Result<Pattern, String> {
-        match raw.strip_suffix('*') {
-            Some(prefix) if prefix.contains('*') => Err(format!("{raw:?}: `*` may only end a pattern")),
-            Some(prefix) => Ok(Pattern::Prefix(prefix.to_owned())),
-            None if raw.contains('*') => Err(format!("{raw:?}: `*` may only end a pattern")),
-            None if raw.is_empty() => Err("an empty pattern matches nothing".into()),
-            None => Ok(Pattern::Exact(raw.to_owned())),
-        }
-    }
-
-    fn matches(&self, name: &str) -> bool {
-        match self {
-            Pattern::Exact(exact) => name == exact,
-            Pattern::Prefix(prefix) => name.starts_with(prefix.as_str()),
-        }
-    }
-}
-
-/// The systems or lock keys a principal may touch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Namespace {
-    /// No list in the file: every name.
-    All,
-    /// The names matching one of these.
-    Only(Vec<Pattern>),
-}
-
-impl Namespace {
-    fn parse(raw: Option<Vec<String>>) -> Result<Namespace, String> {
-        match raw {
-            None => Ok(Namespace::All),
-            Some(list) => list
-                .iter()
-                .map(|p| Pattern::parse(p))
-                .collect::<Result<_, _>>()
-                .map(Namespace::Only),
-        }
-    }
-
-    /// Whether `name` is in this namespace.
-    pub fn contains(&self, name: &str) -> bool {
-        match self {
-            Namespace::All => true,
-            Namespace::Only(patterns) => patterns.iter().any(|p| p.matches(name)),
         }
     }
 }
@@ -176,6 +118,22 @@ impl Access {
         match self {
             Access::Open => "-",
             Access::Principal(p) => &p.name,
+        }
+    }
+
+    /// The systems the caller may use, to filter a listing by.
+    pub fn systems(&self) -> &Namespace {
+        match self {
+            Access::Open => &Namespace::All,
+            Access::Principal(p) => &p.systems,
+        }
+    }
+
+    /// The lock keys the caller may use, to filter a listing by.
+    pub fn lock_keys(&self) -> &Namespace {
+        match self {
+            Access::Open => &Namespace::All,
+            Access::Principal(p) => &p.lock_keys,
         }
     }
 

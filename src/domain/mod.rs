@@ -19,6 +19,7 @@
 //!   hysteresis.
 //! - `ids`: validated newtypes ([`SystemId`], [`LockKey`], ...) parsed where input enters.
 //! - `maintenance`: [`MaintenanceWindow`]s, how they [`merge`], and the time they cover.
+//! - `namespace`: [`Namespace`], the names one caller may touch.
 //! - `latency`: [`Latency`], a run's reported duration, bounded and at the stored precision.
 //! - `uptime`: [`UptimeCount`], a system's time per status from its transitions.
 //! - `violation`: [`FieldViolation`], one reason an input was rejected.
@@ -29,6 +30,7 @@ mod flapping;
 mod ids;
 mod latency;
 mod maintenance;
+mod namespace;
 mod status;
 mod thresholds;
 mod uptime;
@@ -41,6 +43,7 @@ pub use flapping::{FlappingSettings, MIN_FLAPPING_RUNS, is_flapping, status_chan
 pub use ids::{CheckId, LockKey, Owner, RunId, RunMessage, SystemId};
 pub use latency::{Latency, MAX_LATENCY};
 pub use maintenance::{MAX_OPEN_WINDOWS, MAX_REASON_BYTES, MAX_WINDOW_AHEAD, MaintenanceWindow, covered, merge};
+pub use namespace::{Namespace, Pattern};
 pub use status::{Status, worst};
 pub use thresholds::{ConsecutiveThresholds, MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, Mode, Thresholds, WindowThresholds};
 pub use uptime::{StatusChange, Uptime, UptimeCount};

@@ -17,12 +17,13 @@
 //! has ended and any replica not seen for [`REPLICA_TIMEOUT`].
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     sync::{
         Arc, Mutex, PoisonError, Weak,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use chrono::{DateTime, Utc};
@@ -31,7 +32,7 @@ use tokio::sync::watch;
 
 use super::Mode;
 use crate::{
-    domain::{LockKey, Owner},
+    domain::{LockKey, Namespace, Owner},
     error::{Error, Result},
 };
 
@@ -45,6 +46,14 @@ pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shards of the in-memory list, so that grants on many cores rarely meet.
 const SHARDS: usize = 16;
 
+/// Rows per publishing statement: a replica that holds many locks renews
+/// them all within one lease, and one statement for all of them would build
+/// its whole parameter buffer at once.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// `Entry::published` of an entry never published (or to publish again).
+const UNPUBLISHED: i64 = i64::MIN;
+
 /// The WithLock streams of this replica.
 #[derive(Debug, Clone)]
 pub struct Inventory {
@@ -57,21 +66,31 @@ struct Inner {
     replica: String,
     shards: Vec<Mutex<HashMap<u64, Arc<Entry>>>>,
     next: AtomicU64,
+    /// Publishing rounds begun; an entry is published once a whole round
+    /// has passed since it was listed.
+    round: AtomicU32,
+    /// Published entries that left the list since the last round.
+    gone: Mutex<Vec<u64>>,
 }
 
-/// One stream's entry.
+/// One stream's entry: every held lock keeps one, so it is kept small (key
+/// and owner in one allocation, times as microseconds).
 #[derive(Debug)]
 struct Entry {
     id: u64,
-    key: LockKey,
-    owner: Owner,
-    mode: Mode,
+    /// The key, then the owner.
+    text: Box<str>,
+    key_len: u16,
     holding: AtomicBool,
+    /// The publishing round the entry was listed in.
+    listed_in: u32,
+    mode: Mode,
     token: AtomicU64,
     acquired_at_us: AtomicI64,
     lease_expires_us: AtomicI64,
-    /// When the stream was listed: published only once listed a whole period.
-    listed_at: Instant,
+    /// What was last published of it ([`Entry::state`]), or
+    /// [`UNPUBLISHED`]. Written under its shard's lock.
+    published: AtomicI64,
     inventory: Weak<Inner>,
 }
 
@@ -116,6 +135,8 @@ impl Inventory {
                 replica,
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 next: AtomicU64::new(1),
+                round: AtomicU32::new(0),
+                gone: Mutex::default(),
             }),
         }
     }
@@ -126,18 +147,24 @@ impl Inventory {
     }
 
     /// Lists a stream that asks for `key` as `mode`, for `owner`.
-    pub fn enter(&self, key: LockKey, owner: Owner, mode: Mode) -> Listing {
+    pub fn enter(&self, key: &LockKey, owner: &Owner, mode: Mode) -> Listing {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let (key, owner) = (key.as_str(), owner.as_str());
+        let mut text = String::with_capacity(key.len() + owner.len());
+        text.push_str(key);
+        text.push_str(owner);
         let entry = Arc::new(Entry {
             id,
-            key,
-            owner,
-            mode,
+            text: text.into_boxed_str(),
+            // Keys are at most 512 bytes.
+            key_len: u16::try_from(key.len()).unwrap_or(u16::MAX),
             holding: AtomicBool::new(false),
+            listed_in: self.inner.round.load(Ordering::Relaxed),
+            mode,
             token: AtomicU64::new(0),
             acquired_at_us: AtomicI64::new(0),
             lease_expires_us: AtomicI64::new(0),
-            listed_at: Instant::now(),
+            published: AtomicI64::new(UNPUBLISHED),
             inventory: Arc::downgrade(&self.inner),
         });
         self.inner
@@ -151,17 +178,15 @@ impl Inventory {
     /// What this replica's streams hold and wait for, of keys starting
     /// with `prefix`.
     pub fn local(&self, prefix: &str) -> Vec<Row> {
-        self.entries()
-            .into_iter()
-            .filter(|e| e.key.as_str().starts_with(prefix))
-            .map(|e| e.row(&self.inner.replica))
-            .collect()
-    }
-
-    fn entries(&self) -> Vec<Arc<Entry>> {
         let mut out = Vec::new();
         for shard in &self.inner.shards {
-            out.extend(shard.lock().unwrap_or_else(PoisonError::into_inner).values().cloned());
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            out.extend(
+                shard
+                    .values()
+                    .filter(|e| e.key().starts_with(prefix))
+                    .map(|e| e.row(&self.inner.replica)),
+            );
         }
         out
     }
@@ -174,11 +199,29 @@ impl Inner {
 }
 
 impl Entry {
+    fn key(&self) -> &str {
+        self.text.get(..usize::from(self.key_len)).unwrap_or_default()
+    }
+
+    fn owner(&self) -> &str {
+        self.text.get(usize::from(self.key_len)..).unwrap_or_default()
+    }
+
+    /// What a listing would show of it that can change: the lease's end
+    /// while holding, 0 while waiting.
+    fn state(&self) -> i64 {
+        if self.holding.load(Ordering::Acquire) {
+            self.lease_expires_us.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
     fn row(&self, replica: &str) -> Row {
         Row {
-            key: self.key.as_str().to_owned(),
+            key: self.key().to_owned(),
             mode: self.mode,
-            owner: self.owner.as_str().to_owned(),
+            owner: self.owner().to_owned(),
             holding: self.holding.load(Ordering::Acquire),
             token: self.token.load(Ordering::Relaxed),
             acquired_at: from_micros(self.acquired_at_us.load(Ordering::Relaxed)),
@@ -209,22 +252,32 @@ impl Listing {
 
 impl Drop for Listing {
     fn drop(&mut self) {
-        if let Some(inner) = self.0.inventory.upgrade() {
+        let Some(inner) = self.0.inventory.upgrade() else {
+            return;
+        };
+        let published = {
+            let mut shard = inner.shard(self.0.id).lock().unwrap_or_else(PoisonError::into_inner);
+            shard.remove(&self.0.id);
+            // Read under the shard's lock, where the publisher marks it: a
+            // row published meanwhile is either seen here or never written.
+            self.0.published.load(Ordering::Relaxed) != UNPUBLISHED
+        };
+        if published {
             inner
-                .shard(self.0.id)
+                .gone
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .remove(&self.0.id);
+                .push(self.0.id);
         }
     }
 }
 
 /// The stored spelling of a mode: `exclusive`, `shared` or the size of a semaphore.
-fn mode_text(mode: Mode) -> String {
+fn mode_text(mode: Mode) -> Cow<'static, str> {
     match mode {
-        Mode::Exclusive => "exclusive".to_owned(),
-        Mode::Shared => "shared".to_owned(),
-        Mode::Semaphore(n) => n.to_string(),
+        Mode::Exclusive => Cow::Borrowed("exclusive"),
+        Mode::Shared => Cow::Borrowed("shared"),
+        Mode::Semaphore(n) => Cow::Owned(n.to_string()),
     }
 }
 
@@ -236,15 +289,51 @@ fn mode_of(text: &str) -> Option<Mode> {
     }
 }
 
-/// What was last published of one entry: holding, and the lease's end.
-type Published = (bool, i64);
+/// One publishing round's work: what changed since the last.
+#[derive(Debug, Default)]
+struct Changes {
+    /// Entries to write, each with the state written.
+    upserts: Vec<(Arc<Entry>, i64)>,
+    /// Published entries that left.
+    gone: Vec<i64>,
+    /// Whether any entry is published (so the replica must say it is alive).
+    any_published: bool,
+}
+
+impl Inventory {
+    /// Begins a publishing round: marks what changed as published, to be
+    /// written by the caller (with `all`, every entry listed a whole round).
+    /// An entry whose write fails is published again by a round with `all`.
+    fn changes(&self, all: bool) -> Changes {
+        let round = self.inner.round.fetch_add(1, Ordering::Relaxed);
+        let mut changes = Changes {
+            gone: std::mem::take(&mut *self.inner.gone.lock().unwrap_or_else(PoisonError::into_inner))
+                .into_iter()
+                .filter_map(|id| i64::try_from(id).ok())
+                .collect(),
+            ..Changes::default()
+        };
+        for shard in &self.inner.shards {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            // Listed since the last round began: not a whole round yet.
+            for entry in shard.values().filter(|e| round.wrapping_sub(e.listed_in) >= 1) {
+                let state = entry.state();
+                if all || entry.published.load(Ordering::Relaxed) != state {
+                    entry.published.store(state, Ordering::Relaxed);
+                    changes.upserts.push((entry.clone(), state));
+                }
+                changes.any_published = true;
+            }
+        }
+        changes
+    }
+}
 
 /// Publishes `inventory` to `pool` every [`PUBLISH_EVERY`] until `stop` turns
 /// true; then removes this replica's rows. Only streams listed for a whole
-/// period are published, so a lock held for less costs PostgreSQL nothing,
+/// round are published, so a lock held for less costs PostgreSQL nothing,
 /// and a replica with nothing to publish sends no statement at all.
 pub async fn publish(inventory: Inventory, pool: PgPool, mut stop: watch::Receiver<bool>) {
-    let mut published: HashMap<u64, Published> = HashMap::new();
     // After a failed statement the rows are unknown: start over.
     let mut resync = false;
     // Rows of this replica may be in the table.
@@ -256,35 +345,17 @@ pub async fn publish(inventory: Inventory, pool: PgPool, mut stop: watch::Receiv
             _ = stop.wait_for(|s| *s) => break,
         }
         ticks += 1;
-        let entries = inventory.entries();
-        let mut upserts = Vec::new();
-        let mut now: HashMap<u64, Published> = HashMap::with_capacity(entries.len());
-        for entry in entries.iter().filter(|e| e.listed_at.elapsed() >= PUBLISH_EVERY) {
-            let state = (
-                entry.holding.load(Ordering::Acquire),
-                entry.lease_expires_us.load(Ordering::Relaxed),
-            );
-            now.insert(entry.id, state);
-            if resync || published.get(&entry.id) != Some(&state) {
-                upserts.push(entry.clone());
-            }
-        }
-        let gone: Vec<i64> = published
-            .keys()
-            .filter(|id| !now.contains_key(id))
-            .filter_map(|id| i64::try_from(*id).ok())
-            .collect();
+        let changes = inventory.changes(resync);
         // While it has rows, the replica says it is alive every period.
-        if upserts.is_empty() && gone.is_empty() && now.is_empty() && !(resync && stored) {
+        if changes.upserts.is_empty() && changes.gone.is_empty() && !changes.any_published && !(resync && stored) {
             continue;
         }
         // Dead replicas' rows go now and then.
         let sweep = ticks.is_multiple_of(20);
         stored = true;
-        match write(&pool, inventory.replica(), &upserts, &gone, resync, sweep).await {
+        match write(&pool, inventory.replica(), &changes, resync, sweep).await {
             Ok(()) => {
-                stored = !now.is_empty();
-                published = now;
+                stored = changes.any_published;
                 resync = false;
             }
             Err(err) => {
@@ -305,14 +376,7 @@ pub async fn publish(inventory: Inventory, pool: PgPool, mut stop: watch::Receiv
 }
 
 /// One round of publishing, as one transaction.
-async fn write(
-    pool: &PgPool,
-    replica: &str,
-    upserts: &[Arc<Entry>],
-    gone: &[i64],
-    resync: bool,
-    sweep: bool,
-) -> Result<()> {
+async fn write(pool: &PgPool, replica: &str, changes: &Changes, resync: bool, sweep: bool) -> Result<()> {
     let bound = tokio::time::Instant::now() + REPLICA_TIMEOUT;
     let work = async {
         let mut tx = pool.begin().await?;
@@ -328,26 +392,27 @@ async fn write(
                 .bind(replica)
                 .execute(&mut *tx)
                 .await?;
-        } else if !gone.is_empty() {
+        } else if !changes.gone.is_empty() {
             sqlx::query("DELETE FROM lock_inventory WHERE replica = $1 AND holder = ANY($2)")
                 .bind(replica)
-                .bind(gone)
+                .bind(&changes.gone)
                 .execute(&mut *tx)
                 .await?;
         }
-        if !upserts.is_empty() {
-            let mut ids = Vec::with_capacity(upserts.len());
+        for chunk in changes.upserts.chunks(ROWS_PER_STATEMENT) {
+            let mut ids = Vec::with_capacity(chunk.len());
             let (mut keys, mut owners, mut modes) = (Vec::new(), Vec::new(), Vec::new());
             let (mut holding, mut tokens, mut acquired, mut leases) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for e in upserts {
+            for (e, state) in chunk {
                 ids.push(i64::try_from(e.id).unwrap_or(i64::MAX));
-                keys.push(e.key.as_str());
-                owners.push(e.owner.as_str());
+                keys.push(e.key());
+                owners.push(e.owner());
                 modes.push(mode_text(e.mode));
-                holding.push(e.holding.load(Ordering::Acquire));
+                // As marked published, so the row and the mark agree.
+                holding.push(*state != 0);
                 tokens.push(i64::try_from(e.token.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
                 acquired.push(e.acquired_at_us.load(Ordering::Relaxed));
-                leases.push(e.lease_expires_us.load(Ordering::Relaxed));
+                leases.push(*state);
             }
             sqlx::query(
                 "INSERT INTO lock_inventory \
@@ -387,24 +452,28 @@ async fn write(
         .map_err(|_| Error::DatabaseUnavailable(None))?
 }
 
-/// The rows other live replicas published, of keys starting with `prefix`
-/// and after `after`, for at most `keys` distinct held keys (the first in key
-/// order); with `exact`, of the key `prefix` only, held or not. Holders whose
-/// lease has ended are left out.
+/// The rows other live replicas published, of keys starting with `prefix`,
+/// in `visible` and after `after`, for at most `keys` distinct held keys (the
+/// first in key order); with `exact`, of the key `prefix` only, held or not.
+/// Holders whose lease has ended are left out.
 pub async fn remote(
     pool: &PgPool,
     replica: &str,
     prefix: &str,
+    visible: &Namespace,
     after: Option<&str>,
     keys: i64,
     exact: bool,
 ) -> Result<Vec<Row>> {
+    let (names, prefixes) = visible.exact_and_prefixes().unzip();
     let rows = sqlx::query(
         "WITH live AS (SELECT replica FROM lock_replicas \
                        WHERE seen_at > now() - make_interval(secs => $2) AND replica <> $1), \
               rows AS (SELECT i.* FROM lock_inventory i JOIN live USING (replica) \
                        WHERE left(i.key, length($3)) = $3 AND ($4::text IS NULL OR i.key > $4) \
                          AND (NOT $6 OR i.key = $3) \
+                         AND ($7::text[] IS NULL OR i.key = ANY($7) \
+                              OR EXISTS (SELECT FROM unnest($8::text[]) p WHERE left(i.key, length(p)) = p)) \
                          AND (NOT i.holding OR i.lease_expires_us > (extract(epoch FROM now()) * 1000000)::int8)), \
               first AS (SELECT DISTINCT key FROM rows WHERE holding OR $6 ORDER BY key LIMIT $5) \
          SELECT replica, key, owner, mode, holding, token, acquired_at_us, lease_expires_us \
@@ -416,6 +485,8 @@ pub async fn remote(
     .bind(after)
     .bind(keys)
     .bind(exact)
+    .bind(names)
+    .bind(prefixes)
     .fetch_all(pool)
     .await?;
     rows.iter()
@@ -536,7 +607,7 @@ mod tests {
         let inventory = Inventory::new("r1".into());
         let key = LockKey::parse("key", "jobs/a".into()).unwrap();
         let owner = Owner::parse("owner", "worker 1".into()).unwrap();
-        let listing = inventory.enter(key, owner, Mode::Exclusive);
+        let listing = inventory.enter(&key, &owner, Mode::Exclusive);
         let rows = inventory.local("jobs/");
         assert_eq!(rows.len(), 1);
         assert!(!rows[0].holding);
@@ -549,6 +620,75 @@ mod tests {
         assert!(inventory.local("other/").is_empty());
         drop(listing);
         assert!(inventory.local("").is_empty());
+    }
+
+    fn ids(changes: &Changes) -> Vec<u64> {
+        let mut ids: Vec<u64> = changes.upserts.iter().map(|(e, _)| e.id).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn a_round_publishes_what_changed_since_the_last_and_what_left_once_published() {
+        let inventory = Inventory::new("r1".into());
+        let owner = Owner::parse("owner", "w".into()).unwrap();
+        let listing = |k: &str| inventory.enter(&LockKey::parse("key", k.into()).unwrap(), &owner, Mode::Exclusive);
+        let a = listing("a");
+        let changes = inventory.changes(false);
+        assert!(changes.upserts.is_empty(), "listed less than a whole round");
+        assert!(!changes.any_published);
+        let b = listing("b");
+        let changes = inventory.changes(false);
+        assert_eq!(ids(&changes), [a.0.id], "a whole round listed: published, waiting");
+        assert_eq!(changes.upserts[0].1, 0);
+        let at = Utc::now();
+        a.granted(7, at, at + chrono::Duration::seconds(30));
+        let changes = inventory.changes(false);
+        assert_eq!(ids(&changes), [a.0.id, b.0.id], "a's grant and b's first round");
+        assert_eq!(
+            changes.upserts.iter().find(|(e, _)| e.id == a.0.id).unwrap().1,
+            micros(at + chrono::Duration::seconds(30))
+        );
+        let changes = inventory.changes(false);
+        assert!(changes.upserts.is_empty(), "nothing changed");
+        assert!(changes.any_published, "published rows keep the replica alive");
+        a.kept_alive(at + chrono::Duration::seconds(40));
+        assert_eq!(ids(&inventory.changes(false)), [a.0.id]);
+        assert_eq!(
+            ids(&inventory.changes(true)),
+            [a.0.id, b.0.id],
+            "after a failed round: everything again"
+        );
+        let (a_id, b_id) = (a.0.id, b.0.id);
+        drop(a);
+        let short = listing("c");
+        drop(short);
+        let changes = inventory.changes(false);
+        assert_eq!(
+            changes.gone,
+            [i64::try_from(a_id).unwrap()],
+            "a left; c was never published"
+        );
+        drop(b);
+        let changes = inventory.changes(false);
+        assert_eq!(changes.gone, [i64::try_from(b_id).unwrap()]);
+        assert!(!changes.any_published);
+        assert!(inventory.changes(false).gone.is_empty());
+    }
+
+    #[test]
+    fn an_entry_keeps_its_key_and_owner_apart_in_one_allocation() {
+        let inventory = Inventory::new("r1".into());
+        let key = LockKey::parse("key", "jobs/é".into()).unwrap();
+        let owner = Owner::parse("owner", "".into()).unwrap();
+        let listing = inventory.enter(&key, &owner, Mode::Semaphore(3));
+        assert_eq!(listing.0.key(), "jobs/é");
+        assert_eq!(listing.0.owner(), "");
+        let rows = inventory.local("jobs/");
+        assert_eq!(
+            (rows[0].key.as_str(), rows[0].owner.as_str(), rows[0].mode),
+            ("jobs/é", "", Mode::Semaphore(3))
+        );
     }
 
     fn row(key: &str, holding: bool, token: u64, replica: &str) -> Row {

@@ -37,7 +37,10 @@ pub mod table;
 
 use std::{
     future::Future,
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -58,7 +61,7 @@ use self::{
 use crate::{
     config::Config,
     db::Database,
-    domain::{LockKey, Owner, SystemId},
+    domain::{LockKey, Namespace, Owner, SystemId},
     error::{Error, Result},
     telemetry::metrics::{Holding, LockMetrics, LostReason},
 };
@@ -131,6 +134,8 @@ struct Inner {
     system_wait: Duration,
     /// Turns true when the lock sessions must close.
     shutdown: watch::Sender<bool>,
+    /// Streaks that ended in a release because another replica waited.
+    yields: AtomicU64,
     /// Cancelled at the same moment: lock streams wait on it, and a
     /// cancellation future is small and nameable, which keeps what a held
     /// lock's stream stores small.
@@ -167,6 +172,17 @@ pub struct LocalLockStats {
     pub keys: usize,
     /// Acquirers queued behind a local owner.
     pub waiting: usize,
+}
+
+/// Releases in PostgreSQL at the end of a streak of local hand-offs (see
+/// [`table`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreakReleases {
+    /// Because another replica announced that it waits.
+    pub for_waiters: u64,
+    /// Every [`table::KEEP_STREAKS`] + 1 streaks, for programs that wait in
+    /// PostgreSQL itself.
+    pub periodic: u64,
 }
 
 /// A place in the client budget, taken when a WithLock stream opens.
@@ -206,7 +222,8 @@ pub struct HeldLock {
     /// When the lock was granted.
     pub acquired_at: DateTime<Utc>,
     started: Instant,
-    lost: Option<CancellationToken>,
+    /// Cancelled at shutdown, or when the lock is lost (see [`HeldLock::ended`]).
+    ended: CancellationToken,
     sessions: Option<Arc<Sessions>>,
     _permit: LockPermit,
     /// Counts the lock as held until it is dropped.
@@ -250,6 +267,7 @@ impl Locks {
     /// sessions connect at their first use.
     pub fn for_database(database: &Database, config: &Config) -> Self {
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
         let inventory = Inventory::new(config.replica_name());
         let published = match database {
             Database::Postgres(pools) => {
@@ -262,7 +280,7 @@ impl Locks {
         let (backend, release): (Backend, Arc<dyn Release>) = match database {
             Database::Postgres(pools) => {
                 let timing = Timing::for_lease(config.lock_lease(), config.pool_connection_timeout());
-                let sessions = Sessions::start(config.lock_pool_max, pools.lock.options(), timing, shutdown_rx);
+                let sessions = Sessions::start(config.lock_pool_max, pools.lock.options(), timing, shutdown_rx, &stop);
                 (Backend::Postgres(sessions.clone()), sessions)
             }
             Database::Embedded(db) => (
@@ -285,7 +303,8 @@ impl Locks {
                 max_wait: config.max_lock_wait(),
                 system_wait: config.lock_timeout(),
                 shutdown,
-                stop: CancellationToken::new(),
+                yields: AtomicU64::new(0),
+                stop,
                 metrics: OnceLock::new(),
             }),
         }
@@ -310,9 +329,18 @@ impl Locks {
         }
     }
 
+    /// How the streaks of local hand-offs of keys also wanted elsewhere
+    /// ended, since the start.
+    pub fn streak_releases(&self) -> StreakReleases {
+        StreakReleases {
+            for_waiters: self.inner.yields.load(Ordering::Relaxed),
+            periodic: self.inner.table.periodic_releases(),
+        }
+    }
+
     /// Lists a WithLock stream that asks for `key` as `mode` for `owner`,
     /// until the returned listing is dropped.
-    pub fn list(&self, key: LockKey, owner: Owner, mode: Mode) -> Listing {
+    pub fn list(&self, key: &LockKey, owner: &Owner, mode: Mode) -> Listing {
         self.inner.inventory.enter(key, owner, mode)
     }
 
@@ -321,22 +349,32 @@ impl Locks {
         self.inner.inventory.replica()
     }
 
-    /// The holders and waiters of keys starting with `prefix` and after
-    /// `after`, on this replica and the others: enough rows for the first
-    /// `keys` held keys in key order (see [`inventory`]).
-    pub async fn inventory(&self, prefix: &str, after: Option<&str>, keys: usize, exact: bool) -> Result<Vec<Row>> {
+    /// The holders and waiters of keys starting with `prefix`, after
+    /// `after` and in `visible`, on this replica and the others: enough rows
+    /// for the first `keys` held keys in key order (see [`inventory`]).
+    pub async fn inventory(
+        &self,
+        prefix: &str,
+        visible: &Namespace,
+        after: Option<&str>,
+        keys: usize,
+        exact: bool,
+    ) -> Result<Vec<Row>> {
         let mut rows: Vec<Row> = self
             .inner
             .inventory
             .local(prefix)
             .into_iter()
-            .filter(|r| after.is_none_or(|a| r.key.as_str() > a) && (!exact || r.key == prefix))
+            .filter(|r| {
+                after.is_none_or(|a| r.key.as_str() > a) && (!exact || r.key == prefix) && visible.contains(&r.key)
+            })
             .collect();
         if let Some(pool) = &self.inner.published {
             let remote = inventory::remote(
                 pool,
                 self.replica(),
                 prefix,
+                visible,
                 after,
                 i64::try_from(keys).unwrap_or(i64::MAX),
                 exact,
@@ -616,11 +654,11 @@ impl Locks {
         semaphore: Option<Box<SemaphoreUse>>,
     ) -> HeldLock {
         let now = Instant::now();
-        let (lost, sessions) = match (&grant.owned.remote, &self.inner.backend) {
+        let (ended, sessions) = match (&grant.owned.remote, &self.inner.backend) {
             (Some(Remote::Session(hold, _)), Backend::Postgres(sessions)) => {
-                (Some(hold.generation.lost()), Some(sessions.clone()))
+                (hold.generation.ended(), Some(sessions.clone()))
             }
-            _ => (None, None),
+            _ => (self.inner.stop.clone(), None),
         };
         HeldLock {
             fencing_token: grant.token.unwrap_or(0),
@@ -628,7 +666,7 @@ impl Locks {
             key,
             acquired_at: Utc::now(),
             started: now,
-            lost,
+            ended,
             sessions,
             _permit: permit,
             holding: self.inner.metrics.get().map(|m| m.granted(asked, now)),
@@ -659,6 +697,7 @@ impl Locks {
             }
         };
         if check && self.wanted_elsewhere(id, &owned).await {
+            self.inner.yields.fetch_add(1, Ordering::Relaxed);
             if let (Backend::Postgres(sessions), Some(Remote::Session(hold, _))) =
                 (&self.inner.backend, owned.remote.take())
             {
@@ -852,9 +891,9 @@ impl Locks {
         drop(waiting);
         let fencing_token = self.member_token(&member).await?;
         let now = Instant::now();
-        let (lost, sessions) = match (&member.pg, &self.inner.backend) {
-            (Some(hold), Backend::Postgres(sessions)) => (Some(hold.generation.lost()), Some(sessions.clone())),
-            _ => (None, None),
+        let (ended, sessions) = match (&member.pg, &self.inner.backend) {
+            (Some(hold), Backend::Postgres(sessions)) => (hold.generation.ended(), Some(sessions.clone())),
+            _ => (self.inner.stop.clone(), None),
         };
         Ok(HeldLock {
             fencing_token,
@@ -862,7 +901,7 @@ impl Locks {
             key,
             acquired_at: Utc::now(),
             started: now,
-            lost,
+            ended,
             sessions,
             _permit: permit,
             holding: metrics.map(|m| m.granted(asked, now)),
@@ -968,20 +1007,13 @@ impl HeldLock {
         &self.key
     }
 
-    /// Resolves when the lock is lost without a release: its PostgreSQL
-    /// session broke or could not prove it was alive within the lease.
-    /// Never, with the embedded store.
-    pub async fn lost(&mut self) {
-        match self.lost_signal() {
-            Some(lost) => lost.await,
-            None => std::future::pending().await,
-        }
-    }
-
-    /// What [`HeldLock::lost`] waits for, as a value a stream can keep:
-    /// `None` when the lock cannot be lost that way (the embedded store).
-    pub fn lost_signal(&self) -> Option<WaitForCancellationFutureOwned> {
-        self.lost.clone().map(CancellationToken::cancelled_owned)
+    /// Resolves when the lock's holder must stop: the server shuts down
+    /// ([`Locks::is_shutting_down`] says so), or the lock is lost without a
+    /// release (its PostgreSQL session broke or could not prove it was alive
+    /// within the lease; never with the embedded store). One future for
+    /// both, as a value a stream can keep: it is stored with every held lock.
+    pub fn ended(&self) -> WaitForCancellationFutureOwned {
+        self.ended.clone().cancelled_owned()
     }
 
     fn session(&self) -> Option<&SessionHold> {

@@ -151,18 +151,23 @@ pub struct Generation {
     origin: Instant,
     /// Milliseconds after `origin` at which the last successful statement was sent.
     alive_ms: AtomicU64,
-    /// Cancelled when the generation is lost; held locks wait on it.
+    /// Cancelled when the generation is lost.
     lost: CancellationToken,
+    /// Cancelled when the generation is lost or the server shuts down (a
+    /// child of the shutdown token): what a held lock's stream waits on, one
+    /// wait instead of two.
+    ended: CancellationToken,
     window: Duration,
 }
 
 impl Generation {
-    fn new(number: u64, window: Duration) -> Arc<Self> {
+    fn new(number: u64, window: Duration, stop: &CancellationToken) -> Arc<Self> {
         Arc::new(Generation {
             number,
             origin: Instant::now(),
             alive_ms: AtomicU64::new(0),
             lost: CancellationToken::new(),
+            ended: stop.child_token(),
             window,
         })
     }
@@ -187,13 +192,14 @@ impl Generation {
         self.lost.is_cancelled()
     }
 
-    /// Cancelled when the generation is lost.
-    pub fn lost(&self) -> CancellationToken {
-        self.lost.clone()
+    /// Cancelled when the generation is lost or the server shuts down.
+    pub fn ended(&self) -> CancellationToken {
+        self.ended.clone()
     }
 
     fn mark_lost(&self) {
         self.lost.cancel();
+        self.ended.cancel();
     }
 }
 
@@ -291,8 +297,15 @@ fn gone() -> Error {
 
 impl Sessions {
     /// Starts `n` session tasks connecting with `options` (lazily, at their
-    /// first command); they close their connections when `shutdown` turns true.
-    pub fn start(n: u32, options: PgConnectOptions, timing: Timing, shutdown: watch::Receiver<bool>) -> Arc<Self> {
+    /// first command); they close their connections when `shutdown` turns
+    /// true, after `stop` is cancelled.
+    pub fn start(
+        n: u32,
+        options: PgConnectOptions,
+        timing: Timing,
+        shutdown: watch::Receiver<bool>,
+        stop: &CancellationToken,
+    ) -> Arc<Self> {
         // One statement in flight across the sessions at a time (see
         // TURN_WAIT): each turn's batch is larger, so PostgreSQL runs fewer
         // statements for the same locks.
@@ -318,6 +331,7 @@ impl Sessions {
                     turn: turn.clone(),
                     state,
                     shared: index == exclusive,
+                    stop: stop.clone(),
                 };
                 tokio::spawn(session.run(shutdown.clone()));
                 tx
@@ -503,6 +517,8 @@ struct Session {
     state: Arc<SessionState>,
     /// Holds its client locks shared ([`LockId::Shared`]).
     shared: bool,
+    /// The server's shutdown: each generation's `ended` is its child.
+    stop: CancellationToken,
 }
 
 /// One statement's worth of commands, sorted.
@@ -589,7 +605,7 @@ impl Session {
             .await
             .map_err(|_| gone())??;
         self.generations += 1;
-        let generation = Generation::new(self.generations, self.timing.window);
+        let generation = Generation::new(self.generations, self.timing.window, &self.stop);
         generation.proved_alive_at(Instant::now());
         tracing::debug!(
             session = self.index,

@@ -92,6 +92,8 @@ struct Inner {
     waiting: AtomicUsize,
     next_waiter: AtomicU64,
     release: Arc<dyn Release>,
+    /// Streaks that ended in a release whether or not anyone waited elsewhere.
+    periodic_releases: AtomicU64,
 }
 
 /// A lock somebody owns locally, with the waiters queued behind the owner.
@@ -157,8 +159,16 @@ impl Table {
                 waiting: AtomicUsize::new(0),
                 next_waiter: AtomicU64::new(0),
                 release,
+                periodic_releases: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Streaks of local hand-offs that ended in a release in PostgreSQL
+    /// without asking whether anyone waited elsewhere (every
+    /// [`KEEP_STREAKS`] + 1), since the start.
+    pub fn periodic_releases(&self) -> u64 {
+        self.inner.periodic_releases.load(Ordering::Relaxed)
     }
 
     /// Takes ownership of `id`, or queues for it (`queue`), or reports it busy.
@@ -296,6 +306,7 @@ impl Inner {
                             } else {
                                 slot.streak_since = None;
                                 slot.kept = 0;
+                                self.periodic_releases.fetch_add(1, Ordering::Relaxed);
                                 (Some(tx), remote.take(), true, false)
                             }
                         } else {

@@ -16,8 +16,8 @@ use tracing::Instrument;
 
 use crate::{
     domain::{
-        CheckId, Evaluation, MAX_OPEN_WINDOWS, MaintenanceWindow, Status, SystemId, Thresholds, Uptime, UptimeCount,
-        evaluate,
+        CheckId, Evaluation, MAX_OPEN_WINDOWS, MaintenanceWindow, Namespace, Status, SystemId, Thresholds, Uptime,
+        UptimeCount, evaluate,
     },
     error::{Error, Result},
     lock::Locks,
@@ -173,17 +173,18 @@ impl HealthService {
     }
 
     /// Up to `limit` systems in byte order of their ids after `after`, with
-    /// `status` (any when `None`) and ids starting with `prefix`.
+    /// `status` (any when `None`), ids starting with `prefix` and in `visible`.
     pub async fn list_systems(
         &self,
         status: Option<Status>,
         prefix: &str,
+        visible: &Namespace,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Page<SystemSummary>> {
         let systems = self
             .store
-            .list_systems(status, prefix, after, limit.saturating_add(1))
+            .list_systems(status, prefix, visible, after, limit.saturating_add(1))
             .instrument(tracing::debug_span!("read", db.operation = "list_systems"))
             .await?;
         Ok(Page::from_overfetch(systems, limit))

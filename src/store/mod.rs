@@ -24,8 +24,8 @@ use std::time::Duration;
 use crate::{
     db::Database,
     domain::{
-        CheckId, Evaluation, FlappingSettings, Latency, MaintenanceWindow, RunId, RunMessage, Status, StatusChange,
-        SystemId, Thresholds,
+        CheckId, Evaluation, FlappingSettings, Latency, MaintenanceWindow, Namespace, RunId, RunMessage, Status,
+        StatusChange, SystemId, Thresholds,
     },
     error::{Error, Result},
 };
@@ -119,17 +119,19 @@ impl Store {
     }
 
     /// One page of systems in byte order of their ids, after `after`, with
-    /// `status` (any when `None`) and ids starting with `prefix`.
+    /// `status` (any when `None`), ids starting with `prefix` and in
+    /// `visible` (filtered before the page is cut, so it is full).
     pub async fn list_systems(
         &self,
         status: Option<Status>,
         prefix: &str,
+        visible: &Namespace,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<SystemSummary>> {
         match self {
-            Store::Postgres(s) => s.list_systems(status, prefix, after, limit).await,
-            Store::Embedded(s) => s.list_systems(status, prefix, after, limit).await,
+            Store::Postgres(s) => s.list_systems(status, prefix, visible, after, limit).await,
+            Store::Embedded(s) => s.list_systems(status, prefix, visible, after, limit).await,
         }
     }
 

@@ -34,7 +34,8 @@ use super::{
 use crate::{
     db::WorkPool,
     domain::{
-        CheckId, MAX_OPEN_WINDOWS, MaintenanceWindow, RunId, RunWindow, Status, StatusChange, SystemId, evaluate, merge,
+        CheckId, MAX_OPEN_WINDOWS, MaintenanceWindow, Namespace, RunId, RunWindow, Status, StatusChange, SystemId,
+        evaluate, merge,
     },
     error::{Corrupt, Error, Result},
 };
@@ -197,9 +198,11 @@ impl PgStore {
         &self,
         status: Option<Status>,
         prefix: &str,
+        visible: &Namespace,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<SystemSummary>> {
+        let (exact, prefixes) = visible.exact_and_prefixes().unzip();
         let mut conn = self.work.acquire().await?;
         // Only the conditions that apply (see `list_runs`).
         let status_filter = if status.is_some() {
@@ -222,12 +225,16 @@ impl PgStore {
                         coalesce(bool_or(c.flapping AND c.enabled), false) AS flapping \
                  FROM checks c WHERE c.system_id = s.system_id) k \
              WHERE {status_filter} AND starts_with(s.system_id, $2) AND {after_filter} \
+               AND ($5::text[] IS NULL OR s.system_id = ANY($5) \
+                    OR EXISTS (SELECT FROM unnest($6::text[]) p WHERE starts_with(s.system_id, p))) \
              ORDER BY s.system_id COLLATE \"C\" LIMIT $4"
         ))
         .bind(status.map(Status::as_i16))
         .bind(prefix)
         .bind(after)
         .bind(i64::from(limit))
+        .bind(exact)
+        .bind(prefixes)
         .fetch_all(&mut *conn)
         .await?;
         rows.iter()

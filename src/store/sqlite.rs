@@ -37,8 +37,8 @@ use super::{
 use crate::{
     db::EmbeddedDb,
     domain::{
-        CheckId, MAX_OPEN_WINDOWS, MaintenanceWindow, RunId, RunWindow, Status, StatusChange, SystemId, Thresholds,
-        evaluate, merge,
+        CheckId, MAX_OPEN_WINDOWS, MaintenanceWindow, Namespace, RunId, RunWindow, Status, StatusChange, SystemId,
+        Thresholds, evaluate, merge,
     },
     error::{Corrupt, Error, Result},
 };
@@ -198,9 +198,18 @@ impl SqliteStore {
         &self,
         status: Option<Status>,
         prefix: &str,
+        visible: &Namespace,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<SystemSummary>> {
+        // SQLite binds no arrays: the lists travel as JSON.
+        let (exact, prefixes) = match visible.exact_and_prefixes() {
+            Some((exact, prefixes)) => (
+                Some(serde_json::to_string(&exact).map_err(|_| Error::Invariant("names encode as JSON"))?),
+                Some(serde_json::to_string(&prefixes).map_err(|_| Error::Invariant("names encode as JSON"))?),
+            ),
+            None => (None, None),
+        };
         let mut conn = self.db.reader().await?;
         let rows = sqlx::query(
             "SELECT s.system_id, s.status, s.evaluated_at, \
@@ -213,6 +222,9 @@ impl SqliteStore {
              FROM systems s \
              WHERE ($1 IS NULL OR s.status = $1) AND substr(s.system_id, 1, length($2)) = $2 \
                AND ($3 IS NULL OR s.system_id > $3) \
+               AND ($6 IS NULL OR s.system_id IN (SELECT value FROM json_each($6)) \
+                    OR EXISTS (SELECT 1 FROM json_each($7) p \
+                               WHERE substr(s.system_id, 1, length(p.value)) = p.value)) \
              ORDER BY s.system_id LIMIT $4",
         )
         .bind(status.map(Status::as_i16))
@@ -220,6 +232,8 @@ impl SqliteStore {
         .bind(after)
         .bind(i64::from(limit))
         .bind(micros(now()))
+        .bind(exact)
+        .bind(prefixes)
         .fetch_all(&mut *conn)
         .await?;
         rows.iter()

@@ -447,7 +447,10 @@ async fn listings_and_watches_of_every_system_show_only_the_principals_systems(b
 
     // Two failures move a system to DEGRADED: one transition each, the
     // caller's systems between others'.
-    let systems = ["theirs-1", "mine-1", "theirs-2", "mine-2", "theirs-3"];
+    // Others' systems sort before, between and after the caller's.
+    let systems = [
+        "alpha-1", "theirs-1", "mine-1", "alpha-2", "theirs-2", "mine-2", "alpha-3", "theirs-3",
+    ];
     for system in systems {
         for i in 0..2 {
             let mut run = submit(&format!("{system}-{i}"), system);
@@ -491,10 +494,12 @@ async fn listings_and_watches_of_every_system_show_only_the_principals_systems(b
         page_token = page.next_page_token;
     }
     assert_eq!(listed, ["mine-2", "mine-1"]);
-    // ListSystems pages the same way: every page followed, only the caller's.
+    // ListSystems filters before it cuts a page: the caller's two systems
+    // fill the first page of two, after three of others' in id order, and
+    // no page token names a system the caller may not see.
     let mut systems_listed = Vec::new();
     let mut page_token = String::new();
-    loop {
+    for _ in 0..2 {
         let page = client
             .list_systems(authed(
                 proto::ListSystemsRequest {
@@ -507,13 +512,13 @@ async fn listings_and_watches_of_every_system_show_only_the_principals_systems(b
             .await
             .unwrap()
             .into_inner();
-        systems_listed.extend(page.systems.into_iter().map(|s| s.system_id));
+        systems_listed.push(page.systems.into_iter().map(|s| s.system_id).collect::<Vec<_>>());
         if page.next_page_token.is_empty() {
             break;
         }
         page_token = page.next_page_token;
     }
-    assert_eq!(systems_listed, ["mine-1", "mine-2"]);
+    assert_eq!(systems_listed, [["mine-1", "mine-2"]]);
     // The last transition of a system the caller may not read passed the
     // watch unseen: the next one it sees is its own.
     let mut run = submit("mine-1-healthy", "mine-1");
@@ -550,12 +555,12 @@ async fn hold_as(channel: &Channel, key: &str, token: &str) -> tokio::sync::mpsc
 async fn lock_listings_show_only_the_principals_keys(backend: Backend) {
     let db = TestDb::create(backend).await;
     let dir = tempfile::tempdir().unwrap();
-    let payments = Entry {
+    let payments_entry = || Entry {
         lock_keys: Some(&["payments/*"]),
         ..Entry::new("payments", "t-payments", &["locks"])
     };
-    let root = Entry::new("root", "t-root", &["locks"]);
-    let app = start(&db, dir.path(), &auth_file(&[payments, root]), &[]).await;
+    let root_entry = || Entry::new("root", "t-root", &["locks"]);
+    let app = start(&db, dir.path(), &auth_file(&[payments_entry(), root_entry()]), &[]).await;
     let channel = app.channel().await;
     let _mine = hold_as(&channel, "payments/a", "t-payments").await;
     let _theirs = hold_as(&channel, "billing/b", "t-root").await;
@@ -573,6 +578,56 @@ async fn lock_listings_show_only_the_principals_keys(backend: Backend) {
     };
     assert_eq!(keys("t-payments").await, ["payments/a"]);
     assert_eq!(keys("t-root").await, ["billing/b", "payments/a"]);
+    // Others' keys before the caller's do not take places on its pages. With
+    // PostgreSQL they are held on another replica, so the published rows are
+    // filtered too (the listing waits for them to be published).
+    let other = match backend {
+        Backend::Postgres => Some(start(&db, dir.path(), &auth_file(&[payments_entry(), root_entry()]), &[]).await),
+        Backend::Embedded => None,
+    };
+    let other_channel = match &other {
+        Some(other) => other.channel().await,
+        None => channel.clone(),
+    };
+    let mut held = Vec::new();
+    for key in ["billing/c", "billing/d", "payments/b", "payments/c"] {
+        let token = if key.starts_with("payments/") {
+            "t-payments"
+        } else {
+            "t-root"
+        };
+        held.push(hold_as(&other_channel, key, token).await);
+    }
+    let want = [vec!["payments/a", "payments/b"], vec!["payments/c"]];
+    eventually(PATIENCE, "the caller's keys fill its pages", async || {
+        let mut pages = Vec::new();
+        let mut page_token = String::new();
+        for _ in 0..3 {
+            let page = locks
+                .list_locks(authed(
+                    proto::ListLocksRequest {
+                        page_size: 2,
+                        page_token: page_token.clone(),
+                        ..Default::default()
+                    },
+                    Some("t-payments"),
+                ))
+                .await
+                .map_err(|s| s.to_string())?
+                .into_inner();
+            pages.push(page.locks.into_iter().map(|l| l.key).collect::<Vec<_>>());
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        if pages == want {
+            Ok(())
+        } else {
+            Err(format!("{pages:?}"))
+        }
+    })
+    .await;
     let status = locks
         .get_lock(authed(
             proto::GetLockRequest {
@@ -584,6 +639,10 @@ async fn lock_listings_show_only_the_principals_keys(backend: Backend) {
         .expect_err("another's key");
     let info = assert_reason(&status, Code::PermissionDenied, "PERMISSION_DENIED");
     assert_eq!(info.metadata.get("key").map(String::as_str), Some("billing/b"));
+    drop(held);
+    if let Some(other) = other {
+        other.stop().await;
+    }
     app.stop().await;
 }
 

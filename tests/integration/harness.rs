@@ -492,6 +492,11 @@ impl TestApp {
         self.locks.local_stats()
     }
 
+    /// How this server's streaks of local hand-offs ended so far.
+    pub fn streak_releases(&self) -> vitals::lock::StreakReleases {
+        self.locks.streak_releases()
+    }
+
     /// Holds `system`'s serialisation lock in this server, as a SubmitRun
     /// stalled in its critical section would, until the returned sender is
     /// used or dropped. Returns once the lock is held.

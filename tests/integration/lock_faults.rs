@@ -747,29 +747,48 @@ async fn a_waiter_on_another_replica_is_granted_a_key_kept_busy_on_the_first_at_
     let tasks = keep_busy(&a, KEY, 8, &stop, &granted, Instant::now() + Duration::from_secs(60)).await;
     let mut client = b.lock_client().await;
     let mut waits = Vec::new();
+    let mut yielded = 0;
     for _ in 0..3 {
-        // The busy replica holds the key in PostgreSQL and hands it on
-        // locally again (`b`'s release and an immediate try would otherwise
-        // take it straight back).
+        // Just after a periodic release (which would grant `b` whether or not
+        // it announced itself), with the key held in PostgreSQL and handed
+        // on locally again (`b`'s release and an immediate try would
+        // otherwise take it straight back): the next four streak ends ask
+        // whether another replica waits.
+        let periodic = a.streak_releases().periodic;
+        until(PATIENCE, "the busy replica releases the key periodically", || {
+            a.streak_releases().periodic > periodic
+        })
+        .await;
         let since = granted.load(Ordering::SeqCst);
         until(PATIENCE, "the busy replica hands the key on", || {
             granted.load(Ordering::SeqCst) >= since + 20 && a.local_lock_stats().waiting >= 2
         })
         .await;
+        let before = a.streak_releases();
         let asked = Instant::now();
         let held = lock(&mut client, KEY, Some(Duration::from_secs(20)))
             .await
             .expect("the other replica's waiter is granted");
         waits.push(asked.elapsed());
+        let after = a.streak_releases();
+        // Granted by a release for it, not by the next periodic one (unless
+        // the machine stalled the waiter past four streaks).
+        if after.for_waiters > before.for_waiters && after.periodic == before.periodic {
+            yielded += 1;
+        }
         held.release().await;
     }
     stop.store(true, Ordering::SeqCst);
     for task in tasks {
         task.await.expect("a client finished");
     }
-    eprintln!("the other replica waited {waits:?}");
+    eprintln!("the other replica waited {waits:?}, {yielded} of 3 granted by a release for it");
+    assert!(
+        yielded >= 2,
+        "the busy replica let the key go for the waiter {yielded} times of 3"
+    );
     for wait in &waits {
-        assert!(*wait < Duration::from_millis(800), "waited {wait:?} for a busy key");
+        assert!(*wait < Duration::from_secs(2), "waited {wait:?} for a busy key");
     }
     a.stop().await;
     b.stop().await;
