@@ -28,7 +28,8 @@
 //! - [`api`]: the tonic handlers, thin: parse, call, convert.
 //! - [`middleware`]: the one tower stack in front of the services.
 //! - [`auth`]: TLS settings and their reload, principals, scopes and
-//!   namespaces (enforced by [`middleware`] and the handlers).
+//!   namespaces (enforced by [`middleware`] and the handlers; the namespace
+//!   type is [`domain::Namespace`], which listings read as index ranges).
 //! - [`listener`]: the listening sockets: the connection cap, TCP_NODELAY
 //!   and the TLS handshake, before HTTP/2.
 //! - [`error`]: the one error enum (causes kept as sources) and its mapping

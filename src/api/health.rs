@@ -395,8 +395,8 @@ impl HealthCheckService for HealthApi {
             .service
             .list_systems(status, &req.system_id_prefix, access.systems(), after.as_deref(), limit)
             .await?;
-        // As ListTransitions: the token resumes after the last system read,
-        // shown or not.
+        // The store read only what the caller may see: the token names a
+        // system it was shown.
         let next_page_token = page
             .items
             .last()
@@ -408,6 +408,7 @@ impl HealthCheckService for HealthApi {
             systems: page
                 .items
                 .iter()
+                // Already so; kept as a second guard.
                 .filter(|s| access.may_use_system(s.system_id.as_str()))
                 .map(summary_out)
                 .collect(),

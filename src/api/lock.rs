@@ -492,6 +492,9 @@ pin_project! {
 }
 
 /// What a keep-alive or a release that ran to its end leaves.
+// Only ever the output of a running keep-alive or release, moved once, never
+// stored with a held lock: boxing the lock would cost an allocation each time.
+#[allow(clippy::large_enum_variant)]
 enum Busy {
     /// The keep-alive's outcome, and the lock back.
     KeptAlive(HeldLock, Result<(), Error>),

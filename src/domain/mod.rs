@@ -43,7 +43,7 @@ pub use flapping::{FlappingSettings, MIN_FLAPPING_RUNS, is_flapping, status_chan
 pub use ids::{CheckId, LockKey, Owner, RunId, RunMessage, SystemId};
 pub use latency::{Latency, MAX_LATENCY};
 pub use maintenance::{MAX_OPEN_WINDOWS, MAX_REASON_BYTES, MAX_WINDOW_AHEAD, MaintenanceWindow, covered, merge};
-pub use namespace::{Namespace, Pattern};
+pub use namespace::{MAX_PATTERNS, Namespace, Pattern, Span, prefix_end};
 pub use status::{Status, worst};
 pub use thresholds::{ConsecutiveThresholds, MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, Mode, Thresholds, WindowThresholds};
 pub use uptime::{StatusChange, Uptime, UptimeCount};

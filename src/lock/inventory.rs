@@ -176,19 +176,31 @@ impl Inventory {
     }
 
     /// What this replica's streams hold and wait for, of keys starting
-    /// with `prefix`.
-    pub fn local(&self, prefix: &str) -> Vec<Row> {
-        let mut out = Vec::new();
+    /// with `prefix` and in `visible`.
+    pub fn local(&self, prefix: &str, visible: &Namespace) -> Vec<Row> {
+        let mut entries = Vec::new();
         for shard in &self.inner.shards {
+            // Only the matching entries are taken under the lock grants use;
+            // their rows are built after.
             let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            out.extend(
+            entries.extend(
                 shard
                     .values()
-                    .filter(|e| e.key().starts_with(prefix))
-                    .map(|e| e.row(&self.inner.replica)),
+                    .filter(|e| e.key().starts_with(prefix) && visible.contains(e.key()))
+                    .cloned(),
             );
         }
-        out
+        entries.iter().map(|e| e.row(&self.inner.replica)).collect()
+    }
+
+    /// Whether published entries left since the last round began.
+    fn has_gone(&self) -> bool {
+        !self
+            .inner
+            .gone
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
     }
 }
 
@@ -315,8 +327,12 @@ impl Inventory {
         };
         for shard in &self.inner.shards {
             let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            // Listed since the last round began: not a whole round yet.
-            for entry in shard.values().filter(|e| round.wrapping_sub(e.listed_in) >= 1) {
+            // Listed since the last round began (or since this one did, which
+            // wraps to a huge age): not a whole round yet.
+            for entry in shard
+                .values()
+                .filter(|e| (1..u32::MAX / 2).contains(&round.wrapping_sub(e.listed_in)))
+            {
                 let state = entry.state();
                 if all || entry.published.load(Ordering::Relaxed) != state {
                     entry.published.store(state, Ordering::Relaxed);
@@ -334,10 +350,12 @@ impl Inventory {
 /// round are published, so a lock held for less costs PostgreSQL nothing,
 /// and a replica with nothing to publish sends no statement at all.
 pub async fn publish(inventory: Inventory, pool: PgPool, mut stop: watch::Receiver<bool>) {
-    // After a failed statement the rows are unknown: start over.
-    let mut resync = false;
+    // After a failed statement the rows are unknown: start over. So too at
+    // the start: a replica restarted under the same name (a fixed
+    // VITALS_REPLICA_NAME) must not keep its predecessor's rows alive.
+    let mut resync = true;
     // Rows of this replica may be in the table.
-    let mut stored = false;
+    let mut stored = true;
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
@@ -364,7 +382,8 @@ pub async fn publish(inventory: Inventory, pool: PgPool, mut stop: watch::Receiv
             }
         }
     }
-    if stored {
+    // A stream that left during the last round may still have its row.
+    if stored || inventory.has_gone() {
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
             sqlx::query("DELETE FROM lock_inventory WHERE replica = $1")
@@ -419,7 +438,8 @@ async fn write(pool: &PgPool, replica: &str, changes: &Changes, resync: bool, sw
                      (replica, holder, key, owner, mode, holding, token, acquired_at_us, lease_expires_us) \
                  SELECT $1, * FROM unnest($2::int8[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::int8[], \
                                           $8::int8[], $9::int8[]) \
-                 ON CONFLICT (replica, holder) DO UPDATE SET holding = excluded.holding, token = excluded.token, \
+                 ON CONFLICT (replica, holder) DO UPDATE SET key = excluded.key, owner = excluded.owner, \
+                     mode = excluded.mode, holding = excluded.holding, token = excluded.token, \
                      acquired_at_us = excluded.acquired_at_us, lease_expires_us = excluded.lease_expires_us",
             )
             .bind(replica)
@@ -608,18 +628,18 @@ mod tests {
         let key = LockKey::parse("key", "jobs/a".into()).unwrap();
         let owner = Owner::parse("owner", "worker 1".into()).unwrap();
         let listing = inventory.enter(&key, &owner, Mode::Exclusive);
-        let rows = inventory.local("jobs/");
+        let rows = inventory.local("jobs/", &Namespace::All);
         assert_eq!(rows.len(), 1);
         assert!(!rows[0].holding);
         let at = Utc::now();
         listing.granted(42, at, at + chrono::Duration::seconds(30));
-        let rows = inventory.local("jobs/");
+        let rows = inventory.local("jobs/", &Namespace::All);
         assert!(rows[0].holding);
         assert_eq!(rows[0].token, 42);
         assert_eq!(rows[0].replica, "r1");
-        assert!(inventory.local("other/").is_empty());
+        assert!(inventory.local("other/", &Namespace::All).is_empty());
         drop(listing);
-        assert!(inventory.local("").is_empty());
+        assert!(inventory.local("", &Namespace::All).is_empty());
     }
 
     fn ids(changes: &Changes) -> Vec<u64> {
@@ -684,7 +704,7 @@ mod tests {
         let listing = inventory.enter(&key, &owner, Mode::Semaphore(3));
         assert_eq!(listing.0.key(), "jobs/é");
         assert_eq!(listing.0.owner(), "");
-        let rows = inventory.local("jobs/");
+        let rows = inventory.local("jobs/", &Namespace::All);
         assert_eq!(
             (rows[0].key.as_str(), rows[0].owner.as_str(), rows[0].mode),
             ("jobs/é", "", Mode::Semaphore(3))

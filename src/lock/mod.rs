@@ -363,11 +363,9 @@ impl Locks {
         let mut rows: Vec<Row> = self
             .inner
             .inventory
-            .local(prefix)
+            .local(prefix, visible)
             .into_iter()
-            .filter(|r| {
-                after.is_none_or(|a| r.key.as_str() > a) && (!exact || r.key == prefix) && visible.contains(&r.key)
-            })
+            .filter(|r| after.is_none_or(|a| r.key.as_str() > a) && (!exact || r.key == prefix))
             .collect();
         if let Some(pool) = &self.inner.published {
             let remote = inventory::remote(

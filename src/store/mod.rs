@@ -24,8 +24,8 @@ use std::time::Duration;
 use crate::{
     db::Database,
     domain::{
-        CheckId, Evaluation, FlappingSettings, Latency, MaintenanceWindow, Namespace, RunId, RunMessage, Status,
-        StatusChange, SystemId, Thresholds,
+        CheckId, Evaluation, FlappingSettings, Latency, MaintenanceWindow, Namespace, RunId, RunMessage, Span, Status,
+        StatusChange, SystemId, Thresholds, prefix_end,
     },
     error::{Error, Result},
 };
@@ -556,4 +556,50 @@ pub struct RunCursor {
     pub observed_at: DateTime<Utc>,
     /// run_id of the last run returned.
     pub run_id: String,
+}
+
+/// The condition on `column` of each of `spans`, with its parameters
+/// numbered from `$first`, and the values they bind in order: one branch of
+/// a listing each, which an index on `column` ranges over (byte order:
+/// `COLLATE "C"` in PostgreSQL, SQLite's default).
+fn span_conditions(spans: &[Span<'_>], column: &str, first: usize) -> (Vec<String>, Vec<String>) {
+    let mut n = first;
+    let mut conditions = Vec::with_capacity(spans.len());
+    let mut values = Vec::new();
+    for span in spans {
+        match span {
+            Span::Name(name) => {
+                conditions.push(format!("{column} = ${n}"));
+                values.push((*name).to_owned());
+                n += 1;
+            }
+            Span::Prefix(prefix) => match prefix_end(prefix) {
+                Some(end) => {
+                    conditions.push(format!("{column} >= ${n} AND {column} < ${}", n + 1));
+                    values.push((*prefix).to_owned());
+                    values.push(end);
+                    n += 2;
+                }
+                None => {
+                    conditions.push(format!("{column} >= ${n}"));
+                    values.push((*prefix).to_owned());
+                    n += 1;
+                }
+            },
+        }
+    }
+    (conditions, values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_span_is_one_index_range_with_its_values_numbered_in_order() {
+        let spans = [Span::Name("a"), Span::Prefix("b/"), Span::Prefix("")];
+        let (conditions, values) = span_conditions(&spans, "id", 4);
+        assert_eq!(conditions, ["id = $4", "id >= $5 AND id < $6", "id >= $7"]);
+        assert_eq!(values, ["a", "b/", "b0", ""]);
+    }
 }

@@ -30,6 +30,7 @@ use super::{
     pipeline::{self, Flags, Loaded, Removal, Statements, SystemState, Write, WriteRules, Written},
     refuse_cycle,
     retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
+    span_conditions,
 };
 use crate::{
     db::WorkPool,
@@ -202,8 +203,10 @@ impl PgStore {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<SystemSummary>> {
-        let (exact, prefixes) = visible.exact_and_prefixes().unzip();
-        let mut conn = self.work.acquire().await?;
+        let spans = visible.spans(prefix);
+        if spans.is_empty() {
+            return Ok(Vec::new());
+        }
         // Only the conditions that apply (see `list_runs`).
         let status_filter = if status.is_some() {
             "s.status = $1"
@@ -211,32 +214,45 @@ impl PgStore {
             "$1::smallint IS NULL"
         };
         let after_filter = if after.is_some() {
-            "s.system_id COLLATE \"C\" > $3"
+            "s.system_id COLLATE \"C\" > $2"
         } else {
-            "$3::text IS NULL"
+            "$2::text IS NULL"
         };
-        let rows = sqlx::query(&format!(
-            "SELECT s.system_id, s.status, s.evaluated_at, k.check_count, k.last_run_at, k.flapping, \
+        // One index range per span, each read only as far as the page
+        // needs: a page costs what it shows, however many systems the caller
+        // may not see lie between.
+        let (conditions, values) = span_conditions(&spans, "s.system_id COLLATE \"C\"", 4);
+        let branches = conditions
+            .iter()
+            .map(|c| {
+                format!(
+                    "(SELECT s.system_id FROM systems s WHERE {status_filter} AND {after_filter} AND {c} \
+                     ORDER BY s.system_id COLLATE \"C\" LIMIT $3)"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let sql = format!(
+            "WITH page AS (SELECT system_id FROM ({branches}) b ORDER BY system_id COLLATE \"C\" LIMIT $3) \
+             SELECT s.system_id, s.status, s.evaluated_at, k.check_count, k.last_run_at, k.flapping, \
                     EXISTS (SELECT FROM maintenance_windows m WHERE m.system_id = s.system_id \
                             AND m.starts_at <= now() AND m.ends_at > now()) AS in_maintenance \
-             FROM systems s \
+             FROM page JOIN systems s USING (system_id) \
              CROSS JOIN LATERAL ( \
                  SELECT count(*) AS check_count, max(c.last_run_at) AS last_run_at, \
                         coalesce(bool_or(c.flapping AND c.enabled), false) AS flapping \
                  FROM checks c WHERE c.system_id = s.system_id) k \
-             WHERE {status_filter} AND starts_with(s.system_id, $2) AND {after_filter} \
-               AND ($5::text[] IS NULL OR s.system_id = ANY($5) \
-                    OR EXISTS (SELECT FROM unnest($6::text[]) p WHERE starts_with(s.system_id, p))) \
-             ORDER BY s.system_id COLLATE \"C\" LIMIT $4"
-        ))
-        .bind(status.map(Status::as_i16))
-        .bind(prefix)
-        .bind(after)
-        .bind(i64::from(limit))
-        .bind(exact)
-        .bind(prefixes)
-        .fetch_all(&mut *conn)
-        .await?;
+             ORDER BY s.system_id COLLATE \"C\""
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(status.map(Status::as_i16))
+            .bind(after)
+            .bind(i64::from(limit));
+        for value in &values {
+            query = query.bind(value.as_str());
+        }
+        let mut conn = self.work.acquire().await?;
+        let rows = query.fetch_all(&mut *conn).await?;
         rows.iter()
             .map(|row| {
                 let check_count: i64 = row.try_get("check_count")?;

@@ -33,6 +33,7 @@ use super::{
     pipeline::{self, Flags, Loaded, Removal, Statements, SystemState, Write, WriteRules, Written},
     refuse_cycle,
     retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
+    span_conditions,
 };
 use crate::{
     db::EmbeddedDb,
@@ -202,40 +203,55 @@ impl SqliteStore {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<SystemSummary>> {
-        // SQLite binds no arrays: the lists travel as JSON.
-        let (exact, prefixes) = match visible.exact_and_prefixes() {
-            Some((exact, prefixes)) => (
-                Some(serde_json::to_string(&exact).map_err(|_| Error::Invariant("names encode as JSON"))?),
-                Some(serde_json::to_string(&prefixes).map_err(|_| Error::Invariant("names encode as JSON"))?),
-            ),
-            None => (None, None),
+        let spans = visible.spans(prefix);
+        if spans.is_empty() {
+            return Ok(Vec::new());
+        }
+        // As in PostgreSQL: one index range per span, read only as far as
+        // the page needs, and only the conditions that apply.
+        let status_filter = if status.is_some() {
+            "s.status = $1"
+        } else {
+            "$1 IS NULL"
         };
-        let mut conn = self.db.reader().await?;
-        let rows = sqlx::query(
-            "SELECT s.system_id, s.status, s.evaluated_at, \
+        let after_filter = if after.is_some() {
+            "s.system_id > $2"
+        } else {
+            "$2 IS NULL"
+        };
+        let (conditions, values) = span_conditions(&spans, "s.system_id", 5);
+        let branches = conditions
+            .iter()
+            .map(|c| {
+                format!(
+                    "SELECT system_id FROM (SELECT s.system_id FROM systems s \
+                     WHERE {status_filter} AND {after_filter} AND {c} ORDER BY s.system_id LIMIT $3)"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let sql = format!(
+            "WITH page AS (SELECT system_id FROM ({branches}) ORDER BY system_id LIMIT $3) \
+             SELECT s.system_id, s.status, s.evaluated_at, \
                     (SELECT count(*) FROM checks c WHERE c.system_id = s.system_id) AS check_count, \
                     (SELECT max(c.last_run_at) FROM checks c WHERE c.system_id = s.system_id) AS last_run_at, \
                     EXISTS (SELECT 1 FROM checks c WHERE c.system_id = s.system_id AND c.flapping AND c.enabled) \
                         AS flapping, \
                     EXISTS (SELECT 1 FROM maintenance_windows m WHERE m.system_id = s.system_id \
-                            AND m.starts_at <= $5 AND m.ends_at > $5) AS in_maintenance \
-             FROM systems s \
-             WHERE ($1 IS NULL OR s.status = $1) AND substr(s.system_id, 1, length($2)) = $2 \
-               AND ($3 IS NULL OR s.system_id > $3) \
-               AND ($6 IS NULL OR s.system_id IN (SELECT value FROM json_each($6)) \
-                    OR EXISTS (SELECT 1 FROM json_each($7) p \
-                               WHERE substr(s.system_id, 1, length(p.value)) = p.value)) \
-             ORDER BY s.system_id LIMIT $4",
-        )
-        .bind(status.map(Status::as_i16))
-        .bind(prefix)
-        .bind(after)
-        .bind(i64::from(limit))
-        .bind(micros(now()))
-        .bind(exact)
-        .bind(prefixes)
-        .fetch_all(&mut *conn)
-        .await?;
+                            AND m.starts_at <= $4 AND m.ends_at > $4) AS in_maintenance \
+             FROM page JOIN systems s ON s.system_id = page.system_id \
+             ORDER BY s.system_id"
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(status.map(Status::as_i16))
+            .bind(after)
+            .bind(i64::from(limit))
+            .bind(micros(now()));
+        for value in &values {
+            query = query.bind(value.as_str());
+        }
+        let mut conn = self.db.reader().await?;
+        let rows = query.fetch_all(&mut *conn).await?;
         rows.iter()
             .map(|row| {
                 let check_count: i64 = row.try_get("check_count")?;

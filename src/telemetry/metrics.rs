@@ -22,7 +22,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -534,6 +537,7 @@ impl LockMetrics {
         Holding {
             handles: self.inner.clone(),
             since: now,
+            lost: AtomicBool::new(false),
         }
     }
 }
@@ -560,11 +564,17 @@ impl Drop for Waiting<'_> {
 pub struct Holding {
     handles: Arc<LockHandles>,
     since: Instant,
+    /// Counted as lost already: a loss is told to the client and found
+    /// again by the release that follows, and counts once.
+    lost: AtomicBool,
 }
 
 impl Holding {
-    /// The held lock was lost.
+    /// The held lock was lost (counted the first time only).
     pub fn lost(&self, why: LostReason) {
+        if self.lost.swap(true, Ordering::Relaxed) {
+            return;
+        }
         match why {
             LostReason::Lease => self.handles.lost_lease.increment(1),
             LostReason::Session => self.handles.lost_session.increment(1),

@@ -734,8 +734,9 @@ async fn a_busy_key_nobody_else_waits_for_stays_held_in_postgresql_at_the_end_of
 
 /// While one replica's queue keeps a key busy, a client of another replica
 /// that waits for it announces its interest, and the busy replica lets the
-/// key go at the end of its current streak (200 ms), well before the release
-/// it makes anyway every 5 streaks.
+/// key go at the end of its current streak (200 ms) for it: the grant comes
+/// from a release for the waiter (counted), not from the release the busy
+/// replica makes anyway every 5 streaks, which the test waits to pass first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_on_another_replica_is_granted_a_key_kept_busy_on_the_first_at_the_end_of_a_streak() {
     const KEY: &str = "busy-shared";

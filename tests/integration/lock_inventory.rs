@@ -10,7 +10,7 @@ use tonic::Code;
 use vitals::proto::{self, LockMode, with_lock_request::Action};
 
 use crate::{
-    harness::{Backend, PATIENCE, Replicas, TestDb, assert_reason, eventually},
+    harness::{Backend, PATIENCE, Replicas, TestApp, TestDb, assert_reason, eventually},
     withlock::{LockClient, acquire, acquire_as, lock_with},
 };
 
@@ -198,4 +198,52 @@ async fn every_replica_lists_the_locks_held_on_every_replica_with_their_holders_
         .await;
     }
     replicas.stop().await;
+}
+
+/// A replica with a fixed name that crashed leaves its published rows; the
+/// one restarted under that name must not keep them alive by saying, under
+/// the same name, that it is alive.
+#[tokio::test]
+async fn a_replica_restarted_under_its_name_drops_the_rows_its_predecessor_left() {
+    let db = TestDb::postgres().await;
+    let b = TestApp::start(&db, &[]).await;
+    let mut sql = db.connect().await;
+    sqlx::query("INSERT INTO lock_replicas (replica, seen_at) VALUES ('fixed', now())")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO lock_inventory VALUES ('fixed', 1000000, 'inv/ghost', 'gone', 'exclusive', true, 7, 0, \
+         (extract(epoch FROM now()) * 1000000)::int8 + 3600000000)",
+    )
+    .execute(&mut sql)
+    .await
+    .unwrap();
+    let a = TestApp::start(&db, &["--replica-name", "fixed"]).await;
+    let mut on_a = a.lock_client().await;
+    let held = lock_with(&mut on_a, "inv/real", acquire("inv/real", WAIT))
+        .await
+        .unwrap();
+    let mut on_b = b.lock_client().await;
+    eventually(
+        PATIENCE,
+        "the other replica lists what `fixed` holds now, only",
+        async || {
+            let keys: Vec<String> = list_all(&mut on_b, "inv/", 100)
+                .await
+                .concat()
+                .into_iter()
+                .map(|l| l.key)
+                .collect();
+            if keys == ["inv/real"] {
+                Ok(())
+            } else {
+                Err(format!("{keys:?}"))
+            }
+        },
+    )
+    .await;
+    held.release().await;
+    a.stop().await;
+    b.stop().await;
 }
