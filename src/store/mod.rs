@@ -558,10 +558,26 @@ pub struct RunCursor {
     pub run_id: String,
 }
 
-/// The condition on `column` of each of `spans`, with its parameters
-/// numbered from `$first`, and the values they bind in order: one branch of
-/// a listing each, which an index on `column` ranges over (byte order:
-/// `COLLATE "C"` in PostgreSQL, SQLite's default).
+/// A listing over `spans` as `UNION ALL` of one `branch` per span, each
+/// given the span's condition on `column` (which an index on `column` ranges
+/// over, in byte order: `COLLATE "C"` in PostgreSQL, SQLite's default), with
+/// parameters numbered from `$first`; and the values they bind, in order.
+fn span_union(
+    spans: &[Span<'_>],
+    column: &str,
+    first: usize,
+    branch: impl Fn(&str) -> String,
+) -> (String, Vec<String>) {
+    let (conditions, values) = span_conditions(spans, column, first);
+    let union = conditions
+        .iter()
+        .map(|c| branch(c))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    (union, values)
+}
+
+/// The condition of each span of [`span_union`], and the values they bind.
 fn span_conditions(spans: &[Span<'_>], column: &str, first: usize) -> (Vec<String>, Vec<String>) {
     let mut n = first;
     let mut conditions = Vec::with_capacity(spans.len());
@@ -601,5 +617,10 @@ mod tests {
         let (conditions, values) = span_conditions(&spans, "id", 4);
         assert_eq!(conditions, ["id = $4", "id >= $5 AND id < $6", "id >= $7"]);
         assert_eq!(values, ["a", "b/", "b0", ""]);
+        let (union, _) = span_union(&spans[..2], "id", 1, |c| format!("(SELECT id WHERE {c})"));
+        assert_eq!(
+            union,
+            "(SELECT id WHERE id = $1) UNION ALL (SELECT id WHERE id >= $2 AND id < $3)"
+        );
     }
 }

@@ -30,7 +30,7 @@ use super::{
     pipeline::{self, Flags, Loaded, Removal, Statements, SystemState, Write, WriteRules, Written},
     refuse_cycle,
     retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
-    span_conditions,
+    span_union,
 };
 use crate::{
     db::WorkPool,
@@ -221,17 +221,12 @@ impl PgStore {
         // One index range per span, each read only as far as the page
         // needs: a page costs what it shows, however many systems the caller
         // may not see lie between.
-        let (conditions, values) = span_conditions(&spans, "s.system_id COLLATE \"C\"", 4);
-        let branches = conditions
-            .iter()
-            .map(|c| {
-                format!(
-                    "(SELECT s.system_id FROM systems s WHERE {status_filter} AND {after_filter} AND {c} \
-                     ORDER BY s.system_id COLLATE \"C\" LIMIT $3)"
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
+        let (branches, values) = span_union(&spans, "s.system_id COLLATE \"C\"", 4, |c| {
+            format!(
+                "(SELECT s.system_id FROM systems s WHERE {status_filter} AND {after_filter} AND {c} \
+                 ORDER BY s.system_id COLLATE \"C\" LIMIT $3)"
+            )
+        });
         let sql = format!(
             "WITH page AS (SELECT system_id FROM ({branches}) b ORDER BY system_id COLLATE \"C\" LIMIT $3) \
              SELECT s.system_id, s.status, s.evaluated_at, k.check_count, k.last_run_at, k.flapping, \

@@ -33,7 +33,7 @@ use super::{
     pipeline::{self, Flags, Loaded, Removal, Statements, SystemState, Write, WriteRules, Written},
     refuse_cycle,
     retention::{CheckCandidate, RUNS_KEPT, SystemCandidate},
-    span_conditions,
+    span_union,
 };
 use crate::{
     db::EmbeddedDb,
@@ -219,17 +219,12 @@ impl SqliteStore {
         } else {
             "$2 IS NULL"
         };
-        let (conditions, values) = span_conditions(&spans, "s.system_id", 5);
-        let branches = conditions
-            .iter()
-            .map(|c| {
-                format!(
-                    "SELECT system_id FROM (SELECT s.system_id FROM systems s \
-                     WHERE {status_filter} AND {after_filter} AND {c} ORDER BY s.system_id LIMIT $3)"
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
+        let (branches, values) = span_union(&spans, "s.system_id", 5, |c| {
+            format!(
+                "SELECT system_id FROM (SELECT s.system_id FROM systems s \
+                 WHERE {status_filter} AND {after_filter} AND {c} ORDER BY s.system_id LIMIT $3)"
+            )
+        });
         let sql = format!(
             "WITH page AS (SELECT system_id FROM ({branches}) ORDER BY system_id LIMIT $3) \
              SELECT s.system_id, s.status, s.evaluated_at, \
