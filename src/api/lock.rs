@@ -472,7 +472,6 @@ pin_project! {
         // The stream's entry in the replica's inventory (none for a campaign).
         listing: Option<Listing>,
         inbound: S,
-        lease: Duration,
         locks: Locks,
         // The leadership this lock is, for a Campaign stream.
         leading: Option<Box<Leading>>,
@@ -545,7 +544,6 @@ impl<S> LockStream<S> {
             held: Some(held),
             listing,
             inbound,
-            lease,
             locks: locks.clone(),
             leading,
             busy: None,
@@ -630,9 +628,9 @@ where
                     Busy::KeptAlive(held, Ok(())) => {
                         *this.held = Some(held);
                         let now = tokio::time::Instant::now();
-                        this.lease_ends.as_mut().reset(now + *this.lease);
-                        let expires =
-                            Utc::now() + chrono::Duration::from_std(*this.lease).unwrap_or(chrono::Duration::MAX);
+                        this.lease_ends.as_mut().reset(now + this.locks.lease());
+                        let expires = Utc::now()
+                            + chrono::Duration::from_std(this.locks.lease()).unwrap_or(chrono::Duration::MAX);
                         if let Some(listing) = this.listing.as_ref() {
                             listing.kept_alive(expires);
                         }
@@ -669,7 +667,7 @@ where
                 return Poll::Ready(None);
             };
             if std::mem::take(this.announce) {
-                let reply = acquired(&held, *this.lease);
+                let reply = acquired(&held, this.locks.lease());
                 *this.held = Some(held);
                 return Poll::Ready(Some(Ok(reply)));
             }

@@ -96,14 +96,33 @@ struct Inner {
     periodic_releases: AtomicU64,
 }
 
-/// A lock somebody owns locally, with the waiters queued behind the owner.
+/// A lock somebody owns locally, with what queues behind the owner: boxed,
+/// as every held lock has a slot and most never have a waiter.
 #[derive(Debug, Default)]
-struct Slot {
-    queue: VecDeque<(u64, oneshot::Sender<Turn>)>,
+struct Slot(Option<Box<Queue>>);
+
+/// The waiters behind a lock's owner, and its streak of hand-offs.
+#[derive(Debug, Default)]
+struct Queue {
+    waiters: VecDeque<(u64, oneshot::Sender<Turn>)>,
     /// When the current run of local hand-offs of a lock held in PostgreSQL began.
     streak_since: Option<Instant>,
     /// Streaks in a row that ended with the lock kept in PostgreSQL.
     kept: u32,
+}
+
+impl Slot {
+    fn queue(&mut self) -> &mut Queue {
+        self.0.get_or_insert_with(Box::default)
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.waiters.len())
+    }
+
+    fn pop_front(&mut self) -> Option<(u64, oneshot::Sender<Turn>)> {
+        self.0.as_mut()?.waiters.pop_front()
+    }
 }
 
 /// The local ownership of a lock, passed on when dropped.
@@ -188,7 +207,7 @@ impl Table {
             hash_map::Entry::Occupied(mut occupied) => {
                 let waiter = self.inner.next_waiter.fetch_add(1, Ordering::Relaxed);
                 let (tx, rx) = oneshot::channel();
-                occupied.get_mut().queue.push_back((waiter, tx));
+                occupied.get_mut().queue().waiters.push_back((waiter, tx));
                 self.inner.waiting.fetch_add(1, Ordering::SeqCst);
                 Entry::Queued(Queued {
                     inner: self.inner.clone(),
@@ -226,7 +245,7 @@ impl Table {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&id)
-            .map_or(0, |slot| slot.queue.len())
+            .map_or(0, Slot::len)
     }
 }
 
@@ -244,10 +263,10 @@ impl Queued {
 impl Drop for Queued {
     fn drop(&mut self) {
         let mut slots = self.inner.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = slots.get_mut(&self.id)
-            && let Some(at) = slot.queue.iter().position(|(w, _)| *w == self.waiter)
+        if let Some(Slot(Some(queue))) = slots.get_mut(&self.id)
+            && let Some(at) = queue.waiters.iter().position(|(w, _)| *w == self.waiter)
         {
-            slot.queue.remove(at);
+            queue.waiters.remove(at);
         }
         drop(slots);
         self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -290,11 +309,12 @@ impl Inner {
             // session never sees a try for a lock ahead of its release.
             let (next, pause, check) = {
                 let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-                let popped = slots.get_mut(&id).map(|slot| (slot.queue.pop_front(), slot));
+                let popped = slots.get_mut(&id).map(|slot| (slot.pop_front(), slot));
                 let decided = match popped {
                     // Not in the table: nothing to hand on; release what is held.
                     None => (None, remote.take(), false, false),
                     Some((Some((_, tx)), slot)) => {
+                        let slot = slot.queue();
                         if matches!(remote, Some(Remote::Session(..))) {
                             let since = *slot.streak_since.get_or_insert_with(Instant::now);
                             if since.elapsed() < MAX_STREAK {
