@@ -176,21 +176,23 @@ impl Inventory {
     }
 
     /// What this replica's streams hold and wait for, of keys starting
-    /// with `prefix` and in `visible`.
-    pub fn local(&self, prefix: &str, visible: &Namespace) -> Vec<Row> {
+    /// with `prefix` (only `prefix` itself, with `exact`), after `after` and
+    /// in `visible`.
+    pub fn local(&self, prefix: &str, visible: &Namespace, after: Option<&str>, exact: bool) -> Vec<Row> {
         let mut entries = Vec::new();
         for shard in &self.inner.shards {
-            // Only the matching entries are taken under the lock grants use;
-            // their rows are built after.
+            // Under the lock grants take, only what is cheap; the rest after.
             let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            entries.extend(
-                shard
-                    .values()
-                    .filter(|e| e.key().starts_with(prefix) && visible.contains(e.key()))
-                    .cloned(),
-            );
+            entries.extend(shard.values().filter(|e| e.key().starts_with(prefix)).cloned());
         }
-        entries.iter().map(|e| e.row(&self.inner.replica)).collect()
+        entries
+            .iter()
+            .filter(|e| {
+                let key = e.key();
+                after.is_none_or(|a| key > a) && (!exact || key == prefix) && visible.contains(key)
+            })
+            .map(|e| e.row(&self.inner.replica))
+            .collect()
     }
 
     /// Whether published entries left since the last round began.
@@ -628,18 +630,18 @@ mod tests {
         let key = LockKey::parse("key", "jobs/a".into()).unwrap();
         let owner = Owner::parse("owner", "worker 1".into()).unwrap();
         let listing = inventory.enter(&key, &owner, Mode::Exclusive);
-        let rows = inventory.local("jobs/", &Namespace::All);
+        let rows = inventory.local("jobs/", &Namespace::All, None, false);
         assert_eq!(rows.len(), 1);
         assert!(!rows[0].holding);
         let at = Utc::now();
         listing.granted(42, at, at + chrono::Duration::seconds(30));
-        let rows = inventory.local("jobs/", &Namespace::All);
+        let rows = inventory.local("jobs/", &Namespace::All, None, false);
         assert!(rows[0].holding);
         assert_eq!(rows[0].token, 42);
         assert_eq!(rows[0].replica, "r1");
-        assert!(inventory.local("other/", &Namespace::All).is_empty());
+        assert!(inventory.local("other/", &Namespace::All, None, false).is_empty());
         drop(listing);
-        assert!(inventory.local("", &Namespace::All).is_empty());
+        assert!(inventory.local("", &Namespace::All, None, false).is_empty());
     }
 
     fn ids(changes: &Changes) -> Vec<u64> {
@@ -704,7 +706,7 @@ mod tests {
         let listing = inventory.enter(&key, &owner, Mode::Semaphore(3));
         assert_eq!(listing.0.key(), "jobs/é");
         assert_eq!(listing.0.owner(), "");
-        let rows = inventory.local("jobs/", &Namespace::All);
+        let rows = inventory.local("jobs/", &Namespace::All, None, false);
         assert_eq!(
             (rows[0].key.as_str(), rows[0].owner.as_str(), rows[0].mode),
             ("jobs/é", "", Mode::Semaphore(3))

@@ -360,13 +360,7 @@ impl Locks {
         keys: usize,
         exact: bool,
     ) -> Result<Vec<Row>> {
-        let mut rows: Vec<Row> = self
-            .inner
-            .inventory
-            .local(prefix, visible)
-            .into_iter()
-            .filter(|r| after.is_none_or(|a| r.key.as_str() > a) && (!exact || r.key == prefix))
-            .collect();
+        let mut rows: Vec<Row> = self.inner.inventory.local(prefix, visible, after, exact);
         if let Some(pool) = &self.inner.published {
             let remote = inventory::remote(
                 pool,

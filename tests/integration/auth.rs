@@ -533,6 +533,109 @@ async fn listings_and_watches_of_every_system_show_only_the_principals_systems(b
     app.stop().await;
 }
 
+/// Every page of ListSystems as the principal of `token`, `page_size` a
+/// page, with `status` (0: any) and `prefix`.
+async fn list_systems_as(
+    client: &mut HealthCheckServiceClient<Channel>,
+    token: &str,
+    status: i32,
+    prefix: &str,
+    page_size: i32,
+) -> Vec<String> {
+    let mut listed = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_systems(authed(
+                proto::ListSystemsRequest {
+                    status,
+                    system_id_prefix: prefix.into(),
+                    page_size,
+                    page_token: page_token.clone(),
+                },
+                Some(token),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            page.next_page_token.is_empty() || page.systems.len() == usize::try_from(page_size).unwrap(),
+            "only the last page may be short: {page:?}"
+        );
+        listed.extend(page.systems.into_iter().map(|s| s.system_id));
+        if page.next_page_token.is_empty() {
+            return listed;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// A namespace of exact names and overlapping prefixes reads as several
+/// ranges: every page of every filter lists each of the caller's systems
+/// once, in order, and no other.
+async fn a_namespace_of_names_and_overlapping_prefixes_pages_through_exactly_its_systems(backend: Backend) {
+    let db = TestDb::create(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let patterns: &[&str] = &["b", "c/*", "d*", "e/x/*", "e/*", "zz"];
+    let narrow = Entry {
+        systems: Some(patterns),
+        ..Entry::new("narrow", "t-narrow", &["health.read"])
+    };
+    let root = Entry::new("root", "t-root", &["health.read", "health.write"]);
+    let app = start(&db, dir.path(), &auth_file(&[narrow, root]), &[]).await;
+    let mut client = app.health_client().await;
+    let systems = [
+        "a", "b", "ba", "c", "c/1", "c/2", "cc", "d", "d1", "e", "e/x/1", "e/y", "f", "zz", "zzz",
+    ];
+    for (i, system) in systems.iter().enumerate() {
+        let mut run = submit(&format!("r{i}"), system);
+        if i % 3 == 0 {
+            run.status = proto::HealthStatus::Unhealthy as i32;
+        }
+        client.submit_run(authed(run, Some("t-root"))).await.unwrap();
+    }
+    // Each system's status, as the root principal lists it.
+    let mut statuses: HashMap<String, i32> = HashMap::new();
+    let all = client
+        .list_systems(authed(
+            proto::ListSystemsRequest {
+                page_size: 100,
+                ..Default::default()
+            },
+            Some("t-root"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    for s in all.systems {
+        statuses.insert(s.system_id, s.status);
+    }
+    let visible = |id: &str| {
+        patterns
+            .iter()
+            .any(|p| p.strip_suffix('*').map_or(id == *p, |prefix| id.starts_with(prefix)))
+    };
+    let mut seen_statuses: Vec<i32> = statuses.values().copied().collect();
+    seen_statuses.push(0);
+    seen_statuses.sort_unstable();
+    seen_statuses.dedup();
+    for status in seen_statuses {
+        for prefix in ["", "c", "e/", "d1", "q"] {
+            let want: Vec<String> = systems
+                .iter()
+                .filter(|id| visible(id) && id.starts_with(prefix))
+                .filter(|id| status == 0 || statuses[**id] == status)
+                .map(|id| (*id).to_owned())
+                .collect();
+            for page_size in [1, 2, 3] {
+                let got = list_systems_as(&mut client, "t-narrow", status, prefix, page_size).await;
+                assert_eq!(got, want, "status {status}, prefix {prefix:?}, pages of {page_size}");
+            }
+        }
+    }
+    app.stop().await;
+}
+
 /// Holds `key` as the principal of `token` until the returned sender is dropped.
 async fn hold_as(channel: &Channel, key: &str, token: &str) -> tokio::sync::mpsc::Sender<proto::WithLockRequest> {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -647,6 +750,7 @@ async fn lock_listings_show_only_the_principals_keys(backend: Backend) {
 }
 
 both_backends!(
+    a_namespace_of_names_and_overlapping_prefixes_pages_through_exactly_its_systems,
     lock_listings_show_only_the_principals_keys,
     every_rpc_needs_its_scope_and_known_credentials,
     namespaces_bound_the_systems_and_lock_keys_a_principal_touches,

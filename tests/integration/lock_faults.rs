@@ -136,6 +136,15 @@ async fn killing_a_lock_session_tells_every_holder_on_it_lock_lost_within_a_seco
     }
     eprintln!("killed lock session: the last of its holders heard LOCK_LOST after {slowest:?}");
     assert!(slowest < Duration::from_secs(1), "LOCK_LOST after {slowest:?}");
+    // Each lost lock counts once, though the loss is both told and found
+    // again by the release that lets it go (before the client hears).
+    let lost_count =
+        crate::metrics::Scraped::parse(app.scrape().await).get("vitals_lock_lost_total", &[("reason", "session")]);
+    assert_eq!(
+        lost_count,
+        on_victim.len() as f64,
+        "vitals_lock_lost_total{{reason=\"session\"}}"
+    );
 
     // The other session's locks are untouched, to the client and in PostgreSQL.
     let mut kept = kept;
