@@ -745,55 +745,54 @@ impl Bench {
     }
 
     /// What vitals' Prometheus metrics cost: `submit` and/or
-    /// `lock-uncontended` (as selected) at `c` clients against a second
-    /// vitals with `VITALS_METRICS_ADDR` empty (metrics off), on the same
-    /// database with the same settings, and the same cell on the main vitals
-    /// (metrics on), in the order off, on, on, off: a workload that slows as
-    /// the database grows (`submit`) then weighs on both sides alike, and the
-    /// target compares the means.
+    /// `lock-uncontended` (as selected) at `c` clients against two fresh
+    /// vitals processes on the same database with the same settings, one with
+    /// `VITALS_METRICS_ADDR` empty (metrics off), one serving metrics (on, on
+    /// a port of its own, unscraped), in the order off, on, on, off: a
+    /// workload that slows as the database grows (`submit`) then weighs on
+    /// both sides alike, and the target compares the means. Both fresh, so
+    /// that what a process gathers over the earlier workloads (its heap,
+    /// its connections' plans) is on neither side.
     async fn metrics_cost(&mut self, c: usize) -> Result<()> {
         let mut env = self.opts.vitals_env();
         env.push(("VITALS_METRICS_ADDR", String::new()));
-        let off = Vitals::start_with(
-            &self.vitals_bin,
-            &self.pg.url,
-            self.work.path(),
-            "vitals-metrics-off",
-            &env,
-        )
-        .await?;
-        eprintln!(
-            "vitals-bench: vitals with metrics off serving on {} (pid {})",
-            off.addr,
-            off.proc.pid()
-        );
-        let sides = [
-            Side {
-                system: "vitals-metrics-off",
-                tag: "moff",
-                channels: workloads::channels(off.addr, self.args.connections).await?,
+        let mut processes = Vec::with_capacity(2);
+        for (name, env) in [
+            ("vitals-metrics-off", env),
+            ("vitals-metrics-on", self.opts.vitals_env()),
+        ] {
+            let vitals = Vitals::start_with(&self.vitals_bin, &self.pg.url, self.work.path(), name, &env).await?;
+            eprintln!(
+                "vitals-bench: {name} serving on {} (pid {})",
+                vitals.addr,
+                vitals.proc.pid()
+            );
+            processes.push(vitals);
+        }
+        let mut sides = Vec::with_capacity(2);
+        for ((system, tag), vitals) in [("vitals-metrics-off", "moff"), ("vitals-metrics-on", "mon")]
+            .into_iter()
+            .zip(&processes)
+        {
+            sides.push(Side {
+                system,
+                tag,
+                channels: workloads::channels(vitals.addr, self.args.connections).await?,
                 cpu: CpuTargets {
-                    vitals: Some(off.proc.pid()),
+                    vitals: Some(vitals.proc.pid()),
                     ..self.cpu.clone()
                 },
-                pid: off.proc.pid(),
-            },
-            Side {
-                system: "vitals-metrics-on",
-                tag: "mon",
-                channels: self.channels.clone(),
-                cpu: self.cpu.clone(),
-                pid: self.vitals.proc.pid(),
-            },
-        ];
+                pid: vitals.proc.pid(),
+            });
+        }
         for workload in self.opts.metrics_workloads() {
             for (round, side) in [(1, &sides[0]), (1, &sides[1]), (2, &sides[1]), (2, &sides[0])] {
                 self.metrics_cell(workload, c, side, round).await;
             }
         }
-        // The channels close before the process stops.
+        // The channels close before the processes stop.
         drop(sides);
-        drop(off);
+        drop(processes);
         Ok(())
     }
 
@@ -928,11 +927,11 @@ impl Bench {
         }
         if let Some(c) = self.opts.metrics_clients {
             r.notes.push(format!(
-                "Metrics cost: `vitals-metrics-off` is a second vitals process with VITALS_METRICS_ADDR empty \
-                 (metrics off), on the same database with the same settings, started after the other workloads; \
-                 its cells ({c} clients) and the same cells on the main vitals (`vitals-metrics-on`, metrics \
-                 on) run in the order off, on, on, off, so that a workload slowing as the database grows weighs \
-                 on both alike, and the target compares their means. Nothing scrapes /metrics during the run."
+                "Metrics cost: two fresh vitals processes started after the other workloads, on the same \
+                 database with the same settings: `vitals-metrics-off` with VITALS_METRICS_ADDR empty (metrics \
+                 off) and `vitals-metrics-on` serving metrics on a port of its own. Their cells ({c} clients) \
+                 run in the order off, on, on, off, so that a workload slowing as the database grows weighs on \
+                 both alike, and the target compares their means. Nothing scrapes /metrics during the run."
             ));
         }
         if self.opts.run_etcd {
