@@ -12,7 +12,7 @@
 #   scripts/bench.sh --duration 3 --workloads lock-modes --clients 32 --no-pgbench --no-metrics-off
 #                                    # shared locks, a semaphore of 4 and an election on one key
 #   scripts/bench.sh --workloads none   # only vitals' RSS per held lock (10,000 locks)
-#   scripts/bench.sh --no-metrics-off   # without the metrics-off vitals (metrics cost)
+#   scripts/bench.sh --no-metrics-off   # without the metrics cost (two more vitals, off and on)
 #   scripts/bench.sh soak --minutes 2   # the soak: PostgreSQL restarted twice
 #
 # Builds vitals in release (the README's build) and the vitals-bench load

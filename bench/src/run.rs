@@ -66,9 +66,9 @@ pub(crate) struct BenchArgs {
     no_etcd: bool,
     /// Skip the metrics cost: with `submit` or `lock` selected, the run
     /// otherwise drives `submit` and/or `lock-uncontended` at 32 clients (or
-    /// the largest of --clients below it) against a second vitals with metrics
-    /// off (`vitals-metrics-off`) and the main vitals (`vitals-metrics-on`),
-    /// in the order off, on, on, off.
+    /// the largest of --clients below it) against two fresh vitals, metrics
+    /// off (`vitals-metrics-off`) and on (`vitals-metrics-on`), in the order
+    /// off, on, on, off.
     #[arg(long)]
     no_metrics_off: bool,
     /// Seconds of the `mixed` soak during which vitals' RSS is sampled (the
