@@ -239,7 +239,11 @@ impl PgStore {
                  FROM checks c WHERE c.system_id = s.system_id) k \
              ORDER BY s.system_id COLLATE \"C\""
         );
+        // Not kept prepared: its text varies with the caller's namespace and
+        // filters, and each shape would take a place in the connection's
+        // statement cache from the statements every write uses.
         let mut query = sqlx::query(&sql)
+            .persistent(false)
             .bind(status.map(Status::as_i16))
             .bind(after)
             .bind(i64::from(limit));

@@ -237,7 +237,11 @@ impl SqliteStore {
              FROM page JOIN systems s ON s.system_id = page.system_id \
              ORDER BY s.system_id"
         );
+        // Not kept prepared: its text varies with the caller's namespace and
+        // filters, and each shape would take a place in the connection's
+        // statement cache from the statements every write uses.
         let mut query = sqlx::query(&sql)
+            .persistent(false)
             .bind(status.map(Status::as_i16))
             .bind(after)
             .bind(i64::from(limit))
