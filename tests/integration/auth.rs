@@ -497,28 +497,10 @@ async fn listings_and_watches_of_every_system_show_only_the_principals_systems(b
     // ListSystems filters before it cuts a page: the caller's two systems
     // fill the first page of two, after three of others' in id order, and
     // no page token names a system the caller may not see.
-    let mut systems_listed = Vec::new();
-    let mut page_token = String::new();
-    for _ in 0..2 {
-        let page = client
-            .list_systems(authed(
-                proto::ListSystemsRequest {
-                    page_size: 2,
-                    page_token: page_token.clone(),
-                    ..Default::default()
-                },
-                Some("t-narrow"),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        systems_listed.push(page.systems.into_iter().map(|s| s.system_id).collect::<Vec<_>>());
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        page_token = page.next_page_token;
-    }
-    assert_eq!(systems_listed, [["mine-1", "mine-2"]]);
+    assert_eq!(
+        list_systems_pages(&mut client, "t-narrow", 0, "", 2).await,
+        [["mine-1", "mine-2"]]
+    );
     // The last transition of a system the caller may not read passed the
     // watch unseen: the next one it sees is its own.
     let mut run = submit("mine-1-healthy", "mine-1");
@@ -533,18 +515,18 @@ async fn listings_and_watches_of_every_system_show_only_the_principals_systems(b
     app.stop().await;
 }
 
-/// Every page of ListSystems as the principal of `token`, `page_size` a
-/// page, with `status` (0: any) and `prefix`.
-async fn list_systems_as(
+/// The pages of ListSystems as the principal of `token`, `page_size` a
+/// page, with `status` (0: any) and `prefix` (at most 100 pages).
+async fn list_systems_pages(
     client: &mut HealthCheckServiceClient<Channel>,
     token: &str,
     status: i32,
     prefix: &str,
     page_size: i32,
-) -> Vec<String> {
-    let mut listed = Vec::new();
+) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
     let mut page_token = String::new();
-    loop {
+    for _ in 0..100 {
         let page = client
             .list_systems(authed(
                 proto::ListSystemsRequest {
@@ -558,16 +540,13 @@ async fn list_systems_as(
             .await
             .unwrap()
             .into_inner();
-        assert!(
-            page.next_page_token.is_empty() || page.systems.len() == usize::try_from(page_size).unwrap(),
-            "only the last page may be short: {page:?}"
-        );
-        listed.extend(page.systems.into_iter().map(|s| s.system_id));
+        pages.push(page.systems.into_iter().map(|s| s.system_id).collect());
         if page.next_page_token.is_empty() {
-            return listed;
+            return pages;
         }
         page_token = page.next_page_token;
     }
+    panic!("ListSystems did not end within 100 pages: {pages:?}");
 }
 
 /// A namespace of exact names and overlapping prefixes reads as several
@@ -628,8 +607,14 @@ async fn a_namespace_of_names_and_overlapping_prefixes_pages_through_exactly_its
                 .map(|id| (*id).to_owned())
                 .collect();
             for page_size in [1, 2, 3] {
-                let got = list_systems_as(&mut client, "t-narrow", status, prefix, page_size).await;
-                assert_eq!(got, want, "status {status}, prefix {prefix:?}, pages of {page_size}");
+                let pages = list_systems_pages(&mut client, "t-narrow", status, prefix, page_size).await;
+                let size = usize::try_from(page_size).unwrap();
+                assert!(
+                    pages.iter().rev().skip(1).all(|p| p.len() == size),
+                    "only the last page may be short: {pages:?}"
+                );
+                let what = format!("status {status}, prefix {prefix:?}, pages of {page_size}");
+                assert_eq!(pages.concat(), want, "{what}");
             }
         }
     }
